@@ -1,0 +1,210 @@
+//! Every setting, read once at start from the environment.
+//!
+//! Names follow Nixery's where the meaning is the same. Each setting is one
+//! constant below with its default; an invalid or missing value fails at
+//! start with a message that names the variable.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `PORT` | `8080` | port of the local server (on 127.0.0.1) |
+//! | `NIXERY_LISTEN` | `127.0.0.1:$PORT` | full listen address; overrides `PORT` |
+//! | `NIXERY_PKGS_PATH` | (required) | a local package set: a directory whose `default.nix` is called like nixpkgs |
+//! | `NIXERY_STORAGE_BACKEND` | `filesystem` | where images are stored |
+//! | `STORAGE_PATH` | (required for `filesystem`) | the storage root directory |
+//! | `NIX_TIMEOUT` | `600` | seconds one Nix command may run before it is stopped |
+//! | `NIXERY_LAYER_BUDGET` | `94` | most layers for the packages (the customisation layer comes on top) |
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const PORT: &str = "PORT";
+pub const NIXERY_LISTEN: &str = "NIXERY_LISTEN";
+pub const NIXERY_PKGS_PATH: &str = "NIXERY_PKGS_PATH";
+pub const NIXERY_STORAGE_BACKEND: &str = "NIXERY_STORAGE_BACKEND";
+pub const STORAGE_PATH: &str = "STORAGE_PATH";
+pub const NIX_TIMEOUT: &str = "NIX_TIMEOUT";
+pub const NIXERY_LAYER_BUDGET: &str = "NIXERY_LAYER_BUDGET";
+
+/// Every variable this module reads.
+pub const ALL_VARIABLES: [&str; 7] = [
+    PORT,
+    NIXERY_LISTEN,
+    NIXERY_PKGS_PATH,
+    NIXERY_STORAGE_BACKEND,
+    STORAGE_PATH,
+    NIX_TIMEOUT,
+    NIXERY_LAYER_BUDGET,
+];
+
+const DEFAULT_PORT: u16 = 8080;
+const DEFAULT_NIX_TIMEOUT_SECS: u64 = 600;
+pub const DEFAULT_LAYER_BUDGET: usize = 94;
+/// Docker and containerd refuse images with more than 127 layers; one is the
+/// customisation layer.
+pub const MAX_LAYER_BUDGET: usize = 126;
+
+/// A setting that is missing or cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is not set: {hint}")]
+    Missing { var: &'static str, hint: &'static str },
+    #[error("{var}={value:?} is invalid: {reason}")]
+    Invalid { var: &'static str, value: String, reason: String },
+}
+
+/// Where images are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    Filesystem { root: PathBuf },
+}
+
+/// Where packages come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PackageSource {
+    /// A local directory called like nixpkgs; the tag does not select anything.
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub source: PackageSource,
+    pub storage: StorageConfig,
+    pub nix_timeout: Duration,
+    pub layer_budget: usize,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Config::from_vars(&vars)
+    }
+
+    /// Reads settings from a map of variables (the environment, or a test's).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let get = |var: &str| vars.get(var).map(|v| v.trim()).filter(|v| !v.is_empty());
+
+        let port = match get(PORT) {
+            None => DEFAULT_PORT,
+            Some(v) => v.parse::<u16>().map_err(|e| invalid(PORT, v, e))?,
+        };
+        let listen = match get(NIXERY_LISTEN) {
+            None => SocketAddr::from(([127, 0, 0, 1], port)),
+            Some(v) => v.parse().map_err(|e| invalid(NIXERY_LISTEN, v, e))?,
+        };
+
+        let source = match get(NIXERY_PKGS_PATH) {
+            None => {
+                return Err(ConfigError::Missing {
+                    var: NIXERY_PKGS_PATH,
+                    hint: "set it to a package set directory (a checkout of nixpkgs, or any directory whose default.nix is called like nixpkgs)",
+                })
+            }
+            Some(v) => {
+                let path = PathBuf::from(v);
+                if !path.join("default.nix").is_file() {
+                    return Err(invalid(NIXERY_PKGS_PATH, v, "the directory has no default.nix"));
+                }
+                let path = path.canonicalize().map_err(|e| invalid(NIXERY_PKGS_PATH, v, e))?;
+                PackageSource::Path(path)
+            }
+        };
+
+        let storage = match get(NIXERY_STORAGE_BACKEND).unwrap_or("filesystem") {
+            "filesystem" => match get(STORAGE_PATH) {
+                None => {
+                    return Err(ConfigError::Missing {
+                        var: STORAGE_PATH,
+                        hint: "the filesystem storage backend needs a root directory",
+                    })
+                }
+                Some(v) => StorageConfig::Filesystem { root: PathBuf::from(v) },
+            },
+            other => {
+                return Err(invalid(NIXERY_STORAGE_BACKEND, other, "the supported backend is `filesystem`"))
+            }
+        };
+
+        let nix_timeout = match get(NIX_TIMEOUT) {
+            None => Duration::from_secs(DEFAULT_NIX_TIMEOUT_SECS),
+            Some(v) => match v.parse::<u64>() {
+                Ok(0) => return Err(invalid(NIX_TIMEOUT, v, "must be at least 1 second")),
+                Ok(secs) => Duration::from_secs(secs),
+                Err(e) => return Err(invalid(NIX_TIMEOUT, v, e)),
+            },
+        };
+
+        let layer_budget = match get(NIXERY_LAYER_BUDGET) {
+            None => DEFAULT_LAYER_BUDGET,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_LAYER_BUDGET).contains(&n) => n,
+                Ok(_) => {
+                    return Err(invalid(
+                        NIXERY_LAYER_BUDGET,
+                        v,
+                        format!("must be between 1 and {MAX_LAYER_BUDGET}"),
+                    ))
+                }
+                Err(e) => return Err(invalid(NIXERY_LAYER_BUDGET, v, e)),
+            },
+        };
+
+        Ok(Config { listen, source, storage, nix_timeout, layer_budget })
+    }
+}
+
+fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid { var, value: value.to_string(), reason: reason.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn pkgs_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.nix"), "{ ... }: { }").unwrap();
+        dir
+    }
+
+    #[test]
+    fn defaults() {
+        let pkgs = pkgs_dir();
+        let config = Config::from_vars(&vars(&[
+            (NIXERY_PKGS_PATH, pkgs.path().to_str().unwrap()),
+            (STORAGE_PATH, "/tmp/x"),
+        ]))
+        .unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.nix_timeout, Duration::from_secs(600));
+        assert_eq!(config.layer_budget, 94);
+        assert_eq!(config.storage, StorageConfig::Filesystem { root: "/tmp/x".into() });
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let pkgs = pkgs_dir();
+        let p = pkgs.path().to_str().unwrap();
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (vec![(STORAGE_PATH, "/x")], NIXERY_PKGS_PATH),
+            (vec![(NIXERY_PKGS_PATH, "/nonexistent"), (STORAGE_PATH, "/x")], NIXERY_PKGS_PATH),
+            (vec![(NIXERY_PKGS_PATH, p)], STORAGE_PATH),
+            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (PORT, "http")], PORT),
+            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_LISTEN, "nowhere")], NIXERY_LISTEN),
+            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIX_TIMEOUT, "0")], NIX_TIMEOUT),
+            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_LAYER_BUDGET, "500")], NIXERY_LAYER_BUDGET),
+            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_STORAGE_BACKEND, "gcs")], NIXERY_STORAGE_BACKEND),
+        ];
+        for (pairs, var) in cases {
+            let err = Config::from_vars(&vars(&pairs)).unwrap_err().to_string();
+            assert!(err.starts_with(var), "{err:?} does not name {var}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! OCI image manifest and image config, as served.
+//!
+//! Implements the OCI image spec's `application/vnd.oci.image.manifest.v1+json`
+//! (image-spec `manifest.md`) and `application/vnd.oci.image.config.v1+json`
+//! (`config.md`). Both are serialised once, stored, and served byte for byte:
+//! their digests are the sha256 of exactly these bytes. Nothing in them
+//! depends on time or on what was cached before, so equal inputs give equal
+//! bytes.
+//!
+//! ```
+//! use nixery::manifest::{ImageConfig, Descriptor, Manifest, MEDIA_TYPE_CONFIG};
+//! let config = ImageConfig::new("amd64", vec!["sha256:aa".into()], vec!["PATH=/bin".into()], None);
+//! let bytes = config.to_bytes();
+//! let manifest = Manifest::new(Descriptor::of(MEDIA_TYPE_CONFIG, &bytes), vec![]);
+//! assert!(String::from_utf8(manifest.to_bytes()).unwrap().contains("\"schemaVersion\":2"));
+//! ```
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A content descriptor (image-spec `descriptor.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+impl Descriptor {
+    /// Describes some bytes.
+    pub fn of(media_type: &str, bytes: &[u8]) -> Descriptor {
+        Descriptor { media_type: media_type.to_string(), digest: sha256_digest(bytes), size: bytes.len() as u64 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub media_type: String,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+impl Manifest {
+    pub fn new(config: Descriptor, layers: Vec<Descriptor>) -> Manifest {
+        Manifest { schema_version: 2, media_type: MEDIA_TYPE_MANIFEST.to_string(), config, layers }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a manifest always serialises")
+    }
+}
+
+/// The image config: always complete (Kubernetes refuses images without one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub architecture: String,
+    pub os: String,
+    pub config: RunConfig,
+    pub rootfs: RootFs,
+    pub history: Vec<History>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunConfig {
+    #[serde(rename = "Env")]
+    pub env: Vec<String>,
+    #[serde(rename = "Cmd", skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootFs {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub diff_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    pub created_by: String,
+}
+
+impl ImageConfig {
+    pub fn new(architecture: &str, diff_ids: Vec<String>, env: Vec<String>, cmd: Option<Vec<String>>) -> ImageConfig {
+        let history = diff_ids.iter().map(|_| History { created_by: "nixery".to_string() }).collect();
+        ImageConfig {
+            architecture: architecture.to_string(),
+            os: "linux".to_string(),
+            config: RunConfig { env, cmd },
+            rootfs: RootFs { kind: "layers".to_string(), diff_ids },
+            history,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a config always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_has_every_required_field() {
+        let config = ImageConfig::new("arm64", vec!["sha256:11".into()], vec!["PATH=/bin".into()], Some(vec!["bash".into()]));
+        let value: serde_json::Value = serde_json::from_slice(&config.to_bytes()).unwrap();
+        assert_eq!(value["architecture"], "arm64");
+        assert_eq!(value["os"], "linux");
+        assert_eq!(value["rootfs"]["type"], "layers");
+        assert_eq!(value["rootfs"]["diff_ids"][0], "sha256:11");
+        assert_eq!(value["config"]["Env"][0], "PATH=/bin");
+        assert_eq!(value["config"]["Cmd"][0], "bash");
+        assert_eq!(value["history"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn serialisation_is_stable() {
+        let make = || {
+            let config = ImageConfig::new("amd64", vec![], vec![], None).to_bytes();
+            Manifest::new(Descriptor::of(MEDIA_TYPE_CONFIG, &config), vec![]).to_bytes()
+        };
+        assert_eq!(make(), make());
+        let parsed: Manifest = serde_json::from_slice(&make()).unwrap();
+        assert_eq!(parsed.to_bytes(), make());
+    }
+}

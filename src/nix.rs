@@ -1,0 +1,288 @@
+//! Calling Nix: resolve package names, realise them, read the closure graph.
+//!
+//! Three commands, each with the package list as data:
+//!
+//! 1. `nix-instantiate --eval --strict --json --read-write-mode` of
+//!    `nix/resolve.nix` (embedded in the binary) with the request as a JSON
+//!    string argument: which names are packages, their derivations and the
+//!    outputs to install, and which names are unknown.
+//! 2. `nix-store --realise <drv>!<output> ...`: build or fetch them.
+//! 3. `nix path-info --json --recursive <paths>`: the closure with each
+//!    path's NAR size and references (an array before Nix 2.19, an object
+//!    keyed by path after; both are read).
+//!
+//! Nix's stdout and stderr are read concurrently (a chatty build cannot
+//! block on a full pipe), each command is stopped after the configured
+//! timeout (with its whole process group), and a failure keeps Nix's own
+//! message.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+
+/// The resolver expression, compiled into the binary so a worker needs
+/// nothing but Nix.
+pub const RESOLVE_NIX: &str = include_str!("../nix/resolve.nix");
+
+/// How much of Nix's error output is kept in an error message.
+const MAX_MESSAGE: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    #[error("could not start {command}: {source}")]
+    Spawn { command: &'static str, source: std::io::Error },
+    #[error("{command} did not finish within {seconds} s")]
+    Timeout { command: &'static str, seconds: u64 },
+    #[error("{command} failed: {message}")]
+    Failed { command: &'static str, message: String },
+    #[error("unexpected output from {command}: {detail}")]
+    Output { command: &'static str, detail: String },
+}
+
+/// Where the packages come from, as the resolver expression expects it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceArg {
+    Path { path: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResolveRequest {
+    pub source: SourceArg,
+    pub system: String,
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedPackage {
+    pub name: String,
+    pub drv_path: String,
+    pub outputs: Vec<String>,
+    /// Store paths of `outputs`, in the same order.
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Resolved {
+    pub packages: Vec<ResolvedPackage>,
+    pub unknown: Vec<String>,
+}
+
+/// One store path of a closure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub nar_size: u64,
+    /// Other paths this one refers to (itself excluded).
+    pub references: Vec<String>,
+}
+
+/// A closure: every path, with its size and references; sorted by path.
+pub type Closure = BTreeMap<String, PathInfo>;
+
+#[derive(Debug, Clone)]
+pub struct Nix {
+    timeout: Duration,
+}
+
+impl Nix {
+    pub fn new(timeout: Duration) -> Nix {
+        Nix { timeout }
+    }
+
+    /// Step 1: which names are packages and what to realise for them.
+    pub async fn resolve(&self, request: &ResolveRequest) -> Result<Resolved, NixError> {
+        const CMD: &str = "nix-instantiate";
+        let json = serde_json::to_string(request).expect("a request always serialises");
+        let mut command = Command::new(CMD);
+        command
+            .args(["--eval", "--strict", "--json", "--read-write-mode", "--argstr", "request"])
+            .arg(json)
+            .arg("-E")
+            .arg(RESOLVE_NIX);
+        let stdout = self.run(CMD, command).await?;
+        serde_json::from_slice(&stdout).map_err(|e| NixError::Output { command: CMD, detail: e.to_string() })
+    }
+
+    /// Step 2: builds (or substitutes) the given outputs.
+    pub async fn realise(&self, packages: &[ResolvedPackage]) -> Result<(), NixError> {
+        const CMD: &str = "nix-store";
+        let mut command = Command::new(CMD);
+        command.args(["--realise", "--no-gc-warning"]);
+        for package in packages {
+            for output in &package.outputs {
+                command.arg(format!("{}!{}", package.drv_path, output));
+            }
+        }
+        self.run(CMD, command).await.map(drop)
+    }
+
+    /// Step 3: the closure of the given store paths.
+    pub async fn closure(&self, paths: &[String]) -> Result<Closure, NixError> {
+        const CMD: &str = "nix path-info";
+        let mut command = Command::new("nix");
+        command
+            .args(["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"])
+            .args(paths);
+        let stdout = self.run(CMD, command).await?;
+        parse_path_info(&stdout).map_err(|detail| NixError::Output { command: CMD, detail })
+    }
+
+    /// Runs a command to the end within the timeout; stdout on success.
+    async fn run(&self, name: &'static str, mut command: Command) -> Result<Vec<u8>, NixError> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut child = command.spawn().map_err(|source| NixError::Spawn { command: name, source })?;
+        let pid = child.id();
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+
+        let work = async {
+            let read_stdout = async {
+                let mut buf = Vec::new();
+                stdout.read_to_end(&mut buf).await.map(|_| buf)
+            };
+            let read_stderr = async {
+                let mut lines = BufReader::new(stderr).lines();
+                let mut kept = Vec::new();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::debug!(command = name, "{line}");
+                    kept.push(line);
+                }
+                kept
+            };
+            let (out, err) = tokio::join!(read_stdout, read_stderr);
+            let status = child.wait().await;
+            (out, err, status)
+        };
+
+        let (out, err, status) = match tokio::time::timeout(self.timeout, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                if let Some(pid) = pid {
+                    kill_group(pid);
+                }
+                return Err(NixError::Timeout { command: name, seconds: self.timeout.as_secs() });
+            }
+        };
+        let status = status.map_err(|source| NixError::Spawn { command: name, source })?;
+        if !status.success() {
+            let message = error_message(&err);
+            tracing::warn!(command = name, %status, stderr = %err.join("\n"), "nix command failed");
+            return Err(NixError::Failed { command: name, message });
+        }
+        out.map_err(|source| NixError::Spawn { command: name, source })
+    }
+}
+
+/// Stops a command and everything it started.
+fn kill_group(pid: u32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; it has no
+    // memory-safety preconditions.
+    unsafe {
+        libc::kill(-(pid as i32), libc::SIGKILL);
+    }
+}
+
+/// The part of Nix's stderr that says what went wrong: from the first
+/// `error:` line on (or the last lines if there is none), bounded.
+fn error_message(stderr: &[String]) -> String {
+    let start = stderr.iter().position(|l| l.trim_start().starts_with("error")).unwrap_or(stderr.len().saturating_sub(10));
+    let text: Vec<&str> = stderr[start..].iter().map(|l| l.trim()).filter(|l| !l.is_empty()).collect();
+    let mut text = text.join("\n");
+    if text.is_empty() {
+        text = "no error output".to_string();
+    }
+    if text.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" [...]");
+    }
+    text
+}
+
+/// Reads `nix path-info --json` output of any Nix version.
+fn parse_path_info(json: &[u8]) -> Result<Closure, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Entry {
+        path: Option<String>,
+        nar_size: u64,
+        #[serde(default)]
+        references: Vec<String>,
+    }
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let entries: Vec<(String, Entry)> = match value {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|item| {
+                let entry: Entry = serde_json::from_value(item).map_err(|e| e.to_string())?;
+                let path = entry.path.clone().ok_or("an entry has no path")?;
+                Ok((path, entry))
+            })
+            .collect::<Result<_, String>>()?,
+        serde_json::Value::Object(map) => map
+            .into_iter()
+            .map(|(path, item)| Ok((path, serde_json::from_value(item).map_err(|e| e.to_string())?)))
+            .collect::<Result<_, String>>()?,
+        _ => return Err("neither an array nor an object".to_string()),
+    };
+    let mut closure = Closure::new();
+    for (path, entry) in entries {
+        // Newer Nix prints references as store paths too; drop self-references.
+        let mut references: Vec<String> = entry.references.into_iter().filter(|r| *r != path).collect();
+        references.sort();
+        references.dedup();
+        closure.insert(path, PathInfo { nar_size: entry.nar_size, references });
+    }
+    for (path, info) in &closure {
+        if let Some(missing) = info.references.iter().find(|r| !closure.contains_key(*r)) {
+            return Err(format!("{path} refers to {missing}, which is not in the closure"));
+        }
+    }
+    Ok(closure)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_info_array_and_object_agree() {
+        let array = br#"[{"path":"/nix/store/a-x","narSize":10,"references":["/nix/store/a-x","/nix/store/b-y"]},
+                         {"path":"/nix/store/b-y","narSize":5,"references":[]}]"#;
+        let object = br#"{"/nix/store/a-x":{"narSize":10,"references":["/nix/store/b-y","/nix/store/a-x"]},
+                          "/nix/store/b-y":{"narSize":5,"references":[]}}"#;
+        let a = parse_path_info(array).unwrap();
+        assert_eq!(a, parse_path_info(object).unwrap());
+        assert_eq!(a["/nix/store/a-x"].references, vec!["/nix/store/b-y".to_string()]);
+    }
+
+    #[test]
+    fn path_info_rejects_an_open_graph() {
+        let json = br#"[{"path":"/nix/store/a-x","narSize":10,"references":["/nix/store/c-z"]}]"#;
+        assert!(parse_path_info(json).unwrap_err().contains("c-z"));
+    }
+
+    #[test]
+    fn error_message_starts_at_the_error() {
+        let lines: Vec<String> = ["building '/nix/store/x.drv'...", "error: builder failed", "  > oops"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(error_message(&lines), "error: builder failed\n> oops");
+        let long = vec!["error: ".to_string() + &"é".repeat(5000)];
+        assert!(error_message(&long).len() <= MAX_MESSAGE + 10);
+    }
+}

@@ -1,0 +1,51 @@
+//! Blobs (layers and configs) by digest. GET answers with the bytes, or a
+//! 307 redirect when storage hands out URLs; HEAD answers from storage
+//! metadata (a URL presigned for GET does not sign HEAD). A missing blob is
+//! 404 `BLOB_UNKNOWN`, never an empty 200.
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio_util::io::ReaderStream;
+
+use super::{parse_digest, AppState, RegistryError, DIGEST_HEADER};
+use crate::image;
+use crate::storage::{self, Download};
+
+pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: bool) -> Result<Response, RegistryError> {
+    image::validate_name(name).map_err(RegistryError::NameInvalid)?;
+    let hex = parse_digest(reference)?;
+    let key = storage::blob_key(hex);
+    let unknown = || RegistryError::BlobUnknown { digest: reference.to_string() };
+
+    if head {
+        let size = state.storage.head(&key).await?.ok_or_else(unknown)?;
+        return Ok(blob_response(Body::empty(), size, reference));
+    }
+    match state.storage.download(&key).await?.ok_or_else(unknown)? {
+        Download::Url(url) => {
+            let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+            let headers = response.headers_mut();
+            if let Ok(location) = HeaderValue::from_str(&url) {
+                headers.insert(header::LOCATION, location);
+            }
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            if let Ok(digest) = HeaderValue::from_str(reference) {
+                headers.insert(DIGEST_HEADER, digest);
+            }
+            Ok(response)
+        }
+        Download::Stream { size, body } => Ok(blob_response(Body::from_stream(ReaderStream::with_capacity(body, 256 * 1024)), size, reference)),
+    }
+}
+
+fn blob_response(body: Body, size: u64, digest: &str) -> Response {
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if let Ok(value) = HeaderValue::from_str(digest) {
+        headers.insert(DIGEST_HEADER, value);
+    }
+    response
+}

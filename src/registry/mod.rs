@@ -1,0 +1,145 @@
+//! The registry API: the pull side of the OCI distribution spec.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v2/` | 200 `{}` with `Docker-Distribution-API-Version: registry/2.0` |
+//! | `GET`/`HEAD /v2/<name>/manifests/<tag>` | the image for the packages in `<name>`, built on first request |
+//! | `GET`/`HEAD /v2/<name>/manifests/sha256:<hex>` | a stored manifest |
+//! | `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>` | a layer or config (bytes, or a redirect to them) |
+//! | `GET /v2/<name>/tags/list` | the tags that can be pulled |
+//! | anything that writes | 405 `UNSUPPORTED` |
+//!
+//! Repository names contain slashes, so requests under `/v2/` are routed by
+//! splitting the path from the right (`.../manifests/<reference>`); query
+//! strings (containerd's `?ns=`) play no part. [`router`] returns the whole
+//! API as one value, served by [`serve`] on a listener (local mode, tests).
+
+mod blobs;
+pub mod error;
+mod manifests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::build::Dispatch;
+use crate::config::PackageSource;
+use crate::storage::Storage;
+pub use error::RegistryError;
+
+pub const API_VERSION_HEADER: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+pub const DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
+
+/// What every request handler shares; built once per process.
+#[derive(Clone)]
+pub struct AppState {
+    pub storage: Arc<dyn Storage>,
+    pub dispatch: Arc<dyn Dispatch>,
+    pub source: PackageSource,
+    pub layer_budget: usize,
+}
+
+/// The whole registry API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", get(base))
+        .route("/v2/", get(base))
+        .route("/v2/{*rest}", any(v2))
+        .fallback(|req: Request| async move { RegistryError::NoRoute { path: req.uri().path().to_string() } })
+        .layer(middleware::from_fn(common_headers))
+        .with_state(state)
+}
+
+/// Serves the router on an already-bound listener until `shutdown` resolves.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+async fn base() -> Response {
+    json_response(b"{}".to_vec())
+}
+
+/// `/v2/<name>/<kind>/<reference>`
+async fn v2(State(state): State<AppState>, method: Method, req: Request) -> Result<Response, RegistryError> {
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/v2/").unwrap_or(&path);
+    let writes = !matches!(method, Method::GET | Method::HEAD);
+    let head = method == Method::HEAD;
+    let no_route = || RegistryError::NoRoute { path: path.clone() };
+
+    if writes {
+        // Push, delete, upload: all refused in the same way.
+        return Err(RegistryError::Unsupported { method: method.to_string() });
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return manifests::tags(name).await;
+    }
+    let (front, reference) = rest.rsplit_once('/').ok_or_else(no_route)?;
+    let (name, kind) = front.rsplit_once('/').ok_or_else(no_route)?;
+    match kind {
+        "manifests" => manifests::get(&state, name, reference, head).await,
+        "blobs" => blobs::get(&state, name, reference, head).await,
+        _ => Err(no_route()),
+    }
+}
+
+/// Headers on every response, and one log line per request.
+async fn common_headers(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    tracing::info!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+/// A JSON body with its length stated.
+fn json_response(body: Vec<u8>) -> Response {
+    let len = body.len();
+    let mut response = (StatusCode::OK, Body::from(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    response
+}
+
+/// Checks `sha256:<64 hex>` and returns the hex part.
+fn parse_digest(reference: &str) -> Result<&str, RegistryError> {
+    let invalid = || RegistryError::DigestInvalid { digest: reference.to_string() };
+    let hex = reference.strip_prefix("sha256:").ok_or_else(invalid)?;
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(hex)
+    } else {
+        Err(invalid())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_are_checked() {
+        let good = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(parse_digest(&good).unwrap(), "ab".repeat(32));
+        for bad in ["sha256:", "sha256:xyz", "sha512:00", &format!("sha256:{}", "AB".repeat(32)), "latest"] {
+            assert!(matches!(parse_digest(bad), Err(RegistryError::DigestInvalid { .. })), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Object storage: the one place images live.
+//!
+//! Everything is content-addressed in one bucket (or one directory, in local
+//! mode), under these keys:
+//!
+//! | key | what | written |
+//! |---|---|---|
+//! | `blobs/sha256/<hex>` | layers and image configs | after the digest is known |
+//! | `manifests/sha256/<hex>` | manifest bytes, exactly as served | after its blobs |
+//! | `layers/<layer-key>` | layer record: digest, diff_id, size, media type | after the layer blob |
+//! | `images/<image-key>` | image record: manifest digest, media type, source, build time | last: the commit point |
+//! | `builds/<image-key>` | build status | while building |
+//! | `staging/...` | uploads in flight | anything left here is garbage |
+//!
+//! Nothing is visible under `blobs/`, `manifests/` or `images/` unless it is
+//! complete: objects are written under `staging/` and moved into place, and
+//! an image record is written only after everything it points to. A crash
+//! leaves at most garbage in `staging/`.
+//!
+//! For example, an image `shell/hello` is found by reading
+//! `images/<image-key>` (see [`crate::build::image_key`]), which names
+//! `manifests/sha256/<d>`, whose layers are `blobs/sha256/<d1>`, ...
+
+pub mod fs;
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+
+pub use fs::FsStorage;
+
+/// A failure of the storage backend, with the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage I/O on {key}: {source}")]
+    Io { key: String, source: std::io::Error },
+    #[error("invalid storage key {key:?}")]
+    InvalidKey { key: String },
+}
+
+/// How a client gets the bytes of an object.
+pub enum Download {
+    /// A short-lived URL the client is redirected to.
+    Url(String),
+    /// The bytes themselves, streamed by the registry.
+    Stream { size: u64, body: Pin<Box<dyn AsyncRead + Send>> },
+}
+
+impl std::fmt::Debug for Download {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Download::Url(url) => f.debug_tuple("Url").field(url).finish(),
+            Download::Stream { size, .. } => f.debug_struct("Stream").field("size", size).finish(),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Reads a small object whole (records, manifests); `None` if absent.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError>;
+
+    /// The size of an object; `None` if absent.
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError>;
+
+    /// Writes a small object, replacing any earlier one atomically.
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError>;
+
+    /// Writes a small object only if none exists; `false` if one did.
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError>;
+
+    /// Moves a finished local file into place under `key` (through staging).
+    /// The caller has computed its digest while writing it. The file is
+    /// consumed: it is gone afterwards, whatever the outcome.
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
+
+    /// How a client downloads the object; `None` if absent.
+    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError>;
+
+    /// A local directory where files bound for [`Storage::put_file`] can be
+    /// written so the move costs nothing, if the backend has one.
+    fn local_staging_dir(&self) -> Option<PathBuf>;
+}
+
+/// `blobs/sha256/<hex>`
+pub fn blob_key(hex: &str) -> String {
+    format!("blobs/sha256/{hex}")
+}
+
+/// `manifests/sha256/<hex>`
+pub fn manifest_key(hex: &str) -> String {
+    format!("manifests/sha256/{hex}")
+}
+
+/// `layers/<layer-key>`
+pub fn layer_key(key: &str) -> String {
+    format!("layers/{key}")
+}
+
+/// `images/<image-key>`
+pub fn image_key(key: &str) -> String {
+    format!("images/{key}")
+}
+
+/// Keys are made by this crate from hex digests and fixed prefixes; this
+/// guards the filesystem backend against anything else.
+pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|part| {
+            !part.is_empty()
+                && part != "."
+                && part != ".."
+                && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::InvalidKey { key: key.to_string() })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod suite {
+    //! The behaviour every backend must have; each backend's tests run it.
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    pub async fn run(storage: &dyn Storage, scratch: &Path) {
+        // Absent objects.
+        assert!(storage.get("images/none").await.unwrap().is_none());
+        assert!(storage.head("blobs/sha256/00").await.unwrap().is_none());
+        assert!(storage.download("blobs/sha256/00").await.unwrap().is_none());
+
+        // Small objects: put, get, replace, head.
+        storage.put("images/a", Bytes::from_static(b"one")).await.unwrap();
+        assert_eq!(storage.get("images/a").await.unwrap().unwrap(), "one");
+        storage.put("images/a", Bytes::from_static(b"two!")).await.unwrap();
+        assert_eq!(storage.get("images/a").await.unwrap().unwrap(), "two!");
+        assert_eq!(storage.head("images/a").await.unwrap(), Some(4));
+
+        // Conditional writes: only the first wins.
+        assert!(storage.put_if_absent("builds/k", Bytes::from_static(b"first")).await.unwrap());
+        assert!(!storage.put_if_absent("builds/k", Bytes::from_static(b"second")).await.unwrap());
+        assert_eq!(storage.get("builds/k").await.unwrap().unwrap(), "first");
+
+        // Files: moved into place, then downloadable with the right size.
+        let dir = storage.local_staging_dir().unwrap_or_else(|| scratch.to_path_buf());
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("upload-test");
+        let content = vec![7u8; 300_000];
+        std::fs::write(&file, &content).unwrap();
+        storage.put_file("blobs/sha256/abc", &file).await.unwrap();
+        assert!(!file.exists(), "put_file must consume its file");
+        assert_eq!(storage.head("blobs/sha256/abc").await.unwrap(), Some(300_000));
+        match storage.download("blobs/sha256/abc").await.unwrap().unwrap() {
+            Download::Stream { size, mut body } => {
+                assert_eq!(size, 300_000);
+                let mut read = Vec::new();
+                body.read_to_end(&mut read).await.unwrap();
+                assert_eq!(read, content);
+            }
+            Download::Url(_) => {}
+        }
+
+        // Keys outside the layout are refused, not written.
+        assert!(matches!(storage.put("../escape", Bytes::new()).await, Err(StorageError::InvalidKey { .. })));
+        assert!(matches!(storage.get("blobs//x").await, Err(StorageError::InvalidKey { .. })));
+    }
+}
