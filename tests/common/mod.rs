@@ -1,0 +1,166 @@
+//! Shared by the integration tests: the fixture package set, a running
+//! `nixery serve` on 127.0.0.1 (stopped on drop), and helpers to run the
+//! real pull clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The fixture package set, with its busybox copied in (it is not committed).
+pub fn fixture_pkgs() -> PathBuf {
+    static COPY: Once = Once::new();
+    let pkgs = repo().join("tests/fixtures/pkgs");
+    COPY.call_once(|| {
+        let bin = pkgs.join("busybox/bin");
+        if !bin.join("busybox").exists() {
+            std::fs::create_dir_all(&bin).expect("creating the fixture busybox directory");
+            std::fs::copy("/bin/busybox", bin.join("busybox.tmp"))
+                .expect("copying /bin/busybox (install busybox-static)");
+            std::fs::rename(bin.join("busybox.tmp"), bin.join("busybox")).unwrap();
+        }
+    });
+    pkgs
+}
+
+/// Nix settings for a daemon-less, offline, root machine.
+pub fn nix_conf_dir() -> PathBuf {
+    std::env::var_os("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join(".ci/nix"))
+}
+
+/// A `nixery serve` process with its own storage; killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    pub storage: PathBuf,
+    pub log: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// A server with fresh, empty storage.
+    pub fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = dir.path().join("storage");
+        let mut server = Server::start_with(&storage, &[]);
+        server._dir = Some(dir);
+        server
+    }
+
+    /// A server on the given storage root, with extra environment.
+    pub fn start_with(storage: &Path, env: &[(&str, &str)]) -> Server {
+        let log = storage.with_extension(format!("log-{}", unique()));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        command
+            .arg("serve")
+            .env("NIXERY_LISTEN", "127.0.0.1:0")
+            .env("NIXERY_PKGS_PATH", fixture_pkgs())
+            .env("STORAGE_PATH", storage)
+            .env("NIX_CONF_DIR", nix_conf_dir())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("starting nixery serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = match line.trim().strip_prefix("nixery listening on http://") {
+            Some(addr) => addr.to_string(),
+            None => {
+                let _ = child.kill();
+                panic!("nixery did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        };
+        Server { child, addr, storage: storage.to_path_buf(), log, _dir: None }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many builds this server has started.
+    pub fn builds_started(&self) -> usize {
+        self.log().lines().filter(|l| l.contains("build started")).count()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+pub fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command, panicking with its output if it fails; returns stdout.
+pub fn run(command: &mut Command) -> String {
+    let started = Instant::now();
+    let output = command.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({:?}, {:?}):\nstdout: {}\nstderr: {}",
+        output.status,
+        started.elapsed(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `skopeo copy` from the server to a local transport (`dir:...`, `oci:...`).
+pub fn skopeo_copy(server: &Server, image: &str, dest: &str) {
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{}/{image}", server.addr),
+        dest,
+    ]));
+}
+
+/// Pulls with skopeo into an OCI layout, unpacks with umoci; the rootfs.
+pub fn pull_and_unpack(server: &Server, image: &str, work: &Path) -> PathBuf {
+    let layout = work.join(format!("oci-{}", unique()));
+    skopeo_copy(server, image, &format!("oci:{}:img", layout.display()));
+    let bundle = work.join(format!("bundle-{}", unique()));
+    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:img", layout.display())).arg(&bundle));
+    bundle.join("rootfs")
+}
+
+/// Runs a shell command inside an unpacked rootfs; its stdout.
+pub fn chroot_sh(rootfs: &Path, script: &str) -> String {
+    run(Command::new("chroot").arg(rootfs).args(["/bin/sh", "-c", script]))
+}
+
+/// Polls until `check` returns true or the time is up.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
