@@ -241,3 +241,25 @@ async fn concurrent_pulls_share_one_build() {
     assert!(digests.windows(2).all(|w| w[0] == w[1]));
     assert_eq!(server.builds_started(), 1);
 }
+
+#[tokio::test]
+async fn arm64_images_are_separate_and_say_so() {
+    let server = Server::start();
+    let c = client();
+    let amd = c.get(server.url("/v2/hello/manifests/latest")).send().await.unwrap();
+    let arm = c.get(server.url("/v2/arm64/hello/manifests/latest")).send().await.unwrap();
+    assert_eq!(arm.status(), 200, "{}", server.log());
+    assert_ne!(header(&amd, "docker-content-digest"), header(&arm, "docker-content-digest"));
+    let manifest: Value = arm.json().await.unwrap();
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let config: Value = c
+        .get(server.url(&format!("/v2/arm64/hello/blobs/{config_digest}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["architecture"], "arm64");
+    assert_eq!(server.builds_started(), 2);
+}

@@ -124,3 +124,43 @@ fn tar_edge_cases_arrive_intact() {
     let ran = common::run(Command::new("chroot").arg(&rootfs).arg("/bin/edge-script"));
     assert_eq!(ran, "edge-script ran\n");
 }
+
+/// Follows a symlink inside an unpacked rootfs (absolute targets are
+/// relative to the rootfs).
+fn inside(rootfs: &Path, link: &str) -> PathBuf {
+    let target = std::fs::read_link(rootfs.join(link)).unwrap();
+    rootfs.join(target.strip_prefix("/").unwrap_or(&target))
+}
+
+#[test]
+fn multi_output_packages_install_their_chosen_outputs() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    let rootfs = pull_and_unpack(&server, "libmulti:latest", work.path());
+    // meta.outputsToInstall = [ "out" "dev" ]: both are in, doc is not.
+    assert!(inside(&rootfs, "include/multi.h").is_file());
+    assert!(inside(&rootfs, "lib/libmulti.so").is_file());
+    let store: Vec<String> = std::fs::read_dir(rootfs.join("nix/store"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(store.iter().any(|p| p.ends_with("-dev")), "{store:?}");
+    assert!(!store.iter().any(|p| p.ends_with("-doc")), "{store:?}");
+}
+
+#[test]
+fn a_50_mb_package_arrives_whole() {
+    let work = tempfile::tempdir().unwrap();
+    let server = Server::start();
+    // skopeo verifies every blob's digest as it copies.
+    let dir = work.path().join("big");
+    skopeo_copy(&server, "big:latest", &format!("dir:{}", dir.display()));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let total: u64 = manifest["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).sum();
+    assert!(total > 25_000_000, "layers hold only {total} bytes");
+    for layer in manifest["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let file = dir.join(digest.strip_prefix("sha256:").unwrap());
+        assert_eq!(sha256_file(&file), digest);
+    }
+}
