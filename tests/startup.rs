@@ -1,0 +1,56 @@
+//! Starting `nixery serve`: bad settings stop it with a message naming the
+//! variable; good ones take effect.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{fixture_pkgs, Server};
+
+fn start_error(env: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
+    command.arg("serve").env_clear().env("PATH", std::env::var_os("PATH").unwrap());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success(), "nixery started with {env:?}");
+    assert!(out.stdout.is_empty(), "it announced a listener");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_settings_stop_the_start_naming_the_variable() {
+    let pkgs = fixture_pkgs();
+    let pkgs = pkgs.to_str().unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let storage = storage.path().to_str().unwrap();
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[("STORAGE_PATH", storage)], "NIXERY_PKGS_PATH"),
+        (&[("NIXERY_PKGS_PATH", pkgs)], "STORAGE_PATH"),
+        (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("PORT", "eighty")], "PORT"),
+        (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("NIX_TIMEOUT", "-1")], "NIX_TIMEOUT"),
+        (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("NIXERY_STORAGE_BACKEND", "tape")], "NIXERY_STORAGE_BACKEND"),
+    ];
+    for (env, var) in cases {
+        let stderr = start_error(env);
+        assert!(stderr.contains(var), "{env:?}: {stderr}");
+    }
+    let usage = Command::new(env!("CARGO_BIN_EXE_nixery")).arg("frobnicate").output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: nixery serve"));
+}
+
+#[tokio::test]
+async fn the_layer_budget_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&dir.path().join("storage"), &[("NIXERY_LAYER_BUDGET", "2")]);
+    let manifest: serde_json::Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Two for the closure (six store paths), one customisation layer.
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 3, "{manifest}");
+}
