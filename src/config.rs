@@ -9,8 +9,12 @@
 //! | `PORT` | `8080` | port of the local server (on 127.0.0.1) |
 //! | `NIXERY_LISTEN` | `127.0.0.1:$PORT` | full listen address; overrides `PORT` |
 //! | `NIXERY_PKGS_PATH` | (required) | a local package set: a directory whose `default.nix` is called like nixpkgs |
-//! | `NIXERY_STORAGE_BACKEND` | `filesystem` | where images are stored |
+//! | `NIXERY_STORAGE_BACKEND` | `filesystem` | where images are stored: `filesystem` or `s3` |
 //! | `STORAGE_PATH` | (required for `filesystem`) | the storage root directory |
+//! | `NIXERY_S3_BUCKET` | (required for `s3`) | the bucket |
+//! | `NIXERY_S3_PREFIX` | empty | a key prefix inside the bucket |
+//! | `NIXERY_S3_ENDPOINT` | AWS | any S3-compatible server (path-style addressing) |
+//! | `NIXERY_PRESIGN_SECONDS` | `3600` | lifetime of presigned blob URLs |
 //! | `NIX_TIMEOUT` | `600` | seconds one Nix command may run before it is stopped |
 //! | `NIXERY_LAYER_BUDGET` | `94` | most layers for the packages (the customisation layer comes on top) |
 
@@ -24,22 +28,38 @@ pub const NIXERY_LISTEN: &str = "NIXERY_LISTEN";
 pub const NIXERY_PKGS_PATH: &str = "NIXERY_PKGS_PATH";
 pub const NIXERY_STORAGE_BACKEND: &str = "NIXERY_STORAGE_BACKEND";
 pub const STORAGE_PATH: &str = "STORAGE_PATH";
+pub const NIXERY_S3_BUCKET: &str = "NIXERY_S3_BUCKET";
+pub const NIXERY_S3_PREFIX: &str = "NIXERY_S3_PREFIX";
+pub const NIXERY_S3_ENDPOINT: &str = "NIXERY_S3_ENDPOINT";
+pub const NIXERY_PRESIGN_SECONDS: &str = "NIXERY_PRESIGN_SECONDS";
 pub const NIX_TIMEOUT: &str = "NIX_TIMEOUT";
 pub const NIXERY_LAYER_BUDGET: &str = "NIXERY_LAYER_BUDGET";
 
 /// Every variable this module reads.
-pub const ALL_VARIABLES: [&str; 7] = [
+pub const ALL_VARIABLES: [&str; 11] = [
     PORT,
     NIXERY_LISTEN,
     NIXERY_PKGS_PATH,
     NIXERY_STORAGE_BACKEND,
     STORAGE_PATH,
+    NIXERY_S3_BUCKET,
+    NIXERY_S3_PREFIX,
+    NIXERY_S3_ENDPOINT,
+    NIXERY_PRESIGN_SECONDS,
     NIX_TIMEOUT,
     NIXERY_LAYER_BUDGET,
 ];
 
 const DEFAULT_PORT: u16 = 8080;
 const DEFAULT_NIX_TIMEOUT_SECS: u64 = 600;
+/// Presigned URLs are checked when a download starts, not while it runs, so
+/// the lifetime only has to cover the time from the redirect to the
+/// client's (possibly retried or resumed) request. An hour leaves room for
+/// a client that pulls many large layers over a slow link, a few at a time,
+/// and stays well inside the lifetime of a Lambda function's credentials.
+pub const DEFAULT_PRESIGN_SECONDS: u64 = 3600;
+/// SigV4 presigned URLs cannot live longer than seven days.
+const MAX_PRESIGN_SECONDS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_LAYER_BUDGET: usize = 94;
 /// Docker and containerd refuse images with more than 127 layers; one is the
 /// customisation layer.
@@ -58,6 +78,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageConfig {
     Filesystem { root: PathBuf },
+    S3 { bucket: String, prefix: String, endpoint: Option<String>, presign_ttl: Duration },
 }
 
 /// Where packages come from.
@@ -123,8 +144,39 @@ impl Config {
                 }
                 Some(v) => StorageConfig::Filesystem { root: PathBuf::from(v) },
             },
+            "s3" => {
+                let bucket = get(NIXERY_S3_BUCKET).ok_or(ConfigError::Missing {
+                    var: NIXERY_S3_BUCKET,
+                    hint: "the s3 storage backend needs a bucket name",
+                })?;
+                let endpoint = match get(NIXERY_S3_ENDPOINT) {
+                    None => None,
+                    Some(v) if v.starts_with("http://") || v.starts_with("https://") => Some(v.to_string()),
+                    Some(v) => return Err(invalid(NIXERY_S3_ENDPOINT, v, "must be an http:// or https:// URL")),
+                };
+                let presign_ttl = match get(NIXERY_PRESIGN_SECONDS) {
+                    None => Duration::from_secs(DEFAULT_PRESIGN_SECONDS),
+                    Some(v) => match v.parse::<u64>() {
+                        Ok(n) if (1..=MAX_PRESIGN_SECONDS).contains(&n) => Duration::from_secs(n),
+                        Ok(_) => {
+                            return Err(invalid(
+                                NIXERY_PRESIGN_SECONDS,
+                                v,
+                                format!("must be between 1 and {MAX_PRESIGN_SECONDS} (seven days)"),
+                            ))
+                        }
+                        Err(e) => return Err(invalid(NIXERY_PRESIGN_SECONDS, v, e)),
+                    },
+                };
+                StorageConfig::S3 {
+                    bucket: bucket.to_string(),
+                    prefix: get(NIXERY_S3_PREFIX).unwrap_or("").to_string(),
+                    endpoint,
+                    presign_ttl,
+                }
+            }
             other => {
-                return Err(invalid(NIXERY_STORAGE_BACKEND, other, "the supported backend is `filesystem`"))
+                return Err(invalid(NIXERY_STORAGE_BACKEND, other, "supported backends are `filesystem` and `s3`"))
             }
         };
 
@@ -189,6 +241,28 @@ mod tests {
     }
 
     #[test]
+    fn s3_settings() {
+        let pkgs = pkgs_dir();
+        let config = Config::from_vars(&vars(&[
+            (NIXERY_PKGS_PATH, pkgs.path().to_str().unwrap()),
+            (NIXERY_STORAGE_BACKEND, "s3"),
+            (NIXERY_S3_BUCKET, "images"),
+            (NIXERY_S3_PREFIX, "nixery/"),
+            (NIXERY_S3_ENDPOINT, "http://127.0.0.1:9000"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.storage,
+            StorageConfig::S3 {
+                bucket: "images".into(),
+                prefix: "nixery/".into(),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                presign_ttl: Duration::from_secs(DEFAULT_PRESIGN_SECONDS),
+            }
+        );
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         let pkgs = pkgs_dir();
         let p = pkgs.path().to_str().unwrap();
@@ -201,6 +275,9 @@ mod tests {
             (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIX_TIMEOUT, "0")], NIX_TIMEOUT),
             (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_LAYER_BUDGET, "500")], NIXERY_LAYER_BUDGET),
             (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_STORAGE_BACKEND, "gcs")], NIXERY_STORAGE_BACKEND),
+            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_STORAGE_BACKEND, "s3")], NIXERY_S3_BUCKET),
+            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_STORAGE_BACKEND, "s3"), (NIXERY_S3_BUCKET, "b"), (NIXERY_S3_ENDPOINT, "localhost:9000")], NIXERY_S3_ENDPOINT),
+            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_STORAGE_BACKEND, "s3"), (NIXERY_S3_BUCKET, "b"), (NIXERY_PRESIGN_SECONDS, "0")], NIXERY_PRESIGN_SECONDS),
         ];
         for (pairs, var) in cases {
             let err = Config::from_vars(&vars(&pairs)).unwrap_err().to_string();

@@ -13,5 +13,6 @@ pub mod layers;
 pub mod manifest;
 pub mod nix;
 pub mod pack;
+pub mod popularity;
 pub mod storage;
 pub mod registry;

@@ -1,28 +1,36 @@
-//! `nixery serve`: the registry in local mode (filesystem storage, builds
-//! with the local Nix). Reads its settings from the environment; see the
-//! README's configuration table.
+//! `nixery serve`: the registry. Inside AWS Lambda (when
+//! `AWS_LAMBDA_RUNTIME_API` is set) it answers Function URL events;
+//! elsewhere it listens on 127.0.0.1:$PORT. Settings come from the
+//! environment; see the README's configuration table.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use nixery::build::local::LocalDispatch;
 use nixery::build::Builder;
-use nixery::config::{Config, StorageConfig};
+use nixery::config::Config;
 use nixery::nix::Nix;
 use nixery::registry::{self, AppState};
-use nixery::storage::{FsStorage, Storage};
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: nixery serve
 
-Runs the registry on 127.0.0.1:$PORT (or $NIXERY_LISTEN), storing images
-under $STORAGE_PATH and building them with the local Nix from the package
-set at $NIXERY_PKGS_PATH. Logs go to stderr (RUST_LOG sets the level).";
+Runs the registry on 127.0.0.1:$PORT (or $NIXERY_LISTEN), or as an AWS
+Lambda function when AWS_LAMBDA_RUNTIME_API is set. Images are stored in
+$NIXERY_STORAGE_BACKEND storage and built with the local Nix from the
+package set at $NIXERY_PKGS_PATH. Logs go to stderr (RUST_LOG sets the
+level).";
+
+/// Set by the Lambda runtime in every function's environment.
+const LAMBDA_RUNTIME_API: &str = "AWS_LAMBDA_RUNTIME_API";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let in_lambda = std::env::var_os(LAMBDA_RUNTIME_API).is_some();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve"] => {}
+        // The Lambda runtime starts the bootstrap binary without arguments.
+        [] if in_lambda => {}
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             return Ok(());
@@ -35,25 +43,34 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(!in_lambda && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = Config::from_env()?;
-    tokio::runtime::Runtime::new().context("starting the async runtime")?.block_on(serve(config))
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let state = state(&config).await?;
+        if in_lambda {
+            tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
+            lambda_http::run(registry::router(state)).await.map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+        } else {
+            serve(&config, state).await
+        }
+    })
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let storage: Arc<dyn Storage> = match &config.storage {
-        StorageConfig::Filesystem { root } => Arc::new(
-            FsStorage::open(root).with_context(|| format!("opening the storage root {}", root.display()))?,
-        ),
-    };
+/// Everything the router shares, built once.
+async fn state(config: &Config) -> anyhow::Result<AppState> {
+    let storage = nixery::storage::open(&config.storage).await.context("opening storage")?;
     let builder = Builder::new(Nix::new(config.nix_timeout), storage.clone());
-    let state = AppState {
+    Ok(AppState {
         storage,
         dispatch: Arc::new(LocalDispatch::new(builder)),
         source: config.source.clone(),
         layer_budget: config.layer_budget,
-    };
+    })
+}
+
+async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

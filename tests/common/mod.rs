@@ -3,6 +3,8 @@
 //! real pull clients.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

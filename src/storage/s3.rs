@@ -1,0 +1,303 @@
+//! S3 storage: the key layout of [`crate::storage`] in one bucket, under an
+//! optional prefix.
+//!
+//! * Small objects (records, manifests, configs) are single PUTs, which S3
+//!   makes visible atomically.
+//! * Files (layers) are uploaded to `staging/`, in parts when they are large,
+//!   then copied to their content address and the staged copy deleted; an
+//!   object already at that address is not uploaded again. A crash leaves
+//!   only `staging/` garbage, which a lifecycle rule expires.
+//! * Conditional creates use `If-None-Match: *` (412 means "exists").
+//! * Downloads are presigned GET URLs: answering a blob GET makes no S3 call.
+//!
+//! Transient errors are retried by the SDK's standard retry policy; the
+//! client has connect and per-attempt timeouts, so a dead endpoint becomes
+//! an error, never a hang.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{check_key, Download, Storage, StorageError};
+
+/// Files larger than this are uploaded in parts of this size.
+pub const PART_SIZE: u64 = 16 * 1024 * 1024;
+/// Parts uploaded at the same time.
+const PARALLEL_PARTS: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    /// Empty, or ends with `/`.
+    prefix: String,
+    presign_ttl: Duration,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn s3_error<E, R>(key: &str, operation: &'static str, error: SdkError<E, R>) -> StorageError
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    StorageError::Backend { key: key.to_string(), operation, message: DisplayErrorContext(&error).to_string() }
+}
+
+fn status<E, R: HttpStatus>(error: &SdkError<E, R>) -> Option<u16> {
+    error.raw_response().map(HttpStatus::status_code)
+}
+
+/// The HTTP status of a raw SDK response.
+trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+impl S3Storage {
+    /// `prefix` may be empty; slashes around it do not matter.
+    pub fn new(client: Client, bucket: impl Into<String>, prefix: &str, presign_ttl: Duration) -> S3Storage {
+        let prefix = prefix.trim_matches('/');
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        S3Storage { client, bucket: bucket.into(), prefix, presign_ttl }
+    }
+
+    /// A client for AWS, or for any S3-compatible server at `endpoint`
+    /// (path-style addressing). Region and credentials come from the
+    /// standard AWS chain.
+    pub async fn client(endpoint: Option<&str>) -> Client {
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(120))
+            .build();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .timeout_config(timeouts)
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(4));
+        if let Some(endpoint) = endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let sdk = loader.load().await;
+        let config = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(endpoint.is_some()).build();
+        Client::from_conf(config)
+    }
+
+    fn full(&self, key: &str) -> Result<String, StorageError> {
+        check_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    fn staging_key(&self) -> String {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{}staging/upload-{}-{nanos}-{n}", self.prefix, std::process::id())
+    }
+
+    /// Uploads a local file to `key`, in parts if it is large.
+    async fn upload(&self, key: &str, file: &Path, size: u64) -> Result<(), StorageError> {
+        if size <= PART_SIZE {
+            let body = ByteStream::from_path(file).await.map_err(|e| StorageError::Io {
+                key: key.to_string(),
+                source: std::io::Error::other(e),
+            })?;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| s3_error(key, "PutObject", e))?;
+            return Ok(());
+        }
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "CreateMultipartUpload", e))?;
+        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        let result = self.upload_parts(key, &upload_id, file, size).await;
+        match result {
+            Ok(parts) => {
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(key, "CompleteMultipartUpload", e))?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_parts(&self, key: &str, upload_id: &str, file: &Path, size: u64) -> Result<Vec<CompletedPart>, StorageError> {
+        let count = size.div_ceil(PART_SIZE);
+        let parts: Vec<Result<CompletedPart, StorageError>> = futures_util::stream::iter(0..count)
+            .map(|i| async move {
+                let offset = i * PART_SIZE;
+                let length = PART_SIZE.min(size - offset);
+                let body = ByteStream::read_from()
+                    .path(file)
+                    .offset(offset)
+                    .length(Length::Exact(length))
+                    .build()
+                    .await
+                    .map_err(|e| StorageError::Io { key: key.to_string(), source: std::io::Error::other(e) })?;
+                let number = i as i32 + 1;
+                let part = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(key, "UploadPart", e))?;
+                Ok(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build())
+            })
+            .buffered(PARALLEL_PARTS)
+            .collect()
+            .await;
+        parts.into_iter().collect()
+    }
+
+    /// Server-side copy from staging to the final key, then drop staging.
+    async fn promote(&self, staged: &str, key: &str) -> Result<(), StorageError> {
+        let copied = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .copy_source(format!("{}/{staged}", self.bucket))
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "CopyObject", e));
+        let _ = self.client.delete_object().bucket(&self.bucket).key(staged).send().await;
+        copied.map(drop)
+    }
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        let full = self.full(key)?;
+        match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
+            Ok(output) => {
+                let data = output.body.collect().await.map_err(|e| StorageError::Backend {
+                    key: key.to_string(),
+                    operation: "GetObject",
+                    message: e.to_string(),
+                })?;
+                Ok(Some(data.into_bytes()))
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) || status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(s3_error(key, "GetObject", e)),
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        let full = self.full(key)?;
+        match self.client.head_object().bucket(&self.bucket).key(&full).send().await {
+            Ok(output) => Ok(Some(output.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) || status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(s3_error(key, "HeadObject", e)),
+        }
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        let full = self.full(key)?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "PutObject", e))?;
+        Ok(())
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        let full = self.full(key)?;
+        match self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .if_none_match("*")
+            .body(ByteStream::from(data))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(412) => Ok(false),
+            Err(e) => Err(s3_error(key, "PutObject", e)),
+        }
+    }
+
+    async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+        let result = async {
+            let full = self.full(key)?;
+            if self.head(key).await?.is_some() {
+                return Ok(());
+            }
+            let size = tokio::fs::metadata(file).await.map_err(|source| StorageError::Io { key: key.to_string(), source })?.len();
+            let staged = self.staging_key();
+            self.upload(&staged, file, size).await?;
+            self.promote(&staged, &full).await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(file).await;
+        result
+    }
+
+    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
+        let full = self.full(key)?;
+        let presigning = PresigningConfig::expires_in(self.presign_ttl).map_err(|e| StorageError::Backend {
+            key: key.to_string(),
+            operation: "presign",
+            message: e.to_string(),
+        })?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .presigned(presigning)
+            .await
+            .map_err(|e| s3_error(key, "presign GetObject", e))?;
+        Ok(Some(Download::Url(request.uri().to_string())))
+    }
+
+    fn local_staging_dir(&self) -> Option<PathBuf> {
+        None
+    }
+}
