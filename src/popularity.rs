@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(package_name(&path(H1, "glibc-2.40-66-bin")), "glibc-2.40-66-bin");
         // Not a hash: too short, wrong characters, no dash.
         assert_eq!(package_name("/nix/store/abc-foo"), "abc-foo");
-        assert_eq!(package_name("/nix/store/0000000000000000000000000000000A-foo"), "0000000000000000000000000000000A-foo");
+        assert_eq!(
+            package_name("/nix/store/0000000000000000000000000000000A-foo"),
+            "0000000000000000000000000000000A-foo"
+        );
         assert_eq!(package_name(&format!("/nix/store/{H1}")), H1);
         assert_eq!(package_name(&format!("/nix/store/{H1}-")), "");
         assert_eq!(package_name(""), "");

@@ -3,6 +3,7 @@
 //! real pull clients.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod s3;
 
 use std::io::{BufRead, BufReader};
@@ -132,13 +133,12 @@ pub fn run(command: &mut Command) -> String {
 
 /// `skopeo copy` from the server to a local transport (`dir:...`, `oci:...`).
 pub fn skopeo_copy(server: &Server, image: &str, dest: &str) {
-    run(Command::new("skopeo").args([
-        "copy",
-        "--quiet",
-        "--src-tls-verify=false",
-        &format!("docker://{}/{image}", server.addr),
-        dest,
-    ]));
+    skopeo_copy_from(&server.addr, image, dest)
+}
+
+/// `skopeo copy` from a registry at `addr` (host:port, plain HTTP).
+pub fn skopeo_copy_from(addr: &str, image: &str, dest: &str) {
+    run(Command::new("skopeo").args(["copy", "--quiet", "--src-tls-verify=false", &format!("docker://{addr}/{image}"), dest]));
 }
 
 /// Pulls with skopeo into an OCI layout, unpacks with umoci; the rootfs.

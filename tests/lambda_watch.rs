@@ -1,0 +1,127 @@
+//! The registry as a Lambda function under `cargo lambda watch` (the local
+//! Lambda emulator), on S3 storage: skopeo and containerd pull through it,
+//! every blob GET to the function is a 307, and the bytes come from S3.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::containerd::Containerd;
+use common::s3::S3Server;
+use common::{fixture_pkgs, nix_conf_dir, repo, run, skopeo_copy_from, wait_until};
+
+/// `cargo lambda watch` in a process group of its own, stopped on drop.
+struct LambdaWatch {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl LambdaWatch {
+    fn start(env: &[(&str, String)], dir: &std::path::Path) -> LambdaWatch {
+        let env_file = dir.join("function.env");
+        let mut file = std::fs::File::create(&env_file).unwrap();
+        for (k, v) in env {
+            writeln!(file, "{k}={v}").unwrap();
+        }
+        // A free port: bind, note it, release it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = dir.join("lambda-watch.log");
+        let child = Command::new("cargo")
+            .args(["lambda", "watch", "--invoke-address", "127.0.0.1", "--invoke-port", &port.to_string(), "--disable-cors", "--env-file"])
+            .arg(&env_file)
+            .current_dir(repo())
+            .env("NO_COLOR", "1")
+            .env("CARGO_TERM_COLOR", "never")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.join("lambda-watch.err")).unwrap())
+            .process_group(0)
+            .spawn()
+            .expect("starting cargo lambda watch (pip install cargo-lambda)");
+        let mut watch = LambdaWatch { child, addr: format!("127.0.0.1:{port}"), log };
+        // The first request waits for the function to compile and start.
+        let url = format!("http://{}/v2/", watch.addr);
+        let ready = wait_until(Duration::from_secs(900), || {
+            if watch.child.try_wait().ok().flatten().is_some() {
+                return true;
+            }
+            Command::new("curl")
+                .args(["-s", "-f", "-o", "/dev/null", "-m", "600", &url])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(ready && watch.child.try_wait().unwrap().is_none(), "cargo lambda watch did not come up:\n{}", watch.output());
+        watch
+    }
+
+    fn output(&self) -> String {
+        let err = std::fs::read_to_string(self.log.with_file_name("lambda-watch.err")).unwrap_or_default();
+        format!("{}{err}", std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for LambdaWatch {
+    fn drop(&mut self) {
+        let group = -(self.child.id() as i32);
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(group, libc::SIGTERM) };
+        if !wait_until(Duration::from_secs(10), || self.child.try_wait().ok().flatten().is_some()) {
+            unsafe { libc::kill(group, libc::SIGKILL) };
+        }
+        let _ = self.child.wait();
+        // The function process is in the same group.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn skopeo_and_containerd_pull_from_the_function() {
+    let s3 = S3Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut env = s3.nixery_env();
+    env.extend([
+        ("NIXERY_PKGS_PATH", fixture_pkgs().to_string_lossy().into_owned()),
+        ("NIX_CONF_DIR", nix_conf_dir().to_string_lossy().into_owned()),
+        ("RUST_LOG", "info".to_string()),
+    ]);
+    let function = LambdaWatch::start(&env, work.path());
+
+    // skopeo: the exact served manifest, every blob verified.
+    let out = work.path().join("skopeo");
+    skopeo_copy_from(&function.addr, "shell/hello:latest", &format!("dir:{}", out.display()));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string())
+        .collect();
+
+    // containerd: HEAD by tag, GET by digest, blobs by redirect; and it runs.
+    let containerd = Containerd::start();
+    let image = format!("{}/shell/hello:latest", function.addr);
+    run(containerd.ctr().args(["image", "pull", "--plain-http", "--snapshotter", "overlayfs", &image]));
+    let flags = containerd.run_flags();
+    let hello = run(containerd.ctr().arg("run").args(&flags).args([&image, "hello-lambda", "hello"]));
+    assert_eq!(hello, "Hello, world!\n");
+
+    // Every blob GET the function answered was a redirect ...
+    let output = function.output();
+    let blob_gets: Vec<&str> = output.lines().filter(|l| l.contains("method=GET") && l.contains("/blobs/sha256:")).collect();
+    assert!(blob_gets.len() >= layers.len(), "too few blob GETs logged:\n{output}");
+    assert!(blob_gets.iter().all(|l| l.contains("status=307")), "{blob_gets:#?}");
+    // ... and the S3 server served each layer, to both clients.
+    let served = s3.served();
+    for hex in &layers {
+        let gets = served
+            .iter()
+            .filter(|s| s.method == "GET" && s.status == 200 && s.path.ends_with(&format!("blobs/sha256/{hex}")))
+            .count();
+        assert!(gets >= 2, "layer {hex} was fetched from S3 {gets} times");
+    }
+}
