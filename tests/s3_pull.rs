@@ -92,3 +92,33 @@ fn skopeo_pulls_through_redirects_and_a_cached_image_needs_no_nix() {
     assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), std::fs::read(again.join("manifest.json")).unwrap());
     assert_eq!(second.builds_started(), 0);
 }
+
+#[tokio::test]
+async fn an_unreachable_s3_is_a_503_not_a_hang() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let server = Server::start_with(
+        &dir.path().join("unused"),
+        &[
+            ("NIXERY_STORAGE_BACKEND", "s3"),
+            ("NIXERY_S3_BUCKET", "nixery"),
+            ("NIXERY_S3_ENDPOINT", &endpoint),
+            ("AWS_ACCESS_KEY_ID", "x"),
+            ("AWS_SECRET_ACCESS_KEY", "y"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
+    let c = Client::new();
+    for path in ["/v2/shell/hello/manifests/latest", &format!("/v2/hello/manifests/sha256:{}", "1".repeat(64))] {
+        let r = c.get(server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert!(r.headers().contains_key("retry-after"));
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    }
+    assert_eq!(server.builds_started(), 0);
+    assert!(server.log().contains("storage"), "the cause is not logged");
+}
