@@ -18,6 +18,14 @@ fn header(response: &reqwest::Response, name: &str) -> Option<String> {
     response.headers().get(name).map(|v| v.to_str().unwrap().to_string())
 }
 
+/// The image config a manifest points at.
+async fn image_config(server: &Server, name: &str, manifest: &Value) -> Value {
+    let digest = manifest["config"]["digest"].as_str().unwrap();
+    let response = client().get(server.url(&format!("/v2/{name}/blobs/{digest}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 /// Asserts an error response: status, spec envelope, JSON content type.
 async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(response.status(), status, "{:?}", response.url().path());
@@ -96,15 +104,7 @@ async fn head_and_get_agree_by_tag_and_by_digest() {
     }
 
     // The config is complete.
-    let config_digest = manifest["config"]["digest"].as_str().unwrap();
-    let config: Value = c
-        .get(server.url(&format!("/v2/shell/hello/blobs/{config_digest}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config = image_config(&server, "shell/hello", &manifest).await;
     assert_eq!(config["architecture"], "amd64");
     assert_eq!(config["os"], "linux");
     assert_eq!(config["rootfs"]["type"], "layers");
@@ -251,15 +251,7 @@ async fn arm64_images_are_separate_and_say_so() {
     assert_eq!(arm.status(), 200, "{}", server.log());
     assert_ne!(header(&amd, "docker-content-digest"), header(&arm, "docker-content-digest"));
     let manifest: Value = arm.json().await.unwrap();
-    let config_digest = manifest["config"]["digest"].as_str().unwrap();
-    let config: Value = c
-        .get(server.url(&format!("/v2/arm64/hello/blobs/{config_digest}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config = image_config(&server, "arm64/hello", &manifest).await;
     assert_eq!(config["architecture"], "arm64");
     assert_eq!(server.builds_started(), 2);
 }
