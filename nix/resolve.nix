@@ -9,7 +9,11 @@
 #
 #   { "source": { "type": "path", "path": "/srv/nixpkgs" },
 #     "system": "x86_64-linux",
-#     "packages": [ "hello", "python3packages.numpy" ] }
+#     "packages": [ "hello", "python3packages.numpy" ],
+#     "implicit": [ "cacert", "iana-etc" ] }
+#
+# Sources: { "type": "path", "path" }, { "type": "git", "url", "rev", "ref" },
+# { "type": "channel", "name" } and { "type": "commit", "rev" } (nixpkgs).
 #
 # Package names arrive only as JSON data: nothing here splices them into
 # Nix code. The result, printed as JSON, is
@@ -18,17 +22,28 @@
 #                     "outputs": [ "out" ], "paths": [ "/nix/store/...-hello" ] } ],
 #     "unknown":  [ "names that are not packages" ] }
 #
-# Evaluating `drvPath` with --read-write-mode writes the derivations to the
-# store, so the caller can realise exactly the listed outputs.
+# Implicit packages the set lacks are left out silently; requested ones are
+# listed in "unknown". Evaluating `drvPath` with --read-write-mode writes the
+# derivations to the store, so the caller can realise exactly the listed
+# outputs.
 { request }:
 
 let
   req = builtins.fromJSON request;
+  source = req.source;
 
-  pkgs =
-    if req.source.type == "path"
-    then import (/. + req.source.path) { system = req.system; }
-    else throw "unsupported package source type ${req.source.type}";
+  tree =
+    if source.type == "path" then /. + source.path
+    else if source.type == "git" then
+      builtins.fetchGit ({ url = source.url; rev = source.rev; }
+        // (if source.ref or null != null then { ref = source.ref; } else { allRefs = true; }))
+    else if source.type == "channel" then
+      builtins.fetchTarball "https://nixos.org/channels/${source.name}/nixexprs.tar.xz"
+    else if source.type == "commit" then
+      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${source.rev}.tar.gz"
+    else throw "unsupported package source type ${source.type}";
+
+  pkgs = import tree { system = req.system; };
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
@@ -63,15 +78,18 @@ let
   outputsOf = drv:
     drv.meta.outputsToInstall or [ (drv.outputName or "out") ];
 
-  resolved = map (name: { inherit name; drv = lookup name; }) req.packages;
-
-in {
-  packages = map (r: rec {
+  describe = r: rec {
     inherit (r) name;
     drvPath = r.drv.drvPath;
     outputs = outputsOf r.drv;
     paths = map (o: r.drv.${o}.outPath) outputs;
-  }) (builtins.filter (r: r.drv != null) resolved);
+  };
 
-  unknown = map (r: r.name) (builtins.filter (r: r.drv == null) resolved);
+  resolve = names: map (name: { inherit name; drv = lookup name; }) names;
+  requested = resolve req.packages;
+  implicit = builtins.filter (r: r.drv != null && !(builtins.elem r.name req.packages)) (resolve (req.implicit or [ ]));
+
+in {
+  packages = map describe (builtins.filter (r: r.drv != null) requested ++ implicit);
+  unknown = map (r: r.name) (builtins.filter (r: r.drv == null) requested);
 }

@@ -8,7 +8,12 @@
 //! |---|---|---|
 //! | `PORT` | `8080` | port of the local server (on 127.0.0.1) |
 //! | `NIXERY_LISTEN` | `127.0.0.1:$PORT` | full listen address; overrides `PORT` |
-//! | `NIXERY_PKGS_PATH` | (required) | a local package set: a directory whose `default.nix` is called like nixpkgs |
+//! | `NIXERY_CHANNEL` | `nixos-unstable` | a nixpkgs channel; the tag is ignored unless it is a nixpkgs commit |
+//! | `NIXERY_PKGS_REPO` | unset | a git repository of a package set; the tag is a branch, tag or commit (`latest`: the default branch) |
+//! | `NIXERY_PKGS_PATH` | unset | a local package set: a directory whose `default.nix` is called like nixpkgs; the tag is ignored |
+//! | `NIXERY_TAG_TTL` | `21600` | seconds an image from a moving source (channel, path) or a branch's resolution stays current |
+//! | `NIXERY_IMPLICIT_PACKAGES` | `cacert iana-etc` | packages added to every image (those the package set lacks are skipped) |
+//! | `NIX_POPULARITY_URL` | unset | popularity data for layering (`http(s)://`, `file://` or `s3://bucket/key`) |
 //! | `NIXERY_STORAGE_BACKEND` | `filesystem` | where images are stored: `filesystem` or `s3` |
 //! | `STORAGE_PATH` | (required for `filesystem`) | the storage root directory |
 //! | `NIXERY_S3_BUCKET` | (required for `s3`) | the bucket |
@@ -26,6 +31,11 @@ use std::time::Duration;
 pub const PORT: &str = "PORT";
 pub const NIXERY_LISTEN: &str = "NIXERY_LISTEN";
 pub const NIXERY_PKGS_PATH: &str = "NIXERY_PKGS_PATH";
+pub const NIXERY_PKGS_REPO: &str = "NIXERY_PKGS_REPO";
+pub const NIXERY_CHANNEL: &str = "NIXERY_CHANNEL";
+pub const NIXERY_TAG_TTL: &str = "NIXERY_TAG_TTL";
+pub const NIXERY_IMPLICIT_PACKAGES: &str = "NIXERY_IMPLICIT_PACKAGES";
+pub const NIX_POPULARITY_URL: &str = "NIX_POPULARITY_URL";
 pub const NIXERY_STORAGE_BACKEND: &str = "NIXERY_STORAGE_BACKEND";
 pub const STORAGE_PATH: &str = "STORAGE_PATH";
 pub const NIXERY_S3_BUCKET: &str = "NIXERY_S3_BUCKET";
@@ -36,10 +46,15 @@ pub const NIX_TIMEOUT: &str = "NIX_TIMEOUT";
 pub const NIXERY_LAYER_BUDGET: &str = "NIXERY_LAYER_BUDGET";
 
 /// Every variable this module reads.
-pub const ALL_VARIABLES: [&str; 11] = [
+pub const ALL_VARIABLES: [&str; 16] = [
     PORT,
     NIXERY_LISTEN,
     NIXERY_PKGS_PATH,
+    NIXERY_PKGS_REPO,
+    NIXERY_CHANNEL,
+    NIXERY_TAG_TTL,
+    NIXERY_IMPLICIT_PACKAGES,
+    NIX_POPULARITY_URL,
     NIXERY_STORAGE_BACKEND,
     STORAGE_PATH,
     NIXERY_S3_BUCKET,
@@ -51,6 +66,11 @@ pub const ALL_VARIABLES: [&str; 11] = [
 ];
 
 const DEFAULT_PORT: u16 = 8080;
+pub const DEFAULT_CHANNEL: &str = "nixos-unstable";
+/// nixos-unstable moves about daily; four rebuild chances a day at most.
+const DEFAULT_TAG_TTL_SECS: u64 = 6 * 3600;
+/// As in Nixery: certificates and /etc/services in every image.
+const DEFAULT_IMPLICIT_PACKAGES: [&str; 2] = ["cacert", "iana-etc"];
 const DEFAULT_NIX_TIMEOUT_SECS: u64 = 600;
 /// Presigned URLs are checked when a download starts, not while it runs, so
 /// the lifetime only has to cover the time from the redirect to the
@@ -86,6 +106,20 @@ pub enum StorageConfig {
 pub enum PackageSource {
     /// A local directory called like nixpkgs; the tag does not select anything.
     Path(PathBuf),
+    /// A git repository; the tag names a branch, tag or commit.
+    Git { url: String },
+    /// A nixpkgs channel; a tag that is a commit pins nixpkgs to it.
+    Channel { name: String },
+}
+
+impl std::fmt::Display for PackageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PackageSource::Path(path) => write!(f, "the package set at {}", path.display()),
+            PackageSource::Git { url } => write!(f, "the git repository {url}"),
+            PackageSource::Channel { name } => write!(f, "the nixpkgs channel {name}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +129,9 @@ pub struct Config {
     pub storage: StorageConfig,
     pub nix_timeout: Duration,
     pub layer_budget: usize,
+    pub tag_ttl: Duration,
+    pub implicit_packages: Vec<String>,
+    pub popularity_url: Option<String>,
 }
 
 impl Config {
@@ -117,21 +154,45 @@ impl Config {
             Some(v) => v.parse().map_err(|e| invalid(NIXERY_LISTEN, v, e))?,
         };
 
-        let source = match get(NIXERY_PKGS_PATH) {
-            None => {
-                return Err(ConfigError::Missing {
-                    var: NIXERY_PKGS_PATH,
-                    hint: "set it to a package set directory (a checkout of nixpkgs, or any directory whose default.nix is called like nixpkgs)",
-                })
+        let set: Vec<&str> = [NIXERY_PKGS_PATH, NIXERY_PKGS_REPO, NIXERY_CHANNEL].into_iter().filter(|v| get(v).is_some()).collect();
+        if set.len() > 1 {
+            return Err(invalid(set[1], get(set[1]).unwrap_or_default(), format!("only one package source may be set, and {} is set too", set[0])));
+        }
+        let source = if let Some(v) = get(NIXERY_PKGS_PATH) {
+            let path = PathBuf::from(v);
+            if !path.join("default.nix").is_file() {
+                return Err(invalid(NIXERY_PKGS_PATH, v, "the directory has no default.nix"));
             }
+            PackageSource::Path(path.canonicalize().map_err(|e| invalid(NIXERY_PKGS_PATH, v, e))?)
+        } else if let Some(v) = get(NIXERY_PKGS_REPO) {
+            PackageSource::Git { url: v.to_string() }
+        } else {
+            let name = get(NIXERY_CHANNEL).unwrap_or(DEFAULT_CHANNEL);
+            let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+            if !ok {
+                return Err(invalid(NIXERY_CHANNEL, name, "a channel name has only letters, digits, '-', '.' and '_'"));
+            }
+            PackageSource::Channel { name: name.to_string() }
+        };
+
+        let tag_ttl = match get(NIXERY_TAG_TTL) {
+            None => Duration::from_secs(DEFAULT_TAG_TTL_SECS),
+            Some(v) => Duration::from_secs(v.parse::<u64>().map_err(|e| invalid(NIXERY_TAG_TTL, v, e))?),
+        };
+        let implicit_packages = match vars.get(NIXERY_IMPLICIT_PACKAGES) {
+            None => DEFAULT_IMPLICIT_PACKAGES.iter().map(|p| p.to_string()).collect(),
             Some(v) => {
-                let path = PathBuf::from(v);
-                if !path.join("default.nix").is_file() {
-                    return Err(invalid(NIXERY_PKGS_PATH, v, "the directory has no default.nix"));
+                let names: Vec<String> = v.split([' ', ',']).filter(|p| !p.is_empty()).map(str::to_string).collect();
+                if let Some(bad) = names.iter().find(|n| !n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))) {
+                    return Err(invalid(NIXERY_IMPLICIT_PACKAGES, v, format!("{bad:?} is not a package attribute")));
                 }
-                let path = path.canonicalize().map_err(|e| invalid(NIXERY_PKGS_PATH, v, e))?;
-                PackageSource::Path(path)
+                names
             }
+        };
+        let popularity_url = match get(NIX_POPULARITY_URL) {
+            None => None,
+            Some(v) if ["http://", "https://", "file://", "s3://"].iter().any(|p| v.starts_with(p)) => Some(v.to_string()),
+            Some(v) => return Err(invalid(NIX_POPULARITY_URL, v, "must start with http://, https://, file:// or s3://")),
         };
 
         let storage = match get(NIXERY_STORAGE_BACKEND).unwrap_or("filesystem") {
@@ -204,7 +265,7 @@ impl Config {
             },
         };
 
-        Ok(Config { listen, source, storage, nix_timeout, layer_budget })
+        Ok(Config { listen, source, storage, nix_timeout, layer_budget, tag_ttl, implicit_packages, popularity_url })
     }
 }
 
@@ -238,6 +299,11 @@ mod tests {
         assert_eq!(config.nix_timeout, Duration::from_secs(600));
         assert_eq!(config.layer_budget, 94);
         assert_eq!(config.storage, StorageConfig::Filesystem { root: "/tmp/x".into() });
+        assert_eq!(config.implicit_packages, ["cacert", "iana-etc"]);
+        let channel = Config::from_vars(&vars(&[(STORAGE_PATH, "/tmp/x")])).unwrap();
+        assert_eq!(channel.source, PackageSource::Channel { name: "nixos-unstable".into() });
+        let none = Config::from_vars(&vars(&[(STORAGE_PATH, "/tmp/x"), (NIXERY_IMPLICIT_PACKAGES, "")])).unwrap();
+        assert!(none.implicit_packages.is_empty());
     }
 
     #[test]
@@ -267,7 +333,12 @@ mod tests {
         let pkgs = pkgs_dir();
         let p = pkgs.path().to_str().unwrap();
         let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
-            (vec![(STORAGE_PATH, "/x")], NIXERY_PKGS_PATH),
+            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_CHANNEL, "nixos-24.05"), (STORAGE_PATH, "/x")], NIXERY_CHANNEL),
+            (vec![(NIXERY_PKGS_REPO, "/r"), (NIXERY_CHANNEL, "nixos-24.05"), (STORAGE_PATH, "/x")], NIXERY_CHANNEL),
+            (vec![(NIXERY_CHANNEL, "nixos unstable"), (STORAGE_PATH, "/x")], NIXERY_CHANNEL),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_TAG_TTL, "soon")], NIXERY_TAG_TTL),
+            (vec![(STORAGE_PATH, "/x"), (NIX_POPULARITY_URL, "ftp://x")], NIX_POPULARITY_URL),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_IMPLICIT_PACKAGES, "cacert;rm")], NIXERY_IMPLICIT_PACKAGES),
             (vec![(NIXERY_PKGS_PATH, "/nonexistent"), (STORAGE_PATH, "/x")], NIXERY_PKGS_PATH),
             (vec![(NIXERY_PKGS_PATH, p)], STORAGE_PATH),
             (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (PORT, "http")], PORT),

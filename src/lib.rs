@@ -8,11 +8,13 @@
 pub mod build;
 pub mod config;
 pub mod customisation;
+pub mod fetch;
 pub mod image;
 pub mod layers;
 pub mod manifest;
 pub mod nix;
 pub mod pack;
 pub mod popularity;
-pub mod storage;
 pub mod registry;
+pub mod source;
+pub mod storage;

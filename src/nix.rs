@@ -43,11 +43,25 @@ pub enum NixError {
     Output { command: &'static str, detail: String },
 }
 
-/// Where the packages come from, as the resolver expression expects it.
+/// Where the packages come from, as the resolver expression expects it: a
+/// source resolved to a revision where it has one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SourceArg {
+    /// A local directory.
     Path { path: String },
+    /// A commit of a git repository; `ref` is the branch or tag it was
+    /// found through (`None`: any ref may hold it).
+    Git {
+        url: String,
+        rev: String,
+        #[serde(rename = "ref")]
+        git_ref: Option<String>,
+    },
+    /// The current state of a nixpkgs channel.
+    Channel { name: String },
+    /// A nixpkgs commit.
+    Commit { rev: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -55,6 +69,8 @@ pub struct ResolveRequest {
     pub source: SourceArg,
     pub system: String,
     pub packages: Vec<String>,
+    /// Added to every image when the package set has them; no error if not.
+    pub implicit: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

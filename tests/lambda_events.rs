@@ -14,7 +14,10 @@ use lambda_http::tower::Service;
 use lambda_http::{Adapter, Context, LambdaEvent};
 use nixery::build::local::LocalDispatch;
 use nixery::build::Builder;
-use nixery::config::{PackageSource, DEFAULT_LAYER_BUDGET};
+use nixery::config::Config;
+use nixery::popularity::Popularity;
+use nixery::source::Sources;
+use std::collections::HashMap;
 use nixery::nix::Nix;
 use nixery::registry::{router, AppState};
 use nixery::storage::S3Storage;
@@ -45,12 +48,21 @@ async fn function_url_and_api_gateway_events() {
         let status = reqwest::get(builder.url("/v2/shell/hello/manifests/latest")).await.unwrap().status();
         assert_eq!(status, 200);
     }
-    let storage = Arc::new(S3Storage::new(s3.client().await, BUCKET, "", Duration::from_secs(900)));
+    let storage: Arc<dyn nixery::storage::Storage> = Arc::new(S3Storage::new(s3.client().await, BUCKET, "", Duration::from_secs(900)));
+    // The settings the building server had: nothing set but the package set.
+    let defaults = Config::from_vars(&HashMap::from([
+        ("NIXERY_PKGS_PATH".to_string(), fixture_pkgs().to_string_lossy().into_owned()),
+        ("STORAGE_PATH".to_string(), "/unused".to_string()),
+    ]))
+    .unwrap();
+    let builder = Builder::new(Nix::new(Duration::from_secs(60)), storage.clone(), Arc::new(Popularity::none()));
     let state = AppState {
-        storage: storage.clone(),
-        dispatch: Arc::new(LocalDispatch::new(Builder::new(Nix::new(Duration::from_secs(60)), storage))),
-        source: PackageSource::Path(fixture_pkgs().canonicalize().unwrap()),
-        layer_budget: DEFAULT_LAYER_BUDGET,
+        storage,
+        dispatch: Arc::new(LocalDispatch::new(builder)),
+        sources: Arc::new(Sources::new(defaults.source, defaults.tag_ttl)),
+        layer_budget: defaults.layer_budget,
+        implicit_packages: defaults.implicit_packages,
+        activity: Arc::default(),
     };
 
     // GET manifest by tag, with containerd's ?ns= query.

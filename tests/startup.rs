@@ -26,7 +26,7 @@ fn bad_settings_stop_the_start_naming_the_variable() {
     let storage = tempfile::tempdir().unwrap();
     let storage = storage.path().to_str().unwrap();
     let cases: [(&[(&str, &str)], &str); 5] = [
-        (&[("STORAGE_PATH", storage)], "NIXERY_PKGS_PATH"),
+        (&[("STORAGE_PATH", storage), ("NIXERY_PKGS_PATH", pkgs), ("NIXERY_PKGS_REPO", "/repo")], "NIXERY_PKGS_REPO"),
         (&[("NIXERY_PKGS_PATH", pkgs)], "STORAGE_PATH"),
         (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("PORT", "eighty")], "PORT"),
         (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("NIX_TIMEOUT", "-1")], "NIX_TIMEOUT"),

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use nixery::build::local::LocalDispatch;
 use nixery::build::Builder;
-use nixery::config::Config;
+use nixery::config::{Config, StorageConfig};
+use nixery::popularity::Popularity;
+use nixery::source::Sources;
 use nixery::nix::Nix;
 use nixery::registry::{self, AppState};
 use tracing_subscriber::EnvFilter;
@@ -61,13 +63,29 @@ fn main() -> anyhow::Result<()> {
 /// Everything the router shares, built once.
 async fn state(config: &Config) -> anyhow::Result<AppState> {
     let storage = nixery::storage::open(&config.storage).await.context("opening storage")?;
-    let builder = Builder::new(Nix::new(config.nix_timeout), storage.clone());
+    let popularity = Arc::new(popularity(config).await?);
+    let builder = Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity);
     Ok(AppState {
         storage,
         dispatch: Arc::new(LocalDispatch::new(builder)),
-        source: config.source.clone(),
+        sources: Arc::new(Sources::new(config.source.clone(), config.tag_ttl)),
         layer_budget: config.layer_budget,
+        implicit_packages: config.implicit_packages.clone(),
+        activity: Arc::default(),
     })
+}
+
+/// Popularity data from `NIX_POPULARITY_URL`, or equal weights.
+async fn popularity(config: &Config) -> anyhow::Result<Popularity> {
+    let Some(url) = &config.popularity_url else { return Ok(Popularity::none()) };
+    let endpoint = match &config.storage {
+        StorageConfig::S3 { endpoint, .. } => endpoint.as_deref(),
+        StorageConfig::Filesystem { .. } => None,
+    };
+    let bytes = nixery::fetch::fetch(url, endpoint).await.context("loading popularity data (NIX_POPULARITY_URL)")?;
+    let popularity = Popularity::parse(&bytes).context("parsing popularity data (NIX_POPULARITY_URL)")?;
+    tracing::info!(url, entries = popularity.len(), "popularity data loaded");
+    Ok(popularity)
 }
 
 async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {

@@ -20,13 +20,14 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::PackageSource;
 use crate::customisation::{customise, CustomisationError};
 use crate::image::{Arch, ImageSpec};
 use crate::layers::{self, Layer};
 use crate::manifest::{self, Descriptor, ImageConfig, Manifest};
 use crate::nix::{Nix, NixError, ResolveRequest, SourceArg};
 use crate::pack::{self, PackError, Packed};
+use crate::popularity::Popularity;
+use crate::source::Resolved;
 use crate::storage::{self, Storage, StorageError};
 
 /// Bumped whenever the bytes of images built from the same inputs change.
@@ -41,33 +42,40 @@ pub struct BuildRequest {
     pub architecture: String,
     pub source: SourceArg,
     pub layer_budget: usize,
+    /// Packages added to every image when the package set has them.
+    #[serde(default)]
+    pub implicit: Vec<String>,
+    /// A stored image built before this time (Unix seconds) is stale: its
+    /// source has moved on since.
+    #[serde(default)]
+    pub not_before: u64,
 }
 
 impl BuildRequest {
-    /// The request for an image spec: packages (sorted), architecture and
-    /// the package source all go into the key.
-    pub fn new(spec: &ImageSpec, source: &PackageSource, layer_budget: usize) -> BuildRequest {
-        let source = match source {
-            PackageSource::Path(path) => SourceArg::Path { path: path.to_string_lossy().into_owned() },
-        };
+    /// The request for an image spec: packages (sorted), architecture, the
+    /// resolved package source and the implicit packages all go into the key.
+    pub fn new(spec: &ImageSpec, source: &Resolved, layer_budget: usize, implicit: &[String]) -> BuildRequest {
         let packages: Vec<String> = spec.packages.iter().cloned().collect();
-        let image_key = image_key(&packages, spec.arch, &source, layer_budget);
+        let image_key = image_key(&packages, spec.arch, &source.arg, layer_budget, implicit);
         BuildRequest {
             image_key,
             packages,
             system: spec.arch.nix_system().to_string(),
             architecture: spec.arch.oci_name().to_string(),
-            source,
+            source: source.arg.clone(),
             layer_budget,
+            implicit: implicit.to_vec(),
+            not_before: 0,
         }
     }
 }
 
 /// The storage key of an image: a hash of everything that decides its bytes.
-pub fn image_key(packages: &[String], arch: Arch, source: &SourceArg, layer_budget: usize) -> String {
+pub fn image_key(packages: &[String], arch: Arch, source: &SourceArg, layer_budget: usize, implicit: &[String]) -> String {
     let canonical = serde_json::json!({
         "format": IMAGE_FORMAT,
         "packages": packages,
+        "implicit": implicit,
         "system": arch.nix_system(),
         "source": source,
         "layerBudget": layer_budget,
@@ -145,18 +153,21 @@ fn hex_of(digest: &str) -> &str {
 pub struct Builder {
     nix: Nix,
     storage: Arc<dyn Storage>,
+    popularity: Arc<Popularity>,
 }
 
 impl Builder {
-    pub fn new(nix: Nix, storage: Arc<dyn Storage>) -> Builder {
-        Builder { nix, storage }
+    pub fn new(nix: Nix, storage: Arc<dyn Storage>, popularity: Arc<Popularity>) -> Builder {
+        Builder { nix, storage, popularity }
     }
 
     /// Builds one image, or returns the record if it is already built.
     pub async fn build(&self, request: &BuildRequest) -> Result<ImageRecord, BuildError> {
         let key = storage::image_key(&request.image_key);
         if let Some(record) = read_record::<ImageRecord>(&*self.storage, &key).await? {
-            return Ok(record);
+            if record.built_at >= request.not_before {
+                return Ok(record);
+            }
         }
         let started = Instant::now();
         let image = request.image_key.as_str();
@@ -189,6 +200,7 @@ impl Builder {
                 source: request.source.clone(),
                 system: request.system.clone(),
                 packages: request.packages.clone(),
+                implicit: request.implicit.clone(),
             })
             .await?;
         tracing::info!(image, step = "resolve", elapsed_ms = step.elapsed().as_millis() as u64, unknown = ?resolved.unknown);
@@ -203,7 +215,7 @@ impl Builder {
         let step = Instant::now();
         let outputs: Vec<String> = resolved.packages.iter().flat_map(|p| p.paths.iter().cloned()).collect();
         let closure = self.nix.closure(&outputs).await?;
-        let groups = layers::group(&closure, &outputs, &crate::popularity::Popularity::none(), request.layer_budget);
+        let groups = layers::group(&closure, &outputs, &self.popularity, request.layer_budget);
         tracing::info!(image, step = "layering", elapsed_ms = step.elapsed().as_millis() as u64, paths = closure.len(), layers = groups.len());
 
         let step = Instant::now();
@@ -354,11 +366,17 @@ mod tests {
     fn keys_cover_arch_source_and_packages() {
         let src = SourceArg::Path { path: "/pkgs".into() };
         let pk = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let base = image_key(&pk(&["hello"]), Arch::Amd64, &src, 94);
-        assert_eq!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 94));
-        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Arm64, &src, 94));
-        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &SourceArg::Path { path: "/other".into() }, 94));
-        assert_ne!(base, image_key(&pk(&["hello", "jq"]), Arch::Amd64, &src, 94));
-        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 10));
+        let base = image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]);
+        assert_eq!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]));
+        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Arm64, &src, 94, &[]));
+        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &SourceArg::Path { path: "/other".into() }, 94, &[]));
+        assert_ne!(base, image_key(&pk(&["hello", "jq"]), Arch::Amd64, &src, 94, &[]));
+        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 10, &[]));
+        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &pk(&["cacert"])));
+        let commit = |rev: &str| SourceArg::Git { url: "/r".into(), rev: rev.into(), git_ref: None };
+        assert_ne!(
+            image_key(&pk(&["hello"]), Arch::Amd64, &commit("a"), 94, &[]),
+            image_key(&pk(&["hello"]), Arch::Amd64, &commit("b"), 94, &[])
+        );
     }
 }

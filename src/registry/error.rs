@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::build::BuildError;
 use crate::image::NameError;
 use crate::nix::NixError;
+use crate::source::SourceError;
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub enum RegistryError {
     Build(Arc<BuildError>),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
 }
 
 impl RegistryError {
@@ -86,6 +89,15 @@ impl RegistryError {
                 ),
             },
             Storage(_) => unavailable(),
+            Source(SourceError::UnknownRef { tag, .. }) => {
+                (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", self.to_string(), json!({ "tag": tag }))
+            }
+            Source(SourceError::Git { .. }) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the package source could not be read; try again shortly".to_string(),
+                Value::Null,
+            ),
         }
     }
 }

@@ -31,13 +31,29 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
         NameError::BadTag { .. } => RegistryError::TagInvalid(e),
         other => RegistryError::NameInvalid(other),
     })?;
-    let request = BuildRequest::new(&spec, &state.source, state.layer_budget);
+    let resolved = state.sources.resolve(reference).await?;
+    let mut request = BuildRequest::new(&spec, &resolved, state.layer_budget, &state.implicit_packages);
     let record_key = storage::image_key(&request.image_key);
+    let now = unix_now();
+    let fresh = |record: &ImageRecord| !resolved.moving || record.built_at + state.sources.ttl().as_secs() > now;
     let record = match read_record::<ImageRecord>(&*state.storage, &record_key).await {
-        Ok(Some(record)) => record,
-        Ok(None) => {
-            tracing::info!(image = %request.image_key, spec = %spec, "image not stored yet; building");
-            state.dispatch.build(request).await.map_err(RegistryError::Build)?
+        Ok(Some(record)) if fresh(&record) => record,
+        Ok(stale) => {
+            if stale.is_some() {
+                // A moving source: anything built before the TTL is stale.
+                request.not_before = now.saturating_sub(state.sources.ttl().as_secs());
+            }
+            tracing::info!(image = %request.image_key, spec = %spec, stale = stale.is_some(), "building");
+            match state.dispatch.build(request).await {
+                Ok(record) => {
+                    state.activity.built(&spec, &record);
+                    record
+                }
+                Err(error) => {
+                    state.activity.failed(&spec, &error.to_string());
+                    return Err(RegistryError::Build(error));
+                }
+            }
         }
         Err(e) => return Err(RegistryError::Build(std::sync::Arc::new(e))),
     };
@@ -48,6 +64,10 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
         .await?
         .ok_or_else(|| RegistryError::ManifestUnknown { reference: record.manifest_digest.clone() })?;
     Ok(manifest_response(bytes, &record.manifest_digest, &record.media_type, head))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn manifest_response(bytes: Bytes, digest: &str, media_type: &str, head: bool) -> Response {

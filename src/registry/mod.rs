@@ -8,14 +8,17 @@
 //! | `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>` | a layer or config (bytes, or a redirect to them) |
 //! | `GET /v2/<name>/tags/list` | the tags that can be pulled |
 //! | anything that writes | 405 `UNSUPPORTED` |
+//! | `GET /` | a landing page: how to pull, the source, recent builds and errors |
 //!
 //! Repository names contain slashes, so requests under `/v2/` are routed by
 //! splitting the path from the right (`.../manifests/<reference>`); query
 //! strings (containerd's `?ns=`) play no part. [`router`] returns the whole
 //! API as one value, served by [`serve`] on a listener (local mode, tests).
 
+pub mod activity;
 mod blobs;
 pub mod error;
+mod landing;
 mod manifests;
 
 use std::future::Future;
@@ -32,8 +35,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::build::Dispatch;
-use crate::config::PackageSource;
+use crate::source::Sources;
 use crate::storage::Storage;
+use activity::Activity;
 pub use error::RegistryError;
 
 pub const API_VERSION_HEADER: HeaderName = HeaderName::from_static("docker-distribution-api-version");
@@ -44,13 +48,17 @@ pub const DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-di
 pub struct AppState {
     pub storage: Arc<dyn Storage>,
     pub dispatch: Arc<dyn Dispatch>,
-    pub source: PackageSource,
+    pub sources: Arc<Sources>,
     pub layer_budget: usize,
+    pub implicit_packages: Vec<String>,
+    /// Recent builds and errors, for the landing page.
+    pub activity: Arc<Activity>,
 }
 
 /// The whole registry API.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(landing::page))
         .route("/v2", get(base))
         .route("/v2/", get(base))
         .route("/v2/{*rest}", any(v2))
