@@ -3,6 +3,7 @@
 //! elsewhere it listens on 127.0.0.1:$PORT. Settings come from the
 //! environment; see the README's configuration table.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -11,17 +12,23 @@ use nixery::build::Builder;
 use nixery::config::{Config, StorageConfig};
 use nixery::popularity::Popularity;
 use nixery::source::Sources;
-use nixery::nix::Nix;
+use nixery::nix::{Nix, ResolveRequest};
 use nixery::registry::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: nixery serve
+       nixery popularity PACKAGE...
 
-Runs the registry on 127.0.0.1:$PORT (or $NIXERY_LISTEN), or as an AWS
-Lambda function when AWS_LAMBDA_RUNTIME_API is set. Images are stored in
-$NIXERY_STORAGE_BACKEND storage and built with the local Nix from the
-package set at $NIXERY_PKGS_PATH. Logs go to stderr (RUST_LOG sets the
-level).";
+serve: runs the registry on 127.0.0.1:$PORT (or $NIXERY_LISTEN), or as an
+AWS Lambda function when AWS_LAMBDA_RUNTIME_API is set. Images are stored
+in $NIXERY_STORAGE_BACKEND storage and built with the local Nix from the
+configured package source.
+
+popularity: builds the given packages of the configured source and prints
+popularity data for NIX_POPULARITY_URL (Nixery's format) on stdout.
+
+Settings come from the environment (see the README). Logs go to stderr
+(RUST_LOG sets the level).";
 
 /// Set by the Lambda runtime in every function's environment.
 const LAMBDA_RUNTIME_API: &str = "AWS_LAMBDA_RUNTIME_API";
@@ -29,10 +36,14 @@ const LAMBDA_RUNTIME_API: &str = "AWS_LAMBDA_RUNTIME_API";
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let in_lambda = std::env::var_os(LAMBDA_RUNTIME_API).is_some();
+    let mut popularity_of = None;
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve"] => {}
         // The Lambda runtime starts the bootstrap binary without arguments.
         [] if in_lambda => {}
+        ["popularity", packages @ ..] if !packages.is_empty() => {
+            popularity_of = Some(packages.iter().map(|p| p.to_string()).collect::<Vec<_>>());
+        }
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             return Ok(());
@@ -47,9 +58,21 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(!in_lambda && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = Config::from_env()?;
+    let config = if popularity_of.is_some() {
+        // Computing popularity stores nothing: storage settings may be absent.
+        let mut vars: HashMap<String, String> = std::env::vars().collect();
+        vars.entry(nixery::config::STORAGE_PATH.to_string()).or_insert_with(|| "/unused".to_string());
+        Config::from_vars(&vars)?
+    } else {
+        Config::from_env()?
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
+        if let Some(packages) = popularity_of {
+            let popularity = compute_popularity(&config, packages).await?;
+            println!("{}", popularity.to_json());
+            return Ok(());
+        }
         let state = state(&config).await?;
         if in_lambda {
             tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
@@ -73,6 +96,29 @@ async fn state(config: &Config) -> anyhow::Result<AppState> {
         implicit_packages: config.implicit_packages.clone(),
         activity: Arc::default(),
     })
+}
+
+/// Builds each package and counts references over their closures.
+async fn compute_popularity(config: &Config, packages: Vec<String>) -> anyhow::Result<Popularity> {
+    let nix = Nix::new(config.nix_timeout);
+    let sources = Sources::new(config.source.clone(), config.tag_ttl);
+    let source = sources.resolve("latest").await?.arg;
+    let mut closures = Vec::new();
+    for package in packages {
+        let request = ResolveRequest {
+            source: source.clone(),
+            system: "x86_64-linux".to_string(),
+            packages: vec![package.clone()],
+            implicit: vec![],
+        };
+        let resolved = nix.resolve(&request).await?;
+        anyhow::ensure!(resolved.unknown.is_empty(), "unknown package: {package}");
+        nix.realise(&resolved.packages).await?;
+        let paths: Vec<String> = resolved.packages.iter().flat_map(|p| p.paths.clone()).collect();
+        closures.push(nix.closure(&paths).await?);
+        tracing::info!(package, "closure read");
+    }
+    Ok(Popularity::compute(&closures))
 }
 
 /// Popularity data from `NIX_POPULARITY_URL`, or equal weights.

@@ -219,7 +219,7 @@ impl Builder {
         tracing::info!(image, step = "layering", elapsed_ms = step.elapsed().as_millis() as u64, paths = closure.len(), layers = groups.len());
 
         let step = Instant::now();
-        let (mut descriptors, mut diff_ids, stats) = self.store_layers(image, groups).await?;
+        let (mut descriptors, mut diff_ids, mut stats) = self.store_layers(image, groups).await?;
         tracing::info!(image, step = "layers", elapsed_ms = step.elapsed().as_millis() as u64, new = stats.new, reused = stats.reused);
 
         let step = Instant::now();
@@ -234,7 +234,14 @@ impl Builder {
             })
             .await
             .map_err(|e| BuildError::Task(e.to_string()))??;
-            self.storage.put_file(&storage::blob_key(hex_of(&packed.digest)), &out).await?;
+            let blob = storage::blob_key(hex_of(&packed.digest));
+            if self.storage.head(&blob).await? == Some(packed.size) {
+                stats.reused += 1;
+            } else {
+                stats.new += 1;
+                stats.bytes_new += packed.size;
+            }
+            self.storage.put_file(&blob, &out).await?;
             (custom, packed)
         };
         descriptors.push(layer_descriptor(&packed));

@@ -41,7 +41,7 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
         Ok(stale) => {
             if stale.is_some() {
                 // A moving source: anything built before the TTL is stale.
-                request.not_before = now.saturating_sub(state.sources.ttl().as_secs());
+                request.not_before = (now + 1).saturating_sub(state.sources.ttl().as_secs());
             }
             tracing::info!(image = %request.image_key, spec = %spec, stale = stale.is_some(), "building");
             match state.dispatch.build(request).await {
