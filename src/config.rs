@@ -22,6 +22,12 @@
 //! | `NIXERY_PRESIGN_SECONDS` | `3600` | lifetime of presigned blob URLs |
 //! | `NIX_TIMEOUT` | `600` | seconds one Nix command may run before it is stopped |
 //! | `NIXERY_LAYER_BUDGET` | `94` | most layers for the packages (the customisation layer comes on top) |
+//! | `NIXERY_BUILDER` | `local` | `local`: build in-process with the local Nix; `sqs`: send builds to workers |
+//! | `NIXERY_QUEUE_URL` | (required for `sqs` and workers) | the build queue |
+//! | `NIXERY_SQS_ENDPOINT` | AWS | any SQS-compatible server |
+//! | `NIXERY_BUILD_TIMEOUT` | `840` | seconds a pull waits for a build (below Lambda's 900 s limit) |
+//! | `NIXERY_FAILURE_TTL` | `60` | seconds a failed build is remembered before it is tried again |
+//! | `NIXERY_HEARTBEAT_SECONDS` | `10` | how often a worker reports progress; six silent intervals mean it died |
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,9 +50,21 @@ pub const NIXERY_S3_ENDPOINT: &str = "NIXERY_S3_ENDPOINT";
 pub const NIXERY_PRESIGN_SECONDS: &str = "NIXERY_PRESIGN_SECONDS";
 pub const NIX_TIMEOUT: &str = "NIX_TIMEOUT";
 pub const NIXERY_LAYER_BUDGET: &str = "NIXERY_LAYER_BUDGET";
+pub const NIXERY_BUILDER: &str = "NIXERY_BUILDER";
+pub const NIXERY_QUEUE_URL: &str = "NIXERY_QUEUE_URL";
+pub const NIXERY_SQS_ENDPOINT: &str = "NIXERY_SQS_ENDPOINT";
+pub const NIXERY_BUILD_TIMEOUT: &str = "NIXERY_BUILD_TIMEOUT";
+pub const NIXERY_FAILURE_TTL: &str = "NIXERY_FAILURE_TTL";
+pub const NIXERY_HEARTBEAT_SECONDS: &str = "NIXERY_HEARTBEAT_SECONDS";
 
 /// Every variable this module reads.
-pub const ALL_VARIABLES: [&str; 16] = [
+pub const ALL_VARIABLES: [&str; 22] = [
+    NIXERY_BUILDER,
+    NIXERY_QUEUE_URL,
+    NIXERY_SQS_ENDPOINT,
+    NIXERY_BUILD_TIMEOUT,
+    NIXERY_FAILURE_TTL,
+    NIXERY_HEARTBEAT_SECONDS,
     PORT,
     NIXERY_LISTEN,
     NIXERY_PKGS_PATH,
@@ -72,6 +90,10 @@ const DEFAULT_TAG_TTL_SECS: u64 = 6 * 3600;
 /// As in Nixery: certificates and /etc/services in every image.
 const DEFAULT_IMPLICIT_PACKAGES: [&str; 2] = ["cacert", "iana-etc"];
 const DEFAULT_NIX_TIMEOUT_SECS: u64 = 600;
+/// Lambda stops a function after at most 900 s; a minute of margin lets
+/// the waiting pull answer "still building" before that.
+const DEFAULT_BUILD_TIMEOUT_SECS: u64 = 840;
+const DEFAULT_FAILURE_TTL_SECS: u64 = 60;
 /// Presigned URLs are checked when a download starts, not while it runs, so
 /// the lifetime only has to cover the time from the redirect to the
 /// client's (possibly retried or resumed) request. An hour leaves room for
@@ -99,6 +121,22 @@ pub enum ConfigError {
 pub enum StorageConfig {
     Filesystem { root: PathBuf },
     S3 { bucket: String, prefix: String, endpoint: Option<String>, presign_ttl: Duration },
+}
+
+/// How builds are run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuilderConfig {
+    /// In this process, with the local Nix.
+    Local,
+    /// By workers, through a queue.
+    Sqs,
+}
+
+/// The build queue, for the `sqs` builder and for workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub url: String,
+    pub endpoint: Option<String>,
 }
 
 /// Where packages come from.
@@ -132,6 +170,12 @@ pub struct Config {
     pub tag_ttl: Duration,
     pub implicit_packages: Vec<String>,
     pub popularity_url: Option<String>,
+    pub builder: BuilderConfig,
+    /// Set when `NIXERY_QUEUE_URL` is (required by `sqs` and workers).
+    pub queue: Option<QueueConfig>,
+    pub build_timeout: Duration,
+    pub failure_ttl: Duration,
+    pub heartbeat: Duration,
 }
 
 impl Config {
@@ -265,7 +309,53 @@ impl Config {
             },
         };
 
-        Ok(Config { listen, source, storage, nix_timeout, layer_budget, tag_ttl, implicit_packages, popularity_url })
+        let queue = match get(NIXERY_QUEUE_URL) {
+            None => None,
+            Some(url) => {
+                let endpoint = get(NIXERY_SQS_ENDPOINT).map(str::to_string);
+                if let Some(e) = endpoint.as_deref().filter(|e| !e.starts_with("http://") && !e.starts_with("https://")) {
+                    return Err(invalid(NIXERY_SQS_ENDPOINT, e, "must be an http:// or https:// URL"));
+                }
+                Some(QueueConfig { url: url.to_string(), endpoint })
+            }
+        };
+        let builder = match get(NIXERY_BUILDER).unwrap_or("local") {
+            "local" => BuilderConfig::Local,
+            "sqs" if queue.is_none() => {
+                return Err(ConfigError::Missing { var: NIXERY_QUEUE_URL, hint: "the sqs builder sends builds to this queue" })
+            }
+            "sqs" => BuilderConfig::Sqs,
+            other => return Err(invalid(NIXERY_BUILDER, other, "supported builders are `local` and `sqs`")),
+        };
+        let seconds = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            match get(var) {
+                None => Ok(Duration::from_secs(default)),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(0) => Err(invalid(var, v, "must be at least 1 second")),
+                    Ok(n) => Ok(Duration::from_secs(n)),
+                    Err(e) => Err(invalid(var, v, e)),
+                },
+            }
+        };
+        let build_timeout = seconds(NIXERY_BUILD_TIMEOUT, DEFAULT_BUILD_TIMEOUT_SECS)?;
+        let failure_ttl = seconds(NIXERY_FAILURE_TTL, DEFAULT_FAILURE_TTL_SECS)?;
+        let heartbeat = seconds(NIXERY_HEARTBEAT_SECONDS, crate::build::status::DEFAULT_HEARTBEAT_SECS)?;
+
+        Ok(Config {
+            listen,
+            source,
+            storage,
+            nix_timeout,
+            layer_budget,
+            tag_ttl,
+            implicit_packages,
+            popularity_url,
+            builder,
+            queue,
+            build_timeout,
+            failure_ttl,
+            heartbeat,
+        })
     }
 }
 
@@ -339,6 +429,12 @@ mod tests {
             (vec![(STORAGE_PATH, "/x"), (NIXERY_TAG_TTL, "soon")], NIXERY_TAG_TTL),
             (vec![(STORAGE_PATH, "/x"), (NIX_POPULARITY_URL, "ftp://x")], NIX_POPULARITY_URL),
             (vec![(STORAGE_PATH, "/x"), (NIXERY_IMPLICIT_PACKAGES, "cacert;rm")], NIXERY_IMPLICIT_PACKAGES),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_BUILDER, "sqs")], NIXERY_QUEUE_URL),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_BUILDER, "lambda")], NIXERY_BUILDER),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_QUEUE_URL, "http://q"), (NIXERY_SQS_ENDPOINT, "q:1")], NIXERY_SQS_ENDPOINT),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_BUILD_TIMEOUT, "0")], NIXERY_BUILD_TIMEOUT),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_FAILURE_TTL, "x")], NIXERY_FAILURE_TTL),
+            (vec![(STORAGE_PATH, "/x"), (NIXERY_HEARTBEAT_SECONDS, "-1")], NIXERY_HEARTBEAT_SECONDS),
             (vec![(NIXERY_PKGS_PATH, "/nonexistent"), (STORAGE_PATH, "/x")], NIXERY_PKGS_PATH),
             (vec![(NIXERY_PKGS_PATH, p)], STORAGE_PATH),
             (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (PORT, "http")], PORT),

@@ -156,6 +156,15 @@ impl Nix {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        // SAFETY: prctl(2) is async-signal-safe and only sets a flag of the
+        // child. If this process dies (a worker killed mid-build), Nix dies
+        // with it instead of building on unowned.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = command.spawn().map_err(|source| NixError::Spawn { command: name, source })?;
         let pid = child.id();
         let mut stdout = child.stdout.take().expect("stdout is piped");
@@ -209,11 +218,19 @@ fn kill_group(pid: u32) {
 }
 
 /// The part of Nix's stderr that says what went wrong: from the first
-/// `error:` line on (or the last lines if there is none), bounded.
+/// `error:` line on, then the last lines a failed builder printed before it
+/// (legacy Nix commands print build output as it comes), bounded.
 fn error_message(stderr: &[String]) -> String {
     let start = stderr.iter().position(|l| l.trim_start().starts_with("error")).unwrap_or(stderr.len().saturating_sub(10));
     let text: Vec<&str> = stderr[start..].iter().map(|l| l.trim()).filter(|l| !l.is_empty()).collect();
     let mut text = text.join("\n");
+    let noise = |l: &str| l.is_empty() || l.starts_with("building '") || l.starts_with("these ") || l.starts_with("warning:") || l.starts_with("/nix/store/");
+    let output: Vec<&str> = stderr[..start].iter().map(|l| l.trim()).filter(|l| !noise(l)).collect();
+    if !output.is_empty() && !text.contains("log lines") {
+        let tail = &output[output.len().saturating_sub(10)..];
+        text.push_str("\nlast log lines:\n");
+        text.push_str(&tail.join("\n"));
+    }
     if text.is_empty() {
         text = "no error output".to_string();
     }
@@ -298,6 +315,11 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         assert_eq!(error_message(&lines), "error: builder failed\n> oops");
+        let legacy: Vec<String> = ["building '/nix/store/x.drv'...", "compiling", "it broke", "error: builder for x failed"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(error_message(&legacy), "error: builder for x failed\nlast log lines:\ncompiling\nit broke");
         let long = vec!["error: ".to_string() + &"é".repeat(5000)];
         assert!(error_message(&long).len() <= MAX_MESSAGE + 10);
     }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use nixery::build::local::LocalDispatch;
-use nixery::build::Builder;
-use nixery::config::{Config, StorageConfig};
+use nixery::build::queue::{sqs_client, SqsDispatch, Timings, Worker};
+use nixery::build::{Builder, Dispatch};
+use nixery::config::{BuilderConfig, Config, StorageConfig};
 use nixery::popularity::Popularity;
 use nixery::source::Sources;
 use nixery::nix::{Nix, ResolveRequest};
@@ -17,12 +18,16 @@ use nixery::registry::{self, AppState};
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: nixery serve
+       nixery worker
        nixery popularity PACKAGE...
 
 serve: runs the registry on 127.0.0.1:$PORT (or $NIXERY_LISTEN), or as an
 AWS Lambda function when AWS_LAMBDA_RUNTIME_API is set. Images are stored
 in $NIXERY_STORAGE_BACKEND storage and built with the local Nix from the
 configured package source.
+
+worker: takes builds from the queue at $NIXERY_QUEUE_URL and runs them with
+the local Nix, writing images to the configured storage.
 
 popularity: builds the given packages of the configured source and prints
 popularity data for NIX_POPULARITY_URL (Nixery's format) on stdout.
@@ -37,8 +42,10 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let in_lambda = std::env::var_os(LAMBDA_RUNTIME_API).is_some();
     let mut popularity_of = None;
+    let mut worker = false;
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve"] => {}
+        ["worker"] => worker = true,
         // The Lambda runtime starts the bootstrap binary without arguments.
         [] if in_lambda => {}
         ["popularity", packages @ ..] if !packages.is_empty() => {
@@ -73,6 +80,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}", popularity.to_json());
             return Ok(());
         }
+        if worker {
+            return run_worker(&config).await;
+        }
         let state = state(&config).await?;
         if in_lambda {
             tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
@@ -86,16 +96,40 @@ fn main() -> anyhow::Result<()> {
 /// Everything the router shares, built once.
 async fn state(config: &Config) -> anyhow::Result<AppState> {
     let storage = nixery::storage::open(&config.storage).await.context("opening storage")?;
-    let popularity = Arc::new(popularity(config).await?);
-    let builder = Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity);
+    let dispatch: Arc<dyn Dispatch> = match (&config.builder, &config.queue) {
+        (BuilderConfig::Sqs, Some(queue)) => {
+            let sqs = sqs_client(queue.endpoint.as_deref()).await;
+            Arc::new(SqsDispatch::new(storage.clone(), sqs, queue.url.clone(), timings(config)))
+        }
+        _ => {
+            let popularity = Arc::new(popularity(config).await?);
+            Arc::new(LocalDispatch::new(Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity)))
+        }
+    };
     Ok(AppState {
         storage,
-        dispatch: Arc::new(LocalDispatch::new(builder)),
+        dispatch,
         sources: Arc::new(Sources::new(config.source.clone(), config.tag_ttl)),
         layer_budget: config.layer_budget,
         implicit_packages: config.implicit_packages.clone(),
         activity: Arc::default(),
     })
+}
+
+fn timings(config: &Config) -> Timings {
+    Timings { build_timeout: config.build_timeout, heartbeat: config.heartbeat, failure_ttl: config.failure_ttl }
+}
+
+/// `nixery worker`: builds from the queue until SIGTERM.
+async fn run_worker(config: &Config) -> anyhow::Result<()> {
+    let queue = config.queue.as_ref().context("NIXERY_QUEUE_URL is not set: a worker takes builds from this queue")?;
+    let storage = nixery::storage::open(&config.storage).await.context("opening storage")?;
+    let popularity = Arc::new(popularity(config).await?);
+    let builder = Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity);
+    let sqs = sqs_client(queue.endpoint.as_deref()).await;
+    let worker = Worker::new(builder, storage, sqs, queue.url.clone(), config.heartbeat);
+    worker.run(shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Builds each package and counts references over their closures.

@@ -10,6 +10,8 @@
 //! that leaves no visible image, only reusable layers.
 
 pub mod local;
+pub mod queue;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -17,6 +19,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use tokio::sync::watch;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -121,6 +124,12 @@ pub enum BuildError {
     Record { key: String, source: serde_json::Error },
     #[error("build task failed: {0}")]
     Task(String),
+    #[error("the queue's {operation} failed: {message}")]
+    Queue { operation: &'static str, message: String },
+    #[error("the build failed: {0}")]
+    Failed(String),
+    #[error("the image is still being built{}", .step.as_ref().map(|s| format!(" (at step {s})")).unwrap_or_default())]
+    StillBuilding { step: Option<String> },
 }
 
 /// How the registry gets an image built.
@@ -163,6 +172,11 @@ impl Builder {
 
     /// Builds one image, or returns the record if it is already built.
     pub async fn build(&self, request: &BuildRequest) -> Result<ImageRecord, BuildError> {
+        self.build_reporting(request, None).await
+    }
+
+    /// [`Builder::build`], telling `progress` each step as it starts.
+    pub async fn build_reporting(&self, request: &BuildRequest, progress: Option<&watch::Sender<String>>) -> Result<ImageRecord, BuildError> {
         let key = storage::image_key(&request.image_key);
         if let Some(record) = read_record::<ImageRecord>(&*self.storage, &key).await? {
             if record.built_at >= request.not_before {
@@ -172,7 +186,7 @@ impl Builder {
         let started = Instant::now();
         let image = request.image_key.as_str();
         tracing::info!(image, packages = ?request.packages, system = %request.system, "build started");
-        let result = self.run(request).await;
+        let result = self.run(request, progress).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok((record, stats)) => tracing::info!(
@@ -190,8 +204,14 @@ impl Builder {
         result.map(|(record, _)| record)
     }
 
-    async fn run(&self, request: &BuildRequest) -> Result<(ImageRecord, LayerStats), BuildError> {
+    async fn run(&self, request: &BuildRequest, progress: Option<&watch::Sender<String>>) -> Result<(ImageRecord, LayerStats), BuildError> {
         let image = request.image_key.as_str();
+        let report = |step: &str| {
+            if let Some(progress) = progress {
+                progress.send_replace(step.to_string());
+            }
+        };
+        report("resolve");
 
         let step = Instant::now();
         let resolved = self
@@ -208,6 +228,7 @@ impl Builder {
             return Err(BuildError::UnknownPackages(resolved.unknown));
         }
 
+        report("realise");
         let step = Instant::now();
         self.nix.realise(&resolved.packages).await?;
         tracing::info!(image, step = "realise", elapsed_ms = step.elapsed().as_millis() as u64);
@@ -218,6 +239,7 @@ impl Builder {
         let groups = layers::group(&closure, &outputs, &self.popularity, request.layer_budget);
         tracing::info!(image, step = "layering", elapsed_ms = step.elapsed().as_millis() as u64, paths = closure.len(), layers = groups.len());
 
+        report("layers");
         let step = Instant::now();
         let (mut descriptors, mut diff_ids, mut stats) = self.store_layers(image, groups).await?;
         tracing::info!(image, step = "layers", elapsed_ms = step.elapsed().as_millis() as u64, new = stats.new, reused = stats.reused);

@@ -81,6 +81,24 @@ impl RegistryError {
                     Value::Null,
                 ),
                 BuildError::Storage(_) => unavailable(),
+                BuildError::Failed(message) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    format!("building the image failed: {message}"),
+                    Value::Null,
+                ),
+                BuildError::StillBuilding { .. } => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    format!("{e}; the build goes on: pull again in a minute"),
+                    Value::Null,
+                ),
+                BuildError::Queue { .. } => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    "the build queue is unavailable; try again shortly".to_string(),
+                    Value::Null,
+                ),
                 _ => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "UNKNOWN",

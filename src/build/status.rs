@@ -1,0 +1,134 @@
+//! Build status records (`builds/<image-key>`) and the claims that make one
+//! build per image (`builds/<image-key>.<attempt>`).
+//!
+//! Whoever creates the claim object for attempt `n` (a conditional write:
+//! only one can) owns that attempt: it writes the status, and a worker
+//! runs the build and keeps the status's heartbeat fresh. Everybody else
+//! reads the status and waits. When the heartbeat goes silent (the worker
+//! died), the next attempt may be claimed, up to a limit; a failed build is
+//! remembered for the failure TTL, then may be tried again.
+//!
+//! [`decide`] is the whole policy, as a pure function.
+
+use serde::{Deserialize, Serialize};
+
+/// How often a build's status is refreshed, by default.
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
+/// A build whose heartbeat is this many intervals old is presumed dead.
+pub const STALE_HEARTBEATS: u64 = 6;
+/// Attempts of one image (workers that died on it) before it is failed.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Queued,
+    Running,
+    Done,
+    Failed,
+}
+
+/// Why a build failed, as the puller will be told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Failure {
+    UnknownPackages { names: Vec<String> },
+    Build { message: String },
+}
+
+/// `builds/<image-key>`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildStatus {
+    pub state: State,
+    pub attempt: u32,
+    /// The step a running build is at (resolve, realise, layers, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Unix seconds of the last sign of life (or of the failure).
+    pub heartbeat: u64,
+}
+
+/// `builds/<image-key>.<attempt>`: the claim of one attempt.
+pub fn claim_key(image_key: &str, attempt: u32) -> String {
+    format!("builds/{image_key}.{attempt}")
+}
+
+/// `builds/<image-key>`
+pub fn status_key(image_key: &str) -> String {
+    format!("builds/{image_key}")
+}
+
+/// What a puller waiting for an image should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Try to claim this attempt and dispatch the build.
+    Claim(u32),
+    /// A build is under way (or just finished): look again shortly.
+    Wait,
+    /// The build failed recently: report it.
+    Fail(Failure),
+}
+
+/// The policy. `status` is what `builds/<key>` says (if anything); an image
+/// built before `not_before` is stale and must be built again; `now` and
+/// the timings are in seconds.
+pub fn decide(status: Option<&BuildStatus>, now: u64, not_before: u64, heartbeat_secs: u64, failure_ttl: u64) -> Action {
+    let Some(status) = status else { return Action::Claim(1) };
+    let age = now.saturating_sub(status.heartbeat);
+    match status.state {
+        State::Done if status.heartbeat < not_before => Action::Claim(status.attempt + 1),
+        State::Done => Action::Wait,
+        State::Failed if age < failure_ttl => {
+            Action::Fail(status.failure.clone().unwrap_or(Failure::Build { message: "the build failed".into() }))
+        }
+        State::Failed => Action::Claim(status.attempt + 1),
+        State::Queued | State::Running if age < heartbeat_secs * STALE_HEARTBEATS => Action::Wait,
+        State::Queued | State::Running if status.attempt >= MAX_ATTEMPTS => Action::Fail(Failure::Build {
+            message: format!(
+                "the build was abandoned {} times (its worker stopped answering); it is in the dead-letter queue for inspection",
+                status.attempt
+            ),
+        }),
+        State::Queued | State::Running => Action::Claim(status.attempt + 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: State, attempt: u32, heartbeat: u64) -> BuildStatus {
+        BuildStatus { state, attempt, step: None, failure: None, heartbeat }
+    }
+
+    #[test]
+    fn the_policy() {
+        let (hb, ttl) = (10, 60);
+        assert_eq!(decide(None, 1000, 0, hb, ttl), Action::Claim(1));
+        // A live build is waited for; a silent one is taken over ...
+        assert_eq!(decide(Some(&status(State::Running, 1, 990)), 1000, 0, hb, ttl), Action::Wait);
+        assert_eq!(decide(Some(&status(State::Queued, 1, 1000 - 59)), 1000, 0, hb, ttl), Action::Wait);
+        assert_eq!(decide(Some(&status(State::Running, 1, 1000 - 60)), 1000, 0, hb, ttl), Action::Claim(2));
+        // ... until it has been abandoned too often.
+        assert!(matches!(decide(Some(&status(State::Running, MAX_ATTEMPTS, 0)), 1000, 0, hb, ttl), Action::Fail(_)));
+        // Failures are remembered for the TTL, then retried.
+        let mut failed = status(State::Failed, 1, 990);
+        failed.failure = Some(Failure::UnknownPackages { names: vec!["nope".into()] });
+        assert_eq!(decide(Some(&failed), 1000, 0, hb, ttl), Action::Fail(Failure::UnknownPackages { names: vec!["nope".into()] }));
+        assert_eq!(decide(Some(&failed), 1100, 0, hb, ttl), Action::Claim(2));
+        // Done: the image record is what counts, unless it is stale.
+        assert_eq!(decide(Some(&status(State::Done, 1, 0)), 1000, 0, hb, ttl), Action::Wait);
+        assert_eq!(decide(Some(&status(State::Done, 1, 500)), 1000, 900, hb, ttl), Action::Claim(2));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut s = status(State::Failed, 2, 7);
+        s.failure = Some(Failure::Build { message: "builder failed".into() });
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""state":"failed""#) && json.contains(r#""kind":"build""#), "{json}");
+        assert_eq!(serde_json::from_str::<BuildStatus>(&json).unwrap(), s);
+    }
+}

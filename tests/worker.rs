@@ -1,0 +1,211 @@
+//! Builds on workers: the registry (local server mode, S3 storage, SQS
+//! dispatch) hands builds to `nixery worker` processes through a real
+//! SQS-protocol server (moto) and waits for them in storage.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::moto::Moto;
+use common::s3::S3Server;
+use common::{fixture_pkgs, nix_conf_dir, pull_and_unpack, unique, wait_until, Server};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// Everything one test needs: S3, SQS, and the shared settings.
+struct Cluster {
+    s3: S3Server,
+    _moto: Moto,
+    env: Vec<(&'static str, String)>,
+    work: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(extra: &[(&'static str, &str)]) -> Cluster {
+        let s3 = S3Server::start();
+        let moto = Moto::start();
+        let queue = moto.queue(&format!("builds-{}", unique()), 5, 3).await;
+        let mut env = s3.nixery_env();
+        env.extend([
+            ("NIXERY_QUEUE_URL", queue),
+            ("NIXERY_SQS_ENDPOINT", moto.endpoint.clone()),
+            ("NIXERY_HEARTBEAT_SECONDS", "1".to_string()),
+            ("NIXERY_PKGS_PATH", fixture_pkgs().to_string_lossy().into_owned()),
+            ("NIX_CONF_DIR", nix_conf_dir().to_string_lossy().into_owned()),
+            ("NIXERY_FIXTURE_SALT", unique()),
+        ]);
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v.to_string()));
+        }
+        Cluster { s3, _moto: moto, env, work: tempfile::tempdir().unwrap() }
+    }
+
+    fn registry(&self, extra: &[(&str, &str)]) -> Server {
+        let mut env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.push(("NIXERY_BUILDER", "sqs"));
+        env.extend_from_slice(extra);
+        // The registry must not build: no Nix on its PATH.
+        env.push(("PATH", "/nonexistent"));
+        Server::start_with(&self.work.path().join(format!("registry-{}", unique())), &env)
+    }
+
+    fn worker(&self) -> WorkerProcess {
+        let log = self.work.path().join(format!("worker-{}.log", unique()));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        command.arg("worker").env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null());
+        command.stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        WorkerProcess { child: command.spawn().expect("starting nixery worker"), log }
+    }
+
+    /// Status records (`builds/<key>`, not claims), as JSON.
+    fn statuses(&self) -> Vec<Value> {
+        self.s3
+            .keys()
+            .iter()
+            .filter(|k| k.starts_with("builds/") && !k.contains('.'))
+            .filter_map(|k| std::fs::read(self.s3.root.join(common::s3::BUCKET).join(k)).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect()
+    }
+
+    fn images(&self) -> Vec<String> {
+        self.s3.keys().into_iter().filter(|k| k.starts_with("images/")).collect()
+    }
+}
+
+struct WorkerProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl WorkerProcess {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn builds_started(&self) -> usize {
+        self.log().lines().filter(|l| l.contains("build started")).count()
+    }
+    /// SIGKILL, as when a machine dies.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn get(server: &Server, path: &str) -> (StatusCode, String, Value) {
+    let r = reqwest::get(server.url(path)).await.unwrap();
+    let status = r.status();
+    let digest = r.headers().get("docker-content-digest").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = r.json().await.unwrap_or(Value::Null);
+    (status, digest, body)
+}
+
+#[tokio::test]
+async fn fifty_concurrent_pulls_share_one_build() {
+    let cluster = Cluster::start(&[]).await;
+    let registry = cluster.registry(&[]);
+    let workers = [cluster.worker(), cluster.worker()];
+    let pulls = (0..50).map(|_| get(&registry, "/v2/shell/jq/manifests/latest"));
+    let results = futures_util::future::join_all(pulls).await;
+    for (status, _, body) in &results {
+        assert_eq!(*status, StatusCode::OK, "{body}\n{}", registry.log());
+    }
+    let digest = &results[0].1;
+    assert!(results.iter().all(|r| &r.1 == digest));
+    let builds: usize = workers.iter().map(WorkerProcess::builds_started).sum();
+    assert_eq!(builds, 1, "worker logs:\n{}\n{}", workers[0].log(), workers[1].log());
+    let dispatched = registry.log().lines().filter(|l| l.contains("build dispatched")).count();
+    assert_eq!(dispatched, 1);
+    // The finished build's status says so.
+    assert!(cluster.statuses().iter().any(|s| s["state"] == "done"), "{:?}", cluster.statuses());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_build_leaves_nothing_and_another_finishes() {
+    let cluster = Cluster::start(&[("NIXERY_FIXTURE_SLOW_SECONDS", "5")]).await;
+    let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
+    let mut first = cluster.worker();
+
+    let pull = tokio::spawn({
+        let url = registry.url("/v2/shell/slow/manifests/latest");
+        async move { reqwest::get(url).await.unwrap().status() }
+    });
+    // Kill the worker while Nix is building.
+    let building = wait_until(Duration::from_secs(60), || cluster.statuses().iter().any(|s| s["step"] == "realise"));
+    assert!(building, "the build never reached Nix:\n{}", first.log());
+    first.kill();
+    assert!(cluster.images().is_empty(), "an image became visible from a killed build");
+
+    // A new worker gets the message back and finishes the build.
+    let second = cluster.worker();
+    let status = tokio::time::timeout(Duration::from_secs(240), pull).await.expect("the pull never finished").unwrap();
+    assert_eq!(status, StatusCode::OK, "{}\n{}", registry.log(), second.log());
+    assert_eq!(cluster.images().len(), 1);
+    assert!(second.builds_started() >= 1);
+
+    // And the image runs.
+    let rootfs = pull_and_unpack(&registry, "shell/slow:latest", cluster.work.path());
+    assert_eq!(common::chroot_sh(&rootfs, "slow"), "slow done\n");
+}
+
+#[tokio::test]
+async fn unknown_packages_and_failed_builds_reach_the_puller_quickly_and_are_remembered() {
+    let cluster = Cluster::start(&[]).await;
+    let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300"), ("NIXERY_FAILURE_TTL", "300")]);
+    let worker = cluster.worker();
+
+    // A build timeout of 300 s: these answers come from the status record.
+    let (status, _, body) = get(&registry, "/v2/hello/nosuchpkg/manifests/latest").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    assert!(body["errors"][0]["message"].as_str().unwrap().contains("nosuchpkg"));
+
+    let (status, _, body) = get(&registry, "/v2/failing/manifests/latest").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("fixture build failure: this package always fails"), "{message}");
+
+    // Within the failure TTL both are answered again without a new build.
+    let before = worker.builds_started();
+    assert_eq!(before, 2);
+    assert_eq!(get(&registry, "/v2/failing/manifests/latest").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(get(&registry, "/v2/nosuchpkg/hello/manifests/latest").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(worker.builds_started(), before);
+    let failed: Vec<Value> = cluster.statuses().into_iter().filter(|s| s["state"] == "failed").collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+}
+
+#[tokio::test]
+async fn a_build_longer_than_the_timeout_goes_on_and_the_next_pull_finds_it() {
+    let cluster = Cluster::start(&[("NIXERY_FIXTURE_SLOW_SECONDS", "6")]).await;
+    let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "2")]);
+    let worker = cluster.worker();
+
+    let (status, _, body) = get(&registry, "/v2/slow/manifests/latest").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("still being built") && message.contains("pull again"), "{message}");
+
+    let mut found = false;
+    for _ in 0..60 {
+        if get(&registry, "/v2/slow/manifests/latest").await.0 == StatusCode::OK {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "the build never finished:\n{}", worker.log());
+    assert_eq!(worker.builds_started(), 1);
+}
