@@ -57,7 +57,7 @@ fn synthetic_tree(root: &Path, total: u64) {
         std::fs::create_dir_all(&dir).unwrap();
         // Sizes from 100 bytes to ~4 MB, log-distributed.
         let size = 100u64 << (next() % 16);
-        let data: Vec<u8> = if i % 2 == 0 {
+        let data: Vec<u8> = if i.is_multiple_of(2) {
             (0..size).map(|_| next() as u8).collect()
         } else {
             let mut text = Vec::with_capacity(size as usize);

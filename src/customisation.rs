@@ -213,7 +213,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hello = package(dir.path(), "hello", &["bin/hello"]);
         symlink("/nowhere", dir.path().join("hello/bin/dangling")).unwrap();
-        let c = customise(&[hello.clone()], &[hello]).unwrap();
+        let c = customise(std::slice::from_ref(&hello), std::slice::from_ref(&hello)).unwrap();
         assert!(!c.tree.contains_key(Path::new("usr/bin/env")));
         assert!(c.tree.contains_key(Path::new("bin/dangling")));
         assert_eq!(c.cmd, None);

@@ -275,8 +275,11 @@ mod tests {
         symlink(deep.join("long-file-name.txt"), root.join("long-target")).unwrap();
     }
 
-    /// Reads an archive back: name -> (kind, mode, link target, content).
-    fn unpack(layer: &Path) -> Vec<(String, EntryType, u32, Option<String>, Vec<u8>)> {
+    /// name, kind, mode, link target, content
+    type Unpacked = (String, EntryType, u32, Option<String>, Vec<u8>);
+
+    /// Reads an archive back.
+    fn unpack(layer: &Path) -> Vec<Unpacked> {
         let mut archive = tar::Archive::new(GzDecoder::new(File::open(layer).unwrap()));
         archive
             .entries()
