@@ -1,0 +1,48 @@
+# The Nix configuration of the build worker's container image
+# (/etc/nix/nix.conf in nix/worker.nix).
+#
+# Pure: it needs no nixpkgs, so the tests evaluate it and hand the result to
+# a real Nix to check that every setting is known (tests/infra.rs):
+#
+#   nix-instantiate --eval --strict --json --expr "import ./nix/worker-nix-conf.nix { }"
+#
+# The container runs Nix as root without a daemon, on ECS Fargate or any
+# other container host:
+#   - no build users: there is no daemon to drop privileges for, and the
+#     image has no nixbld group;
+#   - no sandbox: Fargate grants no user namespaces or mount privileges. The
+#     worker realises packages from the binary cache and builds only what is
+#     missing there, as root in a throwaway container;
+#   - the official binary cache, so most closures are downloaded, not built.
+{
+  substituters ? [ "https://cache.nixos.org" ],
+  trustedPublicKeys ? [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ],
+  # More settings, e.g. { http-connections = 50; }; they win over the ones below.
+  extraSettings ? { },
+}:
+
+let
+  settings = {
+    build-users-group = "";
+    sandbox = false;
+    inherit substituters;
+    trusted-public-keys = trustedPublicKeys;
+    experimental-features = [ "nix-command" ];
+    # Build and download in parallel, with every core of the task.
+    max-jobs = "auto";
+    cores = 0;
+    # Give up quickly on an unreachable cache or mirror instead of hanging
+    # a build until NIX_TIMEOUT.
+    connect-timeout = 15;
+    # Failed builds quote Nix's log to the client; show enough of it.
+    log-lines = 50;
+  } // extraSettings;
+
+  render = value:
+    if builtins.isBool value then (if value then "true" else "false")
+    else if builtins.isList value then builtins.concatStringsSep " " (map render value)
+    else toString value;
+
+  line = name: "${name} = ${render settings.${name}}\n";
+in
+builtins.concatStringsSep "" (map line (builtins.attrNames settings))

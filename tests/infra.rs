@@ -1,0 +1,566 @@
+//! The deployment: `infra/template.yaml` passes cfn-lint and SAM's own
+//! checks, sets exactly the settings the code reads (the environment
+//! contract below), and the Nix expressions of the worker image parse, with
+//! the parts that need no nixpkgs evaluated and checked by a real Nix.
+//!
+//! Needs cfn-lint and aws-sam-cli (`.ci/setup --test` installs them with pip;
+//! the template is read with cfn-lint's own YAML decoder, which understands
+//! `!Ref`, `!Sub` and friends) and Nix. No AWS account or network.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use nixery::config::ALL_VARIABLES;
+use serde_json::{json, Value};
+
+const TEMPLATE: &str = "infra/template.yaml";
+
+/// Which part of the deployment a variable is set on by the template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetOn {
+    /// The registry function (Lambda) only.
+    Function,
+    /// The build worker (ECS task) only.
+    Worker,
+    /// Both, to the same value.
+    Both,
+    /// Neither: the template must not set it (the reason says why).
+    Neither,
+}
+
+/// The environment contract: every variable the code reads
+/// (`nixery::config::ALL_VARIABLES`), where the template sets it, and why.
+///
+/// The function resolves the package source and decides everything that
+/// goes into an image's key, then sends a BuildRequest that carries it (the
+/// source, the layer budget, the implicit packages); the worker needs only
+/// what it takes requests from and writes to, and how it runs Nix.
+const CONTRACT: &[(&str, SetOn, &str)] = &[
+    // Local mode only.
+    ("PORT", SetOn::Neither, "the local server's port; Lambda has no port"),
+    ("NIXERY_LISTEN", SetOn::Neither, "the local server's address"),
+    ("STORAGE_PATH", SetOn::Neither, "filesystem storage; AWS uses S3"),
+    ("NIXERY_PKGS_PATH", SetOn::Neither, "a local package set; AWS uses a channel or a git repository"),
+    ("NIXERY_S3_ENDPOINT", SetOn::Neither, "S3-compatible servers outside AWS; in AWS the SDK finds S3"),
+    ("NIXERY_SQS_ENDPOINT", SetOn::Neither, "SQS-compatible servers outside AWS (local testing)"),
+    (
+        "NIXERY_S3_PREFIX",
+        SetOn::Neither,
+        "the stack owns its bucket, so keys start at its root; the IAM policies and the lifecycle rule name builds/ and staging/ there",
+    ),
+    // Storage and the queue: both sides.
+    ("NIXERY_STORAGE_BACKEND", SetOn::Both, "s3"),
+    ("NIXERY_S3_BUCKET", SetOn::Both, "the stack's bucket"),
+    ("NIXERY_QUEUE_URL", SetOn::Both, "the function sends build requests, the worker receives them"),
+    (
+        "NIXERY_HEARTBEAT_SECONDS",
+        SetOn::Both,
+        "the worker records progress this often; the function takes six silent intervals for a dead worker",
+    ),
+    // The function: serving, dispatching, and what goes into image keys.
+    ("NIXERY_PRESIGN_SECONDS", SetOn::Function, "blob GETs redirect to presigned URLs"),
+    ("NIXERY_BUILDER", SetOn::Function, "sqs: builds go to the worker"),
+    ("NIXERY_BUILD_TIMEOUT", SetOn::Function, "how long a pull waits for a build, below the function's timeout"),
+    ("NIXERY_FAILURE_TTL", SetOn::Function, "the function reads build status before dispatching again"),
+    ("NIXERY_CHANNEL", SetOn::Function, "the function resolves the source; the request carries it"),
+    ("NIXERY_PKGS_REPO", SetOn::Function, "the function resolves the source; the request carries it"),
+    ("NIXERY_TAG_TTL", SetOn::Function, "the function decides when an image from a moving source is stale"),
+    ("NIXERY_LAYER_BUDGET", SetOn::Function, "part of the image key; the request carries it"),
+    ("NIXERY_IMPLICIT_PACKAGES", SetOn::Function, "part of the image key; the request carries it"),
+    // The worker: running Nix and layering.
+    ("NIX_TIMEOUT", SetOn::Worker, "only the worker runs Nix"),
+    ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
+];
+
+/// Names that look like the code's settings: the template may set other
+/// variables (RUST_LOG), but none of these unless the code reads it.
+fn looks_like_a_setting(name: &str) -> bool {
+    name.starts_with("NIXERY_") || name.starts_with("NIX_") || name.starts_with("STORAGE_") || name == "PORT"
+}
+
+// --- running tools -----------------------------------------------------------
+
+fn repo() -> PathBuf {
+    common::repo()
+}
+
+/// Runs a tool from the repository root; a missing tool fails the test
+/// with what to install.
+fn run_tool(command: &mut Command) -> (Output, std::time::Duration) {
+    let started = Instant::now();
+    command.current_dir(repo()).stdin(Stdio::null());
+    match command.output() {
+        Ok(output) => (output, started.elapsed()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "{:?} is not installed: run `.ci/setup --test` (it installs cfn-lint and aws-sam-cli with pip, and Nix)",
+            command.get_program()
+        ),
+        Err(e) => panic!("running {command:?}: {e}"),
+    }
+}
+
+fn assert_success(command: &mut Command) -> String {
+    let (output, took) = run_tool(command);
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}, after {took:?}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn sam() -> Command {
+    let mut command = Command::new("sam");
+    command
+        .env("SAM_CLI_TELEMETRY", "0")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    command
+}
+
+fn nix_command(program: &str) -> Command {
+    let mut command = Command::new(program);
+    command.env("NIX_CONF_DIR", common::nix_conf_dir());
+    command
+}
+
+// --- the template, as JSON ---------------------------------------------------
+
+/// cfn-lint's decoder: YAML with CloudFormation's short-form tags, as JSON.
+const DECODE: &str = r#"
+import json, sys
+try:
+    from cfnlint.decode import decode
+except ImportError as e:
+    sys.exit(f"cannot import cfn-lint ({e}): run .ci/setup --test")
+template, errors = decode(sys.argv[1])
+if errors or template is None:
+    sys.exit("cannot read the template:\n" + "\n".join(str(e) for e in errors))
+json.dump(template, sys.stdout)
+"#;
+
+fn template() -> &'static Value {
+    static TEMPLATE_JSON: OnceLock<Value> = OnceLock::new();
+    TEMPLATE_JSON.get_or_init(|| {
+        let json = assert_success(Command::new("python3").args(["-c", DECODE, TEMPLATE]));
+        serde_json::from_str(&json).expect("the decoded template is JSON")
+    })
+}
+
+fn resources_of_type(ty: &str) -> Vec<(&'static str, &'static Value)> {
+    let resources = template()["Resources"].as_object().expect("the template has Resources");
+    resources.iter().filter(|(_, r)| r["Type"] == ty).map(|(name, r)| (name.as_str(), r)).collect()
+}
+
+fn only_resource(ty: &str) -> (&'static str, &'static Value) {
+    let found = resources_of_type(ty);
+    assert_eq!(found.len(), 1, "expected exactly one {ty} in {TEMPLATE}, found {:?}", found.iter().map(|r| r.0).collect::<Vec<_>>());
+    found[0]
+}
+
+fn is_no_value(v: &Value) -> bool {
+    *v == json!({ "Ref": "AWS::NoValue" })
+}
+
+/// One variable as the template sets it: its value expression, and the
+/// condition it depends on (`Fn::If` with `AWS::NoValue` on one side).
+#[derive(Debug, Clone, PartialEq)]
+struct Setting {
+    value: Value,
+    condition: Option<(String, bool)>,
+}
+
+/// A value that may be `Fn::If [cond, x, AWS::NoValue]` (or the reverse).
+fn conditional(v: &Value) -> Vec<(Value, Option<(String, bool)>)> {
+    if let Some([cond, yes, no]) = v.get("Fn::If").and_then(Value::as_array).map(Vec::as_slice) {
+        let cond = cond.as_str().expect("a condition name").to_string();
+        let mut out = Vec::new();
+        if !is_no_value(yes) {
+            out.push((yes.clone(), Some((cond.clone(), true))));
+        }
+        if !is_no_value(no) {
+            out.push((no.clone(), Some((cond, false))));
+        }
+        out
+    } else {
+        vec![(v.clone(), None)]
+    }
+}
+
+/// The registry function's environment (with SAM Globals merged in).
+fn function_env() -> BTreeMap<String, Setting> {
+    let (name, function) = only_resource("AWS::Serverless::Function");
+    let mut env = BTreeMap::new();
+    let globals = &template()["Globals"]["Function"]["Environment"]["Variables"];
+    let own = &function["Properties"]["Environment"]["Variables"];
+    for vars in [globals, own] {
+        if vars.is_null() {
+            continue;
+        }
+        let vars = vars.as_object().unwrap_or_else(|| panic!("{name}: Environment.Variables must be a map"));
+        for (var, value) in vars {
+            for (value, condition) in conditional(value) {
+                env.insert(var.clone(), Setting { value, condition });
+            }
+        }
+    }
+    env
+}
+
+/// The worker container's environment.
+fn worker_env() -> BTreeMap<String, Setting> {
+    let (name, task) = only_resource("AWS::ECS::TaskDefinition");
+    let containers = task["Properties"]["ContainerDefinitions"].as_array().expect("ContainerDefinitions");
+    assert_eq!(containers.len(), 1, "{name}: one container, the worker");
+    let mut env = BTreeMap::new();
+    for entry in containers[0]["Environment"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        for (pair, condition) in conditional(entry) {
+            let var = pair["Name"].as_str().unwrap_or_else(|| panic!("{name}: an environment entry without a Name: {pair}"));
+            env.insert(var.to_string(), Setting { value: pair["Value"].clone(), condition });
+        }
+    }
+    env
+}
+
+fn parameter(name: &str) -> &'static Value {
+    let p = &template()["Parameters"][name];
+    assert!(!p.is_null(), "{TEMPLATE} has no parameter {name}");
+    p
+}
+
+fn number(v: &Value) -> u64 {
+    match v {
+        Value::Number(n) => n.as_u64().expect("a whole number"),
+        Value::String(s) => s.parse().unwrap_or_else(|_| panic!("{s:?} is not a number")),
+        other => panic!("{other} is not a number"),
+    }
+}
+
+// --- the tools' checks ---------------------------------------------------------
+
+#[test]
+fn cfn_lint_passes() {
+    // Exit status 0: no errors, no warnings (informational notes only).
+    assert_success(Command::new("cfn-lint").arg(TEMPLATE));
+}
+
+#[test]
+fn sam_validate_passes() {
+    // --lint runs cfn-lint through SAM; without it SAM runs its own
+    // transform (what `sam deploy` uploads), which catches other mistakes.
+    // Neither needs credentials or network.
+    let out = assert_success(sam().args(["validate", "--lint", "--template", TEMPLATE]));
+    assert!(out.contains("is a valid SAM Template"), "{out}");
+    let out = assert_success(sam().args(["validate", "--template", TEMPLATE]));
+    assert!(out.contains("is a valid SAM Template"), "{out}");
+}
+
+// --- the environment contract ------------------------------------------------
+
+#[test]
+fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
+    let read: BTreeSet<&str> = ALL_VARIABLES.iter().copied().collect();
+    let placed: BTreeMap<&str, SetOn> = CONTRACT.iter().map(|(var, on, _)| (*var, *on)).collect();
+    let function = function_env();
+    let worker = worker_env();
+    let mut problems = Vec::new();
+
+    for var in &read {
+        if !placed.contains_key(var) {
+            problems.push(format!(
+                "the code reads {var} (nixery::config::ALL_VARIABLES) but tests/infra.rs's CONTRACT does not say where the \
+                 deployment sets it: set it in {TEMPLATE} (the function's Environment, the worker's ContainerDefinitions \
+                 Environment, or both) and add it to CONTRACT, or add it there as SetOn::Neither with the reason"
+            ));
+        }
+    }
+    for var in placed.keys() {
+        if !read.contains(var) {
+            problems.push(format!("CONTRACT lists {var}, which the code does not read (not in ALL_VARIABLES): remove it from CONTRACT and {TEMPLATE}"));
+        }
+    }
+    for (var, on) in &placed {
+        let want_function = matches!(on, SetOn::Function | SetOn::Both);
+        let want_worker = matches!(on, SetOn::Worker | SetOn::Both);
+        for (side, env, want) in [("function", &function, want_function), ("worker", &worker, want_worker)] {
+            match (env.contains_key(*var), want) {
+                (false, true) => problems.push(format!("{TEMPLATE} does not set {var} on the {side} (CONTRACT: {on:?})")),
+                (true, false) => problems.push(format!("{TEMPLATE} sets {var} on the {side}, but CONTRACT says {on:?}")),
+                _ => {}
+            }
+        }
+        if *on == SetOn::Both {
+            if let (Some(f), Some(w)) = (function.get(*var), worker.get(*var)) {
+                if f != w {
+                    problems.push(format!("{var} differs between the function ({f:?}) and the worker ({w:?})"));
+                }
+            }
+        }
+    }
+    for (side, env) in [("function", &function), ("worker", &worker)] {
+        for var in env.keys() {
+            if looks_like_a_setting(var) && !read.contains(var.as_str()) {
+                problems.push(format!("{TEMPLATE} sets {var} on the {side}, but the code never reads it (not in ALL_VARIABLES)"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "the template and the code disagree:\n  - {}", problems.join("\n  - "));
+}
+
+#[test]
+fn exactly_one_package_source_is_set() {
+    // The code refuses to start with more than one of these.
+    let env = function_env();
+    let channel = env.get("NIXERY_CHANNEL").expect("NIXERY_CHANNEL");
+    let repo = env.get("NIXERY_PKGS_REPO").expect("NIXERY_PKGS_REPO");
+    let (Some((c1, when_channel)), Some((c2, when_repo))) = (&channel.condition, &repo.condition) else {
+        panic!("NIXERY_CHANNEL and NIXERY_PKGS_REPO must each depend on one condition: {channel:?} {repo:?}");
+    };
+    assert_eq!(c1, c2, "one condition chooses the source");
+    assert_ne!(when_channel, when_repo, "the channel is set exactly when the repository is not");
+    assert!(!env.contains_key("NIXERY_PKGS_PATH"));
+}
+
+#[test]
+fn timeouts_fit_together() {
+    let (_, function) = only_resource("AWS::Serverless::Function");
+    let function_timeout = number(&function["Properties"]["Timeout"]);
+    assert!(function_timeout <= 900, "Lambda's maximum is 900 s");
+
+    // A pull waits at most BuildTimeout for a build, and must answer before
+    // Lambda stops the function.
+    let env = function_env();
+    assert_eq!(env["NIXERY_BUILD_TIMEOUT"].value, json!({ "Ref": "BuildTimeout" }));
+    let build_timeout = parameter("BuildTimeout");
+    let max = number(&build_timeout["MaxValue"]);
+    assert!(max + 30 <= function_timeout, "BuildTimeout may reach {max} s, too close to the function's {function_timeout} s");
+    assert!(number(&build_timeout["Default"]) <= max);
+
+    // The queue hides a request for longer than a build may take (two Nix
+    // commands of NIX_TIMEOUT each, then packing), for every allowed value.
+    let worker = worker_env();
+    assert_eq!(worker["NIX_TIMEOUT"].value, json!({ "Ref": "NixTimeout" }));
+    let (_, queue) = resources_of_type("AWS::SQS::Queue")
+        .into_iter()
+        .find(|(_, q)| !q["Properties"]["RedrivePolicy"].is_null())
+        .expect("a build queue with a dead-letter queue");
+    assert_eq!(
+        queue["Properties"]["VisibilityTimeout"],
+        json!({ "Fn::FindInMap": ["NixTimeouts", { "Ref": "NixTimeout" }, "VisibilityTimeout"] })
+    );
+    let nix_timeout = parameter("NixTimeout");
+    let allowed = nix_timeout["AllowedValues"].as_array().expect("NixTimeout has AllowedValues");
+    assert!(allowed.contains(&nix_timeout["Default"]));
+    for value in allowed {
+        let secs = number(value);
+        let visibility = number(&template()["Mappings"]["NixTimeouts"][value.as_str().unwrap()]["VisibilityTimeout"]);
+        assert!(visibility >= 2 * secs + 300, "NIX_TIMEOUT {secs}: visibility timeout {visibility} is too short");
+        assert!(visibility <= 43200, "SQS allows at most 43200 s");
+    }
+}
+
+#[test]
+fn the_function_is_built_from_this_repository_by_cargo_lambda() {
+    // cfn-lint does not check every value of SAM resources (a wrong Runtime
+    // passes), so the essentials are checked here.
+    let (_, function) = only_resource("AWS::Serverless::Function");
+    let props = &function["Properties"];
+    assert_eq!(function["Metadata"]["BuildMethod"], "rust-cargolambda");
+    assert_eq!(props["Runtime"], "provided.al2023");
+    assert_eq!(props["Handler"], "bootstrap");
+    assert_eq!(props["FunctionUrlConfig"]["AuthType"], "NONE", "docker cannot sign requests");
+    let code = repo().join("infra").join(props["CodeUri"].as_str().expect("CodeUri"));
+    let manifest = std::fs::read_to_string(code.join("Cargo.toml")).expect("CodeUri is the directory of Cargo.toml");
+    let binary = function["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap_or("nixery");
+    assert!(manifest.contains(&format!("name = \"{binary}\"")), "Cargo.toml has no binary {binary}");
+    for arch in parameter("Architecture")["AllowedValues"].as_array().unwrap() {
+        assert!(["x86_64", "arm64"].contains(&arch.as_str().unwrap()), "{arch} is not a Lambda architecture");
+    }
+    assert!(!template()["Outputs"]["RegistryHost"].is_null(), "the stack says where to pull from");
+}
+
+/// The IAM statements of the role a resource uses.
+fn statements(role: &str) -> Vec<&'static Value> {
+    let policies = template()["Resources"][role]["Properties"]["Policies"].as_array().unwrap_or_else(|| panic!("{role} has inline Policies"));
+    policies.iter().flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap()).collect()
+}
+
+fn actions(statement: &Value) -> Vec<&str> {
+    match &statement["Action"] {
+        Value::String(a) => vec![a.as_str()],
+        Value::Array(a) => a.iter().map(|a| a.as_str().unwrap()).collect(),
+        other => panic!("an Action of {other}"),
+    }
+}
+
+#[test]
+fn the_function_writes_only_build_status() {
+    let (_, function) = only_resource("AWS::Serverless::Function");
+    let role = function["Properties"]["Role"]["Fn::GetAtt"][0].as_str().expect("the function has its own role");
+    for statement in statements(role) {
+        assert_eq!(statement["Effect"], "Allow");
+        for action in actions(statement) {
+            assert!(!action.contains('*'), "{role}: wildcard action {action}");
+            match action {
+                "s3:GetObject" | "s3:ListBucket" | "sqs:SendMessage" | "logs:CreateLogStream" | "logs:PutLogEvents" => {}
+                "s3:PutObject" => assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/builds/*" })),
+                other => panic!("{role} allows {other}: the function reads the bucket, writes builds/ and sends to the queue"),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_bucket_is_private_and_expires_staging() {
+    let (_, bucket) = only_resource("AWS::S3::Bucket");
+    let props = &bucket["Properties"];
+    for flag in ["BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"] {
+        assert_eq!(props["PublicAccessBlockConfiguration"][flag], true, "{flag}");
+    }
+    assert!(!props["BucketEncryption"].is_null());
+    let rules = props["LifecycleConfiguration"]["Rules"].as_array().expect("lifecycle rules");
+    assert!(rules.iter().any(|r| r["Prefix"] == "staging/" && r["ExpirationInDays"] == 1 && r["Status"] == "Enabled"));
+    assert!(rules.iter().any(|r| !r["AbortIncompleteMultipartUpload"].is_null() && r["Status"] == "Enabled"));
+}
+
+// --- Nix: the worker image -------------------------------------------------------
+
+fn nix_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("nix"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "nix"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn eval_json(expr: &str) -> Value {
+    let out = assert_success(nix_command("nix-instantiate").args(["--eval", "--strict", "--json", "--expr", expr]));
+    serde_json::from_str(&out).expect("nix-instantiate prints JSON")
+}
+
+#[test]
+fn every_nix_expression_parses() {
+    let files = nix_files();
+    for required in ["worker.nix", "package.nix", "worker-nix-conf.nix", "worker-image-config.nix"] {
+        assert!(files.iter().any(|f| f.ends_with(required)), "nix/{required} is missing");
+    }
+    for file in files {
+        assert_success(nix_command("nix-instantiate").arg("--parse").arg(&file));
+    }
+}
+
+#[test]
+fn the_worker_image_uses_the_pure_parts_tested_here() {
+    let worker = std::fs::read_to_string(repo().join("nix/worker.nix")).unwrap();
+    for part in ["./worker-nix-conf.nix", "./worker-image-config.nix", "./package.nix"] {
+        assert!(worker.contains(part), "nix/worker.nix does not use {part}");
+    }
+}
+
+#[test]
+fn the_worker_nix_conf_is_accepted_by_nix() {
+    let conf = eval_json(&format!("import {}/nix/worker-nix-conf.nix {{ }}", repo().display()));
+    let conf = conf.as_str().expect("nix.conf text").to_string();
+    let settings: BTreeMap<&str, &str> = conf
+        .lines()
+        .map(|l| l.split_once('=').unwrap_or_else(|| panic!("not a setting: {l:?}")))
+        .map(|(k, v)| (k.trim(), v.trim()))
+        .collect();
+    assert_eq!(settings["build-users-group"], "", "no daemon, no build users in the container");
+    assert_eq!(settings["sandbox"], "false", "Fargate has no user namespaces");
+    assert!(settings["substituters"].split(' ').any(|s| s == "https://cache.nixos.org"));
+    assert!(settings["trusted-public-keys"].split(' ').any(|k| k.starts_with("cache.nixos.org-1:")));
+    assert!(settings["experimental-features"].split(' ').any(|f| f == "nix-command"));
+    assert_eq!(settings["max-jobs"], "auto");
+
+    // A real Nix reads it and knows every setting.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("nix.conf"), &conf).unwrap();
+    let (output, _) = run_tool(
+        Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command", "show-config", "--json"])
+            .env("NIX_CONF_DIR", dir.path())
+            .env("NIX_USER_CONF_FILES", dir.path().join("nix.conf")),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "nix show-config failed: {stderr}");
+    assert!(!stderr.contains("unknown setting"), "Nix does not know a setting of nix/worker-nix-conf.nix:\n{stderr}");
+    let shown: Value = serde_json::from_slice(&output.stdout).expect("nix show-config --json");
+    assert_eq!(shown["sandbox"]["value"], false);
+    assert_eq!(shown["build-users-group"]["value"], "");
+    assert_eq!(shown["substituters"]["value"], json!(["https://cache.nixos.org"]));
+}
+
+#[test]
+fn the_worker_image_runs_nixery_worker() {
+    let config = eval_json(&format!("import {}/nix/worker-image-config.nix", repo().display()));
+    assert_eq!(config["Entrypoint"], json!(["/bin/nixery", "worker"]));
+    let env: Vec<&str> = config["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    for expected in ["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "NIX_SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "USER=root"] {
+        assert!(env.contains(&expected), "the image's Env lacks {expected}: {env:?}");
+    }
+    assert!(env.iter().any(|e| e.starts_with("PATH=")));
+    // No store paths: the config must hold without nixpkgs.
+    assert!(!config.to_string().contains("/nix/store"));
+
+    // The task definition runs the image's entrypoint as it is.
+    let (_, task) = only_resource("AWS::ECS::TaskDefinition");
+    let container = &task["Properties"]["ContainerDefinitions"][0];
+    assert!(container["EntryPoint"].is_null() && container["Command"].is_null(), "the worker's command comes from the image");
+}
+
+#[test]
+fn the_nixery_package_includes_every_file_the_binary_embeds() {
+    // nix/package.nix builds from a file set; a file embedded with
+    // include_str! from outside src/ must be in it, or the build fails on
+    // a machine with nixpkgs (CI cannot build it).
+    let package = std::fs::read_to_string(repo().join("nix/package.nix")).unwrap();
+    let mut missing = Vec::new();
+    visit_rs(&repo().join("src"), &mut |file, text| {
+        for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+            for part in text.split(macro_name).skip(1) {
+                let relative = &part[..part.find('"').unwrap()];
+                let target = normalise(&file.parent().unwrap().join(relative));
+                let from_repo = target.strip_prefix(repo()).unwrap_or_else(|_| panic!("{relative} in {file:?} is outside the repository"));
+                if !from_repo.starts_with("src") && !package.contains(&format!("../{}", from_repo.display())) {
+                    missing.push(from_repo.display().to_string());
+                }
+            }
+        }
+    });
+    assert!(missing.is_empty(), "nix/package.nix's file set lacks embedded files: {missing:?}");
+}
+
+fn visit_rs(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            visit_rs(&path, f);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            f(&path, &std::fs::read_to_string(&path).unwrap());
+        }
+    }
+}
+
+fn normalise(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
