@@ -12,7 +12,7 @@ use common::{fixture_pkgs, Server};
 use lambda_http::request::LambdaRequest;
 use lambda_http::tower::Service;
 use lambda_http::{Adapter, Context, LambdaEvent};
-use nixery::build::local::LocalDispatch;
+use nixery::build::local::in_process;
 use nixery::build::Builder;
 use nixery::config::Config;
 use nixery::popularity::Popularity;
@@ -58,7 +58,7 @@ async fn function_url_and_api_gateway_events() {
     let builder = Builder::new(Nix::new(Duration::from_secs(60)), storage.clone(), Arc::new(Popularity::none()));
     let state = AppState {
         storage,
-        dispatch: Arc::new(LocalDispatch::new(builder)),
+        dispatch: Arc::new(in_process(builder)),
         sources: Arc::new(Sources::new(defaults.source, defaults.tag_ttl)),
         layer_budget: defaults.layer_budget,
         implicit_packages: defaults.implicit_packages,

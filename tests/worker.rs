@@ -17,19 +17,25 @@ use serde_json::Value;
 /// Everything one test needs: S3, SQS, and the shared settings.
 struct Cluster {
     s3: S3Server,
-    _moto: Moto,
+    moto: Moto,
+    queue: String,
     env: Vec<(&'static str, String)>,
     work: tempfile::TempDir,
 }
 
 impl Cluster {
     async fn start(extra: &[(&'static str, &str)]) -> Cluster {
+        Cluster::start_with(extra, 3).await
+    }
+
+    /// With a queue that gives up on a message after `max_receives`.
+    async fn start_with(extra: &[(&'static str, &str)], max_receives: u32) -> Cluster {
         let s3 = S3Server::start();
         let moto = Moto::start();
-        let queue = moto.queue(&format!("builds-{}", unique()), 5, 3).await;
+        let queue = moto.queue(&format!("builds-{}", unique()), 5, max_receives).await;
         let mut env = s3.nixery_env();
         env.extend([
-            ("NIXERY_QUEUE_URL", queue),
+            ("NIXERY_QUEUE_URL", queue.clone()),
             ("NIXERY_SQS_ENDPOINT", moto.endpoint.clone()),
             ("NIXERY_HEARTBEAT_SECONDS", "1".to_string()),
             ("NIXERY_PKGS_PATH", fixture_pkgs().to_string_lossy().into_owned()),
@@ -40,7 +46,7 @@ impl Cluster {
             env.retain(|(key, _)| key != k);
             env.push((k, v.to_string()));
         }
-        Cluster { s3, _moto: moto, env, work: tempfile::tempdir().unwrap() }
+        Cluster { s3, moto, queue, env, work: tempfile::tempdir().unwrap() }
     }
 
     fn registry(&self, extra: &[(&str, &str)]) -> Server {
@@ -208,4 +214,64 @@ async fn a_build_longer_than_the_timeout_goes_on_and_the_next_pull_finds_it() {
     }
     assert!(found, "the build never finished:\n{}", worker.log());
     assert_eq!(worker.builds_started(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_whose_workers_keep_dying_ends_failed_and_in_the_dead_letter_queue() {
+    // Messages go to the dead-letter queue after one receive that was not
+    // followed by a delete.
+    let cluster = Cluster::start_with(&[("NIXERY_FIXTURE_SLOW_SECONDS", "60")], 1).await;
+    let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
+
+    let pull = tokio::spawn({
+        let url = registry.url("/v2/slow/manifests/latest");
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    });
+    // Each attempt: a worker takes it, gets to Nix, and dies.
+    for attempt in 1..=nixery::build::status::MAX_ATTEMPTS {
+        let mut worker = cluster.worker();
+        let running = wait_until(Duration::from_secs(60), || {
+            cluster.statuses().iter().any(|s| s["attempt"] == attempt && s["step"] == "realise")
+        });
+        assert!(running, "attempt {attempt} never ran:\n{}\n{}", worker.log(), registry.log());
+        worker.kill();
+    }
+    let (status, body) = tokio::time::timeout(Duration::from_secs(120), pull).await.expect("no answer").unwrap();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("abandoned") && message.contains("dead-letter"), "{message}");
+    assert!(cluster.images().is_empty());
+    assert!(cluster.statuses().iter().any(|s| s["state"] == "failed"), "{:?}", cluster.statuses());
+
+    // A worker that looks at the queue now finds nothing to build: the
+    // abandoned messages are moved to the dead-letter queue instead.
+    let drain = cluster.worker();
+    let sqs = cluster.moto.client().await;
+    let dlq = sqs.get_queue_url().queue_name(format!("{}-dead", cluster.queue.rsplit('/').next().unwrap())).send().await.unwrap();
+    let dead = wait_until(Duration::from_secs(30), || {
+        let sqs = sqs.clone();
+        let url = dlq.queue_url().unwrap().to_string();
+        let count = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async move {
+                let attrs = sqs
+                    .get_queue_attributes()
+                    .queue_url(url)
+                    .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+                    .send()
+                    .await
+                    .unwrap();
+                attrs.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
+                    .parse::<u32>()
+                    .unwrap()
+            })
+        })
+        .join()
+        .unwrap();
+        count > 0
+    });
+    assert!(dead, "nothing reached the dead-letter queue");
+    assert_eq!(drain.builds_started(), 0, "{}", drain.log());
 }

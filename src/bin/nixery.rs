@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use nixery::build::local::LocalDispatch;
+use nixery::build::local::{in_process, SingleFlight};
 use nixery::build::queue::{sqs_client, SqsDispatch, Timings, Worker};
 use nixery::build::{Builder, Dispatch};
 use nixery::config::{BuilderConfig, Config, StorageConfig};
@@ -99,11 +99,11 @@ async fn state(config: &Config) -> anyhow::Result<AppState> {
     let dispatch: Arc<dyn Dispatch> = match (&config.builder, &config.queue) {
         (BuilderConfig::Sqs, Some(queue)) => {
             let sqs = sqs_client(queue.endpoint.as_deref()).await;
-            Arc::new(SqsDispatch::new(storage.clone(), sqs, queue.url.clone(), timings(config)))
+            Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(storage.clone(), sqs, queue.url.clone(), timings(config)))))
         }
         _ => {
             let popularity = Arc::new(popularity(config).await?);
-            Arc::new(LocalDispatch::new(Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity)))
+            Arc::new(in_process(Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity)))
         }
     };
     Ok(AppState {

@@ -1,8 +1,12 @@
-//! In-process builds with the local Nix, one per image at a time.
+//! One build per image at a time within this process, and builds with the
+//! local Nix.
 //!
-//! Concurrent requests for the same image key share one build; the build
-//! runs on its own task, so it goes on (and stores its result) when every
-//! client waiting for it has gone.
+//! [`SingleFlight`] wraps any [`Dispatch`]: concurrent requests for the
+//! same image key share one call, which runs on its own task, so it goes
+//! on (and stores its result) when every client waiting for it has gone.
+//! Across processes the queue's claims do the same job; within one, this
+//! also spares storage one waiter's polling per request.
+//! [`in_process`] is the local mode's dispatch: the [`Builder`] right here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,19 +18,35 @@ use super::{BuildError, BuildRequest, Builder, Dispatch, ImageRecord};
 
 type Outcome = Option<Result<ImageRecord, Arc<BuildError>>>;
 
-pub struct LocalDispatch {
-    builder: Arc<Builder>,
+pub struct SingleFlight {
+    inner: Arc<dyn Dispatch>,
     in_flight: Arc<Mutex<HashMap<String, watch::Receiver<Outcome>>>>,
 }
 
-impl LocalDispatch {
-    pub fn new(builder: Builder) -> LocalDispatch {
-        LocalDispatch { builder: Arc::new(builder), in_flight: Arc::default() }
+impl SingleFlight {
+    pub fn new(inner: Arc<dyn Dispatch>) -> SingleFlight {
+        SingleFlight { inner, in_flight: Arc::default() }
+    }
+}
+
+/// Builds in this process with the local Nix, one build per image.
+pub fn in_process(builder: Builder) -> SingleFlight {
+    SingleFlight::new(Arc::new(InProcess { builder }))
+}
+
+struct InProcess {
+    builder: Builder,
+}
+
+#[async_trait]
+impl Dispatch for InProcess {
+    async fn build(&self, request: BuildRequest) -> Result<ImageRecord, Arc<BuildError>> {
+        self.builder.build(&request).await.map_err(Arc::new)
     }
 }
 
 #[async_trait]
-impl Dispatch for LocalDispatch {
+impl Dispatch for SingleFlight {
     async fn build(&self, request: BuildRequest) -> Result<ImageRecord, Arc<BuildError>> {
         let mut outcome = {
             let mut in_flight = self.in_flight.lock().expect("the in-flight map is never poisoned");
@@ -35,17 +55,17 @@ impl Dispatch for LocalDispatch {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     in_flight.insert(request.image_key.clone(), rx.clone());
-                    let builder = self.builder.clone();
+                    let inner = self.inner.clone();
                     let map = self.in_flight.clone();
                     tokio::spawn(async move {
                         let key = request.image_key.clone();
-                        // The build runs on a task of its own so that even a
+                        // The call runs on a task of its own so that even a
                         // panic in it ends as an error for the waiters.
-                        let result = match tokio::spawn(async move { builder.build(&request).await }).await {
-                            Ok(result) => result.map_err(Arc::new),
+                        let result = match tokio::spawn(async move { inner.build(request).await }).await {
+                            Ok(result) => result,
                             Err(e) => Err(Arc::new(BuildError::Task(e.to_string()))),
                         };
-                        // Forget the build before announcing it: a later
+                        // Forget the call before announcing it: a later
                         // request then finds the record in storage.
                         map.lock().expect("the in-flight map is never poisoned").remove(&key);
                         let _ = tx.send(Some(result));

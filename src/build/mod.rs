@@ -2,7 +2,8 @@
 //!
 //! [`Builder`] does the work (Nix, layering, packing, uploading) wherever
 //! Nix is; [`Dispatch`] is how the registry gets a build done: in-process
-//! ([`local::LocalDispatch`]) or, later, through a queue to a worker.
+//! ([`local::in_process`]) or through a queue to workers ([`queue::SqsDispatch`]),
+//! each behind [`local::SingleFlight`].
 //!
 //! A build writes, in this order: layer blobs and their records, the
 //! customisation layer, the config, the manifest, and last the image record

@@ -33,6 +33,8 @@ use crate::storage::{self, Storage};
 const LONG_POLL_SECS: i32 = 20;
 /// The longest pause between two looks at storage while waiting.
 const MAX_POLL: Duration = Duration::from_secs(2);
+/// Failed reads in a row that end a wait (each is already retried by the SDK).
+const MAX_READ_ERRORS: u32 = 5;
 
 /// The body of a queue message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,12 +127,32 @@ impl Dispatch for SqsDispatch {
         let deadline = Instant::now() + self.timings.build_timeout;
         let mut pause = Duration::from_millis(100);
         let mut step = None;
+        let mut errors = 0;
         loop {
-            let record: Option<ImageRecord> = read_record(&*self.storage, &storage::image_key(&key)).await.map_err(Arc::new)?;
+            // A failed read while waiting (a record caught mid-write, a
+            // storage hiccup) is retried; only a run of them ends the wait.
+            let looked = async {
+                let record: Option<ImageRecord> = read_record(&*self.storage, &storage::image_key(&key)).await?;
+                let status: Option<BuildStatus> = read_record(&*self.storage, &status::status_key(&key)).await?;
+                Ok::<_, BuildError>((record, status))
+            }
+            .await;
+            let (record, status) = match looked {
+                Ok(found) => {
+                    errors = 0;
+                    found
+                }
+                Err(error) if errors < MAX_READ_ERRORS => {
+                    errors += 1;
+                    tracing::warn!(image = %key, %error, "reading the build's progress failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Err(error) => return Err(Arc::new(error)),
+            };
             if let Some(record) = record.filter(|r| r.built_at >= request.not_before) {
                 return Ok(record);
             }
-            let status: Option<BuildStatus> = read_record(&*self.storage, &status::status_key(&key)).await.map_err(Arc::new)?;
             step = status.as_ref().and_then(|s| s.step.clone()).or(step);
             let action = decide(
                 status.as_ref(),
@@ -144,8 +166,20 @@ impl Dispatch for SqsDispatch {
                     self.claim(&request, attempt).await.map_err(Arc::new)?;
                 }
                 Action::Wait => {}
-                Action::Fail(Failure::UnknownPackages { names }) => return Err(Arc::new(BuildError::UnknownPackages(names))),
-                Action::Fail(Failure::Build { message }) => return Err(Arc::new(BuildError::Failed(message))),
+                Action::Fail(failure) => {
+                    if let Some(abandoned) = status.filter(|s| s.state != State::Failed) {
+                        // Given up on here: say so where every puller looks.
+                        tracing::warn!(image = %key, attempt = abandoned.attempt, "build abandoned by its workers; marking it failed");
+                        let failed = BuildStatus { state: State::Failed, failure: Some(failure.clone()), heartbeat: now(), ..abandoned };
+                        if let Err(error) = write_status(&*self.storage, &key, &failed).await {
+                            tracing::warn!(image = %key, %error, "recording the abandoned build failed");
+                        }
+                    }
+                    return Err(Arc::new(match failure {
+                        Failure::UnknownPackages { names } => BuildError::UnknownPackages(names),
+                        Failure::Build { message } => BuildError::Failed(message),
+                    }));
+                }
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
