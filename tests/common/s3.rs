@@ -39,6 +39,9 @@ pub struct S3Server {
 struct Counting {
     inner: S3Service,
     served: Arc<Mutex<Vec<Served>>>,
+    /// s3s-fs checks `If-None-Match: *` and then writes; S3 does both at
+    /// once. Serialising conditional writes gives S3's guarantee.
+    conditional: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting {
@@ -50,8 +53,13 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting 
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let served = self.served.clone();
+        let conditional = req.headers().contains_key("if-none-match").then(|| self.conditional.clone());
         let fut = hyper::service::Service::call(&self.inner, req);
         Box::pin(async move {
+            let _one_at_a_time = match &conditional {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
             let response = match fut.await {
                 Ok(response) => response,
                 Err(e) => http::Response::builder().status(500).body(s3s::Body::from(format!("{e:?}"))).unwrap(),
@@ -77,7 +85,7 @@ impl S3Server {
             runtime.block_on(async move {
                 let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(&service_root).unwrap());
                 builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-                let service = Counting { inner: builder.build(), served: counting_served };
+                let service = Counting { inner: builder.build(), served: counting_served, conditional: Arc::default() };
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let http = ConnBuilder::new(TokioExecutor::new());
