@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -212,22 +213,18 @@ impl Config {
             PackageSource::Git { url: v.to_string() }
         } else {
             let name = get(NIXERY_CHANNEL).unwrap_or(DEFAULT_CHANNEL);
-            let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-            if !ok {
+            if !plain_name(name) {
                 return Err(invalid(NIXERY_CHANNEL, name, "a channel name has only letters, digits, '-', '.' and '_'"));
             }
             PackageSource::Channel { name: name.to_string() }
         };
 
-        let tag_ttl = match get(NIXERY_TAG_TTL) {
-            None => Duration::from_secs(DEFAULT_TAG_TTL_SECS),
-            Some(v) => Duration::from_secs(v.parse::<u64>().map_err(|e| invalid(NIXERY_TAG_TTL, v, e))?),
-        };
+        let tag_ttl = Duration::from_secs(number(NIXERY_TAG_TTL, get(NIXERY_TAG_TTL), DEFAULT_TAG_TTL_SECS, 0..=u64::MAX, "")?);
         let implicit_packages = match vars.get(NIXERY_IMPLICIT_PACKAGES) {
             None => DEFAULT_IMPLICIT_PACKAGES.iter().map(|p| p.to_string()).collect(),
             Some(v) => {
                 let names: Vec<String> = v.split([' ', ',']).filter(|p| !p.is_empty()).map(str::to_string).collect();
-                if let Some(bad) = names.iter().find(|n| !n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))) {
+                if let Some(bad) = names.iter().find(|n| !plain_name(n)) {
                     return Err(invalid(NIXERY_IMPLICIT_PACKAGES, v, format!("{bad:?} is not a package attribute")));
                 }
                 names
@@ -254,25 +251,14 @@ impl Config {
                     var: NIXERY_S3_BUCKET,
                     hint: "the s3 storage backend needs a bucket name",
                 })?;
-                let endpoint = match get(NIXERY_S3_ENDPOINT) {
-                    None => None,
-                    Some(v) if v.starts_with("http://") || v.starts_with("https://") => Some(v.to_string()),
-                    Some(v) => return Err(invalid(NIXERY_S3_ENDPOINT, v, "must be an http:// or https:// URL")),
-                };
-                let presign_ttl = match get(NIXERY_PRESIGN_SECONDS) {
-                    None => Duration::from_secs(DEFAULT_PRESIGN_SECONDS),
-                    Some(v) => match v.parse::<u64>() {
-                        Ok(n) if (1..=MAX_PRESIGN_SECONDS).contains(&n) => Duration::from_secs(n),
-                        Ok(_) => {
-                            return Err(invalid(
-                                NIXERY_PRESIGN_SECONDS,
-                                v,
-                                format!("must be between 1 and {MAX_PRESIGN_SECONDS} (seven days)"),
-                            ))
-                        }
-                        Err(e) => return Err(invalid(NIXERY_PRESIGN_SECONDS, v, e)),
-                    },
-                };
+                let endpoint = http_url(NIXERY_S3_ENDPOINT, get(NIXERY_S3_ENDPOINT))?;
+                let presign_ttl = Duration::from_secs(number(
+                    NIXERY_PRESIGN_SECONDS,
+                    get(NIXERY_PRESIGN_SECONDS),
+                    DEFAULT_PRESIGN_SECONDS,
+                    1..=MAX_PRESIGN_SECONDS,
+                    &format!("must be between 1 and {MAX_PRESIGN_SECONDS} (seven days)"),
+                )?);
                 StorageConfig::S3 {
                     bucket: bucket.to_string(),
                     prefix: get(NIXERY_S3_PREFIX).unwrap_or("").to_string(),
@@ -285,39 +271,21 @@ impl Config {
             }
         };
 
-        let nix_timeout = match get(NIX_TIMEOUT) {
-            None => Duration::from_secs(DEFAULT_NIX_TIMEOUT_SECS),
-            Some(v) => match v.parse::<u64>() {
-                Ok(0) => return Err(invalid(NIX_TIMEOUT, v, "must be at least 1 second")),
-                Ok(secs) => Duration::from_secs(secs),
-                Err(e) => return Err(invalid(NIX_TIMEOUT, v, e)),
-            },
+        let seconds = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            number(var, get(var), default, 1..=u64::MAX, "must be at least 1 second").map(Duration::from_secs)
         };
-
-        let layer_budget = match get(NIXERY_LAYER_BUDGET) {
-            None => DEFAULT_LAYER_BUDGET,
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if (1..=MAX_LAYER_BUDGET).contains(&n) => n,
-                Ok(_) => {
-                    return Err(invalid(
-                        NIXERY_LAYER_BUDGET,
-                        v,
-                        format!("must be between 1 and {MAX_LAYER_BUDGET}"),
-                    ))
-                }
-                Err(e) => return Err(invalid(NIXERY_LAYER_BUDGET, v, e)),
-            },
-        };
+        let nix_timeout = seconds(NIX_TIMEOUT, DEFAULT_NIX_TIMEOUT_SECS)?;
+        let layer_budget = number(
+            NIXERY_LAYER_BUDGET,
+            get(NIXERY_LAYER_BUDGET),
+            DEFAULT_LAYER_BUDGET as u64,
+            1..=MAX_LAYER_BUDGET as u64,
+            &format!("must be between 1 and {MAX_LAYER_BUDGET}"),
+        )? as usize;
 
         let queue = match get(NIXERY_QUEUE_URL) {
             None => None,
-            Some(url) => {
-                let endpoint = get(NIXERY_SQS_ENDPOINT).map(str::to_string);
-                if let Some(e) = endpoint.as_deref().filter(|e| !e.starts_with("http://") && !e.starts_with("https://")) {
-                    return Err(invalid(NIXERY_SQS_ENDPOINT, e, "must be an http:// or https:// URL"));
-                }
-                Some(QueueConfig { url: url.to_string(), endpoint })
-            }
+            Some(url) => Some(QueueConfig { url: url.to_string(), endpoint: http_url(NIXERY_SQS_ENDPOINT, get(NIXERY_SQS_ENDPOINT))? }),
         };
         let builder = match get(NIXERY_BUILDER).unwrap_or("local") {
             "local" => BuilderConfig::Local,
@@ -326,16 +294,6 @@ impl Config {
             }
             "sqs" => BuilderConfig::Sqs,
             other => return Err(invalid(NIXERY_BUILDER, other, "supported builders are `local` and `sqs`")),
-        };
-        let seconds = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
-            match get(var) {
-                None => Ok(Duration::from_secs(default)),
-                Some(v) => match v.parse::<u64>() {
-                    Ok(0) => Err(invalid(var, v, "must be at least 1 second")),
-                    Ok(n) => Ok(Duration::from_secs(n)),
-                    Err(e) => Err(invalid(var, v, e)),
-                },
-            }
         };
         let build_timeout = seconds(NIXERY_BUILD_TIMEOUT, DEFAULT_BUILD_TIMEOUT_SECS)?;
         let failure_ttl = seconds(NIXERY_FAILURE_TTL, DEFAULT_FAILURE_TTL_SECS)?;
@@ -361,6 +319,31 @@ impl Config {
 
 fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError {
     ConfigError::Invalid { var, value: value.to_string(), reason: reason.to_string() }
+}
+
+/// A whole number: `default` when unset, refused with `outside` when not
+/// in `range`.
+fn number(var: &'static str, value: Option<&str>, default: u64, range: RangeInclusive<u64>, outside: &str) -> Result<u64, ConfigError> {
+    let Some(value) = value else { return Ok(default) };
+    match value.parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        Ok(_) => Err(invalid(var, value, outside)),
+        Err(e) => Err(invalid(var, value, e)),
+    }
+}
+
+/// An optional endpoint URL of a service.
+fn http_url(var: &'static str, value: Option<&str>) -> Result<Option<String>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.starts_with("http://") || v.starts_with("https://") => Ok(Some(v.to_string())),
+        Some(v) => Err(invalid(var, v, "must be an http:// or https:// URL")),
+    }
+}
+
+/// Channel and attribute names: letters, digits, `-`, `.` and `_`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 #[cfg(test)]
