@@ -5,6 +5,7 @@
 //! storage ever after. See the README for the big picture; each module says
 //! what it owns.
 
+pub mod aws;
 pub mod build;
 pub mod config;
 pub mod customisation;

@@ -17,6 +17,11 @@ pub mod status;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+/// The time in Unix seconds, as records store it.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -155,7 +160,8 @@ fn to_json<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("records always serialise"))
 }
 
-fn hex_of(digest: &str) -> &str {
+/// The hex part of `sha256:<hex>`.
+pub(crate) fn hex_of(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
@@ -285,7 +291,7 @@ impl Builder {
             size,
             packages: request.packages.clone(),
             architecture: request.architecture.clone(),
-            built_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            built_at: unix_now(),
         };
         self.storage.put(&storage::image_key(image), to_json(&record)).await?;
         Ok((record, stats))
@@ -366,10 +372,8 @@ impl Builder {
 
     /// A fresh path for a file bound for storage.
     fn scratch_file(&self, what: &str) -> std::path::PathBuf {
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = self.storage.local_staging_dir().unwrap_or_else(std::env::temp_dir);
-        dir.join(format!("{what}-{}-{n}", std::process::id()))
+        dir.join(storage::unique_name(what))
     }
 }
 

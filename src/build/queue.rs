@@ -13,9 +13,10 @@
 //! message to reappear for another worker (after the visibility timeout),
 //! and no image record: the image record is written last.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_sqs::error::DisplayErrorContext;
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::status::{self, decide, Action, BuildStatus, Failure, State};
-use super::{read_record, BuildError, BuildRequest, Builder, Dispatch, ImageRecord};
+use super::{read_record, unix_now as now, BuildError, BuildRequest, Builder, Dispatch, ImageRecord};
 use crate::nix::NixError;
 use crate::storage::{self, Storage};
 
@@ -43,22 +44,10 @@ pub struct QueueMessage {
     pub attempt: u32,
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// An SQS client for AWS or for any SQS-compatible endpoint.
 pub async fn sqs_client(endpoint: Option<&str>) -> Client {
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(5))
-        // Above the long poll, so that a receive is not cut short.
-        .operation_attempt_timeout(Duration::from_secs(LONG_POLL_SECS as u64 + 10))
-        .build();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
-    if let Some(endpoint) = endpoint {
-        loader = loader.endpoint_url(endpoint);
-    }
-    Client::new(&loader.load().await)
+    // Each try lasts longer than the long poll, so a receive is not cut short.
+    Client::new(&crate::aws::sdk_config(endpoint, Duration::from_secs(LONG_POLL_SECS as u64 + 10), 3).await)
 }
 
 fn queue_error<E: std::error::Error + Send + Sync + 'static, R: std::fmt::Debug + Send + Sync + 'static>(
@@ -268,7 +257,7 @@ impl Worker {
         let heartbeat = self.heartbeat_task(key.to_string(), attempt, step_rx, receipt.to_string());
         let outcome = tokio::select! {
             outcome = self.builder.build_reporting(request, Some(&step_tx)) => outcome,
-            () = heartbeat => unreachable!("the heartbeat runs until the build ends"),
+            never = heartbeat => match never {},
         };
 
         let failure = match outcome {
@@ -300,7 +289,7 @@ impl Worker {
 
     /// Every interval: the status says "running, at step X, now", and the
     /// message stays invisible to other workers. Never returns.
-    async fn heartbeat_task(&self, key: String, attempt: u32, step: watch::Receiver<String>, receipt: String) {
+    async fn heartbeat_task(&self, key: String, attempt: u32, step: watch::Receiver<String>, receipt: String) -> Infallible {
         let hidden_for = (self.heartbeat.as_secs() * status::STALE_HEARTBEATS) as i32;
         loop {
             let current = step.borrow().clone();

@@ -3,9 +3,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::build::ImageRecord;
+use crate::build::{unix_now as now, ImageRecord};
 use crate::image::ImageSpec;
 
 /// How many of each are kept.
@@ -31,10 +30,6 @@ fn push(list: &Mutex<VecDeque<Event>>, event: Event) {
     let mut list = list.lock().expect("never poisoned");
     list.push_front(event);
     list.truncate(KEEP);
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Activity {

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::{json_response, parse_digest, AppState, RegistryError, DIGEST_HEADER};
-use crate::build::{read_record, BuildRequest, ImageRecord};
+use crate::build::{hex_of, read_record, unix_now, BuildRequest, ImageRecord};
 use crate::image::{self, ImageSpec, NameError};
 use crate::manifest::{self, MEDIA_TYPE_MANIFEST};
 use crate::storage;
@@ -57,17 +57,13 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
         }
         Err(e) => return Err(RegistryError::Build(std::sync::Arc::new(e))),
     };
-    let hex = record.manifest_digest.strip_prefix("sha256:").unwrap_or(&record.manifest_digest);
+    let hex = hex_of(&record.manifest_digest);
     let bytes = state
         .storage
         .get(&storage::manifest_key(hex))
         .await?
         .ok_or_else(|| RegistryError::ManifestUnknown { reference: record.manifest_digest.clone() })?;
     Ok(manifest_response(bytes, &record.manifest_digest, &record.media_type, head))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn manifest_response(bytes: Bytes, digest: &str, media_type: &str, head: bool) -> Response {

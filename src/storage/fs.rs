@@ -4,19 +4,17 @@
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, Download, Storage, StorageError};
+use super::{check_key, unique_name, Download, Storage, StorageError};
 
 const STAGING: &str = "staging";
 
 #[derive(Debug)]
 pub struct FsStorage {
     root: PathBuf,
-    counter: AtomicU64,
 }
 
 impl FsStorage {
@@ -26,7 +24,7 @@ impl FsStorage {
         let staging = root.join(STAGING);
         std::fs::create_dir_all(&staging)
             .map_err(|source| StorageError::Io { key: staging.display().to_string(), source })?;
-        Ok(FsStorage { root, counter: AtomicU64::new(0) })
+        Ok(FsStorage { root })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
@@ -34,15 +32,9 @@ impl FsStorage {
         Ok(self.root.join(key))
     }
 
-    /// A fresh file name under `staging/`, unique within this process and
-    /// across processes sharing the root.
+    /// A fresh file name under `staging/`.
     fn staging_path(&self) -> PathBuf {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        self.root.join(STAGING).join(format!("put-{}-{nanos}-{n}", std::process::id()))
+        self.root.join(STAGING).join(unique_name("put"))
     }
 
     async fn write_staged(&self, key: &str, data: &[u8]) -> Result<PathBuf, StorageError> {

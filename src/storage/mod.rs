@@ -26,6 +26,7 @@ pub mod s3;
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -94,6 +95,16 @@ pub trait Storage: Send + Sync + 'static {
     /// A local directory where files bound for [`Storage::put_file`] can be
     /// written so the move costs nothing, if the backend has one.
     fn local_staging_dir(&self) -> Option<PathBuf>;
+}
+
+/// A name no other call makes, in this process or another sharing the same
+/// storage: `<what>-<pid>-<nanoseconds>-<counter>`. For staged uploads and
+/// scratch files.
+pub fn unique_name(what: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{what}-{}-{nanos}-{n}", std::process::id())
 }
 
 /// Opens the configured backend. Clients are built here, once per process.

@@ -15,7 +15,6 @@
 //! an error, never a hang.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,7 +26,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{check_key, Download, Storage, StorageError};
+use super::{check_key, unique_name, Download, Storage, StorageError};
 
 /// Files larger than this are uploaded in parts of this size.
 pub const PART_SIZE: u64 = 16 * 1024 * 1024;
@@ -42,8 +41,6 @@ pub struct S3Storage {
     prefix: String,
     presign_ttl: Duration,
 }
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn s3_error<E, R>(key: &str, operation: &'static str, error: SdkError<E, R>) -> StorageError
 where
@@ -80,17 +77,8 @@ impl S3Storage {
     /// (path-style addressing). Region and credentials come from the
     /// standard AWS chain.
     pub async fn client(endpoint: Option<&str>) -> Client {
-        let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .operation_attempt_timeout(Duration::from_secs(120))
-            .build();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(4));
-        if let Some(endpoint) = endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        let sdk = loader.load().await;
+        // A 16 MiB part has two minutes per try.
+        let sdk = crate::aws::sdk_config(endpoint, Duration::from_secs(120), 4).await;
         let config = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(endpoint.is_some()).build();
         Client::from_conf(config)
     }
@@ -101,12 +89,7 @@ impl S3Storage {
     }
 
     fn staging_key(&self) -> String {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        format!("{}staging/upload-{}-{nanos}-{n}", self.prefix, std::process::id())
+        format!("{}staging/{}", self.prefix, unique_name("upload"))
     }
 
     /// Uploads a local file to `key`, in parts if it is large.
