@@ -27,7 +27,9 @@ fn big_package() -> Option<String> {
         std::fs::create_dir_all(busybox.parent().unwrap()).ok()?;
         std::fs::copy("/bin/busybox", &busybox).ok()?;
     }
-    let conf = std::env::var_os("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join(".ci/nix"));
+    let conf = std::env::var_os("NIX_CONF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".ci/nix"));
     let out = Command::new("nix-build")
         .arg(&pkgs)
         .args(["-A", "big", "--no-out-link"])
@@ -35,7 +37,10 @@ fn big_package() -> Option<String> {
         .output()
         .ok()?;
     if !out.status.success() {
-        eprintln!("nix-build big failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "nix-build big failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return None;
     }
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -62,7 +67,10 @@ fn synthetic_tree(root: &Path, total: u64) {
         } else {
             let mut text = Vec::with_capacity(size as usize);
             while (text.len() as u64) < size {
-                text.extend_from_slice(format!("line {} of file {i}: value={}\n", text.len(), next() % 1000).as_bytes());
+                text.extend_from_slice(
+                    format!("line {} of file {i}: value={}\n", text.len(), next() % 1000)
+                        .as_bytes(),
+                );
             }
             text.truncate(size as usize);
             text
@@ -94,7 +102,9 @@ fn mb_per_s(bytes: u64, time: Duration) -> f64 {
 
 fn compare(label: &str, path: &str, scratch: &Path) {
     let out = scratch.join("layer.tar.gz");
-    let (ours, packed) = best_of(3, || nixery::pack::pack_store_paths(&[path.to_string()], &out, nixery::pack::GZIP_LEVEL).unwrap());
+    let (ours, packed) = best_of(3, || {
+        nixery::pack::pack_store_paths(&[path.to_string()], &out, nixery::pack::GZIP_LEVEL).unwrap()
+    });
     let parent = Path::new(path).parent().unwrap();
     let name = Path::new(path).file_name().unwrap();
     let script = format!(
@@ -128,9 +138,16 @@ fn main() {
     }
     let tree = scratch.path().join("synthetic");
     synthetic_tree(&tree, 256 << 20);
-    compare("synthetic tree, 256 MiB", tree.to_str().unwrap(), scratch.path());
+    compare(
+        "synthetic tree, 256 MiB",
+        tree.to_str().unwrap(),
+        scratch.path(),
+    );
     println!();
-    println!("peak RSS of this process (generation and packing included): {:.1} MB", peak_rss_bytes() as f64 / 1e6);
+    println!(
+        "peak RSS of this process (generation and packing included): {:.1} MB",
+        peak_rss_bytes() as f64 / 1e6
+    );
 }
 
 fn peak_rss_bytes() -> u64 {

@@ -9,7 +9,11 @@ use aws_config::SdkConfig;
 
 /// The SDK configuration for one client: `endpoint` replaces AWS's,
 /// `attempt_timeout` bounds one try, `max_attempts` counts the tries.
-pub async fn sdk_config(endpoint: Option<&str>, attempt_timeout: Duration, max_attempts: u32) -> SdkConfig {
+pub async fn sdk_config(
+    endpoint: Option<&str>,
+    attempt_timeout: Duration,
+    max_attempts: u32,
+) -> SdkConfig {
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(5))
         .operation_attempt_timeout(attempt_timeout)

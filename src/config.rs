@@ -112,16 +112,30 @@ pub const MAX_LAYER_BUDGET: usize = 126;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var} is not set: {hint}")]
-    Missing { var: &'static str, hint: &'static str },
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
     #[error("{var}={value:?} is invalid: {reason}")]
-    Invalid { var: &'static str, value: String, reason: String },
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Where images are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageConfig {
-    Filesystem { root: PathBuf },
-    S3 { bucket: String, prefix: String, endpoint: Option<String>, presign_ttl: Duration },
+    Filesystem {
+        root: PathBuf,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+        endpoint: Option<String>,
+        presign_ttl: Duration,
+    },
 }
 
 /// How builds are run.
@@ -199,41 +213,93 @@ impl Config {
             Some(v) => v.parse().map_err(|e| invalid(NIXERY_LISTEN, v, e))?,
         };
 
-        let set: Vec<&str> = [NIXERY_PKGS_PATH, NIXERY_PKGS_REPO, NIXERY_CHANNEL].into_iter().filter(|v| get(v).is_some()).collect();
+        let set: Vec<&str> = [NIXERY_PKGS_PATH, NIXERY_PKGS_REPO, NIXERY_CHANNEL]
+            .into_iter()
+            .filter(|v| get(v).is_some())
+            .collect();
         if set.len() > 1 {
-            return Err(invalid(set[1], get(set[1]).unwrap_or_default(), format!("only one package source may be set, and {} is set too", set[0])));
+            return Err(invalid(
+                set[1],
+                get(set[1]).unwrap_or_default(),
+                format!(
+                    "only one package source may be set, and {} is set too",
+                    set[0]
+                ),
+            ));
         }
         let source = if let Some(v) = get(NIXERY_PKGS_PATH) {
             let path = PathBuf::from(v);
             if !path.join("default.nix").is_file() {
-                return Err(invalid(NIXERY_PKGS_PATH, v, "the directory has no default.nix"));
+                return Err(invalid(
+                    NIXERY_PKGS_PATH,
+                    v,
+                    "the directory has no default.nix",
+                ));
             }
-            PackageSource::Path(path.canonicalize().map_err(|e| invalid(NIXERY_PKGS_PATH, v, e))?)
+            PackageSource::Path(
+                path.canonicalize()
+                    .map_err(|e| invalid(NIXERY_PKGS_PATH, v, e))?,
+            )
         } else if let Some(v) = get(NIXERY_PKGS_REPO) {
             PackageSource::Git { url: v.to_string() }
         } else {
             let name = get(NIXERY_CHANNEL).unwrap_or(DEFAULT_CHANNEL);
             if !plain_name(name) {
-                return Err(invalid(NIXERY_CHANNEL, name, "a channel name has only letters, digits, '-', '.' and '_'"));
+                return Err(invalid(
+                    NIXERY_CHANNEL,
+                    name,
+                    "a channel name has only letters, digits, '-', '.' and '_'",
+                ));
             }
-            PackageSource::Channel { name: name.to_string() }
+            PackageSource::Channel {
+                name: name.to_string(),
+            }
         };
 
-        let tag_ttl = Duration::from_secs(number(NIXERY_TAG_TTL, get(NIXERY_TAG_TTL), DEFAULT_TAG_TTL_SECS, 0..=u64::MAX, "")?);
+        let tag_ttl = Duration::from_secs(number(
+            NIXERY_TAG_TTL,
+            get(NIXERY_TAG_TTL),
+            DEFAULT_TAG_TTL_SECS,
+            0..=u64::MAX,
+            "",
+        )?);
         let implicit_packages = match vars.get(NIXERY_IMPLICIT_PACKAGES) {
-            None => DEFAULT_IMPLICIT_PACKAGES.iter().map(|p| p.to_string()).collect(),
+            None => DEFAULT_IMPLICIT_PACKAGES
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
             Some(v) => {
-                let names: Vec<String> = v.split([' ', ',']).filter(|p| !p.is_empty()).map(str::to_string).collect();
+                let names: Vec<String> = v
+                    .split([' ', ','])
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect();
                 if let Some(bad) = names.iter().find(|n| !plain_name(n)) {
-                    return Err(invalid(NIXERY_IMPLICIT_PACKAGES, v, format!("{bad:?} is not a package attribute")));
+                    return Err(invalid(
+                        NIXERY_IMPLICIT_PACKAGES,
+                        v,
+                        format!("{bad:?} is not a package attribute"),
+                    ));
                 }
                 names
             }
         };
         let popularity_url = match get(NIX_POPULARITY_URL) {
             None => None,
-            Some(v) if ["http://", "https://", "file://", "s3://"].iter().any(|p| v.starts_with(p)) => Some(v.to_string()),
-            Some(v) => return Err(invalid(NIX_POPULARITY_URL, v, "must start with http://, https://, file:// or s3://")),
+            Some(v)
+                if ["http://", "https://", "file://", "s3://"]
+                    .iter()
+                    .any(|p| v.starts_with(p)) =>
+            {
+                Some(v.to_string())
+            }
+            Some(v) => {
+                return Err(invalid(
+                    NIX_POPULARITY_URL,
+                    v,
+                    "must start with http://, https://, file:// or s3://",
+                ))
+            }
         };
 
         let storage = match get(NIXERY_STORAGE_BACKEND).unwrap_or("filesystem") {
@@ -244,7 +310,9 @@ impl Config {
                         hint: "the filesystem storage backend needs a root directory",
                     })
                 }
-                Some(v) => StorageConfig::Filesystem { root: PathBuf::from(v) },
+                Some(v) => StorageConfig::Filesystem {
+                    root: PathBuf::from(v),
+                },
             },
             "s3" => {
                 let bucket = get(NIXERY_S3_BUCKET).ok_or(ConfigError::Missing {
@@ -267,12 +335,23 @@ impl Config {
                 }
             }
             other => {
-                return Err(invalid(NIXERY_STORAGE_BACKEND, other, "supported backends are `filesystem` and `s3`"))
+                return Err(invalid(
+                    NIXERY_STORAGE_BACKEND,
+                    other,
+                    "supported backends are `filesystem` and `s3`",
+                ))
             }
         };
 
         let seconds = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
-            number(var, get(var), default, 1..=u64::MAX, "must be at least 1 second").map(Duration::from_secs)
+            number(
+                var,
+                get(var),
+                default,
+                1..=u64::MAX,
+                "must be at least 1 second",
+            )
+            .map(Duration::from_secs)
         };
         let nix_timeout = seconds(NIX_TIMEOUT, DEFAULT_NIX_TIMEOUT_SECS)?;
         let layer_budget = number(
@@ -285,19 +364,34 @@ impl Config {
 
         let queue = match get(NIXERY_QUEUE_URL) {
             None => None,
-            Some(url) => Some(QueueConfig { url: url.to_string(), endpoint: http_url(NIXERY_SQS_ENDPOINT, get(NIXERY_SQS_ENDPOINT))? }),
+            Some(url) => Some(QueueConfig {
+                url: url.to_string(),
+                endpoint: http_url(NIXERY_SQS_ENDPOINT, get(NIXERY_SQS_ENDPOINT))?,
+            }),
         };
         let builder = match get(NIXERY_BUILDER).unwrap_or("local") {
             "local" => BuilderConfig::Local,
             "sqs" if queue.is_none() => {
-                return Err(ConfigError::Missing { var: NIXERY_QUEUE_URL, hint: "the sqs builder sends builds to this queue" })
+                return Err(ConfigError::Missing {
+                    var: NIXERY_QUEUE_URL,
+                    hint: "the sqs builder sends builds to this queue",
+                })
             }
             "sqs" => BuilderConfig::Sqs,
-            other => return Err(invalid(NIXERY_BUILDER, other, "supported builders are `local` and `sqs`")),
+            other => {
+                return Err(invalid(
+                    NIXERY_BUILDER,
+                    other,
+                    "supported builders are `local` and `sqs`",
+                ))
+            }
         };
         let build_timeout = seconds(NIXERY_BUILD_TIMEOUT, DEFAULT_BUILD_TIMEOUT_SECS)?;
         let failure_ttl = seconds(NIXERY_FAILURE_TTL, DEFAULT_FAILURE_TTL_SECS)?;
-        let heartbeat = seconds(NIXERY_HEARTBEAT_SECONDS, crate::build::status::DEFAULT_HEARTBEAT_SECS)?;
+        let heartbeat = seconds(
+            NIXERY_HEARTBEAT_SECONDS,
+            crate::build::status::DEFAULT_HEARTBEAT_SECS,
+        )?;
 
         Ok(Config {
             listen,
@@ -318,13 +412,25 @@ impl Config {
 }
 
 fn invalid(var: &'static str, value: &str, reason: impl ToString) -> ConfigError {
-    ConfigError::Invalid { var, value: value.to_string(), reason: reason.to_string() }
+    ConfigError::Invalid {
+        var,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// A whole number: `default` when unset, refused with `outside` when not
 /// in `range`.
-fn number(var: &'static str, value: Option<&str>, default: u64, range: RangeInclusive<u64>, outside: &str) -> Result<u64, ConfigError> {
-    let Some(value) = value else { return Ok(default) };
+fn number(
+    var: &'static str,
+    value: Option<&str>,
+    default: u64,
+    range: RangeInclusive<u64>,
+    outside: &str,
+) -> Result<u64, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
     match value.parse::<u64>() {
         Ok(n) if range.contains(&n) => Ok(n),
         Ok(_) => Err(invalid(var, value, outside)),
@@ -343,7 +449,10 @@ fn http_url(var: &'static str, value: Option<&str>) -> Result<Option<String>, Co
 
 /// Channel and attribute names: letters, digits, `-`, `.` and `_`.
 fn plain_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 #[cfg(test)]
@@ -351,7 +460,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn pkgs_dir() -> tempfile::TempDir {
@@ -371,11 +483,25 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.nix_timeout, Duration::from_secs(600));
         assert_eq!(config.layer_budget, 94);
-        assert_eq!(config.storage, StorageConfig::Filesystem { root: "/tmp/x".into() });
+        assert_eq!(
+            config.storage,
+            StorageConfig::Filesystem {
+                root: "/tmp/x".into()
+            }
+        );
         assert_eq!(config.implicit_packages, ["cacert", "iana-etc"]);
         let channel = Config::from_vars(&vars(&[(STORAGE_PATH, "/tmp/x")])).unwrap();
-        assert_eq!(channel.source, PackageSource::Channel { name: "nixos-unstable".into() });
-        let none = Config::from_vars(&vars(&[(STORAGE_PATH, "/tmp/x"), (NIXERY_IMPLICIT_PACKAGES, "")])).unwrap();
+        assert_eq!(
+            channel.source,
+            PackageSource::Channel {
+                name: "nixos-unstable".into()
+            }
+        );
+        let none = Config::from_vars(&vars(&[
+            (STORAGE_PATH, "/tmp/x"),
+            (NIXERY_IMPLICIT_PACKAGES, ""),
+        ]))
+        .unwrap();
         assert!(none.implicit_packages.is_empty());
     }
 
@@ -406,28 +532,132 @@ mod tests {
         let pkgs = pkgs_dir();
         let p = pkgs.path().to_str().unwrap();
         let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
-            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_CHANNEL, "nixos-24.05"), (STORAGE_PATH, "/x")], NIXERY_CHANNEL),
-            (vec![(NIXERY_PKGS_REPO, "/r"), (NIXERY_CHANNEL, "nixos-24.05"), (STORAGE_PATH, "/x")], NIXERY_CHANNEL),
-            (vec![(NIXERY_CHANNEL, "nixos unstable"), (STORAGE_PATH, "/x")], NIXERY_CHANNEL),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_TAG_TTL, "soon")], NIXERY_TAG_TTL),
-            (vec![(STORAGE_PATH, "/x"), (NIX_POPULARITY_URL, "ftp://x")], NIX_POPULARITY_URL),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_IMPLICIT_PACKAGES, "cacert;rm")], NIXERY_IMPLICIT_PACKAGES),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_BUILDER, "sqs")], NIXERY_QUEUE_URL),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_BUILDER, "lambda")], NIXERY_BUILDER),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_QUEUE_URL, "http://q"), (NIXERY_SQS_ENDPOINT, "q:1")], NIXERY_SQS_ENDPOINT),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_BUILD_TIMEOUT, "0")], NIXERY_BUILD_TIMEOUT),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_FAILURE_TTL, "x")], NIXERY_FAILURE_TTL),
-            (vec![(STORAGE_PATH, "/x"), (NIXERY_HEARTBEAT_SECONDS, "-1")], NIXERY_HEARTBEAT_SECONDS),
-            (vec![(NIXERY_PKGS_PATH, "/nonexistent"), (STORAGE_PATH, "/x")], NIXERY_PKGS_PATH),
+            (
+                vec![
+                    (NIXERY_PKGS_PATH, p),
+                    (NIXERY_CHANNEL, "nixos-24.05"),
+                    (STORAGE_PATH, "/x"),
+                ],
+                NIXERY_CHANNEL,
+            ),
+            (
+                vec![
+                    (NIXERY_PKGS_REPO, "/r"),
+                    (NIXERY_CHANNEL, "nixos-24.05"),
+                    (STORAGE_PATH, "/x"),
+                ],
+                NIXERY_CHANNEL,
+            ),
+            (
+                vec![(NIXERY_CHANNEL, "nixos unstable"), (STORAGE_PATH, "/x")],
+                NIXERY_CHANNEL,
+            ),
+            (
+                vec![(STORAGE_PATH, "/x"), (NIXERY_TAG_TTL, "soon")],
+                NIXERY_TAG_TTL,
+            ),
+            (
+                vec![(STORAGE_PATH, "/x"), (NIX_POPULARITY_URL, "ftp://x")],
+                NIX_POPULARITY_URL,
+            ),
+            (
+                vec![
+                    (STORAGE_PATH, "/x"),
+                    (NIXERY_IMPLICIT_PACKAGES, "cacert;rm"),
+                ],
+                NIXERY_IMPLICIT_PACKAGES,
+            ),
+            (
+                vec![(STORAGE_PATH, "/x"), (NIXERY_BUILDER, "sqs")],
+                NIXERY_QUEUE_URL,
+            ),
+            (
+                vec![(STORAGE_PATH, "/x"), (NIXERY_BUILDER, "lambda")],
+                NIXERY_BUILDER,
+            ),
+            (
+                vec![
+                    (STORAGE_PATH, "/x"),
+                    (NIXERY_QUEUE_URL, "http://q"),
+                    (NIXERY_SQS_ENDPOINT, "q:1"),
+                ],
+                NIXERY_SQS_ENDPOINT,
+            ),
+            (
+                vec![(STORAGE_PATH, "/x"), (NIXERY_BUILD_TIMEOUT, "0")],
+                NIXERY_BUILD_TIMEOUT,
+            ),
+            (
+                vec![(STORAGE_PATH, "/x"), (NIXERY_FAILURE_TTL, "x")],
+                NIXERY_FAILURE_TTL,
+            ),
+            (
+                vec![(STORAGE_PATH, "/x"), (NIXERY_HEARTBEAT_SECONDS, "-1")],
+                NIXERY_HEARTBEAT_SECONDS,
+            ),
+            (
+                vec![(NIXERY_PKGS_PATH, "/nonexistent"), (STORAGE_PATH, "/x")],
+                NIXERY_PKGS_PATH,
+            ),
             (vec![(NIXERY_PKGS_PATH, p)], STORAGE_PATH),
-            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (PORT, "http")], PORT),
-            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_LISTEN, "nowhere")], NIXERY_LISTEN),
-            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIX_TIMEOUT, "0")], NIX_TIMEOUT),
-            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_LAYER_BUDGET, "500")], NIXERY_LAYER_BUDGET),
-            (vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (NIXERY_STORAGE_BACKEND, "gcs")], NIXERY_STORAGE_BACKEND),
-            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_STORAGE_BACKEND, "s3")], NIXERY_S3_BUCKET),
-            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_STORAGE_BACKEND, "s3"), (NIXERY_S3_BUCKET, "b"), (NIXERY_S3_ENDPOINT, "localhost:9000")], NIXERY_S3_ENDPOINT),
-            (vec![(NIXERY_PKGS_PATH, p), (NIXERY_STORAGE_BACKEND, "s3"), (NIXERY_S3_BUCKET, "b"), (NIXERY_PRESIGN_SECONDS, "0")], NIXERY_PRESIGN_SECONDS),
+            (
+                vec![(NIXERY_PKGS_PATH, p), (STORAGE_PATH, "/x"), (PORT, "http")],
+                PORT,
+            ),
+            (
+                vec![
+                    (NIXERY_PKGS_PATH, p),
+                    (STORAGE_PATH, "/x"),
+                    (NIXERY_LISTEN, "nowhere"),
+                ],
+                NIXERY_LISTEN,
+            ),
+            (
+                vec![
+                    (NIXERY_PKGS_PATH, p),
+                    (STORAGE_PATH, "/x"),
+                    (NIX_TIMEOUT, "0"),
+                ],
+                NIX_TIMEOUT,
+            ),
+            (
+                vec![
+                    (NIXERY_PKGS_PATH, p),
+                    (STORAGE_PATH, "/x"),
+                    (NIXERY_LAYER_BUDGET, "500"),
+                ],
+                NIXERY_LAYER_BUDGET,
+            ),
+            (
+                vec![
+                    (NIXERY_PKGS_PATH, p),
+                    (STORAGE_PATH, "/x"),
+                    (NIXERY_STORAGE_BACKEND, "gcs"),
+                ],
+                NIXERY_STORAGE_BACKEND,
+            ),
+            (
+                vec![(NIXERY_PKGS_PATH, p), (NIXERY_STORAGE_BACKEND, "s3")],
+                NIXERY_S3_BUCKET,
+            ),
+            (
+                vec![
+                    (NIXERY_PKGS_PATH, p),
+                    (NIXERY_STORAGE_BACKEND, "s3"),
+                    (NIXERY_S3_BUCKET, "b"),
+                    (NIXERY_S3_ENDPOINT, "localhost:9000"),
+                ],
+                NIXERY_S3_ENDPOINT,
+            ),
+            (
+                vec![
+                    (NIXERY_PKGS_PATH, p),
+                    (NIXERY_STORAGE_BACKEND, "s3"),
+                    (NIXERY_S3_BUCKET, "b"),
+                    (NIXERY_PRESIGN_SECONDS, "0"),
+                ],
+                NIXERY_PRESIGN_SECONDS,
+            ),
         ];
         for (pairs, var) in cases {
             let err = Config::from_vars(&vars(&pairs)).unwrap_err().to_string();

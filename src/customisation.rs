@@ -26,7 +26,8 @@ use crate::pack::{Node, Tree};
 
 const CA_BUNDLE: &str = "etc/ssl/certs/ca-bundle.crt";
 const PATH: &str = "PATH=/bin:/sbin:/usr/bin";
-const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/var/empty:/bin/false\n";
+const PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/var/empty:/bin/false\n";
 const GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
 
 /// The customisation layer's files and the config it implies.
@@ -45,7 +46,10 @@ pub struct CustomisationError {
 }
 
 fn err(path: &Path) -> impl FnOnce(io::Error) -> CustomisationError + '_ {
-    move |source| CustomisationError { path: path.to_path_buf(), source }
+    move |source| CustomisationError {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Builds the layer for `outputs` (the requested packages' output paths, in
@@ -55,7 +59,11 @@ pub fn customise<'a>(
     closure: impl IntoIterator<Item = &'a String>,
 ) -> Result<Customisation, CustomisationError> {
     let mut tree = Tree::new();
-    let roots: Vec<PathBuf> = outputs.iter().map(PathBuf::from).filter(|p| p.is_dir()).collect();
+    let roots: Vec<PathBuf> = outputs
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .collect();
     merge(&mut tree, Path::new(""), &roots, true)?;
 
     let mut env = vec![PATH.to_string()];
@@ -63,19 +71,31 @@ pub fn customise<'a>(
     put_dir(&mut tree, "tmp", 0o1777)?;
     if let Some(Node::Symlink { target }) = tree.get(Path::new("bin/env")).cloned() {
         if materialise(&mut tree, Path::new("usr/bin"))? {
-            tree.entry("usr/bin/env".into()).or_insert(Node::Symlink { target });
+            tree.entry("usr/bin/env".into())
+                .or_insert(Node::Symlink { target });
         }
     }
     if materialise(&mut tree, Path::new("etc"))? {
         for (name, content) in [("etc/passwd", PASSWD), ("etc/group", GROUP)] {
-            tree.entry(name.into()).or_insert(Node::File { mode: 0o644, data: content.as_bytes().to_vec() });
+            tree.entry(name.into()).or_insert(Node::File {
+                mode: 0o644,
+                data: content.as_bytes().to_vec(),
+            });
         }
     }
-    let bundle = closure.into_iter().map(|p| Path::new(p).join(CA_BUNDLE)).find(|p| p.is_file());
+    let bundle = closure
+        .into_iter()
+        .map(|p| Path::new(p).join(CA_BUNDLE))
+        .find(|p| p.is_file());
     if let Some(bundle) = bundle {
         if materialise(&mut tree, Path::new("etc/ssl/certs"))? {
-            for name in ["etc/ssl/certs/ca-bundle.crt", "etc/ssl/certs/ca-certificates.crt"] {
-                tree.entry(name.into()).or_insert(Node::Symlink { target: bundle.clone() });
+            for name in [
+                "etc/ssl/certs/ca-bundle.crt",
+                "etc/ssl/certs/ca-certificates.crt",
+            ] {
+                tree.entry(name.into()).or_insert(Node::Symlink {
+                    target: bundle.clone(),
+                });
             }
             env.push(format!("SSL_CERT_FILE=/{CA_BUNDLE}"));
         }
@@ -90,7 +110,12 @@ pub fn customise<'a>(
 
 /// Merges the children of `sources` (directories on disk, in priority
 /// order) into `tree` at `at`.
-fn merge(tree: &mut Tree, at: &Path, sources: &[PathBuf], top: bool) -> Result<(), CustomisationError> {
+fn merge(
+    tree: &mut Tree,
+    at: &Path,
+    sources: &[PathBuf],
+    top: bool,
+) -> Result<(), CustomisationError> {
     let mut names = BTreeSet::<Vec<u8>>::new();
     for source in sources {
         for entry in std::fs::read_dir(source).map_err(err(source))? {
@@ -103,8 +128,11 @@ fn merge(tree: &mut Tree, at: &Path, sources: &[PathBuf], top: bool) -> Result<(
         if top && name == "nix-support" {
             continue;
         }
-        let candidates: Vec<PathBuf> =
-            sources.iter().map(|s| s.join(&name)).filter(|p| p.symlink_metadata().is_ok()).collect();
+        let candidates: Vec<PathBuf> = sources
+            .iter()
+            .map(|s| s.join(&name))
+            .filter(|p| p.symlink_metadata().is_ok())
+            .collect();
         let dirs: Vec<PathBuf> = candidates.iter().filter(|p| p.is_dir()).cloned().collect();
         let here = at.join(&name);
         let first_is_dir = candidates.first().is_some_and(|p| p.is_dir());
@@ -176,11 +204,30 @@ mod tests {
     #[test]
     fn packages_merge_like_build_env() {
         let dir = tempfile::tempdir().unwrap();
-        let coreutils = package(dir.path(), "coreutils", &["bin/env", "bin/ls", "share/man/man1/ls.1"]);
-        let hello = package(dir.path(), "hello", &["bin/hello", "bin/ls", "share/man/man1/hello.1", "share/info/hello.info", "nix-support/x"]);
+        let coreutils = package(
+            dir.path(),
+            "coreutils",
+            &["bin/env", "bin/ls", "share/man/man1/ls.1"],
+        );
+        let hello = package(
+            dir.path(),
+            "hello",
+            &[
+                "bin/hello",
+                "bin/ls",
+                "share/man/man1/hello.1",
+                "share/info/hello.info",
+                "nix-support/x",
+            ],
+        );
         let bash = package(dir.path(), "bash", &["bin/bash"]);
         let cacert = package(dir.path(), "cacert", &["etc/ssl/certs/ca-bundle.crt"]);
-        let outputs = vec![bash.clone(), coreutils.clone(), hello.clone(), cacert.clone()];
+        let outputs = vec![
+            bash.clone(),
+            coreutils.clone(),
+            hello.clone(),
+            cacert.clone(),
+        ];
         let c = customise(&outputs, &outputs).unwrap();
         let link = |p: &str| match c.tree.get(Path::new(p)) {
             Some(Node::Symlink { target }) => target.to_str().unwrap().to_string(),
@@ -190,20 +237,41 @@ mod tests {
         // A clash: the first package wins.
         assert_eq!(link("bin/ls"), format!("{coreutils}/bin/ls"));
         // A directory two packages share is merged; one only one has is linked.
-        assert_eq!(c.tree.get(Path::new("share/man")), Some(&Node::Dir { mode: 0o755 }));
-        assert_eq!(link("share/man/man1/ls.1"), format!("{coreutils}/share/man/man1/ls.1"));
+        assert_eq!(
+            c.tree.get(Path::new("share/man")),
+            Some(&Node::Dir { mode: 0o755 })
+        );
+        assert_eq!(
+            link("share/man/man1/ls.1"),
+            format!("{coreutils}/share/man/man1/ls.1")
+        );
         assert_eq!(link("share/info"), format!("{hello}/share/info"));
         assert!(!c.tree.contains_key(Path::new("nix-support")));
         assert_eq!(link("usr/bin/env"), format!("{coreutils}/bin/env"));
-        assert_eq!(c.tree.get(Path::new("tmp")), Some(&Node::Dir { mode: 0o1777 }));
-        assert_eq!(link("etc/ssl/certs/ca-certificates.crt"), format!("{cacert}/etc/ssl/certs/ca-bundle.crt"));
-        assert!(matches!(c.tree.get(Path::new("etc/passwd")), Some(Node::File { .. })));
-        assert!(c.env.contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".to_string()));
+        assert_eq!(
+            c.tree.get(Path::new("tmp")),
+            Some(&Node::Dir { mode: 0o1777 })
+        );
+        assert_eq!(
+            link("etc/ssl/certs/ca-certificates.crt"),
+            format!("{cacert}/etc/ssl/certs/ca-bundle.crt")
+        );
+        assert!(matches!(
+            c.tree.get(Path::new("etc/passwd")),
+            Some(Node::File { .. })
+        ));
+        assert!(c
+            .env
+            .contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".to_string()));
         assert_eq!(c.cmd, Some(vec!["/bin/bash".to_string()]));
         // Every entry's parent is a directory in the tree.
         for path in c.tree.keys() {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                assert_eq!(c.tree.get(parent).map(|n| matches!(n, Node::Dir { .. })), Some(true), "{path:?}");
+                assert_eq!(
+                    c.tree.get(parent).map(|n| matches!(n, Node::Dir { .. })),
+                    Some(true),
+                    "{path:?}"
+                );
             }
         }
     }

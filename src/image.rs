@@ -108,19 +108,33 @@ impl ImageSpec {
             leading = false;
         }
         if packages.is_empty() {
-            return Err(NameError::NoPackages { name: name.to_string() });
+            return Err(NameError::NoPackages {
+                name: name.to_string(),
+            });
         }
         if packages.len() > MAX_PACKAGES {
-            return Err(NameError::TooManyPackages { count: packages.len() });
+            return Err(NameError::TooManyPackages {
+                count: packages.len(),
+            });
         }
-        Ok(ImageSpec { packages, arch, tag: tag.to_string() })
+        Ok(ImageSpec {
+            packages,
+            arch,
+            tag: tag.to_string(),
+        })
     }
 }
 
 impl fmt::Display for ImageSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let packages: Vec<&str> = self.packages.iter().map(String::as_str).collect();
-        write!(f, "{}:{} ({})", packages.join("/"), self.tag, self.arch.oci_name())
+        write!(
+            f,
+            "{}:{} ({})",
+            packages.join("/"),
+            self.tag,
+            self.arch.oci_name()
+        )
     }
 }
 
@@ -135,7 +149,9 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     }
     for component in name.split('/') {
         if !valid_component(component) {
-            return Err(NameError::BadComponent { component: component.to_string() });
+            return Err(NameError::BadComponent {
+                component: component.to_string(),
+            });
         }
     }
     Ok(())
@@ -147,11 +163,15 @@ pub fn validate_tag(tag: &str) -> Result<(), NameError> {
     let ok = !bytes.is_empty()
         && bytes.len() <= MAX_TAG_LEN
         && (bytes[0].is_ascii_alphanumeric() || bytes[0] == b'_')
-        && bytes[1..].iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && bytes[1..]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
-        Err(NameError::BadTag { tag: tag.to_string() })
+        Err(NameError::BadTag {
+            tag: tag.to_string(),
+        })
     }
 }
 
@@ -207,14 +227,24 @@ mod tests {
 
     #[test]
     fn arm64_counts_only_in_the_leading_run() {
-        assert_eq!(ImageSpec::parse("arm64/hello", "latest").unwrap().arch, Arch::Arm64);
-        assert_eq!(ImageSpec::parse("shell/arm64/hello", "latest").unwrap().arch, Arch::Amd64);
+        assert_eq!(
+            ImageSpec::parse("arm64/hello", "latest").unwrap().arch,
+            Arch::Arm64
+        );
+        assert_eq!(
+            ImageSpec::parse("shell/arm64/hello", "latest")
+                .unwrap()
+                .arch,
+            Arch::Amd64
+        );
         let later = ImageSpec::parse("hello/arm64", "latest").unwrap();
         assert_eq!(later.arch, Arch::Amd64);
         assert!(later.packages.contains("arm64"));
         assert_eq!(
             ImageSpec::parse("arm64", "latest"),
-            Err(NameError::NoPackages { name: "arm64".into() })
+            Err(NameError::NoPackages {
+                name: "arm64".into()
+            })
         );
     }
 
@@ -227,12 +257,22 @@ mod tests {
 
     #[test]
     fn bad_names_are_rejected() {
-        for name in ["", "Hello", "a//b", "/a", "a/", "a..b", "-a", "a-", "a___b", "a b", "a/../b", "a;rm"] {
-            assert!(ImageSpec::parse(name, "latest").is_err(), "{name:?} was accepted");
+        for name in [
+            "", "Hello", "a//b", "/a", "a/", "a..b", "-a", "a-", "a___b", "a b", "a/../b", "a;rm",
+        ] {
+            assert!(
+                ImageSpec::parse(name, "latest").is_err(),
+                "{name:?} was accepted"
+            );
         }
         let long = vec!["a"; 200].join("/");
-        assert!(matches!(ImageSpec::parse(&long, "latest"), Err(NameError::TooLong { .. })));
-        let many: Vec<String> = (0..70u8).map(|i| format!("{}{}", (b'a' + i / 26) as char, (b'a' + i % 26) as char)).collect();
+        assert!(matches!(
+            ImageSpec::parse(&long, "latest"),
+            Err(NameError::TooLong { .. })
+        ));
+        let many: Vec<String> = (0..70u8)
+            .map(|i| format!("{}{}", (b'a' + i / 26) as char, (b'a' + i % 26) as char))
+            .collect();
         assert!(matches!(
             ImageSpec::parse(&many.join("/"), "latest"),
             Err(NameError::TooManyPackages { count: 70 })

@@ -108,7 +108,12 @@ struct Candidate {
 
 /// Groups a closure into at most `budget` layers; `roots` are the store
 /// paths of the requested packages. See the module docs for the rules.
-pub fn group(closure: &Closure, roots: &[String], popularity: &Popularity, budget: usize) -> Vec<Layer> {
+pub fn group(
+    closure: &Closure,
+    roots: &[String],
+    popularity: &Popularity,
+    budget: usize,
+) -> Vec<Layer> {
     let budget = budget.max(1);
     // Nodes are numbered in path order, so comparing indices compares paths.
     let paths: Vec<&String> = closure.keys().collect();
@@ -121,7 +126,12 @@ pub fn group(closure: &Closure, roots: &[String], popularity: &Popularity, budge
         .values()
         .enumerate()
         .map(|(i, info)| {
-            let mut refs: Vec<usize> = info.references.iter().filter_map(|r| index_of(r)).filter(|&j| j != i).collect();
+            let mut refs: Vec<usize> = info
+                .references
+                .iter()
+                .filter_map(|r| index_of(r))
+                .filter(|&j| j != i)
+                .collect();
             refs.sort_unstable();
             refs.dedup();
             refs
@@ -186,7 +196,9 @@ pub fn group(closure: &Closure, roots: &[String], popularity: &Popularity, budge
     let dominators = dominators::simple_fast(&graph, root);
     let mut dominated: Vec<Vec<usize>> = vec![Vec::new(); n + 1];
     for i in 0..n {
-        let parent = dominators.immediate_dominator(NodeIndex::new(i)).expect("every path hangs under the root");
+        let parent = dominators
+            .immediate_dominator(NodeIndex::new(i))
+            .expect("every path hangs under the root");
         dominated[parent.index()].push(i);
     }
 
@@ -201,7 +213,11 @@ pub fn group(closure: &Closure, roots: &[String], popularity: &Popularity, budge
             }
             members.sort_unstable();
             let size: u128 = members.iter().map(|&i| u128::from(sizes[i])).sum();
-            Candidate { top, members, rating: u128::from(weights[top]).saturating_mul(size) }
+            Candidate {
+                top,
+                members,
+                rating: u128::from(weights[top]).saturating_mul(size),
+            }
         })
         .collect();
     candidates.sort_by(|a, b| b.rating.cmp(&a.rating).then(a.top.cmp(&b.top)));
@@ -216,7 +232,12 @@ pub fn group(closure: &Closure, roots: &[String], popularity: &Popularity, budge
     } else {
         groups.extend(candidates.into_iter().map(|c| c.members));
     }
-    groups.into_iter().map(|members| Layer { paths: members.into_iter().map(|i| paths[i].clone()).collect() }).collect()
+    groups
+        .into_iter()
+        .map(|members| Layer {
+            paths: members.into_iter().map(|i| paths[i].clone()).collect(),
+        })
+        .collect()
 }
 
 /// The closure size of each path node of `graph` (all its nodes): the sum
@@ -281,13 +302,22 @@ mod tests {
         entries
             .iter()
             .map(|(name, size, refs)| {
-                (p(name), PathInfo { nar_size: *size, references: refs.iter().map(|r| p(r)).collect() })
+                (
+                    p(name),
+                    PathInfo {
+                        nar_size: *size,
+                        references: refs.iter().map(|r| p(r)).collect(),
+                    },
+                )
             })
             .collect()
     }
 
     fn names(layers: &[Layer]) -> Vec<Vec<String>> {
-        layers.iter().map(|l| l.paths.iter().map(|p| p[44..].to_string()).collect()).collect()
+        layers
+            .iter()
+            .map(|l| l.paths.iter().map(|p| p[44..].to_string()).collect())
+            .collect()
     }
 
     fn popular(entries: &[(&str, u64)]) -> Popularity {
@@ -296,7 +326,11 @@ mod tests {
 
     /// Every path in exactly one layer, at most `budget` layers, each sorted
     /// and non-empty.
-    fn check_partition(closure: &Closure, layers: &[Layer], budget: usize) -> Result<(), TestCaseError> {
+    fn check_partition(
+        closure: &Closure,
+        layers: &[Layer],
+        budget: usize,
+    ) -> Result<(), TestCaseError> {
         prop_assert!(layers.len() <= budget.max(1));
         let mut seen = BTreeSet::new();
         for layer in layers {
@@ -321,18 +355,35 @@ mod tests {
         popularity: &Popularity,
         budget: usize,
     ) -> Result<(), TestCaseError> {
-        let candidates = if layers.len() == budget.max(1) { layers.len().saturating_sub(1) } else { layers.len() };
+        let candidates = if layers.len() == budget.max(1) {
+            layers.len().saturating_sub(1)
+        } else {
+            layers.len()
+        };
         let mut keys = Vec::new();
         for layer in &layers[..candidates] {
             let inside: &BTreeSet<&String> = &layer.paths.iter().collect();
             let referred: BTreeSet<&String> = layer
                 .paths
                 .iter()
-                .flat_map(|path| closure[path].references.iter().filter(move |r| *r != path && inside.contains(r)))
+                .flat_map(|path| {
+                    closure[path]
+                        .references
+                        .iter()
+                        .filter(move |r| *r != path && inside.contains(r))
+                })
                 .collect();
-            let tops: Vec<&String> = layer.paths.iter().filter(|path| !referred.contains(path)).collect();
+            let tops: Vec<&String> = layer
+                .paths
+                .iter()
+                .filter(|path| !referred.contains(path))
+                .collect();
             prop_assert_eq!(tops.len(), 1, "a candidate has one top: {:?}", layer);
-            let size: u128 = layer.paths.iter().map(|path| u128::from(closure[path].nar_size)).sum();
+            let size: u128 = layer
+                .paths
+                .iter()
+                .map(|path| u128::from(closure[path].nar_size))
+                .sum();
             let rating = u128::from(popularity.weight(tops[0])) * size;
             keys.push((std::cmp::Reverse(rating), tops[0].clone()));
         }
@@ -364,21 +415,48 @@ mod tests {
             .prop_map(move |(order, nodes, edges, roots, counts)| {
                 let path = |i: usize| format!("/nix/store/{:032}-n{}", order[i], nodes[i].0);
                 let mut closure: Closure = (0..nodes.len())
-                    .map(|i| (path(i), PathInfo { nar_size: nodes[i].1, references: vec![] }))
+                    .map(|i| {
+                        (
+                            path(i),
+                            PathInfo {
+                                nar_size: nodes[i].1,
+                                references: vec![],
+                            },
+                        )
+                    })
                     .collect();
                 for (a, b) in edges {
-                    let (from, to) = if acyclic { (a.min(b), a.max(b)) } else { (a, b) };
+                    let (from, to) = if acyclic {
+                        (a.min(b), a.max(b))
+                    } else {
+                        (a, b)
+                    };
                     if !acyclic || from != to {
-                        closure.get_mut(&path(from)).expect("generated").references.push(path(to));
+                        closure
+                            .get_mut(&path(from))
+                            .expect("generated")
+                            .references
+                            .push(path(to));
                     }
                 }
                 // Index n is a root outside the closure.
                 let roots = roots
                     .into_iter()
-                    .map(|i| if i < nodes.len() { path(i) } else { "/nix/store/missing".into() })
+                    .map(|i| {
+                        if i < nodes.len() {
+                            path(i)
+                        } else {
+                            "/nix/store/missing".into()
+                        }
+                    })
                     .collect();
-                let popularity = Popularity::from_counts((0..6).map(|k| (format!("n{k}"), counts[k])).collect());
-                Generated { closure, roots, popularity }
+                let popularity =
+                    Popularity::from_counts((0..6).map(|k| (format!("n{k}"), counts[k])).collect());
+                Generated {
+                    closure,
+                    roots,
+                    popularity,
+                }
             })
     }
 
@@ -467,9 +545,29 @@ mod tests {
         // f, d and c are heavy too (g is in their closures).
         assert_eq!(layers(1), [vec!["a", "b", "c", "d", "e", "f", "g"]]);
         assert_eq!(layers(2), [vec!["g"], vec!["a", "b", "c", "d", "e", "f"]]);
-        assert_eq!(layers(3), [vec!["g"], vec!["e"], vec!["a", "b", "c", "d", "f"]]);
-        assert_eq!(layers(5), [vec!["g"], vec!["e"], vec!["f"], vec!["d"], vec!["a", "b", "c"]]);
-        let all = [vec!["g"], vec!["e"], vec!["f"], vec!["d"], vec!["c"], vec!["b"], vec!["a"]];
+        assert_eq!(
+            layers(3),
+            [vec!["g"], vec!["e"], vec!["a", "b", "c", "d", "f"]]
+        );
+        assert_eq!(
+            layers(5),
+            [
+                vec!["g"],
+                vec!["e"],
+                vec!["f"],
+                vec!["d"],
+                vec!["a", "b", "c"]
+            ]
+        );
+        let all = [
+            vec!["g"],
+            vec!["e"],
+            vec!["f"],
+            vec!["d"],
+            vec!["c"],
+            vec!["b"],
+            vec!["a"],
+        ];
         assert_eq!(layers(7), all);
         assert_eq!(layers(94), all);
     }
@@ -480,26 +578,53 @@ mod tests {
         closure.get_mut(&p("g")).unwrap().nar_size = 6;
         let layers = names(&group(&closure, &roots, &popularity, 94));
         // Nothing is heavy now: d owns f and g.
-        assert_eq!(layers, [vec!["e"], vec!["d", "f", "g"], vec!["c"], vec!["b"], vec!["a"]]);
+        assert_eq!(
+            layers,
+            [
+                vec!["e"],
+                vec!["d", "f", "g"],
+                vec!["c"],
+                vec!["b"],
+                vec!["a"]
+            ]
+        );
     }
 
     #[test]
     fn heavy_closures_and_popular_paths_get_candidates_of_their_own() {
         // r -> x -> y and r -> z -> w; only r is requested.
         let graph = |y: u64| {
-            closure_of(&[("r", 1, &["x", "z"]), ("x", 1, &["y"]), ("y", y, &[]), ("z", 1, &["w"]), ("w", 50 * MB, &[])])
+            closure_of(&[
+                ("r", 1, &["x", "z"]),
+                ("x", 1, &["y"]),
+                ("y", y, &[]),
+                ("z", 1, &["w"]),
+                ("w", 50 * MB, &[]),
+            ])
         };
         let roots = [p("r")];
         let none = Popularity::none();
         // r's closure is heavy, but x's and z's are not: one candidate.
-        assert_eq!(names(&group(&graph(60 * MB), &roots, &none, 94)), [vec!["r", "w", "x", "y", "z"]]);
+        assert_eq!(
+            names(&group(&graph(60 * MB), &roots, &none, 94)),
+            [vec!["r", "w", "x", "y", "z"]]
+        );
         // y pushes x over the threshold: x and y stand alone.
-        assert_eq!(names(&group(&graph(120 * MB), &roots, &none, 94)), [vec!["y"], vec!["r", "w", "z"], vec!["x"]]);
+        assert_eq!(
+            names(&group(&graph(120 * MB), &roots, &none, 94)),
+            [vec!["y"], vec!["r", "w", "z"], vec!["x"]]
+        );
         // A popular path deep down gets its own candidate too.
         let popularity = popular(&[("z", POPULAR_WEIGHT)]);
-        assert_eq!(names(&group(&graph(1), &roots, &popularity, 94)), [vec!["w", "z"], vec!["r", "x", "y"]]);
+        assert_eq!(
+            names(&group(&graph(1), &roots, &popularity, 94)),
+            [vec!["w", "z"], vec!["r", "x", "y"]]
+        );
         let popularity = popular(&[("z", POPULAR_WEIGHT - 1)]);
-        assert_eq!(names(&group(&graph(1), &roots, &popularity, 94)), [vec!["r", "w", "x", "y", "z"]]);
+        assert_eq!(
+            names(&group(&graph(1), &roots, &popularity, 94)),
+            [vec!["r", "w", "x", "y", "z"]]
+        );
     }
 
     #[test]
@@ -508,8 +633,14 @@ mod tests {
         let roots: Vec<String> = closure.keys().cloned().collect();
         let none = Popularity::none();
         // p() pads by name length, so "bb" sorts after the one-letter names.
-        assert_eq!(names(&group(&closure, &roots, &none, 4)), [vec!["a"], vec!["c"], vec!["bb"], vec!["d"]]);
-        assert_eq!(names(&group(&closure, &roots, &none, 3)), [vec!["a"], vec!["c"], vec!["d", "bb"]]);
+        assert_eq!(
+            names(&group(&closure, &roots, &none, 4)),
+            [vec!["a"], vec!["c"], vec!["bb"], vec!["d"]]
+        );
+        assert_eq!(
+            names(&group(&closure, &roots, &none, 3)),
+            [vec!["a"], vec!["c"], vec!["d", "bb"]]
+        );
     }
 
     #[test]
@@ -518,14 +649,28 @@ mod tests {
         assert!(group(&Closure::new(), &[p("x")], &none, 5).is_empty());
         // Unknown roots and references, a self-reference, budget 0.
         let closure = closure_of(&[("a", 1, &["a", "ghost"]), ("b", 1, &["a"])]);
-        assert_eq!(names(&group(&closure, &[p("nope")], &none, 0)), [vec!["a", "b"]]);
+        assert_eq!(
+            names(&group(&closure, &[p("nope")], &none, 0)),
+            [vec!["a", "b"]]
+        );
         assert_eq!(names(&group(&closure, &[], &none, 5)), [vec!["a", "b"]]);
         // A cycle that nothing reaches hangs under its smallest path.
-        let cycle = closure_of(&[("a", 1, &["b"]), ("b", 1, &["c"]), ("c", 1, &["a"]), ("d", 9, &[])]);
-        assert_eq!(names(&group(&cycle, &[], &none, 5)), [vec!["d"], vec!["a", "b", "c"]]);
+        let cycle = closure_of(&[
+            ("a", 1, &["b"]),
+            ("b", 1, &["c"]),
+            ("c", 1, &["a"]),
+            ("d", 9, &[]),
+        ]);
+        assert_eq!(
+            names(&group(&cycle, &[], &none, 5)),
+            [vec!["d"], vec!["a", "b", "c"]]
+        );
         // Requested paths on a cycle split it.
         let roots = [p("b"), p("a")];
-        assert_eq!(names(&group(&cycle, &roots, &none, 5)), [vec!["d"], vec!["b", "c"], vec!["a"]]);
+        assert_eq!(
+            names(&group(&cycle, &roots, &none, 5)),
+            [vec!["d"], vec!["b", "c"], vec!["a"]]
+        );
     }
 
     #[test]
@@ -538,7 +683,11 @@ mod tests {
             ("d", 8, &["e"]),
             ("e", 16, &["d"]),
         ]);
-        let order: BTreeMap<String, usize> = closure.keys().enumerate().map(|(i, p)| (p.clone(), i)).collect();
+        let order: BTreeMap<String, usize> = closure
+            .keys()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), i))
+            .collect();
         let mut graph: DiGraph<(), (), u32> = DiGraph::new();
         for _ in 0..closure.len() {
             graph.add_node(());
@@ -574,24 +723,39 @@ mod tests {
                     references.push(path(i + 1 + (next() as usize) % (N - i - 1)));
                 }
             }
-            closure.insert(path(i), PathInfo { nar_size: next() % 100_000, references });
+            closure.insert(
+                path(i),
+                PathInfo {
+                    nar_size: next() % 100_000,
+                    references,
+                },
+            );
         }
         let roots: Vec<String> = (0..N).step_by(300).map(path).collect();
-        let popularity = Popularity::from_counts((0..97).map(|k| (format!("pkg{k}"), k * 3)).collect());
+        let popularity =
+            Popularity::from_counts((0..97).map(|k| (format!("pkg{k}"), k * 3)).collect());
         for budget in [1, 10, 94, N] {
             let layers = group(&closure, &roots, &popularity, budget);
             check_partition(&closure, &layers, budget).unwrap();
             check_order(&closure, &layers, &popularity, budget).unwrap();
             if budget == N {
-                assert!(layers.len() > 94, "heavy and popular paths split the chain: {}", layers.len());
+                assert!(
+                    layers.len() > 94,
+                    "heavy and popular paths split the chain: {}",
+                    layers.len()
+                );
             }
         }
     }
 
     #[test]
     fn keys_depend_on_paths_and_compression() {
-        let a = Layer { paths: vec!["/nix/store/a".into()] };
-        let b = Layer { paths: vec!["/nix/store/b".into()] };
+        let a = Layer {
+            paths: vec!["/nix/store/a".into()],
+        };
+        let b = Layer {
+            paths: vec!["/nix/store/b".into()],
+        };
         assert_ne!(a.key("gzip-6"), b.key("gzip-6"));
         assert_ne!(a.key("gzip-6"), a.key("zstd"));
         assert_eq!(a.key("gzip-6"), a.clone().key("gzip-6"));

@@ -39,7 +39,11 @@ pub struct Descriptor {
 impl Descriptor {
     /// Describes some bytes.
     pub fn of(media_type: &str, bytes: &[u8]) -> Descriptor {
-        Descriptor { media_type: media_type.to_string(), digest: sha256_digest(bytes), size: bytes.len() as u64 }
+        Descriptor {
+            media_type: media_type.to_string(),
+            digest: sha256_digest(bytes),
+            size: bytes.len() as u64,
+        }
     }
 }
 
@@ -54,7 +58,12 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn new(config: Descriptor, layers: Vec<Descriptor>) -> Manifest {
-        Manifest { schema_version: 2, media_type: MEDIA_TYPE_MANIFEST.to_string(), config, layers }
+        Manifest {
+            schema_version: 2,
+            media_type: MEDIA_TYPE_MANIFEST.to_string(),
+            config,
+            layers,
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -93,13 +102,26 @@ pub struct History {
 }
 
 impl ImageConfig {
-    pub fn new(architecture: &str, diff_ids: Vec<String>, env: Vec<String>, cmd: Option<Vec<String>>) -> ImageConfig {
-        let history = diff_ids.iter().map(|_| History { created_by: "nixery".to_string() }).collect();
+    pub fn new(
+        architecture: &str,
+        diff_ids: Vec<String>,
+        env: Vec<String>,
+        cmd: Option<Vec<String>>,
+    ) -> ImageConfig {
+        let history = diff_ids
+            .iter()
+            .map(|_| History {
+                created_by: "nixery".to_string(),
+            })
+            .collect();
         ImageConfig {
             architecture: architecture.to_string(),
             os: "linux".to_string(),
             config: RunConfig { env, cmd },
-            rootfs: RootFs { kind: "layers".to_string(), diff_ids },
+            rootfs: RootFs {
+                kind: "layers".to_string(),
+                diff_ids,
+            },
             history,
         }
     }
@@ -115,7 +137,12 @@ mod tests {
 
     #[test]
     fn config_has_every_required_field() {
-        let config = ImageConfig::new("arm64", vec!["sha256:11".into()], vec!["PATH=/bin".into()], Some(vec!["bash".into()]));
+        let config = ImageConfig::new(
+            "arm64",
+            vec!["sha256:11".into()],
+            vec!["PATH=/bin".into()],
+            Some(vec!["bash".into()]),
+        );
         let value: serde_json::Value = serde_json::from_slice(&config.to_bytes()).unwrap();
         assert_eq!(value["architecture"], "arm64");
         assert_eq!(value["os"], "linux");

@@ -34,13 +34,22 @@ const MAX_MESSAGE: usize = 2000;
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
     #[error("could not start {command}: {source}")]
-    Spawn { command: &'static str, source: std::io::Error },
+    Spawn {
+        command: &'static str,
+        source: std::io::Error,
+    },
     #[error("{command} did not finish within {seconds} s")]
     Timeout { command: &'static str, seconds: u64 },
     #[error("{command} failed: {message}")]
-    Failed { command: &'static str, message: String },
+    Failed {
+        command: &'static str,
+        message: String,
+    },
     #[error("unexpected output from {command}: {detail}")]
-    Output { command: &'static str, detail: String },
+    Output {
+        command: &'static str,
+        detail: String,
+    },
 }
 
 /// Where the packages come from, as the resolver expression expects it: a
@@ -116,12 +125,22 @@ impl Nix {
         let json = serde_json::to_string(request).expect("a request always serialises");
         let mut command = Command::new(CMD);
         command
-            .args(["--eval", "--strict", "--json", "--read-write-mode", "--argstr", "request"])
+            .args([
+                "--eval",
+                "--strict",
+                "--json",
+                "--read-write-mode",
+                "--argstr",
+                "request",
+            ])
             .arg(json)
             .arg("-E")
             .arg(RESOLVE_NIX);
         let stdout = self.run(CMD, command).await?;
-        serde_json::from_slice(&stdout).map_err(|e| NixError::Output { command: CMD, detail: e.to_string() })
+        serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
+            command: CMD,
+            detail: e.to_string(),
+        })
     }
 
     /// Step 2: builds (or substitutes) the given outputs.
@@ -142,10 +161,19 @@ impl Nix {
         const CMD: &str = "nix path-info";
         let mut command = Command::new("nix");
         command
-            .args(["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"])
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "--json",
+                "--recursive",
+            ])
             .args(paths);
         let stdout = self.run(CMD, command).await?;
-        parse_path_info(&stdout).map_err(|detail| NixError::Output { command: CMD, detail })
+        parse_path_info(&stdout).map_err(|detail| NixError::Output {
+            command: CMD,
+            detail,
+        })
     }
 
     /// Runs a command to the end within the timeout; stdout on success.
@@ -165,7 +193,10 @@ impl Nix {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|source| NixError::Spawn { command: name, source })?;
+        let mut child = command.spawn().map_err(|source| NixError::Spawn {
+            command: name,
+            source,
+        })?;
         let pid = child.id();
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -195,16 +226,28 @@ impl Nix {
                 if let Some(pid) = pid {
                     kill_group(pid);
                 }
-                return Err(NixError::Timeout { command: name, seconds: self.timeout.as_secs() });
+                return Err(NixError::Timeout {
+                    command: name,
+                    seconds: self.timeout.as_secs(),
+                });
             }
         };
-        let status = status.map_err(|source| NixError::Spawn { command: name, source })?;
+        let status = status.map_err(|source| NixError::Spawn {
+            command: name,
+            source,
+        })?;
         if !status.success() {
             let message = error_message(&err);
             tracing::warn!(command = name, %status, stderr = %err.join("\n"), "nix command failed");
-            return Err(NixError::Failed { command: name, message });
+            return Err(NixError::Failed {
+                command: name,
+                message,
+            });
         }
-        out.map_err(|source| NixError::Spawn { command: name, source })
+        out.map_err(|source| NixError::Spawn {
+            command: name,
+            source,
+        })
     }
 }
 
@@ -221,11 +264,28 @@ fn kill_group(pid: u32) {
 /// `error:` line on, then the last lines a failed builder printed before it
 /// (legacy Nix commands print build output as it comes), bounded.
 fn error_message(stderr: &[String]) -> String {
-    let start = stderr.iter().position(|l| l.trim_start().starts_with("error")).unwrap_or(stderr.len().saturating_sub(10));
-    let text: Vec<&str> = stderr[start..].iter().map(|l| l.trim()).filter(|l| !l.is_empty()).collect();
+    let start = stderr
+        .iter()
+        .position(|l| l.trim_start().starts_with("error"))
+        .unwrap_or(stderr.len().saturating_sub(10));
+    let text: Vec<&str> = stderr[start..]
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
     let mut text = text.join("\n");
-    let noise = |l: &str| l.is_empty() || l.starts_with("building '") || l.starts_with("these ") || l.starts_with("warning:") || l.starts_with("/nix/store/");
-    let output: Vec<&str> = stderr[..start].iter().map(|l| l.trim()).filter(|l| !noise(l)).collect();
+    let noise = |l: &str| {
+        l.is_empty()
+            || l.starts_with("building '")
+            || l.starts_with("these ")
+            || l.starts_with("warning:")
+            || l.starts_with("/nix/store/")
+    };
+    let output: Vec<&str> = stderr[..start]
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !noise(l))
+        .collect();
     if !output.is_empty() && !text.contains("log lines") {
         let tail = &output[output.len().saturating_sub(10)..];
         text.push_str("\nlast log lines:\n");
@@ -267,21 +327,38 @@ fn parse_path_info(json: &[u8]) -> Result<Closure, String> {
             .collect::<Result<_, String>>()?,
         serde_json::Value::Object(map) => map
             .into_iter()
-            .map(|(path, item)| Ok((path, serde_json::from_value(item).map_err(|e| e.to_string())?)))
+            .map(|(path, item)| {
+                Ok((
+                    path,
+                    serde_json::from_value(item).map_err(|e| e.to_string())?,
+                ))
+            })
             .collect::<Result<_, String>>()?,
         _ => return Err("neither an array nor an object".to_string()),
     };
     let mut closure = Closure::new();
     for (path, entry) in entries {
         // Newer Nix prints references as store paths too; drop self-references.
-        let mut references: Vec<String> = entry.references.into_iter().filter(|r| *r != path).collect();
+        let mut references: Vec<String> = entry
+            .references
+            .into_iter()
+            .filter(|r| *r != path)
+            .collect();
         references.sort();
         references.dedup();
-        closure.insert(path, PathInfo { nar_size: entry.nar_size, references });
+        closure.insert(
+            path,
+            PathInfo {
+                nar_size: entry.nar_size,
+                references,
+            },
+        );
     }
     for (path, info) in &closure {
         if let Some(missing) = info.references.iter().find(|r| !closure.contains_key(*r)) {
-            return Err(format!("{path} refers to {missing}, which is not in the closure"));
+            return Err(format!(
+                "{path} refers to {missing}, which is not in the closure"
+            ));
         }
     }
     Ok(closure)
@@ -295,11 +372,15 @@ mod tests {
     fn path_info_array_and_object_agree() {
         let array = br#"[{"path":"/nix/store/a-x","narSize":10,"references":["/nix/store/a-x","/nix/store/b-y"]},
                          {"path":"/nix/store/b-y","narSize":5,"references":[]}]"#;
-        let object = br#"{"/nix/store/a-x":{"narSize":10,"references":["/nix/store/b-y","/nix/store/a-x"]},
+        let object =
+            br#"{"/nix/store/a-x":{"narSize":10,"references":["/nix/store/b-y","/nix/store/a-x"]},
                           "/nix/store/b-y":{"narSize":5,"references":[]}}"#;
         let a = parse_path_info(array).unwrap();
         assert_eq!(a, parse_path_info(object).unwrap());
-        assert_eq!(a["/nix/store/a-x"].references, vec!["/nix/store/b-y".to_string()]);
+        assert_eq!(
+            a["/nix/store/a-x"].references,
+            vec!["/nix/store/b-y".to_string()]
+        );
     }
 
     #[test]
@@ -310,16 +391,28 @@ mod tests {
 
     #[test]
     fn error_message_starts_at_the_error() {
-        let lines: Vec<String> = ["building '/nix/store/x.drv'...", "error: builder failed", "  > oops"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let lines: Vec<String> = [
+            "building '/nix/store/x.drv'...",
+            "error: builder failed",
+            "  > oops",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(error_message(&lines), "error: builder failed\n> oops");
-        let legacy: Vec<String> = ["building '/nix/store/x.drv'...", "compiling", "it broke", "error: builder for x failed"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(error_message(&legacy), "error: builder for x failed\nlast log lines:\ncompiling\nit broke");
+        let legacy: Vec<String> = [
+            "building '/nix/store/x.drv'...",
+            "compiling",
+            "it broke",
+            "error: builder for x failed",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            error_message(&legacy),
+            "error: builder for x failed\nlast log lines:\ncompiling\nit broke"
+        );
         let long = vec!["error: ".to_string() + &"é".repeat(5000)];
         assert!(error_message(&long).len() <= MAX_MESSAGE + 10);
     }

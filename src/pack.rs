@@ -67,7 +67,11 @@ struct Hashing<W> {
 
 impl<W: Write> Hashing<W> {
     fn new(inner: W) -> Self {
-        Hashing { inner, hash: Sha256::new(), count: 0 }
+        Hashing {
+            inner,
+            hash: Sha256::new(),
+            count: 0,
+        }
     }
 }
 
@@ -106,11 +110,21 @@ fn header(kind: EntryType, mode: u32, size: u64) -> Header {
 
 impl LayerWriter {
     fn create(out: &Path, level: u32) -> Result<LayerWriter, PackError> {
-        let file = File::create(out).map_err(|source| PackError::Io { path: out.to_path_buf(), source })?;
-        let gz = GzEncoder::new(Hashing::new(BufWriter::with_capacity(256 * 1024, file)), Compression::new(level));
+        let file = File::create(out).map_err(|source| PackError::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+        let gz = GzEncoder::new(
+            Hashing::new(BufWriter::with_capacity(256 * 1024, file)),
+            Compression::new(level),
+        );
         let mut tar = tar::Builder::new(Hashing::new(gz));
         tar.mode(tar::HeaderMode::Deterministic);
-        Ok(LayerWriter { tar, out: out.to_path_buf(), links: HashMap::new() })
+        Ok(LayerWriter {
+            tar,
+            out: out.to_path_buf(),
+            links: HashMap::new(),
+        })
     }
 
     fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> PackError {
@@ -120,17 +134,23 @@ impl LayerWriter {
 
     fn dir(&mut self, name: &Path, mode: u32) -> Result<(), PackError> {
         let mut h = header(EntryType::Directory, mode, 0);
-        self.tar.append_data(&mut h, name, io::empty()).map_err(self.io(name))
+        self.tar
+            .append_data(&mut h, name, io::empty())
+            .map_err(self.io(name))
     }
 
     fn symlink(&mut self, name: &Path, target: &Path) -> Result<(), PackError> {
         let mut h = header(EntryType::Symlink, 0o777, 0);
-        self.tar.append_link(&mut h, name, target).map_err(self.io(name))
+        self.tar
+            .append_link(&mut h, name, target)
+            .map_err(self.io(name))
     }
 
     fn bytes(&mut self, name: &Path, mode: u32, data: &[u8]) -> Result<(), PackError> {
         let mut h = header(EntryType::Regular, mode, data.len() as u64);
-        self.tar.append_data(&mut h, name, data).map_err(self.io(name))
+        self.tar
+            .append_data(&mut h, name, data)
+            .map_err(self.io(name))
     }
 
     /// A regular file from disk, or a hard link to one written before.
@@ -139,24 +159,35 @@ impl LayerWriter {
             let id = (meta.dev(), meta.ino());
             if let Some(first) = self.links.get(&id).cloned() {
                 let mut h = header(EntryType::Link, meta.mode(), 0);
-                return self.tar.append_link(&mut h, name, &first).map_err(self.io(name));
+                return self
+                    .tar
+                    .append_link(&mut h, name, &first)
+                    .map_err(self.io(name));
             }
             self.links.insert(id, name.to_path_buf());
         }
         let size = meta.len();
         let file = File::open(disk).map_err(self.io(disk))?;
-        let mut reader = CountingReader { inner: file.take(size), count: 0 };
+        let mut reader = CountingReader {
+            inner: file.take(size),
+            count: 0,
+        };
         let mut h = header(EntryType::Regular, meta.mode(), size);
-        self.tar.append_data(&mut h, name, &mut reader).map_err(self.io(disk))?;
+        self.tar
+            .append_data(&mut h, name, &mut reader)
+            .map_err(self.io(disk))?;
         if reader.count != size {
-            return Err(PackError::Changed { path: disk.to_path_buf() });
+            return Err(PackError::Changed {
+                path: disk.to_path_buf(),
+            });
         }
         Ok(())
     }
 
     /// Everything below a directory on disk, parents first, siblings by name.
     fn walk(&mut self, disk_root: &Path, name_root: &Path) -> Result<(), PackError> {
-        let mut stack: Vec<(PathBuf, PathBuf)> = vec![(disk_root.to_path_buf(), name_root.to_path_buf())];
+        let mut stack: Vec<(PathBuf, PathBuf)> =
+            vec![(disk_root.to_path_buf(), name_root.to_path_buf())];
         while let Some((disk, name)) = stack.pop() {
             let meta = std::fs::symlink_metadata(&disk).map_err(self.io(&disk))?;
             let kind = meta.file_type();
@@ -185,16 +216,27 @@ impl LayerWriter {
 
     fn finish(self) -> Result<Packed, PackError> {
         let out = self.out.clone();
-        let err = |source| PackError::Io { path: out.clone(), source };
+        let err = |source| PackError::Io {
+            path: out.clone(),
+            source,
+        };
         let tar_sink = self.tar.into_inner().map_err(err)?;
         let diff_id = format!("sha256:{}", hex::encode(tar_sink.hash.finalize()));
         let tar_size = tar_sink.count;
         let mut compressed = tar_sink.inner.finish().map_err(err)?;
         compressed.flush().map_err(err)?;
         let digest = format!("sha256:{}", hex::encode(compressed.hash.finalize()));
-        let file = compressed.inner.into_inner().map_err(|e| err(e.into_error()))?;
+        let file = compressed
+            .inner
+            .into_inner()
+            .map_err(|e| err(e.into_error()))?;
         file.sync_all().map_err(err)?;
-        Ok(Packed { digest, diff_id, size: compressed.count, tar_size })
+        Ok(Packed {
+            digest,
+            diff_id,
+            size: compressed.count,
+            tar_size,
+        })
     }
 }
 
@@ -222,7 +264,9 @@ pub fn pack_store_paths(paths: &[String], out: &Path, level: u32) -> Result<Pack
     writer.dir(Path::new("nix/store"), 0o755)?;
     for path in sorted {
         let disk = Path::new(path);
-        let name = disk.strip_prefix("/").map_err(|_| PackError::NotAbsolute { path: disk.to_path_buf() })?;
+        let name = disk.strip_prefix("/").map_err(|_| PackError::NotAbsolute {
+            path: disk.to_path_buf(),
+        })?;
         writer.walk(disk, name)?;
     }
     writer.finish()
@@ -261,13 +305,17 @@ mod tests {
 
     /// Builds a tree with the awkward cases on disk.
     fn awkward_tree(root: &Path) {
-        let deep = root.join("d".repeat(90)).join("e".repeat(90)).join("f".repeat(90));
+        let deep = root
+            .join("d".repeat(90))
+            .join("e".repeat(90))
+            .join("f".repeat(90));
         std::fs::create_dir_all(&deep).unwrap();
         std::fs::write(deep.join("long-file-name.txt"), b"deep").unwrap();
         std::fs::create_dir_all(root.join("empty")).unwrap();
         std::fs::write(root.join("ünïcødé 文件.txt"), "unicode").unwrap();
         std::fs::write(root.join("exec"), b"#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(root.join("exec"), std::fs::Permissions::from_mode(0o555)).unwrap();
+        std::fs::set_permissions(root.join("exec"), std::fs::Permissions::from_mode(0o555))
+            .unwrap();
         std::fs::write(root.join("a"), vec![1u8; 100_000]).unwrap();
         std::fs::hard_link(root.join("a"), root.join("b")).unwrap();
         symlink("a", root.join("rel")).unwrap();
@@ -287,9 +335,15 @@ mod tests {
             .map(|e| {
                 let mut e = e.unwrap();
                 let h = e.header().clone();
-                assert_eq!((h.uid().unwrap(), h.gid().unwrap(), h.mtime().unwrap()), (0, 0, MTIME));
+                assert_eq!(
+                    (h.uid().unwrap(), h.gid().unwrap(), h.mtime().unwrap()),
+                    (0, 0, MTIME)
+                );
                 let name = e.path().unwrap().to_string_lossy().into_owned();
-                let link = e.link_name().unwrap().map(|l| l.to_string_lossy().into_owned());
+                let link = e
+                    .link_name()
+                    .unwrap()
+                    .map(|l| l.to_string_lossy().into_owned());
                 let mut data = Vec::new();
                 e.read_to_end(&mut data).unwrap();
                 (name, h.entry_type(), h.mode().unwrap(), link, data)
@@ -305,22 +359,48 @@ mod tests {
         let layer = dir.path().join("layer.tar.gz");
         let packed = pack_store_paths(&[src.to_str().unwrap().to_string()], &layer, 6).unwrap();
         assert_eq!(packed.size, std::fs::metadata(&layer).unwrap().len());
-        assert_eq!(packed.digest, crate::manifest::sha256_digest(&std::fs::read(&layer).unwrap()));
+        assert_eq!(
+            packed.digest,
+            crate::manifest::sha256_digest(&std::fs::read(&layer).unwrap())
+        );
 
         // Extract with the tar crate and compare with the source tree.
         let out = dir.path().join("out");
-        tar::Archive::new(GzDecoder::new(File::open(&layer).unwrap())).unpack(&out).unwrap();
+        tar::Archive::new(GzDecoder::new(File::open(&layer).unwrap()))
+            .unpack(&out)
+            .unwrap();
         let rel = src.strip_prefix("/").unwrap();
         let copy = out.join(rel);
-        let deep = Path::new(&"d".repeat(90)).join("e".repeat(90)).join("f".repeat(90)).join("long-file-name.txt");
+        let deep = Path::new(&"d".repeat(90))
+            .join("e".repeat(90))
+            .join("f".repeat(90))
+            .join("long-file-name.txt");
         assert_eq!(std::fs::read(copy.join(&deep)).unwrap(), b"deep");
         assert!(copy.join("empty").is_dir());
-        assert_eq!(std::fs::read_to_string(copy.join("ünïcødé 文件.txt")).unwrap(), "unicode");
-        assert_eq!(std::fs::metadata(copy.join("exec")).unwrap().mode() & 0o7777, 0o555);
-        assert_eq!(std::fs::metadata(copy.join("a")).unwrap().ino(), std::fs::metadata(copy.join("b")).unwrap().ino());
-        assert_eq!(std::fs::read_link(copy.join("rel")).unwrap(), Path::new("a"));
-        assert_eq!(std::fs::read_link(copy.join("dangling")).unwrap(), Path::new("/nowhere/at/all"));
-        assert_eq!(std::fs::read_link(copy.join("long-target")).unwrap(), src.join(&deep));
+        assert_eq!(
+            std::fs::read_to_string(copy.join("ünïcødé 文件.txt")).unwrap(),
+            "unicode"
+        );
+        assert_eq!(
+            std::fs::metadata(copy.join("exec")).unwrap().mode() & 0o7777,
+            0o555
+        );
+        assert_eq!(
+            std::fs::metadata(copy.join("a")).unwrap().ino(),
+            std::fs::metadata(copy.join("b")).unwrap().ino()
+        );
+        assert_eq!(
+            std::fs::read_link(copy.join("rel")).unwrap(),
+            Path::new("a")
+        );
+        assert_eq!(
+            std::fs::read_link(copy.join("dangling")).unwrap(),
+            Path::new("/nowhere/at/all")
+        );
+        assert_eq!(
+            std::fs::read_link(copy.join("long-target")).unwrap(),
+            src.join(&deep)
+        );
 
         // The archive's own view: a hard link entry, parents before children.
         let entries = unpack(&layer);
@@ -330,7 +410,10 @@ mod tests {
         for (i, name) in names.iter().enumerate() {
             let parent = Path::new(name.as_str()).parent().unwrap();
             if parent.starts_with(rel) {
-                assert!(names[..i].iter().any(|n| Path::new(n.as_str()) == parent), "{name} before its parent");
+                assert!(
+                    names[..i].iter().any(|n| Path::new(n.as_str()) == parent),
+                    "{name} before its parent"
+                );
             }
         }
     }
@@ -347,7 +430,10 @@ mod tests {
         std::fs::remove_file(src.join("exec2")).unwrap();
         let two = pack_store_paths(&paths, &dir.path().join("2"), 6).unwrap();
         assert_eq!(one, two);
-        assert_eq!(std::fs::read(dir.path().join("1")).unwrap(), std::fs::read(dir.path().join("2")).unwrap());
+        assert_eq!(
+            std::fs::read(dir.path().join("1")).unwrap(),
+            std::fs::read(dir.path().join("2")).unwrap()
+        );
     }
 
     #[test]
@@ -355,10 +441,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut tree = Tree::new();
         tree.insert("bin".into(), Node::Dir { mode: 0o755 });
-        tree.insert("bin/sh".into(), Node::Symlink { target: "/nix/store/x-busybox/bin/sh".into() });
+        tree.insert(
+            "bin/sh".into(),
+            Node::Symlink {
+                target: "/nix/store/x-busybox/bin/sh".into(),
+            },
+        );
         tree.insert("tmp".into(), Node::Dir { mode: 0o1777 });
         tree.insert("etc".into(), Node::Dir { mode: 0o755 });
-        tree.insert("etc/passwd".into(), Node::File { mode: 0o644, data: b"root:x:0:0::/:/bin/sh\n".to_vec() });
+        tree.insert(
+            "etc/passwd".into(),
+            Node::File {
+                mode: 0o644,
+                data: b"root:x:0:0::/:/bin/sh\n".to_vec(),
+            },
+        );
         let layer = dir.path().join("custom");
         pack_tree(&tree, &layer, 6).unwrap();
         let entries = unpack(&layer);

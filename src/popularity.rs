@@ -35,8 +35,13 @@ const HASH_LEN: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum PopularityError {
     /// The data is not a JSON object of names to non-negative integers.
-    #[error("popularity data ({len} bytes) is not a JSON object of package name to count: {source}")]
-    Format { len: usize, source: serde_json::Error },
+    #[error(
+        "popularity data ({len} bytes) is not a JSON object of package name to count: {source}"
+    )]
+    Format {
+        len: usize,
+        source: serde_json::Error,
+    },
 }
 
 /// Reference counts by package name (see the module docs).
@@ -60,7 +65,10 @@ impl Popularity {
     pub fn parse(json: &[u8]) -> Result<Popularity, PopularityError> {
         serde_json::from_slice(json)
             .map(Popularity::from_counts)
-            .map_err(|source| PopularityError::Format { len: json.len(), source })
+            .map_err(|source| PopularityError::Format {
+                len: json.len(),
+                source,
+            })
     }
 
     /// Computes popularity from closure graphs (for example one per package
@@ -73,12 +81,19 @@ impl Popularity {
         for closure in closures {
             for (path, info) in closure {
                 let refs = referrers.entry(path.as_str()).or_default();
-                refs.extend(info.references.iter().map(String::as_str).filter(|r| *r != path));
+                refs.extend(
+                    info.references
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|r| *r != path),
+                );
             }
         }
         let mut counts = BTreeMap::new();
         for reference in referrers.values().flatten() {
-            *counts.entry(package_name(reference).to_string()).or_insert(0) += 1;
+            *counts
+                .entry(package_name(reference).to_string())
+                .or_insert(0) += 1;
         }
         Popularity { counts }
     }
@@ -93,7 +108,11 @@ impl Popularity {
     /// for names without data (or with a count of 0), so every path weighs
     /// at least 1.
     pub fn weight(&self, store_path: &str) -> u64 {
-        self.counts.get(package_name(store_path)).copied().unwrap_or(0).max(1)
+        self.counts
+            .get(package_name(store_path))
+            .copied()
+            .unwrap_or(0)
+            .max(1)
     }
 
     /// Number of package names with data.
@@ -122,7 +141,9 @@ pub fn package_name(store_path: &str) -> &str {
     let bytes = base.as_bytes();
     let hashed = bytes.len() > HASH_LEN
         && bytes[HASH_LEN] == b'-'
-        && bytes[..HASH_LEN].iter().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+        && bytes[..HASH_LEN]
+            .iter()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
     if hashed {
         &base[HASH_LEN + 1..]
     } else {
@@ -148,7 +169,13 @@ mod tests {
         entries
             .iter()
             .map(|(p, refs)| {
-                (p.to_string(), PathInfo { nar_size: 1, references: refs.iter().map(|r| r.to_string()).collect() })
+                (
+                    p.to_string(),
+                    PathInfo {
+                        nar_size: 1,
+                        references: refs.iter().map(|r| r.to_string()).collect(),
+                    },
+                )
             })
             .collect()
     }
@@ -156,7 +183,10 @@ mod tests {
     #[test]
     fn names_drop_directory_and_hash_only() {
         assert_eq!(package_name(&path(H1, "glibc-2.40-66")), "glibc-2.40-66");
-        assert_eq!(package_name(&path(H1, "glibc-2.40-66-bin")), "glibc-2.40-66-bin");
+        assert_eq!(
+            package_name(&path(H1, "glibc-2.40-66-bin")),
+            "glibc-2.40-66-bin"
+        );
         // Not a hash: too short, wrong characters, no dash.
         assert_eq!(package_name("/nix/store/abc-foo"), "abc-foo");
         assert_eq!(
@@ -170,10 +200,15 @@ mod tests {
 
     #[test]
     fn parse_reads_nixerys_format() {
-        let popularity = Popularity::parse(br#"{"glibc-2.40-66": 31807, "zlib-1.3.1": 0}"#).unwrap();
+        let popularity =
+            Popularity::parse(br#"{"glibc-2.40-66": 31807, "zlib-1.3.1": 0}"#).unwrap();
         assert_eq!(popularity.len(), 2);
         assert_eq!(popularity.weight(&path(H1, "glibc-2.40-66")), 31807);
-        assert_eq!(popularity.weight(&path(H2, "glibc-2.40-66")), 31807, "any hash, same name");
+        assert_eq!(
+            popularity.weight(&path(H2, "glibc-2.40-66")),
+            31807,
+            "any hash, same name"
+        );
         assert_eq!(popularity.weight(&path(H1, "zlib-1.3.1")), 1, "0 weighs 1");
         assert_eq!(popularity.weight(&path(H1, "unknown")), 1);
         assert!(Popularity::parse(b"{}").unwrap().is_empty());
@@ -181,11 +216,24 @@ mod tests {
 
     #[test]
     fn parse_rejects_other_shapes_with_context() {
-        for bad in [&b"[1, 2]"[..], br#"{"a": -1}"#, br#"{"a": "1"}"#, br#"{"a": 1.5}"#, b"{", b""] {
+        for bad in [
+            &b"[1, 2]"[..],
+            br#"{"a": -1}"#,
+            br#"{"a": "1"}"#,
+            br#"{"a": 1.5}"#,
+            b"{",
+            b"",
+        ] {
             let error = Popularity::parse(bad).unwrap_err();
             let message = error.to_string();
-            assert!(message.contains("not a JSON object of package name to count"), "{message}");
-            assert!(message.contains(&format!("({} bytes)", bad.len())), "{message}");
+            assert!(
+                message.contains("not a JSON object of package name to count"),
+                "{message}"
+            );
+            assert!(
+                message.contains(&format!("({} bytes)", bad.len())),
+                "{message}"
+            );
         }
     }
 
@@ -205,7 +253,11 @@ mod tests {
         let curl = path(H1, "curl-8.9");
         let jq = path(H3, "jq-1.7");
         // bash is in both closures: its references count once.
-        let a = closure(&[(&bash, &[&glibc, &bash]), (&glibc, &[&glibc]), (&curl, &[&glibc, &bash])]);
+        let a = closure(&[
+            (&bash, &[&glibc, &bash]),
+            (&glibc, &[&glibc]),
+            (&curl, &[&glibc, &bash]),
+        ]);
         let b = closure(&[(&bash, &[&glibc]), (&glibc, &[]), (&jq, &[&glibc_other])]);
         let popularity = Popularity::compute([&a, &b]);
         assert_eq!(popularity.to_json(), r#"{"bash-5.2":1,"glibc-2.40":3}"#);
@@ -215,8 +267,13 @@ mod tests {
 
     #[test]
     fn to_json_sorts_keys() {
-        let counts: BTreeMap<String, u64> = [("zz", 1), ("aa", 2), ("mm", 3)].map(|(k, v)| (k.to_string(), v)).into();
-        assert_eq!(Popularity::from_counts(counts).to_json(), r#"{"aa":2,"mm":3,"zz":1}"#);
+        let counts: BTreeMap<String, u64> = [("zz", 1), ("aa", 2), ("mm", 3)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into();
+        assert_eq!(
+            Popularity::from_counts(counts).to_json(),
+            r#"{"aa":2,"mm":3,"zz":1}"#
+        );
     }
 
     proptest! {

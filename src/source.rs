@@ -58,12 +58,19 @@ pub struct Sources {
 
 /// A full commit hash, as a tag may give one.
 pub fn is_commit(tag: &str) -> bool {
-    tag.len() == 40 && tag.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    tag.len() == 40
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Sources {
     pub fn new(source: PackageSource, ttl: Duration) -> Sources {
-        Sources { source, ttl, remembered: Mutex::default() }
+        Sources {
+            source,
+            ttl,
+            remembered: Mutex::default(),
+        }
     }
 
     pub fn source(&self) -> &PackageSource {
@@ -77,27 +84,54 @@ impl Sources {
     /// What `tag` means now.
     pub async fn resolve(&self, tag: &str) -> Result<Resolved, SourceError> {
         match &self.source {
-            PackageSource::Path(path) => {
-                Ok(Resolved { arg: SourceArg::Path { path: path.to_string_lossy().into_owned() }, moving: true })
-            }
+            PackageSource::Path(path) => Ok(Resolved {
+                arg: SourceArg::Path {
+                    path: path.to_string_lossy().into_owned(),
+                },
+                moving: true,
+            }),
             PackageSource::Channel { name } => Ok(if is_commit(tag) {
-                Resolved { arg: SourceArg::Commit { rev: tag.to_string() }, moving: false }
+                Resolved {
+                    arg: SourceArg::Commit {
+                        rev: tag.to_string(),
+                    },
+                    moving: false,
+                }
             } else {
-                Resolved { arg: SourceArg::Channel { name: name.clone() }, moving: true }
+                Resolved {
+                    arg: SourceArg::Channel { name: name.clone() },
+                    moving: true,
+                }
             }),
             PackageSource::Git { url } => {
                 if is_commit(tag) {
-                    let arg = SourceArg::Git { url: url.clone(), rev: tag.to_string(), git_ref: None };
+                    let arg = SourceArg::Git {
+                        url: url.clone(),
+                        rev: tag.to_string(),
+                        git_ref: None,
+                    };
                     return Ok(Resolved { arg, moving: false });
                 }
-                if let Some((resolved, at)) = self.remembered.lock().expect("never poisoned").get(tag) {
+                if let Some((resolved, at)) =
+                    self.remembered.lock().expect("never poisoned").get(tag)
+                {
                     if at.elapsed() < self.ttl {
                         return Ok(resolved.clone());
                     }
                 }
                 let (rev, git_ref) = ls_remote(url, tag).await?;
-                let resolved = Resolved { arg: SourceArg::Git { url: url.clone(), rev, git_ref }, moving: false };
-                self.remembered.lock().expect("never poisoned").insert(tag.to_string(), (resolved.clone(), Instant::now()));
+                let resolved = Resolved {
+                    arg: SourceArg::Git {
+                        url: url.clone(),
+                        rev,
+                        git_ref,
+                    },
+                    moving: false,
+                };
+                self.remembered
+                    .lock()
+                    .expect("never poisoned")
+                    .insert(tag.to_string(), (resolved.clone(), Instant::now()));
                 Ok(resolved)
             }
         }
@@ -107,11 +141,18 @@ impl Sources {
 /// The commit a tag names in a repository: `latest` is HEAD, then a branch,
 /// then a git tag (peeled to its commit).
 async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), SourceError> {
-    let git_error = |message: String| SourceError::Git { url: url.to_string(), message };
+    let git_error = |message: String| SourceError::Git {
+        url: url.to_string(),
+        message,
+    };
     let patterns: Vec<String> = if tag == "latest" {
         vec!["HEAD".to_string()]
     } else {
-        vec![format!("refs/heads/{tag}"), format!("refs/tags/{tag}"), format!("refs/tags/{tag}^{{}}")]
+        vec![
+            format!("refs/heads/{tag}"),
+            format!("refs/tags/{tag}"),
+            format!("refs/tags/{tag}^{{}}"),
+        ]
     };
     let mut command = Command::new("git");
     command
@@ -123,10 +164,17 @@ async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), Sou
         .kill_on_drop(true);
     let output = tokio::time::timeout(GIT_TIMEOUT, command.output())
         .await
-        .map_err(|_| git_error(format!("git ls-remote took more than {} s", GIT_TIMEOUT.as_secs())))?
+        .map_err(|_| {
+            git_error(format!(
+                "git ls-remote took more than {} s",
+                GIT_TIMEOUT.as_secs()
+            ))
+        })?
         .map_err(|e| git_error(format!("could not run git: {e}")))?;
     if !output.status.success() {
-        return Err(git_error(String::from_utf8_lossy(&output.stderr).trim().to_string()));
+        return Err(git_error(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ));
     }
     let refs: HashMap<String, String> = String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -138,13 +186,28 @@ async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), Sou
         .rev()
         .filter(|p| refs.contains_key(*p))
         // Prefer a branch, then a peeled tag, then a tag object.
-        .min_by_key(|p| if p.starts_with("refs/heads/") { 0 } else if p.ends_with("^{}") { 1 } else { 2 })
+        .min_by_key(|p| {
+            if p.starts_with("refs/heads/") {
+                0
+            } else if p.ends_with("^{}") {
+                1
+            } else {
+                2
+            }
+        })
         .cloned();
     match found {
-        None => Err(SourceError::UnknownRef { tag: tag.to_string(), url: url.to_string() }),
+        None => Err(SourceError::UnknownRef {
+            tag: tag.to_string(),
+            url: url.to_string(),
+        }),
         Some(pattern) => {
             let rev = refs[&pattern].clone();
-            let git_ref = if pattern == "HEAD" { None } else { Some(pattern.trim_end_matches("^{}").to_string()) };
+            let git_ref = if pattern == "HEAD" {
+                None
+            } else {
+                Some(pattern.trim_end_matches("^{}").to_string())
+            };
             Ok((rev, git_ref))
         }
     }
@@ -156,12 +219,23 @@ mod tests {
 
     fn git(dir: &std::path::Path, args: &[&str]) -> String {
         let out = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "init.defaultBranch=main"])
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.org",
+                "-c",
+                "init.defaultBranch=main",
+            ])
             .args(args)
             .current_dir(dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -182,18 +256,36 @@ mod tests {
         git(r, &["checkout", "-q", "main"]);
 
         let url = r.to_str().unwrap().to_string();
-        let sources = Sources::new(PackageSource::Git { url: url.clone() }, Duration::from_secs(60));
+        let sources = Sources::new(
+            PackageSource::Git { url: url.clone() },
+            Duration::from_secs(60),
+        );
         let rev = |resolved: Resolved| match resolved.arg {
             SourceArg::Git { rev, git_ref, .. } => (rev, git_ref),
             other => panic!("{other:?}"),
         };
-        assert_eq!(rev(sources.resolve("latest").await.unwrap()), (one.clone(), None));
-        assert_eq!(rev(sources.resolve("feature").await.unwrap()), (two.clone(), Some("refs/heads/feature".into())));
-        assert_eq!(rev(sources.resolve("v1").await.unwrap()), (one.clone(), Some("refs/tags/v1".into())));
-        assert_eq!(rev(sources.resolve(&two).await.unwrap()), (two.clone(), None));
+        assert_eq!(
+            rev(sources.resolve("latest").await.unwrap()),
+            (one.clone(), None)
+        );
+        assert_eq!(
+            rev(sources.resolve("feature").await.unwrap()),
+            (two.clone(), Some("refs/heads/feature".into()))
+        );
+        assert_eq!(
+            rev(sources.resolve("v1").await.unwrap()),
+            (one.clone(), Some("refs/tags/v1".into()))
+        );
+        assert_eq!(
+            rev(sources.resolve(&two).await.unwrap()),
+            (two.clone(), None)
+        );
         assert_eq!(
             sources.resolve("nope").await,
-            Err(SourceError::UnknownRef { tag: "nope".into(), url: url.clone() })
+            Err(SourceError::UnknownRef {
+                tag: "nope".into(),
+                url: url.clone()
+            })
         );
 
         // A moved branch is seen once the remembered resolution expires.
@@ -205,14 +297,22 @@ mod tests {
 
     #[tokio::test]
     async fn channels_and_paths() {
-        let channel = Sources::new(PackageSource::Channel { name: "nixos-unstable".into() }, Duration::from_secs(1));
+        let channel = Sources::new(
+            PackageSource::Channel {
+                name: "nixos-unstable".into(),
+            },
+            Duration::from_secs(1),
+        );
         let latest = channel.resolve("latest").await.unwrap();
         assert!(latest.moving);
         assert_eq!(latest, channel.resolve("anything").await.unwrap());
         let commit = "0123456789abcdef0123456789abcdef01234567";
         assert_eq!(
             channel.resolve(commit).await.unwrap(),
-            Resolved { arg: SourceArg::Commit { rev: commit.into() }, moving: false }
+            Resolved {
+                arg: SourceArg::Commit { rev: commit.into() },
+                moving: false
+            }
         );
         let path = Sources::new(PackageSource::Path("/pkgs".into()), Duration::from_secs(1));
         assert!(path.resolve("v2").await.unwrap().moving);

@@ -15,14 +15,31 @@ fn containerd_pulls_and_runs_shell_hello() {
     let containerd = Containerd::start();
     let image = format!("{}/shell/hello:latest", server.addr);
 
-    run(containerd.ctr().args(["image", "pull", "--plain-http", "--snapshotter", "overlayfs", &image]));
+    run(containerd.ctr().args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &image,
+    ]));
     // containerd asks HEAD by tag, then GET by the digest it was given.
     let log = server.log();
-    assert!(log.contains("method=HEAD path=\"/v2/shell/hello/manifests/latest\" status=200"), "{log}");
-    assert!(log.contains("method=GET path=\"/v2/shell/hello/manifests/sha256:"), "{log}");
+    assert!(
+        log.contains("method=HEAD path=\"/v2/shell/hello/manifests/latest\" status=200"),
+        "{log}"
+    );
+    assert!(
+        log.contains("method=GET path=\"/v2/shell/hello/manifests/sha256:"),
+        "{log}"
+    );
 
     let flags = containerd.run_flags();
-    let out = run(containerd.ctr().arg("run").args(&flags).args([&image, "hello-1", "hello"]));
+    let out = run(containerd
+        .ctr()
+        .arg("run")
+        .args(&flags)
+        .args([&image, "hello-1", "hello"]));
     assert_eq!(out, "Hello, world!\n");
     let out = run(containerd.ctr().arg("run").args(&flags).args([
         &image,
@@ -61,7 +78,16 @@ fn podman_pulls_and_runs_shell_hello() {
             .arg(d.join("run"))
             .arg("--tmpdir")
             .arg(d.join("tmp"))
-            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--runtime", "runc", "--events-backend", "none"]);
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--runtime",
+                "runc",
+                "--events-backend",
+                "none",
+            ]);
         c
     };
     let image = format!("{}/shell/hello", server.addr);

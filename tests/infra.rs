@@ -80,7 +80,10 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
 /// Names that look like the code's settings: the template may set other
 /// variables (RUST_LOG), but none of these unless the code reads it.
 fn looks_like_a_setting(name: &str) -> bool {
-    name.starts_with("NIXERY_") || name.starts_with("NIX_") || name.starts_with("STORAGE_") || name == "PORT"
+    name.starts_with("NIXERY_")
+        || name.starts_with("NIX_")
+        || name.starts_with("STORAGE_")
+        || name == "PORT"
 }
 
 // --- running tools -----------------------------------------------------------
@@ -155,13 +158,24 @@ fn template() -> &'static Value {
 }
 
 fn resources_of_type(ty: &str) -> Vec<(&'static str, &'static Value)> {
-    let resources = template()["Resources"].as_object().expect("the template has Resources");
-    resources.iter().filter(|(_, r)| r["Type"] == ty).map(|(name, r)| (name.as_str(), r)).collect()
+    let resources = template()["Resources"]
+        .as_object()
+        .expect("the template has Resources");
+    resources
+        .iter()
+        .filter(|(_, r)| r["Type"] == ty)
+        .map(|(name, r)| (name.as_str(), r))
+        .collect()
 }
 
 fn only_resource(ty: &str) -> (&'static str, &'static Value) {
     let found = resources_of_type(ty);
-    assert_eq!(found.len(), 1, "expected exactly one {ty} in {TEMPLATE}, found {:?}", found.iter().map(|r| r.0).collect::<Vec<_>>());
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {ty} in {TEMPLATE}, found {:?}",
+        found.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
     found[0]
 }
 
@@ -204,7 +218,9 @@ fn function_env() -> BTreeMap<String, Setting> {
         if vars.is_null() {
             continue;
         }
-        let vars = vars.as_object().unwrap_or_else(|| panic!("{name}: Environment.Variables must be a map"));
+        let vars = vars
+            .as_object()
+            .unwrap_or_else(|| panic!("{name}: Environment.Variables must be a map"));
         for (var, value) in vars {
             for (value, condition) in conditional(value) {
                 env.insert(var.clone(), Setting { value, condition });
@@ -217,13 +233,27 @@ fn function_env() -> BTreeMap<String, Setting> {
 /// The worker container's environment.
 fn worker_env() -> BTreeMap<String, Setting> {
     let (name, task) = only_resource("AWS::ECS::TaskDefinition");
-    let containers = task["Properties"]["ContainerDefinitions"].as_array().expect("ContainerDefinitions");
+    let containers = task["Properties"]["ContainerDefinitions"]
+        .as_array()
+        .expect("ContainerDefinitions");
     assert_eq!(containers.len(), 1, "{name}: one container, the worker");
     let mut env = BTreeMap::new();
-    for entry in containers[0]["Environment"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for entry in containers[0]["Environment"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         for (pair, condition) in conditional(entry) {
-            let var = pair["Name"].as_str().unwrap_or_else(|| panic!("{name}: an environment entry without a Name: {pair}"));
-            env.insert(var.to_string(), Setting { value: pair["Value"].clone(), condition });
+            let var = pair["Name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: an environment entry without a Name: {pair}"));
+            env.insert(
+                var.to_string(),
+                Setting {
+                    value: pair["Value"].clone(),
+                    condition,
+                },
+            );
         }
     }
     env
@@ -238,7 +268,9 @@ fn parameter(name: &str) -> &'static Value {
 fn number(v: &Value) -> u64 {
     match v {
         Value::Number(n) => n.as_u64().expect("a whole number"),
-        Value::String(s) => s.parse().unwrap_or_else(|_| panic!("{s:?} is not a number")),
+        Value::String(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{s:?} is not a number")),
         other => panic!("{other} is not a number"),
     }
 }
@@ -289,17 +321,26 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
     for (var, on) in &placed {
         let want_function = matches!(on, SetOn::Function | SetOn::Both);
         let want_worker = matches!(on, SetOn::Worker | SetOn::Both);
-        for (side, env, want) in [("function", &function, want_function), ("worker", &worker, want_worker)] {
+        for (side, env, want) in [
+            ("function", &function, want_function),
+            ("worker", &worker, want_worker),
+        ] {
             match (env.contains_key(*var), want) {
-                (false, true) => problems.push(format!("{TEMPLATE} does not set {var} on the {side} (CONTRACT: {on:?})")),
-                (true, false) => problems.push(format!("{TEMPLATE} sets {var} on the {side}, but CONTRACT says {on:?}")),
+                (false, true) => problems.push(format!(
+                    "{TEMPLATE} does not set {var} on the {side} (CONTRACT: {on:?})"
+                )),
+                (true, false) => problems.push(format!(
+                    "{TEMPLATE} sets {var} on the {side}, but CONTRACT says {on:?}"
+                )),
                 _ => {}
             }
         }
         if *on == SetOn::Both {
             if let (Some(f), Some(w)) = (function.get(*var), worker.get(*var)) {
                 if f != w {
-                    problems.push(format!("{var} differs between the function ({f:?}) and the worker ({w:?})"));
+                    problems.push(format!(
+                        "{var} differs between the function ({f:?}) and the worker ({w:?})"
+                    ));
                 }
             }
         }
@@ -311,7 +352,11 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
             }
         }
     }
-    assert!(problems.is_empty(), "the template and the code disagree:\n  - {}", problems.join("\n  - "));
+    assert!(
+        problems.is_empty(),
+        "the template and the code disagree:\n  - {}",
+        problems.join("\n  - ")
+    );
 }
 
 #[test]
@@ -320,11 +365,15 @@ fn exactly_one_package_source_is_set() {
     let env = function_env();
     let channel = env.get("NIXERY_CHANNEL").expect("NIXERY_CHANNEL");
     let repo = env.get("NIXERY_PKGS_REPO").expect("NIXERY_PKGS_REPO");
-    let (Some((c1, when_channel)), Some((c2, when_repo))) = (&channel.condition, &repo.condition) else {
+    let (Some((c1, when_channel)), Some((c2, when_repo))) = (&channel.condition, &repo.condition)
+    else {
         panic!("NIXERY_CHANNEL and NIXERY_PKGS_REPO must each depend on one condition: {channel:?} {repo:?}");
     };
     assert_eq!(c1, c2, "one condition chooses the source");
-    assert_ne!(when_channel, when_repo, "the channel is set exactly when the repository is not");
+    assert_ne!(
+        when_channel, when_repo,
+        "the channel is set exactly when the repository is not"
+    );
     assert!(!env.contains_key("NIXERY_PKGS_PATH"));
 }
 
@@ -337,10 +386,16 @@ fn timeouts_fit_together() {
     // A pull waits at most BuildTimeout for a build, and must answer before
     // Lambda stops the function.
     let env = function_env();
-    assert_eq!(env["NIXERY_BUILD_TIMEOUT"].value, json!({ "Ref": "BuildTimeout" }));
+    assert_eq!(
+        env["NIXERY_BUILD_TIMEOUT"].value,
+        json!({ "Ref": "BuildTimeout" })
+    );
     let build_timeout = parameter("BuildTimeout");
     let max = number(&build_timeout["MaxValue"]);
-    assert!(max + 30 <= function_timeout, "BuildTimeout may reach {max} s, too close to the function's {function_timeout} s");
+    assert!(
+        max + 30 <= function_timeout,
+        "BuildTimeout may reach {max} s, too close to the function's {function_timeout} s"
+    );
     assert!(number(&build_timeout["Default"]) <= max);
 
     // The queue hides a request for longer than a build may take (two Nix
@@ -356,12 +411,19 @@ fn timeouts_fit_together() {
         json!({ "Fn::FindInMap": ["NixTimeouts", { "Ref": "NixTimeout" }, "VisibilityTimeout"] })
     );
     let nix_timeout = parameter("NixTimeout");
-    let allowed = nix_timeout["AllowedValues"].as_array().expect("NixTimeout has AllowedValues");
+    let allowed = nix_timeout["AllowedValues"]
+        .as_array()
+        .expect("NixTimeout has AllowedValues");
     assert!(allowed.contains(&nix_timeout["Default"]));
     for value in allowed {
         let secs = number(value);
-        let visibility = number(&template()["Mappings"]["NixTimeouts"][value.as_str().unwrap()]["VisibilityTimeout"]);
-        assert!(visibility >= 2 * secs + 300, "NIX_TIMEOUT {secs}: visibility timeout {visibility} is too short");
+        let visibility = number(
+            &template()["Mappings"]["NixTimeouts"][value.as_str().unwrap()]["VisibilityTimeout"],
+        );
+        assert!(
+            visibility >= 2 * secs + 300,
+            "NIX_TIMEOUT {secs}: visibility timeout {visibility} is too short"
+        );
         assert!(visibility <= 43200, "SQS allows at most 43200 s");
     }
 }
@@ -375,21 +437,46 @@ fn the_function_is_built_from_this_repository_by_cargo_lambda() {
     assert_eq!(function["Metadata"]["BuildMethod"], "rust-cargolambda");
     assert_eq!(props["Runtime"], "provided.al2023");
     assert_eq!(props["Handler"], "bootstrap");
-    assert_eq!(props["FunctionUrlConfig"]["AuthType"], "NONE", "docker cannot sign requests");
-    let code = repo().join("infra").join(props["CodeUri"].as_str().expect("CodeUri"));
-    let manifest = std::fs::read_to_string(code.join("Cargo.toml")).expect("CodeUri is the directory of Cargo.toml");
-    let binary = function["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap_or("nixery");
-    assert!(manifest.contains(&format!("name = \"{binary}\"")), "Cargo.toml has no binary {binary}");
-    for arch in parameter("Architecture")["AllowedValues"].as_array().unwrap() {
-        assert!(["x86_64", "arm64"].contains(&arch.as_str().unwrap()), "{arch} is not a Lambda architecture");
+    assert_eq!(
+        props["FunctionUrlConfig"]["AuthType"], "NONE",
+        "docker cannot sign requests"
+    );
+    let code = repo()
+        .join("infra")
+        .join(props["CodeUri"].as_str().expect("CodeUri"));
+    let manifest = std::fs::read_to_string(code.join("Cargo.toml"))
+        .expect("CodeUri is the directory of Cargo.toml");
+    let binary = function["Metadata"]["BuildProperties"]["Binary"]
+        .as_str()
+        .unwrap_or("nixery");
+    assert!(
+        manifest.contains(&format!("name = \"{binary}\"")),
+        "Cargo.toml has no binary {binary}"
+    );
+    for arch in parameter("Architecture")["AllowedValues"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            ["x86_64", "arm64"].contains(&arch.as_str().unwrap()),
+            "{arch} is not a Lambda architecture"
+        );
     }
-    assert!(!template()["Outputs"]["RegistryHost"].is_null(), "the stack says where to pull from");
+    assert!(
+        !template()["Outputs"]["RegistryHost"].is_null(),
+        "the stack says where to pull from"
+    );
 }
 
 /// The IAM statements of the role a resource uses.
 fn statements(role: &str) -> Vec<&'static Value> {
-    let policies = template()["Resources"][role]["Properties"]["Policies"].as_array().unwrap_or_else(|| panic!("{role} has inline Policies"));
-    policies.iter().flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap()).collect()
+    let policies = template()["Resources"][role]["Properties"]["Policies"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{role} has inline Policies"));
+    policies
+        .iter()
+        .flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap())
+        .collect()
 }
 
 fn actions(statement: &Value) -> Vec<&str> {
@@ -403,7 +490,9 @@ fn actions(statement: &Value) -> Vec<&str> {
 #[test]
 fn the_function_writes_only_build_status() {
     let (_, function) = only_resource("AWS::Serverless::Function");
-    let role = function["Properties"]["Role"]["Fn::GetAtt"][0].as_str().expect("the function has its own role");
+    let role = function["Properties"]["Role"]["Fn::GetAtt"][0]
+        .as_str()
+        .expect("the function has its own role");
     for statement in statements(role) {
         assert_eq!(statement["Effect"], "Allow");
         for action in actions(statement) {
@@ -421,13 +510,27 @@ fn the_function_writes_only_build_status() {
 fn the_bucket_is_private_and_expires_staging() {
     let (_, bucket) = only_resource("AWS::S3::Bucket");
     let props = &bucket["Properties"];
-    for flag in ["BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"] {
-        assert_eq!(props["PublicAccessBlockConfiguration"][flag], true, "{flag}");
+    for flag in [
+        "BlockPublicAcls",
+        "BlockPublicPolicy",
+        "IgnorePublicAcls",
+        "RestrictPublicBuckets",
+    ] {
+        assert_eq!(
+            props["PublicAccessBlockConfiguration"][flag], true,
+            "{flag}"
+        );
     }
     assert!(!props["BucketEncryption"].is_null());
-    let rules = props["LifecycleConfiguration"]["Rules"].as_array().expect("lifecycle rules");
-    assert!(rules.iter().any(|r| r["Prefix"] == "staging/" && r["ExpirationInDays"] == 1 && r["Status"] == "Enabled"));
-    assert!(rules.iter().any(|r| !r["AbortIncompleteMultipartUpload"].is_null() && r["Status"] == "Enabled"));
+    let rules = props["LifecycleConfiguration"]["Rules"]
+        .as_array()
+        .expect("lifecycle rules");
+    assert!(rules.iter().any(|r| r["Prefix"] == "staging/"
+        && r["ExpirationInDays"] == 1
+        && r["Status"] == "Enabled"));
+    assert!(rules
+        .iter()
+        .any(|r| !r["AbortIncompleteMultipartUpload"].is_null() && r["Status"] == "Enabled"));
 }
 
 // --- Nix: the worker image -------------------------------------------------------
@@ -443,15 +546,25 @@ fn nix_files() -> Vec<PathBuf> {
 }
 
 fn eval_json(expr: &str) -> Value {
-    let out = assert_success(nix_command("nix-instantiate").args(["--eval", "--strict", "--json", "--expr", expr]));
+    let out = assert_success(
+        nix_command("nix-instantiate").args(["--eval", "--strict", "--json", "--expr", expr]),
+    );
     serde_json::from_str(&out).expect("nix-instantiate prints JSON")
 }
 
 #[test]
 fn every_nix_expression_parses() {
     let files = nix_files();
-    for required in ["worker.nix", "package.nix", "worker-nix-conf.nix", "worker-image-config.nix"] {
-        assert!(files.iter().any(|f| f.ends_with(required)), "nix/{required} is missing");
+    for required in [
+        "worker.nix",
+        "package.nix",
+        "worker-nix-conf.nix",
+        "worker-image-config.nix",
+    ] {
+        assert!(
+            files.iter().any(|f| f.ends_with(required)),
+            "nix/{required} is missing"
+        );
     }
     for file in files {
         assert_success(nix_command("nix-instantiate").arg("--parse").arg(&file));
@@ -461,25 +574,47 @@ fn every_nix_expression_parses() {
 #[test]
 fn the_worker_image_uses_the_pure_parts_tested_here() {
     let worker = std::fs::read_to_string(repo().join("nix/worker.nix")).unwrap();
-    for part in ["./worker-nix-conf.nix", "./worker-image-config.nix", "./package.nix"] {
+    for part in [
+        "./worker-nix-conf.nix",
+        "./worker-image-config.nix",
+        "./package.nix",
+    ] {
         assert!(worker.contains(part), "nix/worker.nix does not use {part}");
     }
 }
 
 #[test]
 fn the_worker_nix_conf_is_accepted_by_nix() {
-    let conf = eval_json(&format!("import {}/nix/worker-nix-conf.nix {{ }}", repo().display()));
+    let conf = eval_json(&format!(
+        "import {}/nix/worker-nix-conf.nix {{ }}",
+        repo().display()
+    ));
     let conf = conf.as_str().expect("nix.conf text").to_string();
     let settings: BTreeMap<&str, &str> = conf
         .lines()
-        .map(|l| l.split_once('=').unwrap_or_else(|| panic!("not a setting: {l:?}")))
+        .map(|l| {
+            l.split_once('=')
+                .unwrap_or_else(|| panic!("not a setting: {l:?}"))
+        })
         .map(|(k, v)| (k.trim(), v.trim()))
         .collect();
-    assert_eq!(settings["build-users-group"], "", "no daemon, no build users in the container");
-    assert_eq!(settings["sandbox"], "false", "Fargate has no user namespaces");
-    assert!(settings["substituters"].split(' ').any(|s| s == "https://cache.nixos.org"));
-    assert!(settings["trusted-public-keys"].split(' ').any(|k| k.starts_with("cache.nixos.org-1:")));
-    assert!(settings["experimental-features"].split(' ').any(|f| f == "nix-command"));
+    assert_eq!(
+        settings["build-users-group"], "",
+        "no daemon, no build users in the container"
+    );
+    assert_eq!(
+        settings["sandbox"], "false",
+        "Fargate has no user namespaces"
+    );
+    assert!(settings["substituters"]
+        .split(' ')
+        .any(|s| s == "https://cache.nixos.org"));
+    assert!(settings["trusted-public-keys"]
+        .split(' ')
+        .any(|k| k.starts_with("cache.nixos.org-1:")));
+    assert!(settings["experimental-features"]
+        .split(' ')
+        .any(|f| f == "nix-command"));
     assert_eq!(settings["max-jobs"], "auto");
 
     // A real Nix reads it and knows every setting.
@@ -487,26 +622,52 @@ fn the_worker_nix_conf_is_accepted_by_nix() {
     std::fs::write(dir.path().join("nix.conf"), &conf).unwrap();
     let (output, _) = run_tool(
         Command::new("nix")
-            .args(["--extra-experimental-features", "nix-command", "show-config", "--json"])
+            .args([
+                "--extra-experimental-features",
+                "nix-command",
+                "show-config",
+                "--json",
+            ])
             .env("NIX_CONF_DIR", dir.path())
             .env("NIX_USER_CONF_FILES", dir.path().join("nix.conf")),
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "nix show-config failed: {stderr}");
-    assert!(!stderr.contains("unknown setting"), "Nix does not know a setting of nix/worker-nix-conf.nix:\n{stderr}");
+    assert!(
+        !stderr.contains("unknown setting"),
+        "Nix does not know a setting of nix/worker-nix-conf.nix:\n{stderr}"
+    );
     let shown: Value = serde_json::from_slice(&output.stdout).expect("nix show-config --json");
     assert_eq!(shown["sandbox"]["value"], false);
     assert_eq!(shown["build-users-group"]["value"], "");
-    assert_eq!(shown["substituters"]["value"], json!(["https://cache.nixos.org"]));
+    assert_eq!(
+        shown["substituters"]["value"],
+        json!(["https://cache.nixos.org"])
+    );
 }
 
 #[test]
 fn the_worker_image_runs_nixery_worker() {
-    let config = eval_json(&format!("import {}/nix/worker-image-config.nix", repo().display()));
+    let config = eval_json(&format!(
+        "import {}/nix/worker-image-config.nix",
+        repo().display()
+    ));
     assert_eq!(config["Entrypoint"], json!(["/bin/nixery", "worker"]));
-    let env: Vec<&str> = config["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    for expected in ["SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "NIX_SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt", "USER=root"] {
-        assert!(env.contains(&expected), "the image's Env lacks {expected}: {env:?}");
+    let env: Vec<&str> = config["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for expected in [
+        "SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt",
+        "NIX_SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt",
+        "USER=root",
+    ] {
+        assert!(
+            env.contains(&expected),
+            "the image's Env lacks {expected}: {env:?}"
+        );
     }
     assert!(env.iter().any(|e| e.starts_with("PATH=")));
     // No store paths: the config must hold without nixpkgs.
@@ -515,7 +676,10 @@ fn the_worker_image_runs_nixery_worker() {
     // The task definition runs the image's entrypoint as it is.
     let (_, task) = only_resource("AWS::ECS::TaskDefinition");
     let container = &task["Properties"]["ContainerDefinitions"][0];
-    assert!(container["EntryPoint"].is_null() && container["Command"].is_null(), "the worker's command comes from the image");
+    assert!(
+        container["EntryPoint"].is_null() && container["Command"].is_null(),
+        "the worker's command comes from the image"
+    );
 }
 
 #[test]
@@ -530,14 +694,21 @@ fn the_nixery_package_includes_every_file_the_binary_embeds() {
             for part in text.split(macro_name).skip(1) {
                 let relative = &part[..part.find('"').unwrap()];
                 let target = normalise(&file.parent().unwrap().join(relative));
-                let from_repo = target.strip_prefix(repo()).unwrap_or_else(|_| panic!("{relative} in {file:?} is outside the repository"));
-                if !from_repo.starts_with("src") && !package.contains(&format!("../{}", from_repo.display())) {
+                let from_repo = target
+                    .strip_prefix(repo())
+                    .unwrap_or_else(|_| panic!("{relative} in {file:?} is outside the repository"));
+                if !from_repo.starts_with("src")
+                    && !package.contains(&format!("../{}", from_repo.display()))
+                {
                     missing.push(from_repo.display().to_string());
                 }
             }
         }
     });
-    assert!(missing.is_empty(), "nix/package.nix's file set lacks embedded files: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "nix/package.nix's file set lacks embedded files: {missing:?}"
+    );
 }
 
 fn visit_rs(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {

@@ -15,19 +15,22 @@ use lambda_http::{Adapter, Context, LambdaEvent};
 use nixery::build::local::in_process;
 use nixery::build::Builder;
 use nixery::config::Config;
-use nixery::popularity::Popularity;
-use nixery::source::Sources;
-use std::collections::HashMap;
 use nixery::nix::Nix;
+use nixery::popularity::Popularity;
 use nixery::registry::{router, AppState};
+use nixery::source::Sources;
 use nixery::storage::S3Storage;
 use serde_json::Value;
+use std::collections::HashMap;
 
 /// Sends one event through the adapter; the Lambda response as JSON.
 async fn invoke(state: &AppState, event: &str) -> Value {
     let request: LambdaRequest = serde_json::from_str(event).expect("a valid event");
     let mut adapter = Adapter::from(router(state.clone()));
-    let response = adapter.call(LambdaEvent::new(request, Context::default())).await.unwrap();
+    let response = adapter
+        .call(LambdaEvent::new(request, Context::default()))
+        .await
+        .unwrap();
     serde_json::to_value(&response).unwrap()
 }
 
@@ -45,17 +48,32 @@ async fn function_url_and_api_gateway_events() {
         let env = s3.nixery_env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let builder = Server::start_with(&work.path().join("unused"), &env);
-        let status = reqwest::get(builder.url("/v2/shell/hello/manifests/latest")).await.unwrap().status();
+        let status = reqwest::get(builder.url("/v2/shell/hello/manifests/latest"))
+            .await
+            .unwrap()
+            .status();
         assert_eq!(status, 200);
     }
-    let storage: Arc<dyn nixery::storage::Storage> = Arc::new(S3Storage::new(s3.client().await, BUCKET, "", Duration::from_secs(900)));
+    let storage: Arc<dyn nixery::storage::Storage> = Arc::new(S3Storage::new(
+        s3.client().await,
+        BUCKET,
+        "",
+        Duration::from_secs(900),
+    ));
     // The settings the building server had: nothing set but the package set.
     let defaults = Config::from_vars(&HashMap::from([
-        ("NIXERY_PKGS_PATH".to_string(), fixture_pkgs().to_string_lossy().into_owned()),
+        (
+            "NIXERY_PKGS_PATH".to_string(),
+            fixture_pkgs().to_string_lossy().into_owned(),
+        ),
         ("STORAGE_PATH".to_string(), "/unused".to_string()),
     ]))
     .unwrap();
-    let builder = Builder::new(Nix::new(Duration::from_secs(60)), storage.clone(), Arc::new(Popularity::none()));
+    let builder = Builder::new(
+        Nix::new(Duration::from_secs(60)),
+        storage.clone(),
+        Arc::new(Popularity::none()),
+    );
     let state = AppState {
         storage,
         dispatch: Arc::new(in_process(builder)),
@@ -69,8 +87,14 @@ async fn function_url_and_api_gateway_events() {
     let get = invoke(&state, &event("function-url-get-manifest.json")).await;
     assert_eq!(get["statusCode"], 200, "{get}");
     let headers = &get["headers"];
-    assert_eq!(headers["content-type"], "application/vnd.oci.image.manifest.v1+json");
-    let digest = headers["docker-content-digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        headers["content-type"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let digest = headers["docker-content-digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let body = get["body"].as_str().unwrap();
     assert_eq!(headers["content-length"], body.len().to_string());
     assert_eq!(nixery::manifest::sha256_digest(body.as_bytes()), digest);
@@ -85,7 +109,11 @@ async fn function_url_and_api_gateway_events() {
     // A blob: a redirect to a presigned URL that works.
     let manifest: Value = serde_json::from_str(body).unwrap();
     let layer = manifest["layers"][0]["digest"].as_str().unwrap();
-    let blob = invoke(&state, &event("function-url-get-blob.json").replace("DIGEST", layer)).await;
+    let blob = invoke(
+        &state,
+        &event("function-url-get-blob.json").replace("DIGEST", layer),
+    )
+    .await;
     assert_eq!(blob["statusCode"], 307, "{blob}");
     assert_eq!(blob["headers"]["content-length"], "0");
     let location = blob["headers"]["location"].as_str().unwrap();

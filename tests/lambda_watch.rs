@@ -29,10 +29,23 @@ impl LambdaWatch {
             writeln!(file, "{k}={v}").unwrap();
         }
         // A free port: bind, note it, release it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let log = dir.join("lambda-watch.log");
         let child = Command::new("cargo")
-            .args(["lambda", "watch", "--invoke-address", "127.0.0.1", "--invoke-port", &port.to_string(), "--disable-cors", "--env-file"])
+            .args([
+                "lambda",
+                "watch",
+                "--invoke-address",
+                "127.0.0.1",
+                "--invoke-port",
+                &port.to_string(),
+                "--disable-cors",
+                "--env-file",
+            ])
             .arg(&env_file)
             .current_dir(repo())
             .env("NO_COLOR", "1")
@@ -43,7 +56,11 @@ impl LambdaWatch {
             .process_group(0)
             .spawn()
             .expect("starting cargo lambda watch (pip install cargo-lambda)");
-        let mut watch = LambdaWatch { child, addr: format!("127.0.0.1:{port}"), log };
+        let mut watch = LambdaWatch {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            log,
+        };
         // The first request waits for the function to compile and start.
         let url = format!("http://{}/v2/", watch.addr);
         let ready = wait_until(Duration::from_secs(900), || {
@@ -55,13 +72,21 @@ impl LambdaWatch {
                 .status()
                 .is_ok_and(|s| s.success())
         });
-        assert!(ready && watch.child.try_wait().unwrap().is_none(), "cargo lambda watch did not come up:\n{}", watch.output());
+        assert!(
+            ready && watch.child.try_wait().unwrap().is_none(),
+            "cargo lambda watch did not come up:\n{}",
+            watch.output()
+        );
         watch
     }
 
     fn output(&self) -> String {
-        let err = std::fs::read_to_string(self.log.with_file_name("lambda-watch.err")).unwrap_or_default();
-        format!("{}{err}", std::fs::read_to_string(&self.log).unwrap_or_default())
+        let err = std::fs::read_to_string(self.log.with_file_name("lambda-watch.err"))
+            .unwrap_or_default();
+        format!(
+            "{}{err}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        )
     }
 }
 
@@ -70,7 +95,9 @@ impl Drop for LambdaWatch {
         let group = -(self.child.id() as i32);
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(group, libc::SIGTERM) };
-        if !wait_until(Duration::from_secs(10), || self.child.try_wait().ok().flatten().is_some()) {
+        if !wait_until(Duration::from_secs(10), || {
+            self.child.try_wait().ok().flatten().is_some()
+        }) {
             unsafe { libc::kill(group, libc::SIGKILL) };
         }
         let _ = self.child.wait();
@@ -85,42 +112,84 @@ fn skopeo_and_containerd_pull_from_the_function() {
     let work = tempfile::tempdir().unwrap();
     let mut env = s3.nixery_env();
     env.extend([
-        ("NIXERY_PKGS_PATH", fixture_pkgs().to_string_lossy().into_owned()),
-        ("NIX_CONF_DIR", nix_conf_dir().to_string_lossy().into_owned()),
+        (
+            "NIXERY_PKGS_PATH",
+            fixture_pkgs().to_string_lossy().into_owned(),
+        ),
+        (
+            "NIX_CONF_DIR",
+            nix_conf_dir().to_string_lossy().into_owned(),
+        ),
         ("RUST_LOG", "info".to_string()),
     ]);
     let function = LambdaWatch::start(&env, work.path());
 
     // skopeo: the exact served manifest, every blob verified.
     let out = work.path().join("skopeo");
-    skopeo_copy_from(&function.addr, "shell/hello:latest", &format!("dir:{}", out.display()));
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    skopeo_copy_from(
+        &function.addr,
+        "shell/hello:latest",
+        &format!("dir:{}", out.display()),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     let layers: Vec<String> = manifest["layers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| l["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string())
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
         .collect();
 
     // containerd: HEAD by tag, GET by digest, blobs by redirect; and it runs.
     let containerd = Containerd::start();
     let image = format!("{}/shell/hello:latest", function.addr);
-    run(containerd.ctr().args(["image", "pull", "--plain-http", "--snapshotter", "overlayfs", &image]));
+    run(containerd.ctr().args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &image,
+    ]));
     let flags = containerd.run_flags();
-    let hello = run(containerd.ctr().arg("run").args(&flags).args([&image, "hello-lambda", "hello"]));
+    let hello =
+        run(containerd
+            .ctr()
+            .arg("run")
+            .args(&flags)
+            .args([&image, "hello-lambda", "hello"]));
     assert_eq!(hello, "Hello, world!\n");
 
     // Every blob GET the function answered was a redirect ...
     let output = function.output();
-    let blob_gets: Vec<&str> = output.lines().filter(|l| l.contains("method=GET") && l.contains("/blobs/sha256:")).collect();
-    assert!(blob_gets.len() >= layers.len(), "too few blob GETs logged:\n{output}");
-    assert!(blob_gets.iter().all(|l| l.contains("status=307")), "{blob_gets:#?}");
+    let blob_gets: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("method=GET") && l.contains("/blobs/sha256:"))
+        .collect();
+    assert!(
+        blob_gets.len() >= layers.len(),
+        "too few blob GETs logged:\n{output}"
+    );
+    assert!(
+        blob_gets.iter().all(|l| l.contains("status=307")),
+        "{blob_gets:#?}"
+    );
     // ... and the S3 server served each layer, to both clients.
     let served = s3.served();
     for hex in &layers {
         let gets = served
             .iter()
-            .filter(|s| s.method == "GET" && s.status == 200 && s.path.ends_with(&format!("blobs/sha256/{hex}")))
+            .filter(|s| {
+                s.method == "GET"
+                    && s.status == 200
+                    && s.path.ends_with(&format!("blobs/sha256/{hex}"))
+            })
             .count();
         assert!(gets >= 2, "layer {hex} was fetched from S3 {gets} times");
     }

@@ -13,7 +13,14 @@ use serde_json::Value;
 
 fn git(dir: &Path, args: &[&str]) -> String {
     run(Command::new("git")
-        .args(["-c", "user.name=test", "-c", "user.email=test@example.org", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.org",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .current_dir(dir))
     .trim()
@@ -22,7 +29,10 @@ fn git(dir: &Path, args: &[&str]) -> String {
 
 /// A copy of the fixture set where `hello` greets with `greeting`.
 fn write_fixture(dest: &Path, greeting: &str) {
-    run(Command::new("cp").arg("-a").arg(format!("{}/.", fixture_pkgs().display())).arg(dest));
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", fixture_pkgs().display()))
+        .arg(dest));
     let default = dest.join("default.nix");
     let text = std::fs::read_to_string(&default).unwrap();
     assert!(text.contains("Hello, world!"));
@@ -30,8 +40,16 @@ fn write_fixture(dest: &Path, greeting: &str) {
 }
 
 async fn digest(server: &Server, image: &str, tag: &str) -> (u16, String) {
-    let r = reqwest::Client::new().head(server.url(&format!("/v2/{image}/manifests/{tag}"))).send().await.unwrap();
-    let d = r.headers().get("docker-content-digest").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let r = reqwest::Client::new()
+        .head(server.url(&format!("/v2/{image}/manifests/{tag}")))
+        .send()
+        .await
+        .unwrap();
+    let d = r
+        .headers()
+        .get("docker-content-digest")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     (r.status().as_u16(), d)
 }
 
@@ -53,7 +71,11 @@ async fn a_git_source_serves_branches_tags_and_commits() {
 
     let server = Server::start_with(
         &work.path().join("storage"),
-        &[("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", repo.to_str().unwrap()), ("NIXERY_TAG_TTL", "1")],
+        &[
+            ("NIXERY_PKGS_PATH", ""),
+            ("NIXERY_PKGS_REPO", repo.to_str().unwrap()),
+            ("NIXERY_TAG_TTL", "1"),
+        ],
     );
     let greeting = |tag: &str| {
         let rootfs = pull_and_unpack(&server, &format!("shell/hello:{tag}"), work.path());
@@ -64,14 +86,23 @@ async fn a_git_source_serves_branches_tags_and_commits() {
     assert_eq!(greeting("v2"), "Hello from next!\n");
     assert_eq!(greeting(&first), "Hello, world!\n");
     let (_, by_branch) = digest(&server, "shell/hello", "next").await;
-    assert_eq!(digest(&server, "shell/hello", "v2").await.1, by_branch, "a tag and a branch on one commit differ");
+    assert_eq!(
+        digest(&server, "shell/hello", "v2").await.1,
+        by_branch,
+        "a tag and a branch on one commit differ"
+    );
 
     // Unknown refs are named.
-    let r = reqwest::get(server.url("/v2/hello/manifests/no-such-branch")).await.unwrap();
+    let r = reqwest::get(server.url("/v2/hello/manifests/no-such-branch"))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
-    assert!(body["errors"][0]["message"].as_str().unwrap().contains("no-such-branch"));
+    assert!(body["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no-such-branch"));
 
     // Move main; once the TTL has passed, `latest` is the new commit.
     let (_, before) = digest(&server, "shell/hello", "latest").await;
@@ -93,10 +124,27 @@ async fn an_image_sharing_layers_uploads_only_new_ones() {
     let server = Server::start();
     let manifest = |name: &'static str| {
         let url = server.url(&format!("/v2/{name}/manifests/latest"));
-        async move { reqwest::get(url).await.unwrap().json::<Value>().await.unwrap() }
+        async move {
+            reqwest::get(url)
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
     };
     let layers = |m: &Value| -> Vec<(String, u64)> {
-        m["layers"].as_array().unwrap().iter().map(|l| (l["digest"].as_str().unwrap().to_string(), l["size"].as_u64().unwrap())).collect()
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["digest"].as_str().unwrap().to_string(),
+                    l["size"].as_u64().unwrap(),
+                )
+            })
+            .collect()
     };
     let a = layers(&manifest("shell/hello").await);
     let b = layers(&manifest("shell/hello/jq").await);
@@ -107,14 +155,26 @@ async fn an_image_sharing_layers_uploads_only_new_ones() {
     // The build of B reports exactly those new layers (the customisation
     // layer among them) and reuses the rest.
     let log = server.log();
-    let finished: Vec<&str> = log.lines().filter(|l| l.contains("build finished")).collect();
+    let finished: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("build finished"))
+        .collect();
     assert_eq!(finished.len(), 2);
     let b_line = finished[1];
-    assert!(b_line.contains(&format!("layers_new={}", new.len())), "{b_line}");
-    assert!(b_line.contains(&format!("layers_reused={shared}")), "{b_line}");
+    assert!(
+        b_line.contains(&format!("layers_new={}", new.len())),
+        "{b_line}"
+    );
+    assert!(
+        b_line.contains(&format!("layers_reused={shared}")),
+        "{b_line}"
+    );
     let new_bytes: u64 = new.iter().map(|l| l.1).sum();
     let all_bytes: u64 = b.iter().map(|l| l.1).sum();
-    assert!(b_line.contains(&format!("bytes_uploaded={new_bytes}")), "{b_line}");
+    assert!(
+        b_line.contains(&format!("bytes_uploaded={new_bytes}")),
+        "{b_line}"
+    );
     println!("after shell/hello, a client pulling shell/hello/jq downloads {new_bytes} of {all_bytes} bytes ({} of {} layers)", new.len(), b.len());
 }
 
@@ -123,14 +183,34 @@ async fn the_landing_page_shows_how_to_pull_and_recent_builds() {
     let server = Server::start();
     assert_eq!(digest(&server, "shell/hello", "latest").await.0, 200);
     assert_eq!(digest(&server, "nosuchpackage", "latest").await.0, 404);
-    let r = reqwest::Client::new().get(server.url("/")).header("host", "registry.example.org").send().await.unwrap();
+    let r = reqwest::Client::new()
+        .get(server.url("/"))
+        .header("host", "registry.example.org")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     let page = r.text().await.unwrap();
-    assert!(page.contains("docker pull registry.example.org/shell/curl/jq"), "{page}");
-    assert!(page.contains(&fixture_pkgs().canonicalize().unwrap().display().to_string()), "the source is not shown");
-    assert!(page.contains("bashInteractive/coreutils/hello/moreutils/nano:latest"), "no recent build: {page}");
-    assert!(page.contains("unknown packages: nosuchpackage"), "no recent error: {page}");
+    assert!(
+        page.contains("docker pull registry.example.org/shell/curl/jq"),
+        "{page}"
+    );
+    assert!(
+        page.contains(&fixture_pkgs().canonicalize().unwrap().display().to_string()),
+        "the source is not shown"
+    );
+    assert!(
+        page.contains("bashInteractive/coreutils/hello/moreutils/nano:latest"),
+        "no recent build: {page}"
+    );
+    assert!(
+        page.contains("unknown packages: nosuchpackage"),
+        "no recent error: {page}"
+    );
 }
 
 #[tokio::test]
@@ -141,13 +221,21 @@ async fn popularity_data_is_computed_and_loaded() {
         .env("NIXERY_PKGS_PATH", fixture_pkgs())
         .env("NIX_CONF_DIR", common::nix_conf_dir()));
     let counts: Value = serde_json::from_str(&out).unwrap();
-    let busybox = counts.as_object().unwrap().iter().find(|(k, _)| k.starts_with("busybox-")).unwrap();
+    let busybox = counts
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.starts_with("busybox-"))
+        .unwrap();
     assert_eq!(busybox.1, 3, "{counts}");
     let file = work.path().join("popularity.json");
     std::fs::write(&file, &out).unwrap();
 
     let url = format!("file://{}", file.display());
-    let server = Server::start_with(&work.path().join("storage"), &[("NIX_POPULARITY_URL", &url)]);
+    let server = Server::start_with(
+        &work.path().join("storage"),
+        &[("NIX_POPULARITY_URL", &url)],
+    );
     assert_eq!(digest(&server, "shell/hello", "latest").await.0, 200);
     assert!(server.log().contains("popularity data loaded"));
 

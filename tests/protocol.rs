@@ -11,17 +11,27 @@ use sha2::{Digest, Sha256};
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 fn client() -> Client {
-    Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 fn header(response: &reqwest::Response, name: &str) -> Option<String> {
-    response.headers().get(name).map(|v| v.to_str().unwrap().to_string())
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
 }
 
 /// The image config a manifest points at.
 async fn image_config(server: &Server, name: &str, manifest: &Value) -> Value {
     let digest = manifest["config"]["digest"].as_str().unwrap();
-    let response = client().get(server.url(&format!("/v2/{name}/blobs/{digest}"))).send().await.unwrap();
+    let response = client()
+        .get(server.url(&format!("/v2/{name}/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
@@ -29,12 +39,21 @@ async fn image_config(server: &Server, name: &str, manifest: &Value) -> Value {
 /// Asserts an error response: status, spec envelope, JSON content type.
 async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(response.status(), status, "{:?}", response.url().path());
-    assert_eq!(header(&response, "content-type").as_deref(), Some("application/json"));
-    assert_eq!(header(&response, "docker-distribution-api-version").as_deref(), Some("registry/2.0"));
+    assert_eq!(
+        header(&response, "content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(
+        header(&response, "docker-distribution-api-version").as_deref(),
+        Some("registry/2.0")
+    );
     let body: Value = response.json().await.unwrap();
     let error = &body["errors"][0];
     assert_eq!(error["code"], code, "{body}");
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     body
 }
 
@@ -44,8 +63,14 @@ async fn base_endpoint_announces_the_api_version() {
     for path in ["/v2/", "/v2"] {
         let response = client().get(server.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 200);
-        assert_eq!(header(&response, "docker-distribution-api-version").as_deref(), Some("registry/2.0"));
-        assert_eq!(header(&response, "content-type").as_deref(), Some("application/json"));
+        assert_eq!(
+            header(&response, "docker-distribution-api-version").as_deref(),
+            Some("registry/2.0")
+        );
+        assert_eq!(
+            header(&response, "content-type").as_deref(),
+            Some("application/json")
+        );
         assert_eq!(response.text().await.unwrap(), "{}");
     }
 }
@@ -55,24 +80,45 @@ async fn head_and_get_agree_by_tag_and_by_digest() {
     let server = Server::start();
     let c = client();
     // HEAD first, as containerd does: it builds the image.
-    let head = c.head(server.url("/v2/shell/hello/manifests/latest?ns=example.org")).send().await.unwrap();
+    let head = c
+        .head(server.url("/v2/shell/hello/manifests/latest?ns=example.org"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(head.status(), 200);
     let digest = header(&head, "docker-content-digest").unwrap();
     let length = header(&head, "content-length").unwrap();
     assert_eq!(header(&head, "content-type").as_deref(), Some(OCI_MANIFEST));
 
-    let get = c.get(server.url("/v2/shell/hello/manifests/latest")).send().await.unwrap();
+    let get = c
+        .get(server.url("/v2/shell/hello/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(get.status(), 200);
-    assert_eq!(header(&get, "docker-content-digest").as_ref(), Some(&digest));
+    assert_eq!(
+        header(&get, "docker-content-digest").as_ref(),
+        Some(&digest)
+    );
     assert_eq!(header(&get, "content-length").as_ref(), Some(&length));
     assert_eq!(header(&get, "content-type").as_deref(), Some(OCI_MANIFEST));
     let body = get.bytes().await.unwrap();
     assert_eq!(body.len().to_string(), length);
-    assert_eq!(format!("sha256:{}", hex::encode(Sha256::digest(&body))), digest);
+    assert_eq!(
+        format!("sha256:{}", hex::encode(Sha256::digest(&body))),
+        digest
+    );
 
     // The same by digest, GET and HEAD.
     for method in [Method::GET, Method::HEAD] {
-        let r = c.request(method.clone(), server.url(&format!("/v2/shell/hello/manifests/{digest}"))).send().await.unwrap();
+        let r = c
+            .request(
+                method.clone(),
+                server.url(&format!("/v2/shell/hello/manifests/{digest}")),
+            )
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(header(&r, "docker-content-digest").as_ref(), Some(&digest));
         assert_eq!(header(&r, "content-length").as_ref(), Some(&length));
@@ -108,8 +154,15 @@ async fn head_and_get_agree_by_tag_and_by_digest() {
     assert_eq!(config["architecture"], "amd64");
     assert_eq!(config["os"], "linux");
     assert_eq!(config["rootfs"]["type"], "layers");
-    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), manifest["layers"].as_array().unwrap().len());
-    assert!(config["config"]["Env"].as_array().unwrap().iter().any(|e| e.as_str().unwrap().starts_with("PATH=")));
+    assert_eq!(
+        config["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        manifest["layers"].as_array().unwrap().len()
+    );
+    assert!(config["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e.as_str().unwrap().starts_with("PATH=")));
     assert_eq!(config["config"]["Cmd"][0], "/bin/bash");
 }
 
@@ -117,10 +170,21 @@ async fn head_and_get_agree_by_tag_and_by_digest() {
 async fn name_order_does_not_matter() {
     let server = Server::start();
     let c = client();
-    let a = c.head(server.url("/v2/hello/shell/manifests/latest")).send().await.unwrap();
-    let b = c.head(server.url("/v2/shell/hello/hello/manifests/latest")).send().await.unwrap();
+    let a = c
+        .head(server.url("/v2/hello/shell/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    let b = c
+        .head(server.url("/v2/shell/hello/hello/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(a.status(), 200);
-    assert_eq!(header(&a, "docker-content-digest"), header(&b, "docker-content-digest"));
+    assert_eq!(
+        header(&a, "docker-content-digest"),
+        header(&b, "docker-content-digest")
+    );
     assert_eq!(server.builds_started(), 1);
 }
 
@@ -131,25 +195,58 @@ async fn client_mistakes_get_spec_errors() {
     let zeros = format!("sha256:{}", "0".repeat(64));
 
     // Names outside the grammar never reach Nix.
-    for name in ["Hello", "hello..world", "a/-b", "x/".repeat(130).trim_end_matches('/')] {
-        let r = c.get(server.url(&format!("/v2/{name}/manifests/latest"))).send().await.unwrap();
+    for name in [
+        "Hello",
+        "hello..world",
+        "a/-b",
+        "x/".repeat(130).trim_end_matches('/'),
+    ] {
+        let r = c
+            .get(server.url(&format!("/v2/{name}/manifests/latest")))
+            .send()
+            .await
+            .unwrap();
         expect_error(r, StatusCode::BAD_REQUEST, "NAME_INVALID").await;
     }
-    let r = c.get(server.url("/v2/hello/manifests/-bad-tag")).send().await.unwrap();
+    let r = c
+        .get(server.url("/v2/hello/manifests/-bad-tag"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "TAG_INVALID").await;
 
     // Digests.
     for bad in ["sha256:1234", "sha256:XYZ", "md5:00"] {
-        let r = c.get(server.url(&format!("/v2/hello/blobs/{bad}"))).send().await.unwrap();
+        let r = c
+            .get(server.url(&format!("/v2/hello/blobs/{bad}")))
+            .send()
+            .await
+            .unwrap();
         expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
-        let r = c.get(server.url(&format!("/v2/hello/manifests/{bad}"))).send().await.unwrap();
+        let r = c
+            .get(server.url(&format!("/v2/hello/manifests/{bad}")))
+            .send()
+            .await
+            .unwrap();
         expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
     }
-    let r = c.get(server.url(&format!("/v2/hello/blobs/{zeros}"))).send().await.unwrap();
+    let r = c
+        .get(server.url(&format!("/v2/hello/blobs/{zeros}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "BLOB_UNKNOWN").await;
-    let r = c.head(server.url(&format!("/v2/hello/blobs/{zeros}"))).send().await.unwrap();
+    let r = c
+        .head(server.url(&format!("/v2/hello/blobs/{zeros}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = c.get(server.url(&format!("/v2/hello/manifests/{zeros}"))).send().await.unwrap();
+    let r = c
+        .get(server.url(&format!("/v2/hello/manifests/{zeros}")))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
 
     // Writes are refused.
@@ -160,45 +257,90 @@ async fn client_mistakes_get_spec_errors() {
         (Method::PATCH, "/v2/hello/blobs/uploads/1234"),
         (Method::DELETE, &format!("/v2/hello/blobs/{zeros}")),
     ] {
-        let r = c.request(method, server.url(path)).body("x").send().await.unwrap();
+        let r = c
+            .request(method, server.url(path))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
         expect_error(r, StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED").await;
     }
 
     // Unknown endpoints.
-    for path in ["/v2/_catalog", "/v2/hello/referrers/latest", "/nothing-here"] {
+    for path in [
+        "/v2/_catalog",
+        "/v2/hello/referrers/latest",
+        "/nothing-here",
+    ] {
         let r = c.get(server.url(path)).send().await.unwrap();
         expect_error(r, StatusCode::NOT_FOUND, "UNSUPPORTED").await;
     }
-    assert_eq!(server.builds_started(), 0, "a bad request reached the builder");
+    assert_eq!(
+        server.builds_started(),
+        0,
+        "a bad request reached the builder"
+    );
 }
 
 #[tokio::test]
 async fn unknown_packages_are_named() {
     let server = Server::start();
-    let r = client().get(server.url("/v2/hello/nosuchpkg/pythonpackages.nope/manifests/latest")).send().await.unwrap();
+    let r = client()
+        .get(server.url("/v2/hello/nosuchpkg/pythonpackages.nope/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
     let body = expect_error(r, StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN").await;
     let message = body["errors"][0]["message"].as_str().unwrap();
-    assert!(message.contains("nosuchpkg") && message.contains("pythonpackages.nope"), "{message}");
+    assert!(
+        message.contains("nosuchpkg") && message.contains("pythonpackages.nope"),
+        "{message}"
+    );
     assert!(!message.contains("hello"), "{message}");
-    assert_eq!(body["errors"][0]["detail"]["unknown"], serde_json::json!(["nosuchpkg", "pythonpackages.nope"]));
+    assert_eq!(
+        body["errors"][0]["detail"]["unknown"],
+        serde_json::json!(["nosuchpkg", "pythonpackages.nope"])
+    );
     // HEAD says the same (without a body).
-    let r = client().head(server.url("/v2/nosuchpkg/manifests/latest")).send().await.unwrap();
+    let r = client()
+        .head(server.url("/v2/nosuchpkg/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     // Nothing was stored for the failed image.
-    assert!(!server.storage.join("images").exists() || std::fs::read_dir(server.storage.join("images")).unwrap().next().is_none());
+    assert!(
+        !server.storage.join("images").exists()
+            || std::fs::read_dir(server.storage.join("images"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 #[tokio::test]
 async fn build_failures_say_what_failed() {
     let server = Server::start();
-    let r = client().get(server.url("/v2/hello/failing/manifests/latest")).send().await.unwrap();
+    let r = client()
+        .get(server.url("/v2/hello/failing/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
     let body = expect_error(r, StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN").await;
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("building the image failed"), "{message}");
     assert!(message.contains("failing"), "{message}");
     // Nix's own words are in the log.
-    assert!(server.log().contains("fixture build failure: this package always fails"));
-    assert!(!server.storage.join("images").exists() || std::fs::read_dir(server.storage.join("images")).unwrap().next().is_none());
+    assert!(server
+        .log()
+        .contains("fixture build failure: this package always fails"));
+    assert!(
+        !server.storage.join("images").exists()
+            || std::fs::read_dir(server.storage.join("images"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 #[tokio::test]
@@ -206,7 +348,11 @@ async fn nested_digit_and_case_insensitive_names_resolve() {
     let server = Server::start();
     let c = client();
     for name in ["pythonpackages.foo", "7zip", "bashinteractive", "libmulti"] {
-        let r = c.head(server.url(&format!("/v2/{name}/manifests/latest"))).send().await.unwrap();
+        let r = c
+            .head(server.url(&format!("/v2/{name}/manifests/latest")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{name}: {}", server.log());
     }
 }
@@ -214,11 +360,22 @@ async fn nested_digit_and_case_insensitive_names_resolve() {
 #[tokio::test]
 async fn tags_list() {
     let server = Server::start();
-    let r = client().get(server.url("/v2/shell/hello/tags/list")).send().await.unwrap();
+    let r = client()
+        .get(server.url("/v2/shell/hello/tags/list"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body, serde_json::json!({ "name": "shell/hello", "tags": ["latest"] }));
-    let r = client().get(server.url("/v2/BAD/tags/list")).send().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({ "name": "shell/hello", "tags": ["latest"] })
+    );
+    let r = client()
+        .get(server.url("/v2/BAD/tags/list"))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, StatusCode::BAD_REQUEST, "NAME_INVALID").await;
 }
 
@@ -231,7 +388,11 @@ async fn concurrent_pulls_share_one_build() {
         let c = c.clone();
         let url = url.clone();
         async move {
-            let method = if i % 2 == 0 { Method::GET } else { Method::HEAD };
+            let method = if i % 2 == 0 {
+                Method::GET
+            } else {
+                Method::HEAD
+            };
             let r = c.request(method, &url).send().await.unwrap();
             assert_eq!(r.status(), 200);
             header(&r, "docker-content-digest").unwrap()
@@ -246,10 +407,21 @@ async fn concurrent_pulls_share_one_build() {
 async fn arm64_images_are_separate_and_say_so() {
     let server = Server::start();
     let c = client();
-    let amd = c.get(server.url("/v2/hello/manifests/latest")).send().await.unwrap();
-    let arm = c.get(server.url("/v2/arm64/hello/manifests/latest")).send().await.unwrap();
+    let amd = c
+        .get(server.url("/v2/hello/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    let arm = c
+        .get(server.url("/v2/arm64/hello/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(arm.status(), 200, "{}", server.log());
-    assert_ne!(header(&amd, "docker-content-digest"), header(&arm, "docker-content-digest"));
+    assert_ne!(
+        header(&amd, "docker-content-digest"),
+        header(&arm, "docker-content-digest")
+    );
     let manifest: Value = arm.json().await.unwrap();
     let config = image_config(&server, "arm64/hello", &manifest).await;
     assert_eq!(config["architecture"], "arm64");

@@ -12,7 +12,10 @@ use common::{chroot_sh, pull_and_unpack, skopeo_copy, Server};
 use sha2::{Digest, Sha256};
 
 fn sha256_file(path: &Path) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(std::fs::read(path).unwrap())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+    )
 }
 
 /// `skopeo copy ... dir:` keeps the served manifest bytes; their digest.
@@ -31,8 +34,17 @@ fn shell_hello_runs_after_skopeo_and_umoci() {
 
     assert_eq!(chroot_sh(&rootfs, "hello"), "Hello, world!\n");
     // bash from the shell meta-package, coreutils via /usr/bin/env.
-    assert_eq!(chroot_sh(&rootfs, "/usr/bin/env bash -c 'echo via env'"), "via env\n");
-    assert_eq!(chroot_sh(&rootfs, "test -x /bin/nano && test -x /bin/sponge && test -x /bin/bash && echo ok"), "ok\n");
+    assert_eq!(
+        chroot_sh(&rootfs, "/usr/bin/env bash -c 'echo via env'"),
+        "via env\n"
+    );
+    assert_eq!(
+        chroot_sh(
+            &rootfs,
+            "test -x /bin/nano && test -x /bin/sponge && test -x /bin/bash && echo ok"
+        ),
+        "ok\n"
+    );
     let tmp = std::fs::symlink_metadata(rootfs.join("tmp")).unwrap();
     assert!(tmp.is_dir());
     assert_eq!(tmp.mode() & 0o7777, 0o1777);
@@ -69,7 +81,8 @@ fn cached_images_need_no_nix_and_survive_a_restart() {
 
     // Two builds from empty storage give byte-identical manifests.
     let fresh = Server::start();
-    let (rebuilt, rebuilt_bytes) = pulled_manifest_digest(&fresh, "shell/hello:latest", work.path());
+    let (rebuilt, rebuilt_bytes) =
+        pulled_manifest_digest(&fresh, "shell/hello:latest", work.path());
     assert_eq!(rebuilt, digest);
     assert_eq!(rebuilt_bytes, bytes);
 }
@@ -112,10 +125,22 @@ fn tar_edge_cases_arrive_intact() {
     let want = describe(&store_path);
     let got = describe(&unpacked);
     assert_eq!(got, want);
-    for needle in ["names/ünïcødé-文件.txt", "names/name with spaces.txt", "empty-dir", "links/dangling", "hardlink/b"] {
-        assert!(want.contains_key(Path::new(needle)), "the fixture lacks {needle}");
+    for needle in [
+        "names/ünïcødé-文件.txt",
+        "names/name with spaces.txt",
+        "empty-dir",
+        "links/dangling",
+        "hardlink/b",
+    ] {
+        assert!(
+            want.contains_key(Path::new(needle)),
+            "the fixture lacks {needle}"
+        );
     }
-    assert!(want.keys().any(|p| p.as_os_str().len() > 255), "no path over 255 bytes");
+    assert!(
+        want.keys().any(|p| p.as_os_str().len() > 255),
+        "no path over 255 bytes"
+    );
     // The hard link is still one file.
     let a = std::fs::metadata(unpacked.join("hardlink/a")).unwrap();
     let b = std::fs::metadata(unpacked.join("hardlink/b")).unwrap();
@@ -155,8 +180,14 @@ fn a_50_mb_package_arrives_whole() {
     // skopeo verifies every blob's digest as it copies.
     let dir = work.path().join("big");
     skopeo_copy(&server, "big:latest", &format!("dir:{}", dir.display()));
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    let total: u64 = manifest["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).sum();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let total: u64 = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum();
     assert!(total > 25_000_000, "layers hold only {total} bytes");
     for layer in manifest["layers"].as_array().unwrap() {
         let digest = layer["digest"].as_str().unwrap();

@@ -9,7 +9,10 @@ use common::{fixture_pkgs, Server};
 
 fn start_error(env: &[(&str, &str)]) -> String {
     let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
-    command.arg("serve").env_clear().env("PATH", std::env::var_os("PATH").unwrap());
+    command
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap());
     for (k, v) in env {
         command.env(k, v);
     }
@@ -26,17 +29,48 @@ fn bad_settings_stop_the_start_naming_the_variable() {
     let storage = tempfile::tempdir().unwrap();
     let storage = storage.path().to_str().unwrap();
     let cases: [(&[(&str, &str)], &str); 5] = [
-        (&[("STORAGE_PATH", storage), ("NIXERY_PKGS_PATH", pkgs), ("NIXERY_PKGS_REPO", "/repo")], "NIXERY_PKGS_REPO"),
+        (
+            &[
+                ("STORAGE_PATH", storage),
+                ("NIXERY_PKGS_PATH", pkgs),
+                ("NIXERY_PKGS_REPO", "/repo"),
+            ],
+            "NIXERY_PKGS_REPO",
+        ),
         (&[("NIXERY_PKGS_PATH", pkgs)], "STORAGE_PATH"),
-        (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("PORT", "eighty")], "PORT"),
-        (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("NIX_TIMEOUT", "-1")], "NIX_TIMEOUT"),
-        (&[("NIXERY_PKGS_PATH", pkgs), ("STORAGE_PATH", storage), ("NIXERY_STORAGE_BACKEND", "tape")], "NIXERY_STORAGE_BACKEND"),
+        (
+            &[
+                ("NIXERY_PKGS_PATH", pkgs),
+                ("STORAGE_PATH", storage),
+                ("PORT", "eighty"),
+            ],
+            "PORT",
+        ),
+        (
+            &[
+                ("NIXERY_PKGS_PATH", pkgs),
+                ("STORAGE_PATH", storage),
+                ("NIX_TIMEOUT", "-1"),
+            ],
+            "NIX_TIMEOUT",
+        ),
+        (
+            &[
+                ("NIXERY_PKGS_PATH", pkgs),
+                ("STORAGE_PATH", storage),
+                ("NIXERY_STORAGE_BACKEND", "tape"),
+            ],
+            "NIXERY_STORAGE_BACKEND",
+        ),
     ];
     for (env, var) in cases {
         let stderr = start_error(env);
         assert!(stderr.contains(var), "{env:?}: {stderr}");
     }
-    let usage = Command::new(env!("CARGO_BIN_EXE_nixery")).arg("frobnicate").output().unwrap();
+    let usage = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(usage.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: nixery serve"));
 }
@@ -52,5 +86,9 @@ async fn the_layer_budget_is_honoured() {
         .await
         .unwrap();
     // Two for the closure (six store paths), one customisation layer.
-    assert_eq!(manifest["layers"].as_array().unwrap().len(), 3, "{manifest}");
+    assert_eq!(
+        manifest["layers"].as_array().unwrap().len(),
+        3,
+        "{manifest}"
+    );
 }

@@ -30,7 +30,9 @@ async fn fetch(download: Download) -> Vec<u8> {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 async fn suite(storage: &dyn Storage, scratch: &Path) {
@@ -44,29 +46,49 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
     }
 
     // Small objects: put, get, replace, head.
-    storage.put("images/a", Bytes::from_static(b"one")).await.unwrap();
+    storage
+        .put("images/a", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
     assert_eq!(storage.get("images/a").await.unwrap().unwrap(), "one");
-    storage.put("images/a", Bytes::from_static(b"two!")).await.unwrap();
+    storage
+        .put("images/a", Bytes::from_static(b"two!"))
+        .await
+        .unwrap();
     assert_eq!(storage.get("images/a").await.unwrap().unwrap(), "two!");
     assert_eq!(storage.head("images/a").await.unwrap(), Some(4));
 
     // Conditional writes: only the first wins.
-    assert!(storage.put_if_absent("builds/k", Bytes::from_static(b"first")).await.unwrap());
-    assert!(!storage.put_if_absent("builds/k", Bytes::from_static(b"second")).await.unwrap());
+    assert!(storage
+        .put_if_absent("builds/k", Bytes::from_static(b"first"))
+        .await
+        .unwrap());
+    assert!(!storage
+        .put_if_absent("builds/k", Bytes::from_static(b"second"))
+        .await
+        .unwrap());
     assert_eq!(storage.get("builds/k").await.unwrap().unwrap(), "first");
 
     // Files, small and larger than one upload part: moved into place,
     // consumed, downloadable byte for byte.
-    let dir = storage.local_staging_dir().unwrap_or_else(|| scratch.to_path_buf());
+    let dir = storage
+        .local_staging_dir()
+        .unwrap_or_else(|| scratch.to_path_buf());
     std::fs::create_dir_all(&dir).unwrap();
-    for (key, len) in [("blobs/sha256/small", 300_000usize), ("blobs/sha256/large", 40 * 1024 * 1024 + 123)] {
+    for (key, len) in [
+        ("blobs/sha256/small", 300_000usize),
+        ("blobs/sha256/large", 40 * 1024 * 1024 + 123),
+    ] {
         let file = dir.join("upload");
         let content = pattern(len, 7);
         std::fs::write(&file, &content).unwrap();
         storage.put_file(key, &file).await.unwrap();
         assert!(!file.exists(), "put_file must consume its file");
         assert_eq!(storage.head(key).await.unwrap(), Some(len as u64));
-        assert!(fetch(storage.download(key).await.unwrap().unwrap()).await == content, "{key} differs");
+        assert!(
+            fetch(storage.download(key).await.unwrap().unwrap()).await == content,
+            "{key} differs"
+        );
     }
 
     // Content-addressed: an existing object is kept, not overwritten.
@@ -74,11 +96,20 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
     std::fs::write(&file, b"different bytes").unwrap();
     storage.put_file("blobs/sha256/small", &file).await.unwrap();
     assert!(!file.exists());
-    assert_eq!(storage.head("blobs/sha256/small").await.unwrap(), Some(300_000));
+    assert_eq!(
+        storage.head("blobs/sha256/small").await.unwrap(),
+        Some(300_000)
+    );
 
     // Keys outside the layout are refused, not written.
-    assert!(matches!(storage.put("../escape", Bytes::new()).await, Err(StorageError::InvalidKey { .. })));
-    assert!(matches!(storage.get("blobs//x").await, Err(StorageError::InvalidKey { .. })));
+    assert!(matches!(
+        storage.put("../escape", Bytes::new()).await,
+        Err(StorageError::InvalidKey { .. })
+    ));
+    assert!(matches!(
+        storage.get("blobs//x").await,
+        Err(StorageError::InvalidKey { .. })
+    ));
 }
 
 #[tokio::test]
@@ -86,7 +117,9 @@ async fn filesystem_backend() {
     let root = tempfile::tempdir().unwrap();
     let storage = FsStorage::open(root.path()).unwrap();
     suite(&storage, root.path()).await;
-    let left: Vec<_> = std::fs::read_dir(root.path().join("staging")).unwrap().collect();
+    let left: Vec<_> = std::fs::read_dir(root.path().join("staging"))
+        .unwrap()
+        .collect();
     assert!(left.is_empty(), "staging not empty: {left:?}");
 }
 
@@ -94,16 +127,35 @@ async fn filesystem_backend() {
 async fn s3_backend() {
     let server = S3Server::start();
     let scratch = tempfile::tempdir().unwrap();
-    let storage = S3Storage::new(server.client().await, BUCKET, "/some/prefix/", Duration::from_secs(600));
+    let storage = S3Storage::new(
+        server.client().await,
+        BUCKET,
+        "/some/prefix/",
+        Duration::from_secs(600),
+    );
     suite(&storage, scratch.path()).await;
 
     let keys = server.keys();
-    assert!(keys.iter().all(|k| k.starts_with("some/prefix/")), "{keys:?}");
-    assert!(!keys.iter().any(|k| k.contains("staging/")), "staging left behind: {keys:?}");
+    assert!(
+        keys.iter().all(|k| k.starts_with("some/prefix/")),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.iter().any(|k| k.contains("staging/")),
+        "staging left behind: {keys:?}"
+    );
     // The large file went up in parts; the existing one was not uploaded again.
     let served = server.served();
-    assert!(served.iter().any(|s| s.method == "POST" && s.path.contains("staging/")), "no multipart upload");
-    let uploads_of_small = served.iter().filter(|s| s.method == "PUT" && s.path.contains("staging/") && s.status == 200).count();
+    assert!(
+        served
+            .iter()
+            .any(|s| s.method == "POST" && s.path.contains("staging/")),
+        "no multipart upload"
+    );
+    let uploads_of_small = served
+        .iter()
+        .filter(|s| s.method == "PUT" && s.path.contains("staging/") && s.status == 200)
+        .count();
     assert!(uploads_of_small >= 1);
 }
 
@@ -117,10 +169,19 @@ async fn s3_presigned_urls_are_checked_by_the_server() {
     std::fs::write(&file, b"presigned content").unwrap();
     storage.put_file("blobs/sha256/abc", &file).await.unwrap();
 
-    let Some(Download::Url(url)) = storage.download("blobs/sha256/abc").await.unwrap() else { panic!("no URL") };
+    let Some(Download::Url(url)) = storage.download("blobs/sha256/abc").await.unwrap() else {
+        panic!("no URL")
+    };
     // curl, as a client would, gets the exact bytes.
-    let out = std::process::Command::new("curl").args(["-sS", "-f", &url]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-f", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, b"presigned content");
 
     // Tampered: another key, or a changed signature.
@@ -134,9 +195,14 @@ async fn s3_presigned_urls_are_checked_by_the_server() {
 
     // Expired: a URL that lives one second is refused once it is over.
     let short = S3Storage::new(client, BUCKET, "", Duration::from_secs(1));
-    let Some(Download::Url(url)) = short.download("blobs/sha256/abc").await.unwrap() else { panic!("no URL") };
+    let Some(Download::Url(url)) = short.download("blobs/sha256/abc").await.unwrap() else {
+        panic!("no URL")
+    };
     let refused = common::wait_until(Duration::from_secs(15), || {
-        let out = std::process::Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().unwrap();
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &url])
+            .output()
+            .unwrap();
         out.stdout == b"403"
     });
     assert!(refused, "an expired URL still works");

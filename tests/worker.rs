@@ -32,21 +32,35 @@ impl Cluster {
     async fn start_with(extra: &[(&'static str, &str)], max_receives: u32) -> Cluster {
         let s3 = S3Server::start();
         let moto = Moto::start();
-        let queue = moto.queue(&format!("builds-{}", unique()), 5, max_receives).await;
+        let queue = moto
+            .queue(&format!("builds-{}", unique()), 5, max_receives)
+            .await;
         let mut env = s3.nixery_env();
         env.extend([
             ("NIXERY_QUEUE_URL", queue.clone()),
             ("NIXERY_SQS_ENDPOINT", moto.endpoint.clone()),
             ("NIXERY_HEARTBEAT_SECONDS", "1".to_string()),
-            ("NIXERY_PKGS_PATH", fixture_pkgs().to_string_lossy().into_owned()),
-            ("NIX_CONF_DIR", nix_conf_dir().to_string_lossy().into_owned()),
+            (
+                "NIXERY_PKGS_PATH",
+                fixture_pkgs().to_string_lossy().into_owned(),
+            ),
+            (
+                "NIX_CONF_DIR",
+                nix_conf_dir().to_string_lossy().into_owned(),
+            ),
             ("NIXERY_FIXTURE_SALT", unique()),
         ]);
         for (k, v) in extra {
             env.retain(|(key, _)| key != k);
             env.push((k, v.to_string()));
         }
-        Cluster { s3, moto, queue, env, work: tempfile::tempdir().unwrap() }
+        Cluster {
+            s3,
+            moto,
+            queue,
+            env,
+            work: tempfile::tempdir().unwrap(),
+        }
     }
 
     fn registry(&self, extra: &[(&str, &str)]) -> Server {
@@ -55,18 +69,28 @@ impl Cluster {
         env.extend_from_slice(extra);
         // The registry must not build: no Nix on its PATH.
         env.push(("PATH", "/nonexistent"));
-        Server::start_with(&self.work.path().join(format!("registry-{}", unique())), &env)
+        Server::start_with(
+            &self.work.path().join(format!("registry-{}", unique())),
+            &env,
+        )
     }
 
     fn worker(&self) -> WorkerProcess {
         let log = self.work.path().join(format!("worker-{}.log", unique()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
-        command.arg("worker").env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null());
+        command
+            .arg("worker")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         command.stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in &self.env {
             command.env(k, v);
         }
-        WorkerProcess { child: command.spawn().expect("starting nixery worker"), log }
+        WorkerProcess {
+            child: command.spawn().expect("starting nixery worker"),
+            log,
+        }
     }
 
     /// Status records (`builds/<key>`, not claims), as JSON.
@@ -81,7 +105,11 @@ impl Cluster {
     }
 
     fn images(&self) -> Vec<String> {
-        self.s3.keys().into_iter().filter(|k| k.starts_with("images/")).collect()
+        self.s3
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("images/"))
+            .collect()
     }
 }
 
@@ -95,7 +123,10 @@ impl WorkerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
     fn builds_started(&self) -> usize {
-        self.log().lines().filter(|l| l.contains("build started")).count()
+        self.log()
+            .lines()
+            .filter(|l| l.contains("build started"))
+            .count()
     }
     /// SIGKILL, as when a machine dies.
     fn kill(&mut self) {
@@ -113,7 +144,11 @@ impl Drop for WorkerProcess {
 async fn get(server: &Server, path: &str) -> (StatusCode, String, Value) {
     let r = reqwest::get(server.url(path)).await.unwrap();
     let status = r.status();
-    let digest = r.headers().get("docker-content-digest").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let digest = r
+        .headers()
+        .get("docker-content-digest")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
     let body = r.json().await.unwrap_or(Value::Null);
     (status, digest, body)
 }
@@ -133,12 +168,29 @@ async fn fifty_concurrent_pulls_share_one_build() {
     let digest = &results[0].1;
     assert!(results.iter().all(|r| &r.1 == digest));
     let builds: usize = workers.iter().map(WorkerProcess::builds_started).sum();
-    assert_eq!(builds, 1, "worker logs:\n{}\n{}", workers[0].log(), workers[1].log());
-    let dispatched: usize =
-        registries.iter().map(|r| r.log().lines().filter(|l| l.contains("build dispatched")).count()).sum();
+    assert_eq!(
+        builds,
+        1,
+        "worker logs:\n{}\n{}",
+        workers[0].log(),
+        workers[1].log()
+    );
+    let dispatched: usize = registries
+        .iter()
+        .map(|r| {
+            r.log()
+                .lines()
+                .filter(|l| l.contains("build dispatched"))
+                .count()
+        })
+        .sum();
     assert_eq!(dispatched, 1);
     // The finished build's status says so.
-    assert!(cluster.statuses().iter().any(|s| s["state"] == "done"), "{:?}", cluster.statuses());
+    assert!(
+        cluster.statuses().iter().any(|s| s["state"] == "done"),
+        "{:?}",
+        cluster.statuses()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,15 +204,29 @@ async fn a_worker_killed_mid_build_leaves_nothing_and_another_finishes() {
         async move { reqwest::get(url).await.unwrap().status() }
     });
     // Kill the worker while Nix is building.
-    let building = wait_until(Duration::from_secs(60), || cluster.statuses().iter().any(|s| s["step"] == "realise"));
+    let building = wait_until(Duration::from_secs(60), || {
+        cluster.statuses().iter().any(|s| s["step"] == "realise")
+    });
     assert!(building, "the build never reached Nix:\n{}", first.log());
     first.kill();
-    assert!(cluster.images().is_empty(), "an image became visible from a killed build");
+    assert!(
+        cluster.images().is_empty(),
+        "an image became visible from a killed build"
+    );
 
     // A new worker gets the message back and finishes the build.
     let second = cluster.worker();
-    let status = tokio::time::timeout(Duration::from_secs(240), pull).await.expect("the pull never finished").unwrap();
-    assert_eq!(status, StatusCode::OK, "{}\n{}", registry.log(), second.log());
+    let status = tokio::time::timeout(Duration::from_secs(240), pull)
+        .await
+        .expect("the pull never finished")
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}\n{}",
+        registry.log(),
+        second.log()
+    );
     assert_eq!(cluster.images().len(), 1);
     assert!(second.builds_started() >= 1);
 
@@ -172,27 +238,48 @@ async fn a_worker_killed_mid_build_leaves_nothing_and_another_finishes() {
 #[tokio::test]
 async fn unknown_packages_and_failed_builds_reach_the_puller_quickly_and_are_remembered() {
     let cluster = Cluster::start(&[]).await;
-    let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300"), ("NIXERY_FAILURE_TTL", "300")]);
+    let registry = cluster.registry(&[
+        ("NIXERY_BUILD_TIMEOUT", "300"),
+        ("NIXERY_FAILURE_TTL", "300"),
+    ]);
     let worker = cluster.worker();
 
     // A build timeout of 300 s: these answers come from the status record.
     let (status, _, body) = get(&registry, "/v2/hello/nosuchpkg/manifests/latest").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
-    assert!(body["errors"][0]["message"].as_str().unwrap().contains("nosuchpkg"));
+    assert!(body["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("nosuchpkg"));
 
     let (status, _, body) = get(&registry, "/v2/failing/manifests/latest").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     let message = body["errors"][0]["message"].as_str().unwrap();
-    assert!(message.contains("fixture build failure: this package always fails"), "{message}");
+    assert!(
+        message.contains("fixture build failure: this package always fails"),
+        "{message}"
+    );
 
     // Within the failure TTL both are answered again without a new build.
     let before = worker.builds_started();
     assert_eq!(before, 2);
-    assert_eq!(get(&registry, "/v2/failing/manifests/latest").await.0, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(get(&registry, "/v2/nosuchpkg/hello/manifests/latest").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(&registry, "/v2/failing/manifests/latest").await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        get(&registry, "/v2/nosuchpkg/hello/manifests/latest")
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(worker.builds_started(), before);
-    let failed: Vec<Value> = cluster.statuses().into_iter().filter(|s| s["state"] == "failed").collect();
+    let failed: Vec<Value> = cluster
+        .statuses()
+        .into_iter()
+        .filter(|s| s["state"] == "failed")
+        .collect();
     assert_eq!(failed.len(), 2, "{failed:?}");
 }
 
@@ -206,7 +293,10 @@ async fn a_build_longer_than_the_timeout_goes_on_and_the_next_pull_finds_it() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
     let message = body["errors"][0]["message"].as_str().unwrap();
-    assert!(message.contains("still being built") && message.contains("pull again"), "{message}");
+    assert!(
+        message.contains("still being built") && message.contains("pull again"),
+        "{message}"
+    );
 
     let mut found = false;
     for _ in 0..60 {
@@ -237,39 +327,70 @@ async fn a_build_whose_workers_keep_dying_ends_failed_and_in_the_dead_letter_que
     for attempt in 1..=nixery::build::status::MAX_ATTEMPTS {
         let mut worker = cluster.worker();
         let running = wait_until(Duration::from_secs(60), || {
-            cluster.statuses().iter().any(|s| s["attempt"] == attempt && s["step"] == "realise")
+            cluster
+                .statuses()
+                .iter()
+                .any(|s| s["attempt"] == attempt && s["step"] == "realise")
         });
-        assert!(running, "attempt {attempt} never ran:\n{}\n{}", worker.log(), registry.log());
+        assert!(
+            running,
+            "attempt {attempt} never ran:\n{}\n{}",
+            worker.log(),
+            registry.log()
+        );
         worker.kill();
     }
-    let (status, body) = tokio::time::timeout(Duration::from_secs(120), pull).await.expect("no answer").unwrap();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(120), pull)
+        .await
+        .expect("no answer")
+        .unwrap();
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     let message = body["errors"][0]["message"].as_str().unwrap();
-    assert!(message.contains("abandoned") && message.contains("dead-letter"), "{message}");
+    assert!(
+        message.contains("abandoned") && message.contains("dead-letter"),
+        "{message}"
+    );
     assert!(cluster.images().is_empty());
-    assert!(cluster.statuses().iter().any(|s| s["state"] == "failed"), "{:?}", cluster.statuses());
+    assert!(
+        cluster.statuses().iter().any(|s| s["state"] == "failed"),
+        "{:?}",
+        cluster.statuses()
+    );
 
     // A worker that looks at the queue now finds nothing to build: the
     // abandoned messages are moved to the dead-letter queue instead.
     let drain = cluster.worker();
     let sqs = cluster.moto.client().await;
-    let dlq = sqs.get_queue_url().queue_name(format!("{}-dead", cluster.queue.rsplit('/').next().unwrap())).send().await.unwrap();
+    let dlq = sqs
+        .get_queue_url()
+        .queue_name(format!(
+            "{}-dead",
+            cluster.queue.rsplit('/').next().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
     let dead = wait_until(Duration::from_secs(30), || {
         let sqs = sqs.clone();
         let url = dlq.queue_url().unwrap().to_string();
         let count = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(async move {
-                let attrs = sqs
-                    .get_queue_attributes()
-                    .queue_url(url)
-                    .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-                    .send()
-                    .await
-                    .unwrap();
-                attrs.attributes().unwrap()[&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
-                    .parse::<u32>()
-                    .unwrap()
-            })
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(async move {
+                    let attrs = sqs
+                        .get_queue_attributes()
+                        .queue_url(url)
+                        .attribute_names(
+                            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages,
+                        )
+                        .send()
+                        .await
+                        .unwrap();
+                    attrs.attributes().unwrap()
+                        [&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages]
+                        .parse::<u32>()
+                        .unwrap()
+                })
         })
         .join()
         .unwrap();

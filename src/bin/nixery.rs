@@ -11,10 +11,10 @@ use nixery::build::local::{in_process, SingleFlight};
 use nixery::build::queue::{sqs_client, SqsDispatch, Timings, Worker};
 use nixery::build::{Builder, Dispatch};
 use nixery::config::{BuilderConfig, Config, StorageConfig};
-use nixery::popularity::Popularity;
-use nixery::source::Sources;
 use nixery::nix::{Nix, ResolveRequest};
+use nixery::popularity::Popularity;
 use nixery::registry::{self, AppState};
+use nixery::source::Sources;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: nixery serve
@@ -43,7 +43,12 @@ fn main() -> anyhow::Result<()> {
     let in_lambda = std::env::var_os(LAMBDA_RUNTIME_API).is_some();
     let mut popularity_of = None;
     let mut worker = false;
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["serve"] => {}
         ["worker"] => worker = true,
         // The Lambda runtime starts the bootstrap binary without arguments.
@@ -61,14 +66,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(!in_lambda && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = if popularity_of.is_some() {
         // Computing popularity stores nothing: storage settings may be absent.
         let mut vars: HashMap<String, String> = std::env::vars().collect();
-        vars.entry(nixery::config::STORAGE_PATH.to_string()).or_insert_with(|| "/unused".to_string());
+        vars.entry(nixery::config::STORAGE_PATH.to_string())
+            .or_insert_with(|| "/unused".to_string());
         Config::from_vars(&vars)?
     } else {
         Config::from_env()?
@@ -95,15 +103,26 @@ fn main() -> anyhow::Result<()> {
 
 /// Everything the router shares, built once.
 async fn state(config: &Config) -> anyhow::Result<AppState> {
-    let storage = nixery::storage::open(&config.storage).await.context("opening storage")?;
+    let storage = nixery::storage::open(&config.storage)
+        .await
+        .context("opening storage")?;
     let dispatch: Arc<dyn Dispatch> = match (&config.builder, &config.queue) {
         (BuilderConfig::Sqs, Some(queue)) => {
             let sqs = sqs_client(queue.endpoint.as_deref()).await;
-            Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(storage.clone(), sqs, queue.url.clone(), timings(config)))))
+            Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(
+                storage.clone(),
+                sqs,
+                queue.url.clone(),
+                timings(config),
+            ))))
         }
         _ => {
             let popularity = Arc::new(popularity(config).await?);
-            Arc::new(in_process(Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity)))
+            Arc::new(in_process(Builder::new(
+                Nix::new(config.nix_timeout),
+                storage.clone(),
+                popularity,
+            )))
         }
     };
     Ok(AppState {
@@ -117,13 +136,22 @@ async fn state(config: &Config) -> anyhow::Result<AppState> {
 }
 
 fn timings(config: &Config) -> Timings {
-    Timings { build_timeout: config.build_timeout, heartbeat: config.heartbeat, failure_ttl: config.failure_ttl }
+    Timings {
+        build_timeout: config.build_timeout,
+        heartbeat: config.heartbeat,
+        failure_ttl: config.failure_ttl,
+    }
 }
 
 /// `nixery worker`: builds from the queue until SIGTERM.
 async fn run_worker(config: &Config) -> anyhow::Result<()> {
-    let queue = config.queue.as_ref().context("NIXERY_QUEUE_URL is not set: a worker takes builds from this queue")?;
-    let storage = nixery::storage::open(&config.storage).await.context("opening storage")?;
+    let queue = config
+        .queue
+        .as_ref()
+        .context("NIXERY_QUEUE_URL is not set: a worker takes builds from this queue")?;
+    let storage = nixery::storage::open(&config.storage)
+        .await
+        .context("opening storage")?;
     let popularity = Arc::new(popularity(config).await?);
     let builder = Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity);
     let sqs = sqs_client(queue.endpoint.as_deref()).await;
@@ -148,7 +176,11 @@ async fn compute_popularity(config: &Config, packages: Vec<String>) -> anyhow::R
         let resolved = nix.resolve(&request).await?;
         anyhow::ensure!(resolved.unknown.is_empty(), "unknown package: {package}");
         nix.realise(&resolved.packages).await?;
-        let paths: Vec<String> = resolved.packages.iter().flat_map(|p| p.paths.clone()).collect();
+        let paths: Vec<String> = resolved
+            .packages
+            .iter()
+            .flat_map(|p| p.paths.clone())
+            .collect();
         closures.push(nix.closure(&paths).await?);
         tracing::info!(package, "closure read");
     }
@@ -157,13 +189,18 @@ async fn compute_popularity(config: &Config, packages: Vec<String>) -> anyhow::R
 
 /// Popularity data from `NIX_POPULARITY_URL`, or equal weights.
 async fn popularity(config: &Config) -> anyhow::Result<Popularity> {
-    let Some(url) = &config.popularity_url else { return Ok(Popularity::none()) };
+    let Some(url) = &config.popularity_url else {
+        return Ok(Popularity::none());
+    };
     let endpoint = match &config.storage {
         StorageConfig::S3 { endpoint, .. } => endpoint.as_deref(),
         StorageConfig::Filesystem { .. } => None,
     };
-    let bytes = nixery::fetch::fetch(url, endpoint).await.context("loading popularity data (NIX_POPULARITY_URL)")?;
-    let popularity = Popularity::parse(&bytes).context("parsing popularity data (NIX_POPULARITY_URL)")?;
+    let bytes = nixery::fetch::fetch(url, endpoint)
+        .await
+        .context("loading popularity data (NIX_POPULARITY_URL)")?;
+    let popularity =
+        Popularity::parse(&bytes).context("parsing popularity data (NIX_POPULARITY_URL)")?;
     tracing::info!(url, entries = popularity.len(), "popularity data loaded");
     Ok(popularity)
 }

@@ -25,7 +25,10 @@ pub struct SingleFlight {
 
 impl SingleFlight {
     pub fn new(inner: Arc<dyn Dispatch>) -> SingleFlight {
-        SingleFlight { inner, in_flight: Arc::default() }
+        SingleFlight {
+            inner,
+            in_flight: Arc::default(),
+        }
     }
 }
 
@@ -49,7 +52,10 @@ impl Dispatch for InProcess {
 impl Dispatch for SingleFlight {
     async fn build(&self, request: BuildRequest) -> Result<ImageRecord, Arc<BuildError>> {
         let mut outcome = {
-            let mut in_flight = self.in_flight.lock().expect("the in-flight map is never poisoned");
+            let mut in_flight = self
+                .in_flight
+                .lock()
+                .expect("the in-flight map is never poisoned");
             match in_flight.get(&request.image_key) {
                 Some(waiting) => waiting.clone(),
                 None => {
@@ -61,23 +67,27 @@ impl Dispatch for SingleFlight {
                         let key = request.image_key.clone();
                         // The call runs on a task of its own so that even a
                         // panic in it ends as an error for the waiters.
-                        let result = match tokio::spawn(async move { inner.build(request).await }).await {
-                            Ok(result) => result,
-                            Err(e) => Err(Arc::new(BuildError::Task(e.to_string()))),
-                        };
+                        let result =
+                            match tokio::spawn(async move { inner.build(request).await }).await {
+                                Ok(result) => result,
+                                Err(e) => Err(Arc::new(BuildError::Task(e.to_string()))),
+                            };
                         // Forget the call before announcing it: a later
                         // request then finds the record in storage.
-                        map.lock().expect("the in-flight map is never poisoned").remove(&key);
+                        map.lock()
+                            .expect("the in-flight map is never poisoned")
+                            .remove(&key);
                         let _ = tx.send(Some(result));
                     });
                     rx
                 }
             }
         };
-        let done = outcome
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| Arc::new(BuildError::Task("the build task stopped without a result".to_string())))?;
+        let done = outcome.wait_for(Option::is_some).await.map_err(|_| {
+            Arc::new(BuildError::Task(
+                "the build task stopped without a result".to_string(),
+            ))
+        })?;
         done.clone().expect("wait_for returned a finished outcome")
     }
 }

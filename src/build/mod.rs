@@ -19,15 +19,18 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// The time in Unix seconds, as records store it.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::watch;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
 use crate::customisation::{customise, CustomisationError};
 use crate::image::{Arch, ImageSpec};
@@ -63,7 +66,12 @@ pub struct BuildRequest {
 impl BuildRequest {
     /// The request for an image spec: packages (sorted), architecture, the
     /// resolved package source and the implicit packages all go into the key.
-    pub fn new(spec: &ImageSpec, source: &Resolved, layer_budget: usize, implicit: &[String]) -> BuildRequest {
+    pub fn new(
+        spec: &ImageSpec,
+        source: &Resolved,
+        layer_budget: usize,
+        implicit: &[String],
+    ) -> BuildRequest {
         let packages: Vec<String> = spec.packages.iter().cloned().collect();
         let image_key = image_key(&packages, spec.arch, &source.arg, layer_budget, implicit);
         BuildRequest {
@@ -80,7 +88,13 @@ impl BuildRequest {
 }
 
 /// The storage key of an image: a hash of everything that decides its bytes.
-pub fn image_key(packages: &[String], arch: Arch, source: &SourceArg, layer_budget: usize, implicit: &[String]) -> String {
+pub fn image_key(
+    packages: &[String],
+    arch: Arch,
+    source: &SourceArg,
+    layer_budget: usize,
+    implicit: &[String],
+) -> String {
     let canonical = serde_json::json!({
         "format": IMAGE_FORMAT,
         "packages": packages,
@@ -127,11 +141,17 @@ pub enum BuildError {
     #[error(transparent)]
     Customisation(#[from] CustomisationError),
     #[error("stored record {key} is unreadable: {source}")]
-    Record { key: String, source: serde_json::Error },
+    Record {
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("build task failed: {0}")]
     Task(String),
     #[error("the queue's {operation} failed: {message}")]
-    Queue { operation: &'static str, message: String },
+    Queue {
+        operation: &'static str,
+        message: String,
+    },
     #[error("the build failed: {0}")]
     Failed(String),
     #[error("the image is still being built{}", .step.as_ref().map(|s| format!(" (at step {s})")).unwrap_or_default())]
@@ -147,12 +167,20 @@ pub trait Dispatch: Send + Sync + 'static {
 }
 
 /// Reads a JSON record; `None` if absent.
-pub async fn read_record<T: for<'de> Deserialize<'de>>(storage: &dyn Storage, key: &str) -> Result<Option<T>, BuildError> {
+pub async fn read_record<T: for<'de> Deserialize<'de>>(
+    storage: &dyn Storage,
+    key: &str,
+) -> Result<Option<T>, BuildError> {
     match storage.get(key).await? {
         None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| BuildError::Record { key: key.to_string(), source }),
+        Some(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| BuildError::Record {
+                    key: key.to_string(),
+                    source,
+                })
+        }
     }
 }
 
@@ -174,7 +202,11 @@ pub struct Builder {
 
 impl Builder {
     pub fn new(nix: Nix, storage: Arc<dyn Storage>, popularity: Arc<Popularity>) -> Builder {
-        Builder { nix, storage, popularity }
+        Builder {
+            nix,
+            storage,
+            popularity,
+        }
     }
 
     /// Builds one image, or returns the record if it is already built.
@@ -183,7 +215,11 @@ impl Builder {
     }
 
     /// [`Builder::build`], telling `progress` each step as it starts.
-    pub async fn build_reporting(&self, request: &BuildRequest, progress: Option<&watch::Sender<String>>) -> Result<ImageRecord, BuildError> {
+    pub async fn build_reporting(
+        &self,
+        request: &BuildRequest,
+        progress: Option<&watch::Sender<String>>,
+    ) -> Result<ImageRecord, BuildError> {
         let key = storage::image_key(&request.image_key);
         if let Some(record) = read_record::<ImageRecord>(&*self.storage, &key).await? {
             if record.built_at >= request.not_before {
@@ -206,12 +242,18 @@ impl Builder {
                 elapsed_ms,
                 "build finished"
             ),
-            Err(error) => tracing::warn!(image, packages = ?request.packages, %error, elapsed_ms, "build failed"),
+            Err(error) => {
+                tracing::warn!(image, packages = ?request.packages, %error, elapsed_ms, "build failed")
+            }
         }
         result.map(|(record, _)| record)
     }
 
-    async fn run(&self, request: &BuildRequest, progress: Option<&watch::Sender<String>>) -> Result<(ImageRecord, LayerStats), BuildError> {
+    async fn run(
+        &self,
+        request: &BuildRequest,
+        progress: Option<&watch::Sender<String>>,
+    ) -> Result<(ImageRecord, LayerStats), BuildError> {
         let image = request.image_key.as_str();
         let report = |step: &str| {
             if let Some(progress) = progress {
@@ -238,18 +280,38 @@ impl Builder {
         report("realise");
         let step = Instant::now();
         self.nix.realise(&resolved.packages).await?;
-        tracing::info!(image, step = "realise", elapsed_ms = step.elapsed().as_millis() as u64);
+        tracing::info!(
+            image,
+            step = "realise",
+            elapsed_ms = step.elapsed().as_millis() as u64
+        );
 
         let step = Instant::now();
-        let outputs: Vec<String> = resolved.packages.iter().flat_map(|p| p.paths.iter().cloned()).collect();
+        let outputs: Vec<String> = resolved
+            .packages
+            .iter()
+            .flat_map(|p| p.paths.iter().cloned())
+            .collect();
         let closure = self.nix.closure(&outputs).await?;
         let groups = layers::group(&closure, &outputs, &self.popularity, request.layer_budget);
-        tracing::info!(image, step = "layering", elapsed_ms = step.elapsed().as_millis() as u64, paths = closure.len(), layers = groups.len());
+        tracing::info!(
+            image,
+            step = "layering",
+            elapsed_ms = step.elapsed().as_millis() as u64,
+            paths = closure.len(),
+            layers = groups.len()
+        );
 
         report("layers");
         let step = Instant::now();
         let (mut descriptors, mut diff_ids, mut stats) = self.store_layers(image, groups).await?;
-        tracing::info!(image, step = "layers", elapsed_ms = step.elapsed().as_millis() as u64, new = stats.new, reused = stats.reused);
+        tracing::info!(
+            image,
+            step = "layers",
+            elapsed_ms = step.elapsed().as_millis() as u64,
+            new = stats.new,
+            reused = stats.reused
+        );
 
         let step = Instant::now();
         let paths: Vec<String> = closure.keys().cloned().collect();
@@ -277,13 +339,24 @@ impl Builder {
         diff_ids.push(packed.diff_id.clone());
         tracing::info!(image, step = "customisation", elapsed_ms = step.elapsed().as_millis() as u64, digest = %packed.digest);
 
-        let config = ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd).to_bytes();
+        let config =
+            ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd).to_bytes();
         let config_descriptor = Descriptor::of(manifest::MEDIA_TYPE_CONFIG, &config);
-        self.storage.put(&storage::blob_key(hex_of(&config_descriptor.digest)), Bytes::from(config)).await?;
+        self.storage
+            .put(
+                &storage::blob_key(hex_of(&config_descriptor.digest)),
+                Bytes::from(config),
+            )
+            .await?;
         let manifest = Manifest::new(config_descriptor, descriptors).to_bytes();
         let manifest_digest = manifest::sha256_digest(&manifest);
         let size = manifest.len() as u64;
-        self.storage.put(&storage::manifest_key(hex_of(&manifest_digest)), Bytes::from(manifest)).await?;
+        self.storage
+            .put(
+                &storage::manifest_key(hex_of(&manifest_digest)),
+                Bytes::from(manifest),
+            )
+            .await?;
 
         let record = ImageRecord {
             manifest_digest,
@@ -293,18 +366,27 @@ impl Builder {
             architecture: request.architecture.clone(),
             built_at: unix_now(),
         };
-        self.storage.put(&storage::image_key(image), to_json(&record)).await?;
+        self.storage
+            .put(&storage::image_key(image), to_json(&record))
+            .await?;
         Ok((record, stats))
     }
 
     /// Packs (or reuses) every layer, as many at a time as there are cores.
-    async fn store_layers(&self, image: &str, groups: Vec<Layer>) -> Result<(Vec<Descriptor>, Vec<String>, LayerStats), BuildError> {
-        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let results: Vec<Result<(LayerRecord, bool), BuildError>> = futures_util::stream::iter(groups)
-            .map(|layer| self.store_layer(image, layer))
-            .buffered(parallel)
-            .collect()
-            .await;
+    async fn store_layers(
+        &self,
+        image: &str,
+        groups: Vec<Layer>,
+    ) -> Result<(Vec<Descriptor>, Vec<String>, LayerStats), BuildError> {
+        let parallel = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let results: Vec<Result<(LayerRecord, bool), BuildError>> =
+            futures_util::stream::iter(groups)
+                .map(|layer| self.store_layer(image, layer))
+                .buffered(parallel)
+                .collect()
+                .await;
         let mut descriptors = Vec::new();
         let mut diff_ids = Vec::new();
         let mut stats = LayerStats::default();
@@ -316,18 +398,31 @@ impl Builder {
                 stats.new += 1;
                 stats.bytes_new += record.size;
             }
-            descriptors.push(Descriptor { media_type: record.media_type, digest: record.digest, size: record.size });
+            descriptors.push(Descriptor {
+                media_type: record.media_type,
+                digest: record.digest,
+                size: record.size,
+            });
             diff_ids.push(record.diff_id);
         }
         Ok((descriptors, diff_ids, stats))
     }
 
     /// One layer: its record if the blob is still there, else pack and upload.
-    async fn store_layer(&self, image: &str, layer: Layer) -> Result<(LayerRecord, bool), BuildError> {
+    async fn store_layer(
+        &self,
+        image: &str,
+        layer: Layer,
+    ) -> Result<(LayerRecord, bool), BuildError> {
         let key = layer.key(pack::COMPRESSION);
         let record_key = storage::layer_key(&key);
         if let Some(record) = read_record::<LayerRecord>(&*self.storage, &record_key).await? {
-            if self.storage.head(&storage::blob_key(hex_of(&record.digest))).await? == Some(record.size) {
+            if self
+                .storage
+                .head(&storage::blob_key(hex_of(&record.digest)))
+                .await?
+                == Some(record.size)
+            {
                 return Ok((record, true));
             }
         }
@@ -335,9 +430,11 @@ impl Builder {
         let out = self.scratch_file("layer");
         let out2 = out.clone();
         let paths = layer.paths.clone();
-        let packed = tokio::task::spawn_blocking(move || pack::pack_store_paths(&paths, &out2, pack::GZIP_LEVEL))
-            .await
-            .map_err(|e| BuildError::Task(e.to_string()));
+        let packed = tokio::task::spawn_blocking(move || {
+            pack::pack_store_paths(&paths, &out2, pack::GZIP_LEVEL)
+        })
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()));
         let packed = match packed {
             Ok(Ok(packed)) => packed,
             Ok(Err(e)) => {
@@ -349,7 +446,9 @@ impl Builder {
                 return Err(e);
             }
         };
-        self.storage.put_file(&storage::blob_key(hex_of(&packed.digest)), &out).await?;
+        self.storage
+            .put_file(&storage::blob_key(hex_of(&packed.digest)), &out)
+            .await?;
         let record = LayerRecord {
             digest: packed.digest.clone(),
             diff_id: packed.diff_id.clone(),
@@ -372,7 +471,10 @@ impl Builder {
 
     /// A fresh path for a file bound for storage.
     fn scratch_file(&self, what: &str) -> std::path::PathBuf {
-        let dir = self.storage.local_staging_dir().unwrap_or_else(std::env::temp_dir);
+        let dir = self
+            .storage
+            .local_staging_dir()
+            .unwrap_or_else(std::env::temp_dir);
         dir.join(storage::unique_name(what))
     }
 }
@@ -398,16 +500,39 @@ mod tests {
 
     #[test]
     fn keys_cover_arch_source_and_packages() {
-        let src = SourceArg::Path { path: "/pkgs".into() };
+        let src = SourceArg::Path {
+            path: "/pkgs".into(),
+        };
         let pk = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let base = image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]);
         assert_eq!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]));
         assert_ne!(base, image_key(&pk(&["hello"]), Arch::Arm64, &src, 94, &[]));
-        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &SourceArg::Path { path: "/other".into() }, 94, &[]));
-        assert_ne!(base, image_key(&pk(&["hello", "jq"]), Arch::Amd64, &src, 94, &[]));
+        assert_ne!(
+            base,
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &SourceArg::Path {
+                    path: "/other".into()
+                },
+                94,
+                &[]
+            )
+        );
+        assert_ne!(
+            base,
+            image_key(&pk(&["hello", "jq"]), Arch::Amd64, &src, 94, &[])
+        );
         assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 10, &[]));
-        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &pk(&["cacert"])));
-        let commit = |rev: &str| SourceArg::Git { url: "/r".into(), rev: rev.into(), git_ref: None };
+        assert_ne!(
+            base,
+            image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &pk(&["cacert"]))
+        );
+        let commit = |rev: &str| SourceArg::Git {
+            url: "/r".into(),
+            rev: rev.into(),
+            git_ref: None,
+        };
         assert_ne!(
             image_key(&pk(&["hello"]), Arch::Amd64, &commit("a"), 94, &[]),
             image_key(&pk(&["hello"]), Arch::Amd64, &commit("b"), 94, &[])

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::status::{self, decide, Action, BuildStatus, Failure, State};
-use super::{read_record, unix_now as now, BuildError, BuildRequest, Builder, Dispatch, ImageRecord};
+use super::{
+    read_record, unix_now as now, BuildError, BuildRequest, Builder, Dispatch, ImageRecord,
+};
 use crate::nix::NixError;
 use crate::storage::{self, Storage};
 
@@ -47,19 +49,34 @@ pub struct QueueMessage {
 /// An SQS client for AWS or for any SQS-compatible endpoint.
 pub async fn sqs_client(endpoint: Option<&str>) -> Client {
     // Each try lasts longer than the long poll, so a receive is not cut short.
-    Client::new(&crate::aws::sdk_config(endpoint, Duration::from_secs(LONG_POLL_SECS as u64 + 10), 3).await)
+    Client::new(
+        &crate::aws::sdk_config(endpoint, Duration::from_secs(LONG_POLL_SECS as u64 + 10), 3).await,
+    )
 }
 
-fn queue_error<E: std::error::Error + Send + Sync + 'static, R: std::fmt::Debug + Send + Sync + 'static>(
+fn queue_error<
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+>(
     operation: &'static str,
     error: aws_sdk_sqs::error::SdkError<E, R>,
 ) -> BuildError {
-    BuildError::Queue { operation, message: DisplayErrorContext(&error).to_string() }
+    BuildError::Queue {
+        operation,
+        message: DisplayErrorContext(&error).to_string(),
+    }
 }
 
-async fn write_status(storage: &dyn Storage, image_key: &str, status: &BuildStatus) -> Result<(), BuildError> {
+async fn write_status(
+    storage: &dyn Storage,
+    image_key: &str,
+    status: &BuildStatus,
+) -> Result<(), BuildError> {
     let bytes = Bytes::from(serde_json::to_vec(status).expect("a status always serialises"));
-    storage.put(&status::status_key(image_key), bytes).await.map_err(BuildError::from)
+    storage
+        .put(&status::status_key(image_key), bytes)
+        .await
+        .map_err(BuildError::from)
 }
 
 /// Timings of the hand-off between function and workers.
@@ -83,20 +100,44 @@ pub struct SqsDispatch {
 }
 
 impl SqsDispatch {
-    pub fn new(storage: Arc<dyn Storage>, sqs: Client, queue_url: impl Into<String>, timings: Timings) -> SqsDispatch {
-        SqsDispatch { storage, sqs, queue_url: queue_url.into(), timings }
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        sqs: Client,
+        queue_url: impl Into<String>,
+        timings: Timings,
+    ) -> SqsDispatch {
+        SqsDispatch {
+            storage,
+            sqs,
+            queue_url: queue_url.into(),
+            timings,
+        }
     }
 
     /// Claims an attempt; `true` if this caller got it and sent the build.
     async fn claim(&self, request: &BuildRequest, attempt: u32) -> Result<bool, BuildError> {
         let key = &request.image_key;
         let claim = Bytes::from(format!("{{\"claimed_at\":{}}}", now()));
-        if !self.storage.put_if_absent(&status::claim_key(key, attempt), claim).await? {
+        if !self
+            .storage
+            .put_if_absent(&status::claim_key(key, attempt), claim)
+            .await?
+        {
             return Ok(false);
         }
-        let queued = BuildStatus { state: State::Queued, attempt, step: None, failure: None, heartbeat: now() };
+        let queued = BuildStatus {
+            state: State::Queued,
+            attempt,
+            step: None,
+            failure: None,
+            heartbeat: now(),
+        };
         write_status(&*self.storage, key, &queued).await?;
-        let body = serde_json::to_string(&QueueMessage { request: request.clone(), attempt }).expect("a message always serialises");
+        let body = serde_json::to_string(&QueueMessage {
+            request: request.clone(),
+            attempt,
+        })
+        .expect("a message always serialises");
         self.sqs
             .send_message()
             .queue_url(&self.queue_url)
@@ -121,8 +162,10 @@ impl Dispatch for SqsDispatch {
             // A failed read while waiting (a record caught mid-write, a
             // storage hiccup) is retried; only a run of them ends the wait.
             let looked = async {
-                let record: Option<ImageRecord> = read_record(&*self.storage, &storage::image_key(&key)).await?;
-                let status: Option<BuildStatus> = read_record(&*self.storage, &status::status_key(&key)).await?;
+                let record: Option<ImageRecord> =
+                    read_record(&*self.storage, &storage::image_key(&key)).await?;
+                let status: Option<BuildStatus> =
+                    read_record(&*self.storage, &status::status_key(&key)).await?;
                 Ok::<_, BuildError>((record, status))
             }
             .await;
@@ -159,7 +202,12 @@ impl Dispatch for SqsDispatch {
                     if let Some(abandoned) = status.filter(|s| s.state != State::Failed) {
                         // Given up on here: say so where every puller looks.
                         tracing::warn!(image = %key, attempt = abandoned.attempt, "build abandoned by its workers; marking it failed");
-                        let failed = BuildStatus { state: State::Failed, failure: Some(failure.clone()), heartbeat: now(), ..abandoned };
+                        let failed = BuildStatus {
+                            state: State::Failed,
+                            failure: Some(failure.clone()),
+                            heartbeat: now(),
+                            ..abandoned
+                        };
                         if let Err(error) = write_status(&*self.storage, &key, &failed).await {
                             tracing::warn!(image = %key, %error, "recording the abandoned build failed");
                         }
@@ -190,8 +238,20 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(builder: Builder, storage: Arc<dyn Storage>, sqs: Client, queue_url: impl Into<String>, heartbeat: Duration) -> Worker {
-        Worker { builder: Arc::new(builder), storage, sqs, queue_url: queue_url.into(), heartbeat }
+    pub fn new(
+        builder: Builder,
+        storage: Arc<dyn Storage>,
+        sqs: Client,
+        queue_url: impl Into<String>,
+        heartbeat: Duration,
+    ) -> Worker {
+        Worker {
+            builder: Arc::new(builder),
+            storage,
+            sqs,
+            queue_url: queue_url.into(),
+            heartbeat,
+        }
     }
 
     /// Serves the queue until `shutdown` resolves (a build under way is
@@ -218,7 +278,9 @@ impl Worker {
                 }
             };
             for message in messages {
-                let Some(receipt) = message.receipt_handle else { continue };
+                let Some(receipt) = message.receipt_handle else {
+                    continue;
+                };
                 let body = message.body.unwrap_or_default();
                 tokio::select! {
                     _ = &mut shutdown => {
@@ -234,7 +296,14 @@ impl Worker {
     }
 
     async fn delete(&self, receipt: &str) {
-        if let Err(e) = self.sqs.delete_message().queue_url(&self.queue_url).receipt_handle(receipt).send().await {
+        if let Err(e) = self
+            .sqs
+            .delete_message()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+        {
             tracing::warn!(error = %DisplayErrorContext(&e), "deleting a message failed; it will come back");
         }
     }
@@ -263,24 +332,44 @@ impl Worker {
         let failure = match outcome {
             Ok(_) => None,
             Err(BuildError::UnknownPackages(names)) => Some(Failure::UnknownPackages { names }),
-            Err(BuildError::Nix(NixError::Failed { command, message })) => Some(Failure::Build { message: format!("{command}: {message}") }),
-            Err(BuildError::Nix(NixError::Timeout { command, seconds })) => {
-                Some(Failure::Build { message: format!("{command} was stopped after {seconds} s") })
-            }
+            Err(BuildError::Nix(NixError::Failed { command, message })) => Some(Failure::Build {
+                message: format!("{command}: {message}"),
+            }),
+            Err(BuildError::Nix(NixError::Timeout { command, seconds })) => Some(Failure::Build {
+                message: format!("{command} was stopped after {seconds} s"),
+            }),
             Err(error @ (BuildError::Storage(_) | BuildError::Queue { .. })) => {
                 // Transient: let the message come back and try again.
                 tracing::warn!(image = key, %error, "build interrupted; the message will be retried");
-                let retry = BuildStatus { state: State::Queued, attempt, step: Some(format!("retrying: {error}")), failure: None, heartbeat: now() };
+                let retry = BuildStatus {
+                    state: State::Queued,
+                    attempt,
+                    step: Some(format!("retrying: {error}")),
+                    failure: None,
+                    heartbeat: now(),
+                };
                 let _ = write_status(&*self.storage, key, &retry).await;
                 return;
             }
             Err(error) => {
                 tracing::error!(image = key, %error, "build failed");
-                Some(Failure::Build { message: "the build failed on the worker; its log has the details".into() })
+                Some(Failure::Build {
+                    message: "the build failed on the worker; its log has the details".into(),
+                })
             }
         };
-        let state = if failure.is_some() { State::Failed } else { State::Done };
-        let done = BuildStatus { state, attempt, step: None, failure, heartbeat: now() };
+        let state = if failure.is_some() {
+            State::Failed
+        } else {
+            State::Done
+        };
+        let done = BuildStatus {
+            state,
+            attempt,
+            step: None,
+            failure,
+            heartbeat: now(),
+        };
         if let Err(error) = write_status(&*self.storage, key, &done).await {
             tracing::warn!(image = key, %error, "recording the build outcome failed");
         }
@@ -289,11 +378,23 @@ impl Worker {
 
     /// Every interval: the status says "running, at step X, now", and the
     /// message stays invisible to other workers. Never returns.
-    async fn heartbeat_task(&self, key: String, attempt: u32, step: watch::Receiver<String>, receipt: String) -> Infallible {
+    async fn heartbeat_task(
+        &self,
+        key: String,
+        attempt: u32,
+        step: watch::Receiver<String>,
+        receipt: String,
+    ) -> Infallible {
         let hidden_for = (self.heartbeat.as_secs() * status::STALE_HEARTBEATS) as i32;
         loop {
             let current = step.borrow().clone();
-            let running = BuildStatus { state: State::Running, attempt, step: Some(current), failure: None, heartbeat: now() };
+            let running = BuildStatus {
+                state: State::Running,
+                attempt,
+                step: Some(current),
+                failure: None,
+                heartbeat: now(),
+            };
             if let Err(error) = write_status(&*self.storage, &key, &running).await {
                 tracing::warn!(image = %key, %error, "heartbeat: status not written");
             }

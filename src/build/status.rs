@@ -74,8 +74,16 @@ pub enum Action {
 /// The policy. `status` is what `builds/<key>` says (if anything); an image
 /// built before `not_before` is stale and must be built again; `now` and
 /// the timings are in seconds.
-pub fn decide(status: Option<&BuildStatus>, now: u64, not_before: u64, heartbeat_secs: u64, failure_ttl: u64) -> Action {
-    let Some(status) = status else { return Action::Claim(1) };
+pub fn decide(
+    status: Option<&BuildStatus>,
+    now: u64,
+    not_before: u64,
+    heartbeat_secs: u64,
+    failure_ttl: u64,
+) -> Action {
+    let Some(status) = status else {
+        return Action::Claim(1);
+    };
     let age = now.saturating_sub(status.heartbeat);
     match status.state {
         State::Done if status.heartbeat < not_before => Action::Claim(status.attempt + 1),
@@ -100,7 +108,13 @@ mod tests {
     use super::*;
 
     fn status(state: State, attempt: u32, heartbeat: u64) -> BuildStatus {
-        BuildStatus { state, attempt, step: None, failure: None, heartbeat }
+        BuildStatus {
+            state,
+            attempt,
+            step: None,
+            failure: None,
+            heartbeat,
+        }
     }
 
     #[test]
@@ -108,27 +122,69 @@ mod tests {
         let (hb, ttl) = (10, 60);
         assert_eq!(decide(None, 1000, 0, hb, ttl), Action::Claim(1));
         // A live build is waited for; a silent one is taken over ...
-        assert_eq!(decide(Some(&status(State::Running, 1, 990)), 1000, 0, hb, ttl), Action::Wait);
-        assert_eq!(decide(Some(&status(State::Queued, 1, 1000 - 59)), 1000, 0, hb, ttl), Action::Wait);
-        assert_eq!(decide(Some(&status(State::Running, 1, 1000 - 60)), 1000, 0, hb, ttl), Action::Claim(2));
+        assert_eq!(
+            decide(Some(&status(State::Running, 1, 990)), 1000, 0, hb, ttl),
+            Action::Wait
+        );
+        assert_eq!(
+            decide(Some(&status(State::Queued, 1, 1000 - 59)), 1000, 0, hb, ttl),
+            Action::Wait
+        );
+        assert_eq!(
+            decide(
+                Some(&status(State::Running, 1, 1000 - 60)),
+                1000,
+                0,
+                hb,
+                ttl
+            ),
+            Action::Claim(2)
+        );
         // ... until it has been abandoned too often.
-        assert!(matches!(decide(Some(&status(State::Running, MAX_ATTEMPTS, 0)), 1000, 0, hb, ttl), Action::Fail(_)));
+        assert!(matches!(
+            decide(
+                Some(&status(State::Running, MAX_ATTEMPTS, 0)),
+                1000,
+                0,
+                hb,
+                ttl
+            ),
+            Action::Fail(_)
+        ));
         // Failures are remembered for the TTL, then retried.
         let mut failed = status(State::Failed, 1, 990);
-        failed.failure = Some(Failure::UnknownPackages { names: vec!["nope".into()] });
-        assert_eq!(decide(Some(&failed), 1000, 0, hb, ttl), Action::Fail(Failure::UnknownPackages { names: vec!["nope".into()] }));
+        failed.failure = Some(Failure::UnknownPackages {
+            names: vec!["nope".into()],
+        });
+        assert_eq!(
+            decide(Some(&failed), 1000, 0, hb, ttl),
+            Action::Fail(Failure::UnknownPackages {
+                names: vec!["nope".into()]
+            })
+        );
         assert_eq!(decide(Some(&failed), 1100, 0, hb, ttl), Action::Claim(2));
         // Done: the image record is what counts, unless it is stale.
-        assert_eq!(decide(Some(&status(State::Done, 1, 0)), 1000, 0, hb, ttl), Action::Wait);
-        assert_eq!(decide(Some(&status(State::Done, 1, 500)), 1000, 900, hb, ttl), Action::Claim(2));
+        assert_eq!(
+            decide(Some(&status(State::Done, 1, 0)), 1000, 0, hb, ttl),
+            Action::Wait
+        );
+        assert_eq!(
+            decide(Some(&status(State::Done, 1, 500)), 1000, 900, hb, ttl),
+            Action::Claim(2)
+        );
     }
 
     #[test]
     fn records_round_trip() {
         let mut s = status(State::Failed, 2, 7);
-        s.failure = Some(Failure::Build { message: "builder failed".into() });
+        s.failure = Some(Failure::Build {
+            message: "builder failed".into(),
+        });
         let json = serde_json::to_string(&s).unwrap();
-        assert!(json.contains(r#""state":"failed""#) && json.contains(r#""kind":"build""#), "{json}");
+        assert!(
+            json.contains(r#""state":"failed""#) && json.contains(r#""kind":"build""#),
+            "{json}"
+        );
         assert_eq!(serde_json::from_str::<BuildStatus>(&json).unwrap(), s);
     }
 }

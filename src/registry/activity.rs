@@ -34,20 +34,44 @@ fn push(list: &Mutex<VecDeque<Event>>, event: Event) {
 
 impl Activity {
     pub fn built(&self, spec: &ImageSpec, record: &ImageRecord) {
-        push(&self.builds, Event { at: now(), image: spec.to_string(), outcome: record.manifest_digest.clone() });
+        push(
+            &self.builds,
+            Event {
+                at: now(),
+                image: spec.to_string(),
+                outcome: record.manifest_digest.clone(),
+            },
+        );
     }
 
     pub fn failed(&self, spec: &ImageSpec, message: &str) {
-        push(&self.errors, Event { at: now(), image: spec.to_string(), outcome: message.to_string() });
+        push(
+            &self.errors,
+            Event {
+                at: now(),
+                image: spec.to_string(),
+                outcome: message.to_string(),
+            },
+        );
     }
 
     /// Newest first.
     pub fn builds(&self) -> Vec<Event> {
-        self.builds.lock().expect("never poisoned").iter().cloned().collect()
+        self.builds
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Newest first.
     pub fn errors(&self) -> Vec<Event> {
-        self.errors.lock().expect("never poisoned").iter().cloned().collect()
+        self.errors
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .cloned()
+            .collect()
     }
 }

@@ -12,11 +12,18 @@ use super::{parse_digest, AppState, RegistryError, DIGEST_HEADER};
 use crate::image;
 use crate::storage::{self, Download};
 
-pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: bool) -> Result<Response, RegistryError> {
+pub(super) async fn get(
+    state: &AppState,
+    name: &str,
+    reference: &str,
+    head: bool,
+) -> Result<Response, RegistryError> {
     image::validate_name(name).map_err(RegistryError::NameInvalid)?;
     let hex = parse_digest(reference)?;
     let key = storage::blob_key(hex);
-    let unknown = || RegistryError::BlobUnknown { digest: reference.to_string() };
+    let unknown = || RegistryError::BlobUnknown {
+        digest: reference.to_string(),
+    };
 
     if head {
         let size = state.storage.head(&key).await?.ok_or_else(unknown)?;
@@ -35,14 +42,21 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
             }
             Ok(response)
         }
-        Download::Stream { size, body } => Ok(blob_response(Body::from_stream(ReaderStream::with_capacity(body, 256 * 1024)), size, reference)),
+        Download::Stream { size, body } => Ok(blob_response(
+            Body::from_stream(ReaderStream::with_capacity(body, 256 * 1024)),
+            size,
+            reference,
+        )),
     }
 }
 
 fn blob_response(body: Body, size: u64, digest: &str) -> Response {
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     if let Ok(value) = HeaderValue::from_str(digest) {
         headers.insert(DIGEST_HEADER, value);

@@ -50,17 +50,48 @@ impl RegistryError {
     fn parts(&self) -> (StatusCode, &'static str, String, Value) {
         use RegistryError::*;
         match self {
-            NameInvalid(e) => (StatusCode::BAD_REQUEST, "NAME_INVALID", self.to_string(), json!({ "reason": e.to_string() })),
-            TagInvalid(e) => (StatusCode::BAD_REQUEST, "TAG_INVALID", self.to_string(), json!({ "reason": e.to_string() })),
-            DigestInvalid { digest } => (StatusCode::BAD_REQUEST, "DIGEST_INVALID", self.to_string(), json!({ "digest": digest })),
-            ManifestUnknown { reference } => {
-                (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", self.to_string(), json!({ "reference": reference }))
-            }
-            BlobUnknown { digest } => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN", self.to_string(), json!({ "digest": digest })),
-            Unsupported { method } => {
-                (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", self.to_string(), json!({ "method": method }))
-            }
-            NoRoute { path } => (StatusCode::NOT_FOUND, "UNSUPPORTED", self.to_string(), json!({ "path": path })),
+            NameInvalid(e) => (
+                StatusCode::BAD_REQUEST,
+                "NAME_INVALID",
+                self.to_string(),
+                json!({ "reason": e.to_string() }),
+            ),
+            TagInvalid(e) => (
+                StatusCode::BAD_REQUEST,
+                "TAG_INVALID",
+                self.to_string(),
+                json!({ "reason": e.to_string() }),
+            ),
+            DigestInvalid { digest } => (
+                StatusCode::BAD_REQUEST,
+                "DIGEST_INVALID",
+                self.to_string(),
+                json!({ "digest": digest }),
+            ),
+            ManifestUnknown { reference } => (
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                self.to_string(),
+                json!({ "reference": reference }),
+            ),
+            BlobUnknown { digest } => (
+                StatusCode::NOT_FOUND,
+                "BLOB_UNKNOWN",
+                self.to_string(),
+                json!({ "digest": digest }),
+            ),
+            Unsupported { method } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                self.to_string(),
+                json!({ "method": method }),
+            ),
+            NoRoute { path } => (
+                StatusCode::NOT_FOUND,
+                "UNSUPPORTED",
+                self.to_string(),
+                json!({ "path": path }),
+            ),
             Build(e) => match &**e {
                 BuildError::UnknownPackages(names) => (
                     StatusCode::NOT_FOUND,
@@ -77,7 +108,9 @@ impl RegistryError {
                 BuildError::Nix(NixError::Timeout { command, seconds }) => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "UNKNOWN",
-                    format!("building the image took too long: {command} was stopped after {seconds} s"),
+                    format!(
+                        "building the image took too long: {command} was stopped after {seconds} s"
+                    ),
                     Value::Null,
                 ),
                 BuildError::Storage(_) => unavailable(),
@@ -102,14 +135,18 @@ impl RegistryError {
                 _ => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "UNKNOWN",
-                    "building the image failed on the server; the registry log has the details".to_string(),
+                    "building the image failed on the server; the registry log has the details"
+                        .to_string(),
                     Value::Null,
                 ),
             },
             Storage(_) => unavailable(),
-            Source(SourceError::UnknownRef { tag, .. }) => {
-                (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", self.to_string(), json!({ "tag": tag }))
-            }
+            Source(SourceError::UnknownRef { tag, .. }) => (
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                self.to_string(),
+                json!({ "tag": tag }),
+            ),
             Source(SourceError::Git { .. }) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",
@@ -139,10 +176,14 @@ impl IntoResponse for RegistryError {
         if !detail.is_null() {
             error["detail"] = detail;
         }
-        let body = serde_json::to_vec(&json!({ "errors": [error] })).expect("error bodies always serialise");
+        let body = serde_json::to_vec(&json!({ "errors": [error] }))
+            .expect("error bodies always serialise");
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }

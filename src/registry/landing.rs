@@ -35,7 +35,9 @@ fn host(headers: &HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("<this-host>");
     // Only characters a host (and port) may have: nothing else reaches the page.
-    raw.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')).collect()
+    raw.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        .collect()
 }
 
 fn table(out: &mut String, title: &str, events: &[Event], empty: &str) {
@@ -70,7 +72,12 @@ fn format_time(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 pub(super) async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
@@ -86,16 +93,37 @@ pub(super) async fn page(State(state): State<AppState>, headers: HeaderMap) -> R
         "<pre>docker pull {h}/shell/curl/jq\ndocker pull {h}/arm64/shell/htop\ndocker pull {h}/python3packages.numpy</pre>",
         h = esc(&host)
     );
-    let _ = write!(out, "<p>Packages come from {}.", esc(&state.sources.source().to_string()));
+    let _ = write!(
+        out,
+        "<p>Packages come from {}.",
+        esc(&state.sources.source().to_string())
+    );
     if !state.implicit_packages.is_empty() {
-        let _ = write!(out, " Every image also has {}.", esc(&state.implicit_packages.join(", ")));
+        let _ = write!(
+            out,
+            " Every image also has {}.",
+            esc(&state.implicit_packages.join(", "))
+        );
     }
     out.push_str("</p>");
-    table(&mut out, "Recent builds", &state.activity.builds(), "No builds yet on this instance.");
-    table(&mut out, "Recent errors", &state.activity.errors(), "No errors.");
+    table(
+        &mut out,
+        "Recent builds",
+        &state.activity.builds(),
+        "No builds yet on this instance.",
+    );
+    table(
+        &mut out,
+        "Recent errors",
+        &state.activity.errors(),
+        "No errors.",
+    );
     out.push_str("</body></html>");
     let mut response = out.into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     response
 }
 
@@ -110,7 +138,10 @@ mod tests {
         assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00");
         assert_eq!(esc("<a href='x'>&"), "&lt;a href=&#39;x&#39;&gt;&amp;");
         let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, HeaderValue::from_static("reg.example.org:8080<script>"));
+        headers.insert(
+            header::HOST,
+            HeaderValue::from_static("reg.example.org:8080<script>"),
+        );
         assert_eq!(host(&headers), "reg.example.org:8080script");
     }
 }

@@ -15,7 +15,12 @@ use crate::image::{self, ImageSpec, NameError};
 use crate::manifest::{self, MEDIA_TYPE_MANIFEST};
 use crate::storage;
 
-pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: bool) -> Result<Response, RegistryError> {
+pub(super) async fn get(
+    state: &AppState,
+    name: &str,
+    reference: &str,
+    head: bool,
+) -> Result<Response, RegistryError> {
     image::validate_name(name).map_err(RegistryError::NameInvalid)?;
     if reference.contains(':') {
         let hex = parse_digest(reference)?;
@@ -23,8 +28,15 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
             .storage
             .get(&storage::manifest_key(hex))
             .await?
-            .ok_or_else(|| RegistryError::ManifestUnknown { reference: reference.to_string() })?;
-        return Ok(manifest_response(bytes, reference, MEDIA_TYPE_MANIFEST, head));
+            .ok_or_else(|| RegistryError::ManifestUnknown {
+                reference: reference.to_string(),
+            })?;
+        return Ok(manifest_response(
+            bytes,
+            reference,
+            MEDIA_TYPE_MANIFEST,
+            head,
+        ));
     }
 
     let spec = ImageSpec::parse(name, reference).map_err(|e| match e {
@@ -32,10 +44,17 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
         other => RegistryError::NameInvalid(other),
     })?;
     let resolved = state.sources.resolve(reference).await?;
-    let mut request = BuildRequest::new(&spec, &resolved, state.layer_budget, &state.implicit_packages);
+    let mut request = BuildRequest::new(
+        &spec,
+        &resolved,
+        state.layer_budget,
+        &state.implicit_packages,
+    );
     let record_key = storage::image_key(&request.image_key);
     let now = unix_now();
-    let fresh = |record: &ImageRecord| !resolved.moving || record.built_at + state.sources.ttl().as_secs() > now;
+    let fresh = |record: &ImageRecord| {
+        !resolved.moving || record.built_at + state.sources.ttl().as_secs() > now
+    };
     let record = match read_record::<ImageRecord>(&*state.storage, &record_key).await {
         Ok(Some(record)) if fresh(&record) => record,
         Ok(stale) => {
@@ -62,17 +81,31 @@ pub(super) async fn get(state: &AppState, name: &str, reference: &str, head: boo
         .storage
         .get(&storage::manifest_key(hex))
         .await?
-        .ok_or_else(|| RegistryError::ManifestUnknown { reference: record.manifest_digest.clone() })?;
-    Ok(manifest_response(bytes, &record.manifest_digest, &record.media_type, head))
+        .ok_or_else(|| RegistryError::ManifestUnknown {
+            reference: record.manifest_digest.clone(),
+        })?;
+    Ok(manifest_response(
+        bytes,
+        &record.manifest_digest,
+        &record.media_type,
+        head,
+    ))
 }
 
 fn manifest_response(bytes: Bytes, digest: &str, media_type: &str, head: bool) -> Response {
     debug_assert_eq!(manifest::sha256_digest(&bytes), digest);
     let len = bytes.len();
-    let body = if head { Body::empty() } else { Body::from(bytes) };
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    };
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(media_type).unwrap_or(HeaderValue::from_static(MEDIA_TYPE_MANIFEST)));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(media_type).unwrap_or(HeaderValue::from_static(MEDIA_TYPE_MANIFEST)),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Ok(value) = HeaderValue::from_str(digest) {
         headers.insert(DIGEST_HEADER, value);
@@ -85,5 +118,7 @@ fn manifest_response(bytes: Bytes, digest: &str, media_type: &str, head: bool) -
 pub(super) async fn tags(name: &str) -> Result<Response, RegistryError> {
     image::validate_name(name).map_err(RegistryError::NameInvalid)?;
     let body = serde_json::json!({ "name": name, "tags": ["latest"] });
-    Ok(json_response(serde_json::to_vec(&body).expect("tag lists always serialise")))
+    Ok(json_response(
+        serde_json::to_vec(&body).expect("tag lists always serialise"),
+    ))
 }

@@ -40,7 +40,8 @@ use crate::storage::Storage;
 use activity::Activity;
 pub use error::RegistryError;
 
-pub const API_VERSION_HEADER: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+pub const API_VERSION_HEADER: HeaderName =
+    HeaderName::from_static("docker-distribution-api-version");
 pub const DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
 
 /// What every request handler shares; built once per process.
@@ -62,14 +63,24 @@ pub fn router(state: AppState) -> Router {
         .route("/v2", get(base))
         .route("/v2/", get(base))
         .route("/v2/{*rest}", any(v2))
-        .fallback(|req: Request| async move { RegistryError::NoRoute { path: req.uri().path().to_string() } })
+        .fallback(|req: Request| async move {
+            RegistryError::NoRoute {
+                path: req.uri().path().to_string(),
+            }
+        })
         .layer(middleware::from_fn(common_headers))
         .with_state(state)
 }
 
 /// Serves the router on an already-bound listener until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn base() -> Response {
@@ -77,7 +88,11 @@ async fn base() -> Response {
 }
 
 /// `/v2/<name>/<kind>/<reference>`
-async fn v2(State(state): State<AppState>, method: Method, req: Request) -> Result<Response, RegistryError> {
+async fn v2(
+    State(state): State<AppState>,
+    method: Method,
+    req: Request,
+) -> Result<Response, RegistryError> {
     let path = req.uri().path().to_string();
     let rest = path.strip_prefix("/v2/").unwrap_or(&path);
     let writes = !matches!(method, Method::GET | Method::HEAD);
@@ -86,7 +101,9 @@ async fn v2(State(state): State<AppState>, method: Method, req: Request) -> Resu
 
     if writes {
         // Push, delete, upload: all refused in the same way.
-        return Err(RegistryError::Unsupported { method: method.to_string() });
+        return Err(RegistryError::Unsupported {
+            method: method.to_string(),
+        });
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return manifests::tags(name).await;
@@ -106,12 +123,16 @@ async fn common_headers(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let mut response = next.run(req).await;
-    response.headers_mut().insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    response
+        .headers_mut()
+        .insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
     // Stated on every response: the Lambda runtime and kept-open client
     // connections (containerd) rely on it. HEAD responses set their own.
     if !response.headers().contains_key(header::CONTENT_LENGTH) {
         if let Some(len) = axum::body::HttpBody::size_hint(response.body()).exact() {
-            response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
     tracing::info!(
@@ -129,16 +150,25 @@ fn json_response(body: Vec<u8>) -> Response {
     let len = body.len();
     let mut response = (StatusCode::OK, Body::from(body)).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     response
 }
 
 /// Checks `sha256:<64 hex>` and returns the hex part.
 fn parse_digest(reference: &str) -> Result<&str, RegistryError> {
-    let invalid = || RegistryError::DigestInvalid { digest: reference.to_string() };
+    let invalid = || RegistryError::DigestInvalid {
+        digest: reference.to_string(),
+    };
     let hex = reference.strip_prefix("sha256:").ok_or_else(invalid)?;
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(hex)
     } else {
         Err(invalid())
@@ -153,8 +183,17 @@ mod tests {
     fn digests_are_checked() {
         let good = format!("sha256:{}", "ab".repeat(32));
         assert_eq!(parse_digest(&good).unwrap(), "ab".repeat(32));
-        for bad in ["sha256:", "sha256:xyz", "sha512:00", &format!("sha256:{}", "AB".repeat(32)), "latest"] {
-            assert!(matches!(parse_digest(bad), Err(RegistryError::DigestInvalid { .. })), "{bad}");
+        for bad in [
+            "sha256:",
+            "sha256:xyz",
+            "sha512:00",
+            &format!("sha256:{}", "AB".repeat(32)),
+            "latest",
+        ] {
+            assert!(
+                matches!(parse_digest(bad), Err(RegistryError::DigestInvalid { .. })),
+                "{bad}"
+            );
         }
     }
 }

@@ -22,8 +22,10 @@ impl FsStorage {
     pub fn open(root: impl Into<PathBuf>) -> Result<FsStorage, StorageError> {
         let root = root.into();
         let staging = root.join(STAGING);
-        std::fs::create_dir_all(&staging)
-            .map_err(|source| StorageError::Io { key: staging.display().to_string(), source })?;
+        std::fs::create_dir_all(&staging).map_err(|source| StorageError::Io {
+            key: staging.display().to_string(),
+            source,
+        })?;
         Ok(FsStorage { root })
     }
 
@@ -39,18 +41,25 @@ impl FsStorage {
 
     async fn write_staged(&self, key: &str, data: &[u8]) -> Result<PathBuf, StorageError> {
         let staged = self.staging_path();
-        tokio::fs::write(&staged, data).await.map_err(|e| io(key, e))?;
+        tokio::fs::write(&staged, data)
+            .await
+            .map_err(|e| io(key, e))?;
         Ok(staged)
     }
 }
 
 fn io(key: &str, source: std::io::Error) -> StorageError {
-    StorageError::Io { key: key.to_string(), source }
+    StorageError::Io {
+        key: key.to_string(),
+        source,
+    }
 }
 
 async fn ensure_parent(path: &Path, key: &str) -> Result<(), StorageError> {
     if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(|e| io(key, e))?;
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| io(key, e))?;
     }
     Ok(())
 }
@@ -118,8 +127,12 @@ impl Storage for FsStorage {
             }
             // Another filesystem: copy into staging, then move into place.
             let staged = self.staging_path();
-            tokio::fs::copy(file, &staged).await.map_err(|e| io(key, e))?;
-            tokio::fs::rename(&staged, &path).await.map_err(|e| io(key, e))
+            tokio::fs::copy(file, &staged)
+                .await
+                .map_err(|e| io(key, e))?;
+            tokio::fs::rename(&staged, &path)
+                .await
+                .map_err(|e| io(key, e))
         }
         .await;
         let _ = tokio::fs::remove_file(file).await;
@@ -133,7 +146,10 @@ impl Storage for FsStorage {
             Err(e) => return Err(io(key, e)),
         };
         let size = file.metadata().await.map_err(|e| io(key, e))?.len();
-        Ok(Some(Download::Stream { size, body: Box::pin(file) }))
+        Ok(Some(Download::Stream {
+            size,
+            body: Box::pin(file),
+        }))
     }
 
     fn local_staging_dir(&self) -> Option<PathBuf> {

@@ -46,7 +46,11 @@ pub enum StorageError {
     #[error("invalid storage key {key:?}")]
     InvalidKey { key: String },
     #[error("storage {operation} on {key}: {message}")]
-    Backend { key: String, operation: &'static str, message: String },
+    Backend {
+        key: String,
+        operation: &'static str,
+        message: String,
+    },
 }
 
 /// How a client gets the bytes of an object.
@@ -54,7 +58,10 @@ pub enum Download {
     /// A short-lived URL the client is redirected to.
     Url(String),
     /// The bytes themselves, streamed by the registry.
-    Stream { size: u64, body: Pin<Box<dyn AsyncRead + Send>> },
+    Stream {
+        size: u64,
+        body: Pin<Box<dyn AsyncRead + Send>>,
+    },
 }
 
 impl std::fmt::Debug for Download {
@@ -103,7 +110,10 @@ pub trait Storage: Send + Sync + 'static {
 pub fn unique_name(what: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{what}-{}-{nanos}-{n}", std::process::id())
 }
 
@@ -111,7 +121,12 @@ pub fn unique_name(what: &str) -> String {
 pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Storage>, StorageError> {
     Ok(match config {
         StorageConfig::Filesystem { root } => Arc::new(FsStorage::open(root)?),
-        StorageConfig::S3 { bucket, prefix, endpoint, presign_ttl } => {
+        StorageConfig::S3 {
+            bucket,
+            prefix,
+            endpoint,
+            presign_ttl,
+        } => {
             let client = S3Storage::client(endpoint.as_deref()).await;
             Arc::new(S3Storage::new(client, bucket.clone(), prefix, *presign_ttl))
         }
@@ -146,11 +161,15 @@ pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
             !part.is_empty()
                 && part != "."
                 && part != ".."
-                && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         });
     if ok {
         Ok(())
     } else {
-        Err(StorageError::InvalidKey { key: key.to_string() })
+        Err(StorageError::InvalidKey {
+            key: key.to_string(),
+        })
     }
 }

@@ -47,7 +47,11 @@ where
     E: std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    StorageError::Backend { key: key.to_string(), operation, message: DisplayErrorContext(&error).to_string() }
+    StorageError::Backend {
+        key: key.to_string(),
+        operation,
+        message: DisplayErrorContext(&error).to_string(),
+    }
 }
 
 fn status<E, R: HttpStatus>(error: &SdkError<E, R>) -> Option<u16> {
@@ -67,10 +71,24 @@ impl HttpStatus for aws_sdk_s3::config::http::HttpResponse {
 
 impl S3Storage {
     /// `prefix` may be empty; slashes around it do not matter.
-    pub fn new(client: Client, bucket: impl Into<String>, prefix: &str, presign_ttl: Duration) -> S3Storage {
+    pub fn new(
+        client: Client,
+        bucket: impl Into<String>,
+        prefix: &str,
+        presign_ttl: Duration,
+    ) -> S3Storage {
         let prefix = prefix.trim_matches('/');
-        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
-        S3Storage { client, bucket: bucket.into(), prefix, presign_ttl }
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        S3Storage {
+            client,
+            bucket: bucket.into(),
+            prefix,
+            presign_ttl,
+        }
     }
 
     /// A client for AWS, or for any S3-compatible server at `endpoint`
@@ -79,7 +97,9 @@ impl S3Storage {
     pub async fn client(endpoint: Option<&str>) -> Client {
         // A 16 MiB part has two minutes per try.
         let sdk = crate::aws::sdk_config(endpoint, Duration::from_secs(120), 4).await;
-        let config = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(endpoint.is_some()).build();
+        let config = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(endpoint.is_some())
+            .build();
         Client::from_conf(config)
     }
 
@@ -95,10 +115,12 @@ impl S3Storage {
     /// Uploads a local file to `key`, in parts if it is large.
     async fn upload(&self, key: &str, file: &Path, size: u64) -> Result<(), StorageError> {
         if size <= PART_SIZE {
-            let body = ByteStream::from_path(file).await.map_err(|e| StorageError::Io {
-                key: key.to_string(),
-                source: std::io::Error::other(e),
-            })?;
+            let body = ByteStream::from_path(file)
+                .await
+                .map_err(|e| StorageError::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::other(e),
+                })?;
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -126,20 +148,37 @@ impl S3Storage {
                     .bucket(&self.bucket)
                     .key(key)
                     .upload_id(&upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
                     .send()
                     .await
                     .map_err(|e| s3_error(key, "CompleteMultipartUpload", e))?;
                 Ok(())
             }
             Err(e) => {
-                let _ = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(&upload_id).send().await;
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
                 Err(e)
             }
         }
     }
 
-    async fn upload_parts(&self, key: &str, upload_id: &str, file: &Path, size: u64) -> Result<Vec<CompletedPart>, StorageError> {
+    async fn upload_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        file: &Path,
+        size: u64,
+    ) -> Result<Vec<CompletedPart>, StorageError> {
         let count = size.div_ceil(PART_SIZE);
         let parts: Vec<Result<CompletedPart, StorageError>> = futures_util::stream::iter(0..count)
             .map(|i| async move {
@@ -151,7 +190,10 @@ impl S3Storage {
                     .length(Length::Exact(length))
                     .build()
                     .await
-                    .map_err(|e| StorageError::Io { key: key.to_string(), source: std::io::Error::other(e) })?;
+                    .map_err(|e| StorageError::Io {
+                        key: key.to_string(),
+                        source: std::io::Error::other(e),
+                    })?;
                 let number = i as i32 + 1;
                 let part = self
                     .client
@@ -164,7 +206,10 @@ impl S3Storage {
                     .send()
                     .await
                     .map_err(|e| s3_error(key, "UploadPart", e))?;
-                Ok(CompletedPart::builder().part_number(number).set_e_tag(part.e_tag().map(str::to_string)).build())
+                Ok(CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(part.e_tag().map(str::to_string))
+                    .build())
             })
             .buffered(PARALLEL_PARTS)
             .collect()
@@ -183,7 +228,13 @@ impl S3Storage {
             .send()
             .await
             .map_err(|e| s3_error(key, "CopyObject", e));
-        let _ = self.client.delete_object().bucket(&self.bucket).key(staged).send().await;
+        let _ = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(staged)
+            .send()
+            .await;
         copied.map(drop)
     }
 }
@@ -192,25 +243,53 @@ impl S3Storage {
 impl Storage for S3Storage {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         let full = self.full(key)?;
-        match self.client.get_object().bucket(&self.bucket).key(&full).send().await {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
             Ok(output) => {
-                let data = output.body.collect().await.map_err(|e| StorageError::Backend {
-                    key: key.to_string(),
-                    operation: "GetObject",
-                    message: e.to_string(),
-                })?;
+                let data = output
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| StorageError::Backend {
+                        key: key.to_string(),
+                        operation: "GetObject",
+                        message: e.to_string(),
+                    })?;
                 Ok(Some(data.into_bytes()))
             }
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) || status(&e) == Some(404) => Ok(None),
+            Err(e)
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || status(&e) == Some(404) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(s3_error(key, "GetObject", e)),
         }
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
         let full = self.full(key)?;
-        match self.client.head_object().bucket(&self.bucket).key(&full).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
             Ok(output) => Ok(Some(output.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) || status(&e) == Some(404) => Ok(None),
+            Err(e)
+                if e.as_service_error().is_some_and(|s| s.is_not_found())
+                    || status(&e) == Some(404) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(s3_error(key, "HeadObject", e)),
         }
     }
@@ -252,7 +331,13 @@ impl Storage for S3Storage {
             if self.head(key).await?.is_some() {
                 return Ok(());
             }
-            let size = tokio::fs::metadata(file).await.map_err(|source| StorageError::Io { key: key.to_string(), source })?.len();
+            let size = tokio::fs::metadata(file)
+                .await
+                .map_err(|source| StorageError::Io {
+                    key: key.to_string(),
+                    source,
+                })?
+                .len();
             let staged = self.staging_key();
             self.upload(&staged, file, size).await?;
             self.promote(&staged, &full).await
@@ -264,11 +349,12 @@ impl Storage for S3Storage {
 
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
         let full = self.full(key)?;
-        let presigning = PresigningConfig::expires_in(self.presign_ttl).map_err(|e| StorageError::Backend {
-            key: key.to_string(),
-            operation: "presign",
-            message: e.to_string(),
-        })?;
+        let presigning =
+            PresigningConfig::expires_in(self.presign_ttl).map_err(|e| StorageError::Backend {
+                key: key.to_string(),
+                operation: "presign",
+                message: e.to_string(),
+            })?;
         let request = self
             .client
             .get_object()

@@ -20,7 +20,11 @@ pub struct Containerd {
 impl Containerd {
     pub fn start() -> Containerd {
         // Unix socket paths are limited to 108 bytes: keep the dir short.
-        let dir = tempfile::Builder::new().prefix("ctrd").tempdir_in("/tmp").unwrap().keep();
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd")
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
         let socket = dir.join("containerd.sock");
         let d = dir.display();
         let config = format!(
@@ -58,10 +62,18 @@ disabled_plugins = [
             .expect("starting containerd");
         let mut daemon = Containerd { child, dir, socket };
         let ready = wait_until(Duration::from_secs(30), || {
-            Command::new("ctr").arg("-a").arg(&daemon.socket).arg("version").output().is_ok_and(|o| o.status.success())
+            Command::new("ctr")
+                .arg("-a")
+                .arg(&daemon.socket)
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success())
         });
         if !ready || daemon.child.try_wait().unwrap().is_some() {
-            panic!("containerd did not start:\n{}", std::fs::read_to_string(daemon.dir.join("containerd.log")).unwrap_or_default());
+            panic!(
+                "containerd did not start:\n{}",
+                std::fs::read_to_string(daemon.dir.join("containerd.log")).unwrap_or_default()
+            );
         }
         daemon.socket = daemon.dir.join("containerd.sock");
         daemon
@@ -78,7 +90,10 @@ disabled_plugins = [
         ["--rm", "--snapshotter", "overlayfs"]
             .iter()
             .map(|s| s.to_string())
-            .chain([format!("--runc-root={d}/runc"), format!("--fifo-dir={d}/fifo")])
+            .chain([
+                format!("--runc-root={d}/runc"),
+                format!("--fifo-dir={d}/fifo"),
+            ])
             .collect()
     }
 
@@ -87,7 +102,12 @@ disabled_plugins = [
             .args(what)
             .arg("-q")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_string).collect())
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -95,7 +115,10 @@ disabled_plugins = [
 impl Drop for Containerd {
     fn drop(&mut self) {
         for id in self.ids(&["task", "ls"]) {
-            let _ = self.ctr().args(["task", "kill", "-s", "SIGKILL", &id]).output();
+            let _ = self
+                .ctr()
+                .args(["task", "kill", "-s", "SIGKILL", &id])
+                .output();
             let _ = self.ctr().args(["task", "rm", "-f", &id]).output();
         }
         for id in self.ids(&["container", "ls"]) {
@@ -107,7 +130,9 @@ impl Drop for Containerd {
         let marker = format!("-address {}", self.socket.display());
         if let Ok(procs) = std::fs::read_dir("/proc") {
             for entry in procs.flatten() {
-                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
                 let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
                 let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
                 if cmdline.contains("containerd-shim") && cmdline.trim_end().ends_with(&marker) {
@@ -118,7 +143,11 @@ impl Drop for Containerd {
         }
         unmount_below(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
-        for cgroup in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for cgroup in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = std::fs::remove_dir(cgroup.path().join(NAMESPACE));
         }
         let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(NAMESPACE));

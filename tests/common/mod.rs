@@ -35,7 +35,9 @@ pub fn fixture_pkgs() -> PathBuf {
 
 /// Nix settings for a daemon-less, offline, root machine.
 pub fn nix_conf_dir() -> PathBuf {
-    std::env::var_os("NIX_CONF_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join(".ci/nix"))
+    std::env::var_os("NIX_CONF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".ci/nix"))
 }
 
 /// A `nixery serve` process with its own storage; killed on drop.
@@ -82,10 +84,19 @@ impl Server {
             Some(addr) => addr.to_string(),
             None => {
                 let _ = child.kill();
-                panic!("nixery did not start: {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "nixery did not start: {line:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
         };
-        Server { child, addr, storage: storage.to_path_buf(), log, _dir: None }
+        Server {
+            child,
+            addr,
+            storage: storage.to_path_buf(),
+            log,
+            _dir: None,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -99,7 +110,10 @@ impl Server {
 
     /// How many builds this server has started.
     pub fn builds_started(&self) -> usize {
-        self.log().lines().filter(|l| l.contains("build started")).count()
+        self.log()
+            .lines()
+            .filter(|l| l.contains("build started"))
+            .count()
     }
 }
 
@@ -114,13 +128,20 @@ impl Drop for Server {
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, panicking with its output if it fails; returns stdout.
 pub fn run(command: &mut Command) -> String {
     let started = Instant::now();
-    let output = command.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
     assert!(
         output.status.success(),
         "{command:?} failed ({:?}, {:?}):\nstdout: {}\nstderr: {}",
@@ -139,7 +160,13 @@ pub fn skopeo_copy(server: &Server, image: &str, dest: &str) {
 
 /// `skopeo copy` from a registry at `addr` (host:port, plain HTTP).
 pub fn skopeo_copy_from(addr: &str, image: &str, dest: &str) {
-    run(Command::new("skopeo").args(["copy", "--quiet", "--src-tls-verify=false", &format!("docker://{addr}/{image}"), dest]));
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{addr}/{image}"),
+        dest,
+    ]));
 }
 
 /// Pulls with skopeo into an OCI layout, unpacks with umoci; the rootfs.
@@ -147,13 +174,18 @@ pub fn pull_and_unpack(server: &Server, image: &str, work: &Path) -> PathBuf {
     let layout = work.join(format!("oci-{}", unique()));
     skopeo_copy(server, image, &format!("oci:{}:img", layout.display()));
     let bundle = work.join(format!("bundle-{}", unique()));
-    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:img", layout.display())).arg(&bundle));
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:img", layout.display()))
+        .arg(&bundle));
     bundle.join("rootfs")
 }
 
 /// Runs a shell command inside an unpacked rootfs; its stdout.
 pub fn chroot_sh(rootfs: &Path, script: &str) -> String {
-    run(Command::new("chroot").arg(rootfs).args(["/bin/sh", "-c", script]))
+    run(Command::new("chroot")
+        .arg(rootfs)
+        .args(["/bin/sh", "-c", script]))
 }
 
 /// Polls until `check` returns true or the time is up.

@@ -13,7 +13,11 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
@@ -23,8 +27,13 @@ impl Moto {
             .expect("starting moto_server (pip install 'moto[server]')");
         let endpoint = format!("http://127.0.0.1:{port}");
         let mut moto = Moto { child, endpoint };
-        let up = wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
-        assert!(up && moto.child.try_wait().unwrap().is_none(), "moto_server did not start");
+        let up = wait_until(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(
+            up && moto.child.try_wait().unwrap().is_none(),
+            "moto_server did not start"
+        );
         moto
     }
 
@@ -32,7 +41,12 @@ impl Moto {
     /// received, moved to a dead-letter queue after `max_receives`); its URL.
     pub async fn queue(&self, name: &str, visibility: u32, max_receives: u32) -> String {
         let sqs = self.client().await;
-        let dlq = sqs.create_queue().queue_name(format!("{name}-dead")).send().await.unwrap();
+        let dlq = sqs
+            .create_queue()
+            .queue_name(format!("{name}-dead"))
+            .send()
+            .await
+            .unwrap();
         let dlq_arn = sqs
             .get_queue_attributes()
             .queue_url(dlq.queue_url().unwrap())
@@ -43,12 +57,19 @@ impl Moto {
             .attributes()
             .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
             .clone();
-        let redrive = format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receives}"}}"#);
+        let redrive =
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receives}"}}"#);
         let queue = sqs
             .create_queue()
             .queue_name(name)
-            .attributes(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout, visibility.to_string())
-            .attributes(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy, redrive)
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+                visibility.to_string(),
+            )
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+                redrive,
+            )
             .send()
             .await
             .unwrap();
@@ -58,7 +79,9 @@ impl Moto {
     pub async fn client(&self) -> aws_sdk_sqs::Client {
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_sqs::config::Credentials::new("x", "y", None, None, "test"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "x", "y", None, None, "test",
+            ))
             .endpoint_url(&self.endpoint)
             .load()
             .await;

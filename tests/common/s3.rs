@@ -53,7 +53,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting 
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
         let served = self.served.clone();
-        let conditional = req.headers().contains_key("if-none-match").then(|| self.conditional.clone());
+        let conditional = req
+            .headers()
+            .contains_key("if-none-match")
+            .then(|| self.conditional.clone());
         let fut = hyper::service::Service::call(&self.inner, req);
         Box::pin(async move {
             let _one_at_a_time = match &conditional {
@@ -62,9 +65,16 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting 
             };
             let response = match fut.await {
                 Ok(response) => response,
-                Err(e) => http::Response::builder().status(500).body(s3s::Body::from(format!("{e:?}"))).unwrap(),
+                Err(e) => http::Response::builder()
+                    .status(500)
+                    .body(s3s::Body::from(format!("{e:?}")))
+                    .unwrap(),
             };
-            served.lock().unwrap().push(Served { method, path, status: response.status().as_u16() });
+            served.lock().unwrap().push(Served {
+                method,
+                path,
+                status: response.status().as_u16(),
+            });
             Ok(response)
         })
     }
@@ -81,7 +91,11 @@ impl S3Server {
         let service_root = root.clone();
         let counting_served = served.clone();
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async move {
                 let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(&service_root).unwrap());
                 builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
@@ -130,11 +144,17 @@ impl S3Server {
     pub async fn client(&self) -> aws_sdk_s3::Client {
         let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(REGION))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                ACCESS_KEY, SECRET_KEY, None, None, "test",
+            ))
             .endpoint_url(&self.endpoint)
             .load()
             .await;
-        aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build())
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&sdk)
+                .force_path_style(true)
+                .build(),
+        )
     }
 
     pub fn served(&self) -> Vec<Served> {
@@ -152,7 +172,11 @@ impl S3Server {
                 if path.is_dir() {
                     stack.push(path);
                 } else {
-                    let key = path.strip_prefix(&bucket).unwrap().to_string_lossy().into_owned();
+                    let key = path
+                        .strip_prefix(&bucket)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
                     // s3s-fs keeps its own metadata beside objects.
                     if !key.starts_with(".") && !key.contains("/.") {
                         keys.push(key);
