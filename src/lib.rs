@@ -2,20 +2,28 @@
 //!
 //! `docker pull <host>/shell/curl/jq` returns an image with exactly those
 //! packages: built with Nix the first time it is asked for, served from
-//! storage ever after. See the README for the big picture; each module says
-//! what it owns.
+//! storage ever after.
+//!
+//! The modules follow a request down, and nothing calls back up:
+//!
+//! ```text
+//! registry  (HTTP: routes, errors, pages)
+//!   -> images    (the image service: served, fresh, or built?)
+//!     -> dispatch  (where a build runs: in process, or workers over SQS)
+//!       -> builder   (one build: Nix, layers, packing, customisation)
+//!         -> storage   (the bucket or directory; records)
+//! oci     (names, manifests, digests: pure, used by all)
+//! source  (what a tag means for the package source)
+//! config  (the command line and settings; only the binary reads it)
+//! ```
 
 pub mod aws;
-pub mod build;
+pub mod builder;
 pub mod config;
-pub mod customisation;
+pub mod dispatch;
 pub mod fetch;
-pub mod image;
-pub mod layers;
-pub mod manifest;
-pub mod nix;
-pub mod pack;
-pub mod popularity;
+pub mod images;
+pub mod oci;
 pub mod registry;
 pub mod source;
 pub mod storage;

@@ -24,8 +24,28 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
-use crate::config::PackageSource;
-use crate::nix::SourceArg;
+use crate::builder::nix::SourceArg;
+
+/// Where packages come from (exactly one, chosen by the settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PackageSource {
+    /// A local directory called like nixpkgs; the tag does not select anything.
+    Path(std::path::PathBuf),
+    /// A git repository; the tag names a branch, tag or commit.
+    Git { url: String },
+    /// A nixpkgs channel; a tag that is a commit pins nixpkgs to it.
+    Channel { name: String },
+}
+
+impl std::fmt::Display for PackageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PackageSource::Path(path) => write!(f, "the package set at {}", path.display()),
+            PackageSource::Git { url } => write!(f, "the git repository {url}"),
+            PackageSource::Channel { name } => write!(f, "the nixpkgs channel {name}"),
+        }
+    }
+}
 
 /// How long `git ls-remote` may take.
 const GIT_TIMEOUT: Duration = Duration::from_secs(60);

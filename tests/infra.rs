@@ -15,7 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use nixery::config::ALL_VARIABLES;
+use nixery::config::variables;
 use serde_json::{json, Value};
 
 const TEMPLATE: &str = "infra/template.yaml";
@@ -34,7 +34,7 @@ enum SetOn {
 }
 
 /// The environment contract: every variable the code reads
-/// (`nixery::config::ALL_VARIABLES`), where the template sets it, and why.
+/// (`nixery::config::variables()`), where the template sets it, and why.
 ///
 /// The function resolves the package source and decides everything that
 /// goes into an image's key, then sends a BuildRequest that carries it (the
@@ -298,7 +298,8 @@ fn sam_validate_passes() {
 
 #[test]
 fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
-    let read: BTreeSet<&str> = ALL_VARIABLES.iter().copied().collect();
+    let all = variables();
+    let read: BTreeSet<&str> = all.iter().map(String::as_str).collect();
     let placed: BTreeMap<&str, SetOn> = CONTRACT.iter().map(|(var, on, _)| (*var, *on)).collect();
     let function = function_env();
     let worker = worker_env();
@@ -307,7 +308,7 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
     for var in &read {
         if !placed.contains_key(var) {
             problems.push(format!(
-                "the code reads {var} (nixery::config::ALL_VARIABLES) but tests/infra.rs's CONTRACT does not say where the \
+                "the code reads {var} (nixery::config::variables()) but tests/infra.rs's CONTRACT does not say where the \
                  deployment sets it: set it in {TEMPLATE} (the function's Environment, the worker's ContainerDefinitions \
                  Environment, or both) and add it to CONTRACT, or add it there as SetOn::Neither with the reason"
             ));
@@ -315,7 +316,7 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
     }
     for var in placed.keys() {
         if !read.contains(var) {
-            problems.push(format!("CONTRACT lists {var}, which the code does not read (not in ALL_VARIABLES): remove it from CONTRACT and {TEMPLATE}"));
+            problems.push(format!("CONTRACT lists {var}, which the code does not read (not in nixery::config::variables()): remove it from CONTRACT and {TEMPLATE}"));
         }
     }
     for (var, on) in &placed {
@@ -348,7 +349,7 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
     for (side, env) in [("function", &function), ("worker", &worker)] {
         for var in env.keys() {
             if looks_like_a_setting(var) && !read.contains(var.as_str()) {
-                problems.push(format!("{TEMPLATE} sets {var} on the {side}, but the code never reads it (not in ALL_VARIABLES)"));
+                problems.push(format!("{TEMPLATE} sets {var} on the {side}, but the code never reads it (not in nixery::config::variables())"));
             }
         }
     }

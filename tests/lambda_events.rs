@@ -12,16 +12,17 @@ use common::{fixture_pkgs, Server};
 use lambda_http::request::LambdaRequest;
 use lambda_http::tower::Service;
 use lambda_http::{Adapter, Context, LambdaEvent};
-use nixery::build::local::in_process;
-use nixery::build::Builder;
-use nixery::config::Config;
-use nixery::nix::Nix;
-use nixery::popularity::Popularity;
+use nixery::builder::nix::Nix;
+use nixery::builder::popularity::Popularity;
+use nixery::builder::Builder;
+use nixery::config::{Cli, Mode};
+use nixery::dispatch::in_process::InProcess;
+use nixery::dispatch::single_flight::SingleFlight;
+use nixery::images::Images;
 use nixery::registry::{router, AppState};
 use nixery::source::Sources;
 use nixery::storage::S3Storage;
 use serde_json::Value;
-use std::collections::HashMap;
 
 /// Sends one event through the adapter; the Lambda response as JSON.
 async fn invoke(state: &AppState, event: &str) -> Value {
@@ -61,26 +62,33 @@ async fn function_url_and_api_gateway_events() {
         Duration::from_secs(900),
     ));
     // The settings the building server had: nothing set but the package set.
-    let defaults = Config::from_vars(&HashMap::from([
-        (
-            "NIXERY_PKGS_PATH".to_string(),
-            fixture_pkgs().to_string_lossy().into_owned(),
-        ),
-        ("STORAGE_PATH".to_string(), "/unused".to_string()),
-    ]))
+    let pkgs = fixture_pkgs();
+    let cli = <Cli as clap::Parser>::try_parse_from([
+        "nixery".as_ref(),
+        "serve".as_ref(),
+        "--pkgs-path".as_ref(),
+        pkgs.as_os_str(),
+        "--storage-path".as_ref(),
+        "/unused".as_ref(),
+    ])
     .unwrap();
+    let Mode::Serve(defaults) = cli.mode(false).unwrap() else {
+        panic!("not the registry's settings");
+    };
     let builder = Builder::new(
         Nix::new(Duration::from_secs(60)),
         storage.clone(),
         Arc::new(Popularity::none()),
     );
+    let images = Images::new(
+        storage.clone(),
+        Arc::new(SingleFlight::new(Arc::new(InProcess::new(builder)))),
+        Arc::new(Sources::new(defaults.source, defaults.tag_ttl)),
+        defaults.images,
+    );
     let state = AppState {
+        images: Arc::new(images),
         storage,
-        dispatch: Arc::new(in_process(builder)),
-        sources: Arc::new(Sources::new(defaults.source, defaults.tag_ttl)),
-        layer_budget: defaults.layer_budget,
-        implicit_packages: defaults.implicit_packages,
-        activity: Arc::default(),
     };
 
     // GET manifest by tag, with containerd's ?ns= query.
@@ -97,7 +105,7 @@ async fn function_url_and_api_gateway_events() {
         .to_string();
     let body = get["body"].as_str().unwrap();
     assert_eq!(headers["content-length"], body.len().to_string());
-    assert_eq!(nixery::manifest::sha256_digest(body.as_bytes()), digest);
+    assert_eq!(nixery::oci::digest::sha256_digest(body.as_bytes()), digest);
 
     // HEAD through API Gateway v2: same headers, no body.
     let head = invoke(&state, &event("apigw-v2-head-manifest.json")).await;
@@ -118,7 +126,7 @@ async fn function_url_and_api_gateway_events() {
     assert_eq!(blob["headers"]["content-length"], "0");
     let location = blob["headers"]["location"].as_str().unwrap();
     let bytes = reqwest::get(location).await.unwrap().bytes().await.unwrap();
-    assert_eq!(nixery::manifest::sha256_digest(&bytes), layer);
+    assert_eq!(nixery::oci::digest::sha256_digest(&bytes), layer);
 
     // A client mistake: a registry error, not a function error.
     let bad = invoke(&state, &event("function-url-bad-name.json")).await;

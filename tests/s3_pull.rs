@@ -53,7 +53,7 @@ async fn blobs_redirect_to_presigned_s3_urls() {
         .await
         .unwrap();
     assert_eq!(bytes.len() as u64, size);
-    assert_eq!(nixery::manifest::sha256_digest(&bytes), digest);
+    assert_eq!(nixery::oci::digest::sha256_digest(&bytes), digest);
 
     // HEAD: answered from storage metadata, with the real length.
     let head = c

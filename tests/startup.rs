@@ -72,7 +72,11 @@ fn bad_settings_stop_the_start_naming_the_variable() {
         .output()
         .unwrap();
     assert_eq!(usage.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&usage.stderr).contains("usage: nixery serve"));
+    let stderr = String::from_utf8_lossy(&usage.stderr);
+    assert!(
+        stderr.contains("unrecognized subcommand 'frobnicate'") && stderr.contains("Usage: nixery"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::s3::{S3Server, BUCKET};
-use nixery::storage::{Download, FsStorage, S3Storage, Storage, StorageError};
+use nixery::storage::{Download, FsStorage, MemoryStorage, S3Storage, Storage, StorageError};
 use tokio::io::AsyncReadExt;
 
 /// The bytes behind a download, however it is offered.
@@ -121,6 +121,27 @@ async fn filesystem_backend() {
         .unwrap()
         .collect();
     assert!(left.is_empty(), "staging not empty: {left:?}");
+}
+
+#[tokio::test]
+async fn memory_backend() {
+    let scratch = tempfile::tempdir().unwrap();
+    let storage = MemoryStorage::new();
+    suite(&storage, scratch.path()).await;
+    assert!(
+        std::fs::read_dir(scratch.path()).unwrap().next().is_none(),
+        "files left in scratch"
+    );
+    // Refused keys wrote nothing; there is no staging to leave behind.
+    assert_eq!(
+        storage.keys(),
+        [
+            "blobs/sha256/large",
+            "blobs/sha256/small",
+            "builds/k",
+            "images/a"
+        ]
+    );
 }
 
 #[tokio::test]

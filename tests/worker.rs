@@ -324,7 +324,7 @@ async fn a_build_whose_workers_keep_dying_ends_failed_and_in_the_dead_letter_que
         }
     });
     // Each attempt: a worker takes it, gets to Nix, and dies.
-    for attempt in 1..=nixery::build::status::MAX_ATTEMPTS {
+    for attempt in 1..=nixery::dispatch::status::MAX_ATTEMPTS {
         let mut worker = cluster.worker();
         let running = wait_until(Duration::from_secs(60), || {
             cluster

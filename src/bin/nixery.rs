@@ -1,70 +1,39 @@
-//! `nixery serve`: the registry. Inside AWS Lambda (when
-//! `AWS_LAMBDA_RUNTIME_API` is set) it answers Function URL events;
-//! elsewhere it listens on 127.0.0.1:$PORT. Settings come from the
-//! environment; see the README's configuration table.
+//! `nixery`: reads the command line and settings, builds the clients once,
+//! and hands over to the library. `nixery --help` lists the commands;
+//! `nixery <command> --help` lists every setting with its variable and
+//! default.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use nixery::build::local::{in_process, SingleFlight};
-use nixery::build::queue::{sqs_client, SqsDispatch, Timings, Worker};
-use nixery::build::{Builder, Dispatch};
-use nixery::config::{BuilderConfig, Config, StorageConfig};
-use nixery::nix::{Nix, ResolveRequest};
-use nixery::popularity::Popularity;
+use nixery::builder::nix::{Nix, ResolveRequest};
+use nixery::builder::popularity::Popularity;
+use nixery::builder::Builder;
+use nixery::config::{BuildMode, Cli, Mode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig};
+use nixery::dispatch::in_process::InProcess;
+use nixery::dispatch::single_flight::SingleFlight;
+use nixery::dispatch::sqs::{sqs_client, SqsDispatch, SqsQueue};
+use nixery::dispatch::worker::Worker;
+use nixery::dispatch::Dispatch;
+use nixery::images::Images;
 use nixery::registry::{self, AppState};
 use nixery::source::Sources;
+use nixery::storage::{self, Storage, StorageConfig};
 use tracing_subscriber::EnvFilter;
-
-const USAGE: &str = "usage: nixery serve
-       nixery worker
-       nixery popularity PACKAGE...
-
-serve: runs the registry on 127.0.0.1:$PORT (or $NIXERY_LISTEN), or as an
-AWS Lambda function when AWS_LAMBDA_RUNTIME_API is set. Images are stored
-in $NIXERY_STORAGE_BACKEND storage and built with the local Nix from the
-configured package source.
-
-worker: takes builds from the queue at $NIXERY_QUEUE_URL and runs them with
-the local Nix, writing images to the configured storage.
-
-popularity: builds the given packages of the configured source and prints
-popularity data for NIX_POPULARITY_URL (Nixery's format) on stdout.
-
-Settings come from the environment (see the README). Logs go to stderr
-(RUST_LOG sets the level).";
 
 /// Set by the Lambda runtime in every function's environment.
 const LAMBDA_RUNTIME_API: &str = "AWS_LAMBDA_RUNTIME_API";
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let in_lambda = std::env::var_os(LAMBDA_RUNTIME_API).is_some();
-    let mut popularity_of = None;
-    let mut worker = false;
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["serve"] => {}
-        ["worker"] => worker = true,
-        // The Lambda runtime starts the bootstrap binary without arguments.
-        [] if in_lambda => {}
-        ["popularity", packages @ ..] if !packages.is_empty() => {
-            popularity_of = Some(packages.iter().map(|p| p.to_string()).collect::<Vec<_>>());
-        }
-        ["help" | "--help" | "-h"] => {
-            println!("{USAGE}");
-            return Ok(());
-        }
-        _ => {
-            eprintln!("{USAGE}");
+    let mode = match Cli::from_env().mode(in_lambda) {
+        Ok(mode) => mode,
+        Err(nixery::config::ModeError::Parse(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
             std::process::exit(2);
         }
-    }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -72,101 +41,99 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(!in_lambda && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = if popularity_of.is_some() {
-        // Computing popularity stores nothing: storage settings may be absent.
-        let mut vars: HashMap<String, String> = std::env::vars().collect();
-        vars.entry(nixery::config::STORAGE_PATH.to_string())
-            .or_insert_with(|| "/unused".to_string());
-        Config::from_vars(&vars)?
-    } else {
-        Config::from_env()?
-    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        if let Some(packages) = popularity_of {
-            let popularity = compute_popularity(&config, packages).await?;
-            println!("{}", popularity.to_json());
-            return Ok(());
-        }
-        if worker {
-            return run_worker(&config).await;
-        }
-        let state = state(&config).await?;
-        if in_lambda {
-            tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
-            lambda_http::run(registry::router(state)).await.map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
-        } else {
-            serve(&config, state).await
+        match mode {
+            Mode::Serve(config) => serve(config, in_lambda).await,
+            Mode::Worker(config) => run_worker(config).await,
+            Mode::Popularity(config) => {
+                let popularity = compute_popularity(config).await?;
+                println!("{}", popularity.to_json());
+                Ok(())
+            }
         }
     })
 }
 
-/// Everything the router shares, built once.
-async fn state(config: &Config) -> anyhow::Result<AppState> {
-    let storage = nixery::storage::open(&config.storage)
+/// The registry: under the Lambda runtime, or on a local port.
+async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
+    let storage = storage::open(&config.storage)
         .await
         .context("opening storage")?;
-    let dispatch: Arc<dyn Dispatch> = match (&config.builder, &config.queue) {
-        (BuilderConfig::Sqs, Some(queue)) => {
+    let dispatch: Arc<dyn Dispatch> = match &config.builds {
+        BuildMode::Sqs { queue, timings } => {
             let sqs = sqs_client(queue.endpoint.as_deref()).await;
+            let queue = Arc::new(SqsQueue::new(sqs, queue.url.clone()));
             Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(
                 storage.clone(),
-                sqs,
-                queue.url.clone(),
-                timings(config),
+                queue,
+                *timings,
             ))))
         }
-        _ => {
-            let popularity = Arc::new(popularity(config).await?);
-            Arc::new(in_process(Builder::new(
-                Nix::new(config.nix_timeout),
-                storage.clone(),
-                popularity,
-            )))
+        BuildMode::Local(nix) => {
+            let builder = builder(nix, &storage, &config.storage).await?;
+            Arc::new(SingleFlight::new(Arc::new(InProcess::new(builder))))
         }
     };
-    Ok(AppState {
+    let sources = Arc::new(Sources::new(config.source.clone(), config.tag_ttl));
+    let images = Images::new(storage.clone(), dispatch, sources, config.images.clone());
+    let state = AppState {
+        images: Arc::new(images),
         storage,
-        dispatch,
-        sources: Arc::new(Sources::new(config.source.clone(), config.tag_ttl)),
-        layer_budget: config.layer_budget,
-        implicit_packages: config.implicit_packages.clone(),
-        activity: Arc::default(),
-    })
-}
-
-fn timings(config: &Config) -> Timings {
-    Timings {
-        build_timeout: config.build_timeout,
-        heartbeat: config.heartbeat,
-        failure_ttl: config.failure_ttl,
+    };
+    if in_lambda {
+        tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
+        return lambda_http::run(registry::router(state))
+            .await
+            .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"));
     }
-}
-
-/// `nixery worker`: builds from the queue until SIGTERM.
-async fn run_worker(config: &Config) -> anyhow::Result<()> {
-    let queue = config
-        .queue
-        .as_ref()
-        .context("NIXERY_QUEUE_URL is not set: a worker takes builds from this queue")?;
-    let storage = nixery::storage::open(&config.storage)
+    let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .context("opening storage")?;
-    let popularity = Arc::new(popularity(config).await?);
-    let builder = Builder::new(Nix::new(config.nix_timeout), storage.clone(), popularity);
-    let sqs = sqs_client(queue.endpoint.as_deref()).await;
-    let worker = Worker::new(builder, storage, sqs, queue.url.clone(), config.heartbeat);
-    worker.run(shutdown_signal()).await?;
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, source = ?config.source, storage = ?config.storage, "registry started");
+    // The one line on stdout: where to pull from (port 0 picks a free port).
+    println!("nixery listening on http://{addr}");
+    registry::serve(listener, state, shutdown_signal()).await?;
+    tracing::info!("registry stopped");
     Ok(())
 }
 
+/// `nixery worker`: builds from the queue until SIGTERM.
+async fn run_worker(config: WorkerConfig) -> anyhow::Result<()> {
+    let storage = storage::open(&config.storage)
+        .await
+        .context("opening storage")?;
+    let builder = builder(&config.nix, &storage, &config.storage).await?;
+    let sqs = sqs_client(config.queue.endpoint.as_deref()).await;
+    let worker = Worker::new(
+        builder,
+        storage,
+        sqs,
+        config.queue.url.clone(),
+        config.queue.heartbeat,
+    );
+    worker.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// A builder with the local Nix and the configured popularity data.
+async fn builder(
+    nix: &NixConfig,
+    storage: &Arc<dyn Storage>,
+    storage_config: &StorageConfig,
+) -> anyhow::Result<Builder> {
+    let popularity = Arc::new(popularity(nix, storage_config).await?);
+    Ok(Builder::new(Nix::new(nix.timeout), storage.clone(), popularity))
+}
+
 /// Builds each package and counts references over their closures.
-async fn compute_popularity(config: &Config, packages: Vec<String>) -> anyhow::Result<Popularity> {
-    let nix = Nix::new(config.nix_timeout);
-    let sources = Sources::new(config.source.clone(), config.tag_ttl);
+async fn compute_popularity(config: PopularityConfig) -> anyhow::Result<Popularity> {
+    let nix = Nix::new(config.nix.timeout);
+    let sources = Sources::new(config.source, config.tag_ttl);
     let source = sources.resolve("latest").await?.arg;
     let mut closures = Vec::new();
-    for package in packages {
+    for package in config.packages {
         let request = ResolveRequest {
             source: source.clone(),
             system: "x86_64-linux".to_string(),
@@ -188,34 +155,17 @@ async fn compute_popularity(config: &Config, packages: Vec<String>) -> anyhow::R
 }
 
 /// Popularity data from `NIX_POPULARITY_URL`, or equal weights.
-async fn popularity(config: &Config) -> anyhow::Result<Popularity> {
-    let Some(url) = &config.popularity_url else {
+async fn popularity(nix: &NixConfig, storage: &StorageConfig) -> anyhow::Result<Popularity> {
+    let Some(url) = &nix.popularity_url else {
         return Ok(Popularity::none());
     };
-    let endpoint = match &config.storage {
-        StorageConfig::S3 { endpoint, .. } => endpoint.as_deref(),
-        StorageConfig::Filesystem { .. } => None,
-    };
-    let bytes = nixery::fetch::fetch(url, endpoint)
+    let bytes = nixery::fetch::fetch(url, storage.s3_endpoint())
         .await
         .context("loading popularity data (NIX_POPULARITY_URL)")?;
     let popularity =
         Popularity::parse(&bytes).context("parsing popularity data (NIX_POPULARITY_URL)")?;
     tracing::info!(url, entries = popularity.len(), "popularity data loaded");
     Ok(popularity)
-}
-
-async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, source = ?config.source, storage = ?config.storage, "registry started");
-    // The one line on stdout: where to pull from (port 0 picks a free port).
-    println!("nixery listening on http://{addr}");
-    registry::serve(listener, state, shutdown_signal()).await?;
-    tracing::info!("registry stopped");
-    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -8,8 +8,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio_util::io::ReaderStream;
 
-use super::{parse_digest, AppState, RegistryError, DIGEST_HEADER};
-use crate::image;
+use super::{AppState, RegistryError, DIGEST_HEADER};
+use crate::oci::{digest, name};
 use crate::storage::{self, Download};
 
 pub(super) async fn get(
@@ -18,8 +18,8 @@ pub(super) async fn get(
     reference: &str,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    image::validate_name(name).map_err(RegistryError::NameInvalid)?;
-    let hex = parse_digest(reference)?;
+    name::validate_name(name).map_err(RegistryError::NameInvalid)?;
+    let hex = digest::parse(reference)?;
     let key = storage::blob_key(hex);
     let unknown = || RegistryError::BlobUnknown {
         digest: reference.to_string(),

@@ -9,16 +9,17 @@
 //! Client mistakes are 4xx. Internal details (paths, I/O errors) are logged
 //! here, not sent.
 
-use std::sync::Arc;
-
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use crate::build::BuildError;
-use crate::image::NameError;
-use crate::nix::NixError;
+use crate::builder::Failure;
+use crate::dispatch::DispatchError;
+use crate::images::ImageError;
+use crate::oci::digest::InvalidDigest;
+use crate::oci::name::NameError;
 use crate::source::SourceError;
+use crate::storage::records::RecordError;
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,10 +28,8 @@ pub enum RegistryError {
     NameInvalid(NameError),
     #[error("invalid tag: {0}")]
     TagInvalid(NameError),
-    #[error("invalid digest {digest:?}: expected sha256:<64 lowercase hex digits>")]
-    DigestInvalid { digest: String },
-    #[error("manifest {reference} is not known")]
-    ManifestUnknown { reference: String },
+    #[error(transparent)]
+    DigestInvalid(#[from] InvalidDigest),
     #[error("blob {digest} is not known")]
     BlobUnknown { digest: String },
     #[error("{method} is not supported: this registry is pull-only")]
@@ -38,15 +37,14 @@ pub enum RegistryError {
     #[error("no such endpoint: {path}")]
     NoRoute { path: String },
     #[error(transparent)]
-    Build(Arc<BuildError>),
+    Image(#[from] ImageError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
 }
 
 impl RegistryError {
-    /// Status, spec error code, client-facing message and detail.
+    /// Status, spec error code, client-facing message and detail. Every
+    /// variant chooses here; there is no catch-all.
     fn parts(&self) -> (StatusCode, &'static str, String, Value) {
         use RegistryError::*;
         match self {
@@ -62,17 +60,11 @@ impl RegistryError {
                 self.to_string(),
                 json!({ "reason": e.to_string() }),
             ),
-            DigestInvalid { digest } => (
+            DigestInvalid(e) => (
                 StatusCode::BAD_REQUEST,
                 "DIGEST_INVALID",
                 self.to_string(),
-                json!({ "digest": digest }),
-            ),
-            ManifestUnknown { reference } => (
-                StatusCode::NOT_FOUND,
-                "MANIFEST_UNKNOWN",
-                self.to_string(),
-                json!({ "reference": reference }),
+                json!({ "digest": e.digest }),
             ),
             BlobUnknown { digest } => (
                 StatusCode::NOT_FOUND,
@@ -92,76 +84,77 @@ impl RegistryError {
                 self.to_string(),
                 json!({ "path": path }),
             ),
-            Build(e) => match &**e {
-                BuildError::UnknownPackages(names) => (
-                    StatusCode::NOT_FOUND,
-                    "MANIFEST_UNKNOWN",
-                    format!("unknown packages: {}", names.join(", ")),
-                    json!({ "unknown": names }),
-                ),
-                BuildError::Nix(NixError::Failed { command, message }) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    format!("building the image failed: {command}: {message}"),
-                    Value::Null,
-                ),
-                BuildError::Nix(NixError::Timeout { command, seconds }) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    format!(
-                        "building the image took too long: {command} was stopped after {seconds} s"
-                    ),
-                    Value::Null,
-                ),
-                BuildError::Storage(_) => unavailable(),
-                BuildError::Failed(message) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    format!("building the image failed: {message}"),
-                    Value::Null,
-                ),
-                BuildError::StillBuilding { .. } => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    format!("{e}; the build goes on: pull again in a minute"),
-                    Value::Null,
-                ),
-                BuildError::Queue { .. } => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    "the build queue is unavailable; try again shortly".to_string(),
-                    Value::Null,
-                ),
-                _ => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    "building the image failed on the server; the registry log has the details"
-                        .to_string(),
-                    Value::Null,
-                ),
-            },
-            Storage(_) => unavailable(),
-            Source(SourceError::UnknownRef { tag, .. }) => (
-                StatusCode::NOT_FOUND,
-                "MANIFEST_UNKNOWN",
-                self.to_string(),
-                json!({ "tag": tag }),
-            ),
-            Source(SourceError::Git { .. }) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                "the package source could not be read; try again shortly".to_string(),
-                Value::Null,
-            ),
+            Image(e) => image_parts(e),
+            Storage(_) => unavailable("storage"),
         }
     }
 }
 
-fn unavailable() -> (StatusCode, &'static str, String, Value) {
+fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String, Value) {
+    match error {
+        ImageError::ManifestUnknown { reference } => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            error.to_string(),
+            json!({ "reference": reference }),
+        ),
+        ImageError::Corrupt { digest, .. } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "UNKNOWN",
+            format!("the stored manifest {digest} is damaged; the registry log has the details"),
+            Value::Null,
+        ),
+        ImageError::Source(e @ SourceError::UnknownRef { tag, .. }) => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            e.to_string(),
+            json!({ "tag": tag }),
+        ),
+        ImageError::Source(SourceError::Git { .. }) => unavailable("package source"),
+        ImageError::Storage(_) | ImageError::Record(RecordError::Storage(_)) => {
+            unavailable("storage")
+        }
+        ImageError::Record(RecordError::Unreadable { key, .. }) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "UNKNOWN",
+            format!("a stored record ({key}) is damaged; the registry log has the details"),
+            Value::Null,
+        ),
+        ImageError::Build(e) => build_parts(e),
+    }
+}
+
+/// The one mapping of a build's outcome to what the puller sees.
+fn build_parts(error: &DispatchError) -> (StatusCode, &'static str, String, Value) {
+    match error {
+        DispatchError::Failed(failure @ Failure::UnknownPackages { names }) => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            failure.to_string(),
+            json!({ "unknown": names }),
+        ),
+        DispatchError::Failed(failure @ Failure::Build { .. }) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "UNKNOWN",
+            failure.to_string(),
+            Value::Null,
+        ),
+        DispatchError::StillBuilding { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("{error}; the build goes on: pull again in a minute"),
+            Value::Null,
+        ),
+        DispatchError::Unavailable { service, .. } => unavailable(&service.to_string()),
+    }
+}
+
+/// A service the registry depends on failed; the client may retry.
+fn unavailable(service: &str) -> (StatusCode, &'static str, String, Value) {
     (
         StatusCode::SERVICE_UNAVAILABLE,
         "UNAVAILABLE",
-        "the registry's storage is unavailable; try again shortly".to_string(),
+        format!("the registry's {service} is unavailable; try again shortly"),
         Value::Null,
     )
 }

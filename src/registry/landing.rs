@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
-use super::activity::Event;
+use crate::images::activity::Event;
 use super::AppState;
 
 /// Escapes text for HTML.
@@ -96,26 +96,27 @@ pub(super) async fn page(State(state): State<AppState>, headers: HeaderMap) -> R
     let _ = write!(
         out,
         "<p>Packages come from {}.",
-        esc(&state.sources.source().to_string())
+        esc(&state.images.sources().source().to_string())
     );
-    if !state.implicit_packages.is_empty() {
+    let implicit = &state.images.settings().implicit_packages;
+    if !implicit.is_empty() {
         let _ = write!(
             out,
             " Every image also has {}.",
-            esc(&state.implicit_packages.join(", "))
+            esc(&implicit.join(", "))
         );
     }
     out.push_str("</p>");
     table(
         &mut out,
         "Recent builds",
-        &state.activity.builds(),
+        &state.images.activity().builds(),
         "No builds yet on this instance.",
     );
     table(
         &mut out,
         "Recent errors",
-        &state.activity.errors(),
+        &state.images.activity().errors(),
         "No errors.",
     );
     out.push_str("</body></html>");

@@ -15,7 +15,6 @@
 //! strings (containerd's `?ns=`) play no part. [`router`] returns the whole
 //! API as one value, served by [`serve`] on a listener (local mode, tests).
 
-pub mod activity;
 mod blobs;
 pub mod error;
 mod landing;
@@ -34,10 +33,8 @@ use axum::routing::{any, get};
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::build::Dispatch;
-use crate::source::Sources;
+use crate::images::Images;
 use crate::storage::Storage;
-use activity::Activity;
 pub use error::RegistryError;
 
 pub const API_VERSION_HEADER: HeaderName =
@@ -47,13 +44,10 @@ pub const DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-di
 /// What every request handler shares; built once per process.
 #[derive(Clone)]
 pub struct AppState {
+    /// Manifests: served, or built first.
+    pub images: Arc<Images>,
+    /// Blobs, served straight from storage.
     pub storage: Arc<dyn Storage>,
-    pub dispatch: Arc<dyn Dispatch>,
-    pub sources: Arc<Sources>,
-    pub layer_budget: usize,
-    pub implicit_packages: Vec<String>,
-    /// Recent builds and errors, for the landing page.
-    pub activity: Arc<Activity>,
 }
 
 /// The whole registry API.
@@ -156,44 +150,4 @@ fn json_response(body: Vec<u8>) -> Response {
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     response
-}
-
-/// Checks `sha256:<64 hex>` and returns the hex part.
-fn parse_digest(reference: &str) -> Result<&str, RegistryError> {
-    let invalid = || RegistryError::DigestInvalid {
-        digest: reference.to_string(),
-    };
-    let hex = reference.strip_prefix("sha256:").ok_or_else(invalid)?;
-    if hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        Ok(hex)
-    } else {
-        Err(invalid())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn digests_are_checked() {
-        let good = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(parse_digest(&good).unwrap(), "ab".repeat(32));
-        for bad in [
-            "sha256:",
-            "sha256:xyz",
-            "sha512:00",
-            &format!("sha256:{}", "AB".repeat(32)),
-            "latest",
-        ] {
-            assert!(
-                matches!(parse_digest(bad), Err(RegistryError::DigestInvalid { .. })),
-                "{bad}"
-            );
-        }
-    }
 }

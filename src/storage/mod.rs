@@ -18,10 +18,12 @@
 //! leaves at most garbage in `staging/`.
 //!
 //! For example, an image `shell/hello` is found by reading
-//! `images/<image-key>` (see [`crate::build::image_key`]), which names
+//! `images/<image-key>` (see [`crate::builder::image_key`]), which names
 //! `manifests/sha256/<d>`, whose layers are `blobs/sha256/<d1>`, ...
 
 pub mod fs;
+pub mod memory;
+pub mod records;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
@@ -33,9 +35,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 
-use crate::config::StorageConfig;
 
 pub use fs::FsStorage;
+pub use memory::MemoryStorage;
 pub use s3::S3Storage;
 
 /// A failure of the storage backend, with the key it concerns.
@@ -117,6 +119,33 @@ pub fn unique_name(what: &str) -> String {
     format!("{what}-{}-{nanos}-{n}", std::process::id())
 }
 
+/// Where images are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    Filesystem {
+        root: PathBuf,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+        endpoint: Option<String>,
+        presign_ttl: std::time::Duration,
+    },
+    /// In this process's memory, gone when it exits.
+    Memory,
+}
+
+impl StorageConfig {
+    /// The endpoint of an S3-compatible server, if one is configured
+    /// (other `s3://` URLs are read from it too).
+    pub fn s3_endpoint(&self) -> Option<&str> {
+        match self {
+            StorageConfig::S3 { endpoint, .. } => endpoint.as_deref(),
+            StorageConfig::Filesystem { .. } | StorageConfig::Memory => None,
+        }
+    }
+}
+
 /// Opens the configured backend. Clients are built here, once per process.
 pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Storage>, StorageError> {
     Ok(match config {
@@ -130,6 +159,7 @@ pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Storage>, StorageErr
             let client = S3Storage::client(endpoint.as_deref()).await;
             Arc::new(S3Storage::new(client, bucket.clone(), prefix, *presign_ttl))
         }
+        StorageConfig::Memory => Arc::new(MemoryStorage::new()),
     })
 }
 

@@ -8,7 +8,7 @@
 //! bytes.
 //!
 //! ```
-//! use nixery::manifest::{ImageConfig, Descriptor, Manifest, MEDIA_TYPE_CONFIG};
+//! use nixery::oci::manifest::{ImageConfig, Descriptor, Manifest, MEDIA_TYPE_CONFIG};
 //! let config = ImageConfig::new("amd64", vec!["sha256:aa".into()], vec!["PATH=/bin".into()], None);
 //! let bytes = config.to_bytes();
 //! let manifest = Manifest::new(Descriptor::of(MEDIA_TYPE_CONFIG, &bytes), vec![]);
@@ -16,16 +16,12 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+
+use super::digest::sha256_digest;
 
 pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-/// `sha256:<hex>` of some bytes.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 /// A content descriptor (image-spec `descriptor.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::builder::Failure;
+use crate::storage::records::{self, RecordError};
+use crate::storage::{Storage, StorageError};
+
 /// How often a build's status is refreshed, by default.
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 /// A build whose heartbeat is this many intervals old is presumed dead.
@@ -26,14 +30,6 @@ pub enum State {
     Running,
     Done,
     Failed,
-}
-
-/// Why a build failed, as the puller will be told.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Failure {
-    UnknownPackages { names: Vec<String> },
-    Build { message: String },
 }
 
 /// `builds/<image-key>`
@@ -58,6 +54,23 @@ pub fn claim_key(image_key: &str, attempt: u32) -> String {
 /// `builds/<image-key>`
 pub fn status_key(image_key: &str) -> String {
     format!("builds/{image_key}")
+}
+
+/// Reads `builds/<image-key>`; `None` if no build was ever claimed.
+pub async fn read(
+    storage: &dyn Storage,
+    image_key: &str,
+) -> Result<Option<BuildStatus>, RecordError> {
+    records::read(storage, &status_key(image_key)).await
+}
+
+/// Writes `builds/<image-key>`.
+pub async fn write(
+    storage: &dyn Storage,
+    image_key: &str,
+    status: &BuildStatus,
+) -> Result<(), StorageError> {
+    records::write(storage, &status_key(image_key), status).await
 }
 
 /// What a puller waiting for an image should do now.

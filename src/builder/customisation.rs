@@ -22,7 +22,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::pack::{Node, Tree};
+use super::pack::{Node, Tree};
 
 const CA_BUNDLE: &str = "etc/ssl/certs/ca-bundle.crt";
 const PATH: &str = "PATH=/bin:/sbin:/usr/bin";

@@ -26,7 +26,7 @@ use tokio::process::Command;
 
 /// The resolver expression, compiled into the binary so a worker needs
 /// nothing but Nix.
-pub const RESOLVE_NIX: &str = include_str!("../nix/resolve.nix");
+pub const RESOLVE_NIX: &str = include_str!("../../nix/resolve.nix");
 
 /// How much of Nix's error output is kept in an error message.
 const MAX_MESSAGE: usize = 2000;

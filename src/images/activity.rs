@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use crate::build::{unix_now as now, ImageRecord};
-use crate::image::ImageSpec;
+use crate::storage::records::{unix_now as now, ImageRecord};
+use crate::oci::name::ImageSpec;
 
 /// How many of each are kept.
 const KEEP: usize = 20;

@@ -5,7 +5,7 @@
 //! leading run of *meta* components changes how the image is built:
 //!
 //! ```
-//! use nixery::image::{Arch, ImageSpec};
+//! use nixery::oci::name::{Arch, ImageSpec};
 //! let spec = ImageSpec::parse("arm64/shell/hello", "latest").unwrap();
 //! assert_eq!(spec.arch, Arch::Arm64);
 //! assert!(spec.packages.contains("bashInteractive"));

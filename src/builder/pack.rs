@@ -11,7 +11,7 @@
 //! through fixed buffers.
 //!
 //! ```no_run
-//! let packed = nixery::pack::pack_store_paths(&["/nix/store/…-hello".to_string()], "/tmp/layer".as_ref(), 6).unwrap();
+//! let packed = nixery::builder::pack::pack_store_paths(&["/nix/store/…-hello".to_string()], "/tmp/layer".as_ref(), 6).unwrap();
 //! println!("{} ({} bytes), diff_id {}", packed.digest, packed.size, packed.diff_id);
 //! ```
 
@@ -361,7 +361,7 @@ mod tests {
         assert_eq!(packed.size, std::fs::metadata(&layer).unwrap().len());
         assert_eq!(
             packed.digest,
-            crate::manifest::sha256_digest(&std::fs::read(&layer).unwrap())
+            crate::oci::digest::sha256_digest(&std::fs::read(&layer).unwrap())
         );
 
         // Extract with the tar crate and compare with the source tree.

@@ -1,12 +1,10 @@
-//! One build per image at a time within this process, and builds with the
-//! local Nix.
+//! One build per image at a time within this process.
 //!
 //! [`SingleFlight`] wraps any [`Dispatch`]: concurrent requests for the
 //! same image key share one call, which runs on its own task, so it goes
 //! on (and stores its result) when every client waiting for it has gone.
 //! Across processes the queue's claims do the same job; within one, this
 //! also spares storage one waiter's polling per request.
-//! [`in_process`] is the local mode's dispatch: the [`Builder`] right here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,9 +12,11 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{BuildError, BuildRequest, Builder, Dispatch, ImageRecord};
+use super::{Dispatch, DispatchError};
+use crate::builder::{BuildError, BuildRequest};
+use crate::storage::records::ImageRecord;
 
-type Outcome = Option<Result<ImageRecord, Arc<BuildError>>>;
+type Outcome = Option<Result<ImageRecord, DispatchError>>;
 
 pub struct SingleFlight {
     inner: Arc<dyn Dispatch>,
@@ -32,25 +32,9 @@ impl SingleFlight {
     }
 }
 
-/// Builds in this process with the local Nix, one build per image.
-pub fn in_process(builder: Builder) -> SingleFlight {
-    SingleFlight::new(Arc::new(InProcess { builder }))
-}
-
-struct InProcess {
-    builder: Builder,
-}
-
-#[async_trait]
-impl Dispatch for InProcess {
-    async fn build(&self, request: BuildRequest) -> Result<ImageRecord, Arc<BuildError>> {
-        self.builder.build(&request).await.map_err(Arc::new)
-    }
-}
-
 #[async_trait]
 impl Dispatch for SingleFlight {
-    async fn build(&self, request: BuildRequest) -> Result<ImageRecord, Arc<BuildError>> {
+    async fn build(&self, request: BuildRequest) -> Result<ImageRecord, DispatchError> {
         let mut outcome = {
             let mut in_flight = self
                 .in_flight
@@ -70,7 +54,7 @@ impl Dispatch for SingleFlight {
                         let result =
                             match tokio::spawn(async move { inner.build(request).await }).await {
                                 Ok(result) => result,
-                                Err(e) => Err(Arc::new(BuildError::Task(e.to_string()))),
+                                Err(e) => Err(task_failed(e.to_string())),
                             };
                         // Forget the call before announcing it: a later
                         // request then finds the record in storage.
@@ -83,11 +67,16 @@ impl Dispatch for SingleFlight {
                 }
             }
         };
-        let done = outcome.wait_for(Option::is_some).await.map_err(|_| {
-            Arc::new(BuildError::Task(
-                "the build task stopped without a result".to_string(),
-            ))
-        })?;
+        let done = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| task_failed("the build task stopped without a result".to_string()))?;
         done.clone().expect("wait_for returned a finished outcome")
     }
+}
+
+/// A build task that panicked or vanished: logged, and reported like any
+/// other internal build failure.
+fn task_failed(message: String) -> DispatchError {
+    DispatchError::from(BuildError::Task(message))
 }

@@ -18,7 +18,7 @@
 //! This module does no I/O: the caller reads the file or URL.
 //!
 //! ```
-//! use nixery::popularity::Popularity;
+//! use nixery::builder::popularity::Popularity;
 //! let popularity = Popularity::parse(br#"{"openssl-3.0.15": 2840}"#).unwrap();
 //! assert_eq!(popularity.weight("/nix/store/q8m6bflzqnjb7ch3pcwyyrc9wlpbvw5k-openssl-3.0.15"), 2840);
 //! assert_eq!(popularity.weight("/nix/store/3d2ckvmhr3bj6h0ghd0jvbd1kh5ifg4a-hello-2.12.1"), 1);
@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::nix::Closure;
+use super::nix::Closure;
 
 /// Length of the hash part of a store path's base name.
 const HASH_LEN: usize = 32;
@@ -131,7 +131,7 @@ impl Popularity {
 /// is returned whole.
 ///
 /// ```
-/// use nixery::popularity::package_name;
+/// use nixery::builder::popularity::package_name;
 /// assert_eq!(package_name("/nix/store/q8m6bflzqnjb7ch3pcwyyrc9wlpbvw5k-openssl-3.0.15"), "openssl-3.0.15");
 /// assert_eq!(package_name("q8m6bflzqnjb7ch3pcwyyrc9wlpbvw5k-openssl-3.0.15"), "openssl-3.0.15");
 /// assert_eq!(package_name("openssl-3.0.15"), "openssl-3.0.15");
@@ -154,7 +154,7 @@ pub fn package_name(store_path: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nix::PathInfo;
+    use crate::builder::nix::PathInfo;
     use proptest::prelude::*;
 
     const H1: &str = "00000000000000000000000000000001";

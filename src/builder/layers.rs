@@ -46,9 +46,9 @@
 //! `config`); the customisation layer is extra. This module does no I/O.
 //!
 //! ```
-//! use nixery::layers::group;
-//! use nixery::nix::{Closure, PathInfo};
-//! use nixery::popularity::Popularity;
+//! use nixery::builder::layers::group;
+//! use nixery::builder::nix::{Closure, PathInfo};
+//! use nixery::builder::popularity::Popularity;
 //! let mut closure = Closure::new();
 //! for (p, size) in [("/nix/store/a", 1), ("/nix/store/b", 9), ("/nix/store/c", 5)] {
 //!     closure.insert(p.to_string(), PathInfo { nar_size: size, references: vec![] });
@@ -64,8 +64,8 @@ use petgraph::algo::{dominators, tarjan_scc};
 use petgraph::graph::{DiGraph, NodeIndex};
 use sha2::{Digest, Sha256};
 
-use crate::nix::Closure;
-use crate::popularity::Popularity;
+use super::nix::Closure;
+use super::popularity::Popularity;
 
 /// A path whose closure is larger than this (in bytes of NAR) gets a layer
 /// candidate of its own. Nixery's threshold.
@@ -287,7 +287,7 @@ fn closure_sizes(graph: &DiGraph<(), (), u32>, sizes: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nix::PathInfo;
+    use crate::builder::nix::PathInfo;
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,0 +1,703 @@
+//! One build: from a [`BuildRequest`] to a stored, servable image, wherever
+//! Nix is (this process in local mode, a worker in AWS).
+//!
+//! A build is a short sequence of named steps, each timed and logged by one
+//! helper ([`Builder::step`]) and reported to whoever watches its progress:
+//!
+//! | step | what | module |
+//! |---|---|---|
+//! | `resolve` | evaluate the package set: which packages exist, their outputs | [`nix`] |
+//! | `realise` | build (or find) the outputs in the Nix store | [`nix`] |
+//! | `group` | read the closure and group it into layers | [`nix`], [`layers`] |
+//! | `pack` | pack and store each layer not stored yet, several at a time | [`pack`] |
+//! | `customise` | the customisation layer (`/bin`, `/etc`, `/tmp`, ...) | [`customisation`] |
+//! | `commit` | config, manifest, and last the image record | [`crate::oci::manifest`] |
+//!
+//! Every blob reaches storage through [`Builder::store_blob`], and every
+//! layer (the customisation layer too) through [`Builder::store_layer`], so
+//! reuse, scratch-file clean-up and layer records work the same for all.
+//! The image record `images/<image-key>` is written last: a build that stops
+//! anywhere before that leaves no visible image, only reusable layers.
+
+pub mod customisation;
+pub mod layers;
+pub mod nix;
+pub mod pack;
+pub mod popularity;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::oci::digest::{hex_of, sha256_digest};
+use crate::oci::manifest::{self, Descriptor, ImageConfig, Manifest};
+use crate::oci::name::{Arch, ImageSpec};
+use crate::source::Resolved as ResolvedSource;
+use crate::storage::records::{self, unix_now, ImageRecord, LayerRecord, RecordError};
+use crate::storage::{self, Storage, StorageError};
+use customisation::{customise, CustomisationError};
+use layers::Layer;
+use nix::{Closure, Nix, NixError, ResolveRequest, SourceArg};
+use pack::{PackError, Packed};
+use popularity::Popularity;
+
+/// Bumped whenever the bytes of images built from the same inputs change.
+const IMAGE_FORMAT: u32 = 1;
+
+/// Everything a build needs to know, and the key it is stored under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    pub image_key: String,
+    pub packages: Vec<String>,
+    pub system: String,
+    pub architecture: String,
+    pub source: SourceArg,
+    pub layer_budget: usize,
+    /// Packages added to every image when the package set has them.
+    #[serde(default)]
+    pub implicit: Vec<String>,
+    /// A stored image built before this time (Unix seconds) is stale: its
+    /// source has moved on since. See [`ImageRecord::is_current`].
+    #[serde(default)]
+    pub not_before: u64,
+}
+
+impl BuildRequest {
+    /// The request for an image spec: packages (sorted), architecture, the
+    /// resolved package source and the implicit packages all go into the key.
+    pub fn new(
+        spec: &ImageSpec,
+        source: &ResolvedSource,
+        layer_budget: usize,
+        implicit: &[String],
+        not_before: u64,
+    ) -> BuildRequest {
+        let packages: Vec<String> = spec.packages.iter().cloned().collect();
+        let image_key = image_key(&packages, spec.arch, &source.arg, layer_budget, implicit);
+        BuildRequest {
+            image_key,
+            packages,
+            system: spec.arch.nix_system().to_string(),
+            architecture: spec.arch.oci_name().to_string(),
+            source: source.arg.clone(),
+            layer_budget,
+            implicit: implicit.to_vec(),
+            not_before,
+        }
+    }
+}
+
+/// The storage key of an image: a hash of everything that decides its bytes.
+pub fn image_key(
+    packages: &[String],
+    arch: Arch,
+    source: &SourceArg,
+    layer_budget: usize,
+    implicit: &[String],
+) -> String {
+    let canonical = serde_json::json!({
+        "format": IMAGE_FORMAT,
+        "packages": packages,
+        "implicit": implicit,
+        "system": arch.nix_system(),
+        "source": source,
+        "layerBudget": layer_budget,
+        "compression": pack::COMPRESSION,
+    });
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+/// Why a build failed, as the puller is told (and as a worker records it
+/// in the build status for every puller to read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Failure {
+    #[error("unknown packages: {}", names.join(", "))]
+    UnknownPackages { names: Vec<String> },
+    #[error("building the image failed: {message}")]
+    Build { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("unknown packages: {}", .0.join(", "))]
+    UnknownPackages(Vec<String>),
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error(transparent)]
+    Customisation(#[from] CustomisationError),
+    #[error("build task failed: {0}")]
+    Task(String),
+}
+
+impl BuildError {
+    /// The one place a failed build becomes what its pullers are told.
+    /// `None`: the failure is transient (storage went away) and the build
+    /// should be tried again rather than remembered as failed.
+    pub fn failure(&self) -> Option<Failure> {
+        let internal = || Failure::Build {
+            message: "the build failed on the server; its log has the details".to_string(),
+        };
+        match self {
+            BuildError::UnknownPackages(names) => Some(Failure::UnknownPackages {
+                names: names.clone(),
+            }),
+            BuildError::Nix(NixError::Failed { command, message }) => Some(Failure::Build {
+                message: format!("{command}: {message}"),
+            }),
+            BuildError::Nix(NixError::Timeout { command, seconds }) => Some(Failure::Build {
+                message: format!("{command} was stopped after {seconds} s"),
+            }),
+            BuildError::Nix(NixError::Spawn { .. } | NixError::Output { .. }) => Some(internal()),
+            BuildError::Storage(_) | BuildError::Record(RecordError::Storage(_)) => None,
+            BuildError::Record(RecordError::Unreadable { .. })
+            | BuildError::Pack(_)
+            | BuildError::Customisation(_)
+            | BuildError::Task(_) => Some(internal()),
+        }
+    }
+}
+
+/// Where a build reports the step it is at (a worker's heartbeat reads it).
+pub type Progress<'a> = Option<&'a watch::Sender<String>>;
+
+/// Layers written and reused by one build.
+#[derive(Debug, Default, Clone, Copy)]
+struct LayerStats {
+    new: usize,
+    reused: usize,
+    bytes_new: u64,
+}
+
+impl LayerStats {
+    fn count(&mut self, record: &LayerRecord, reused: bool) {
+        if reused {
+            self.reused += 1;
+        } else {
+            self.new += 1;
+            self.bytes_new += record.size;
+        }
+    }
+}
+
+/// A blob bound for `blobs/sha256/<hex>`.
+enum Blob {
+    /// A packed file in scratch space; consumed by storing it.
+    File { path: PathBuf, packed: Packed },
+    /// Small bytes (an image config).
+    Bytes { digest: String, bytes: Bytes },
+}
+
+/// Runs builds with the local Nix, writing to storage.
+pub struct Builder {
+    nix: Nix,
+    storage: Arc<dyn Storage>,
+    popularity: Arc<Popularity>,
+}
+
+impl Builder {
+    pub fn new(nix: Nix, storage: Arc<dyn Storage>, popularity: Arc<Popularity>) -> Builder {
+        Builder {
+            nix,
+            storage,
+            popularity,
+        }
+    }
+
+    /// Builds one image, telling `progress` each step as it starts; or
+    /// returns the stored record if a current one is there already.
+    pub async fn build(
+        &self,
+        request: &BuildRequest,
+        progress: Progress<'_>,
+    ) -> Result<ImageRecord, BuildError> {
+        let key = storage::image_key(&request.image_key);
+        if let Some(record) = records::read::<ImageRecord>(&*self.storage, &key).await? {
+            if record.is_current(request.not_before) {
+                return Ok(record);
+            }
+        }
+        let started = Instant::now();
+        let image = request.image_key.as_str();
+        tracing::info!(image, packages = ?request.packages, system = %request.system, "build started");
+        let result = self.run(request, progress).await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match &result {
+            Ok((record, stats)) => tracing::info!(
+                image,
+                packages = ?request.packages,
+                manifest = %record.manifest_digest,
+                layers_new = stats.new,
+                layers_reused = stats.reused,
+                bytes_uploaded = stats.bytes_new,
+                elapsed_ms,
+                "build finished"
+            ),
+            Err(error) => {
+                tracing::warn!(image, packages = ?request.packages, %error, elapsed_ms, "build failed")
+            }
+        }
+        result.map(|(record, _)| record)
+    }
+
+    /// The steps, in order.
+    async fn run(
+        &self,
+        request: &BuildRequest,
+        progress: Progress<'_>,
+    ) -> Result<(ImageRecord, LayerStats), BuildError> {
+        let image = request.image_key.as_str();
+        let outputs = self
+            .step(image, progress, "resolve", self.resolve(request))
+            .await?;
+        self.step(image, progress, "realise", async {
+            self.nix.realise(&outputs.packages).await.map(|()| "")
+        })
+        .await?;
+        let roots: Vec<String> = outputs
+            .packages
+            .iter()
+            .flat_map(|p| p.paths.iter().cloned())
+            .collect();
+        let (closure, groups) = self
+            .step(image, progress, "group", self.group(&roots, request))
+            .await?;
+        let (mut layers, mut stats) = self
+            .step(image, progress, "pack", self.store_layers(image, groups))
+            .await?;
+        let (custom, config) = self
+            .step(
+                image,
+                progress,
+                "customise",
+                self.customise(image, roots, &closure),
+            )
+            .await?;
+        stats.count(&custom, config.reused);
+        layers.push(custom);
+        let record = self
+            .step(
+                image,
+                progress,
+                "commit",
+                self.commit(request, layers, config),
+            )
+            .await?;
+        Ok((record, stats))
+    }
+
+    /// Runs one step: reports it, times it, and logs one line for it.
+    async fn step<T: StepSummary, E: std::fmt::Display>(
+        &self,
+        image: &str,
+        progress: Progress<'_>,
+        name: &'static str,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        if let Some(progress) = progress {
+            progress.send_replace(name.to_string());
+        }
+        let started = Instant::now();
+        let result = work.await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match &result {
+            Ok(out) => {
+                tracing::info!(image, step = name, elapsed_ms, detail = %out.summary(), "build step")
+            }
+            Err(error) => {
+                tracing::info!(image, step = name, elapsed_ms, %error, "build step failed")
+            }
+        }
+        result
+    }
+
+    /// `resolve`: which packages exist, and their outputs.
+    async fn resolve(&self, request: &BuildRequest) -> Result<nix::Resolved, BuildError> {
+        let resolved = self
+            .nix
+            .resolve(&ResolveRequest {
+                source: request.source.clone(),
+                system: request.system.clone(),
+                packages: request.packages.clone(),
+                implicit: request.implicit.clone(),
+            })
+            .await?;
+        if !resolved.unknown.is_empty() {
+            return Err(BuildError::UnknownPackages(resolved.unknown));
+        }
+        Ok(resolved)
+    }
+
+    /// `group`: the closure of `roots`, grouped into layers.
+    async fn group(
+        &self,
+        roots: &[String],
+        request: &BuildRequest,
+    ) -> Result<(Closure, Vec<Layer>), BuildError> {
+        let closure = self.nix.closure(roots).await?;
+        let groups = layers::group(&closure, roots, &self.popularity, request.layer_budget);
+        Ok((closure, groups))
+    }
+
+    /// `pack`: every layer, as many at a time as there are cores.
+    async fn store_layers(
+        &self,
+        image: &str,
+        groups: Vec<Layer>,
+    ) -> Result<(Vec<LayerRecord>, LayerStats), BuildError> {
+        let parallel = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let results: Vec<Result<(LayerRecord, bool), BuildError>> =
+            futures_util::stream::iter(groups)
+                .map(|layer| {
+                    let key = layer.key(pack::COMPRESSION);
+                    let paths = layer.paths;
+                    self.store_layer(image, key, move |out| {
+                        pack::pack_store_paths(&paths, out, pack::GZIP_LEVEL)
+                    })
+                })
+                .buffered(parallel)
+                .collect()
+                .await;
+        let mut layers = Vec::with_capacity(results.len());
+        let mut stats = LayerStats::default();
+        for result in results {
+            let (record, reused) = result?;
+            stats.count(&record, reused);
+            layers.push(record);
+        }
+        Ok((layers, stats))
+    }
+
+    /// `customise`: the customisation layer, and the config it implies.
+    async fn customise(
+        &self,
+        image: &str,
+        roots: Vec<String>,
+        closure: &Closure,
+    ) -> Result<(LayerRecord, CustomConfig), BuildError> {
+        let paths: Vec<String> = closure.keys().cloned().collect();
+        let key = customisation_key(&roots, &paths);
+        // Reading the outputs is cheap; packing is what reuse saves.
+        let custom = tokio::task::spawn_blocking(move || customise(&roots, &paths))
+            .await
+            .map_err(|e| BuildError::Task(e.to_string()))??;
+        let tree = custom.tree;
+        let (record, reused) = self
+            .store_layer(image, key, move |out| {
+                pack::pack_tree(&tree, out, pack::GZIP_LEVEL)
+            })
+            .await?;
+        let config = CustomConfig {
+            env: custom.env,
+            cmd: custom.cmd,
+            reused,
+        };
+        Ok((record, config))
+    }
+
+    /// `commit`: the config blob, the manifest, then the image record.
+    async fn commit(
+        &self,
+        request: &BuildRequest,
+        layers: Vec<LayerRecord>,
+        custom: CustomConfig,
+    ) -> Result<ImageRecord, BuildError> {
+        let diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
+        let descriptors = layers
+            .into_iter()
+            .map(|l| Descriptor {
+                media_type: l.media_type,
+                digest: l.digest,
+                size: l.size,
+            })
+            .collect();
+        let config = ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd)
+            .to_bytes();
+        let config_descriptor = Descriptor::of(manifest::MEDIA_TYPE_CONFIG, &config);
+        self.store_blob(Blob::Bytes {
+            digest: config_descriptor.digest.clone(),
+            bytes: Bytes::from(config),
+        })
+        .await?;
+        let manifest = Manifest::new(config_descriptor, descriptors).to_bytes();
+        let manifest_digest = sha256_digest(&manifest);
+        let size = manifest.len() as u64;
+        self.storage
+            .put(
+                &storage::manifest_key(hex_of(&manifest_digest)),
+                Bytes::from(manifest),
+            )
+            .await?;
+        let record = ImageRecord {
+            manifest_digest,
+            media_type: manifest::MEDIA_TYPE_MANIFEST.to_string(),
+            size,
+            packages: request.packages.clone(),
+            architecture: request.architecture.clone(),
+            built_at: unix_now(),
+        };
+        records::write(
+            &*self.storage,
+            &storage::image_key(&request.image_key),
+            &record,
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// One layer under `key`: its record if the blob is still there, else
+    /// `pack` into a scratch file (on a blocking thread), store the blob and
+    /// write the record. `true`: reused.
+    async fn store_layer(
+        &self,
+        image: &str,
+        key: String,
+        pack: impl FnOnce(&Path) -> Result<Packed, PackError> + Send + 'static,
+    ) -> Result<(LayerRecord, bool), BuildError> {
+        let record_key = storage::layer_key(&key);
+        if let Some(record) = records::read::<LayerRecord>(&*self.storage, &record_key).await? {
+            let blob = storage::blob_key(hex_of(&record.digest));
+            if self.storage.head(&blob).await? == Some(record.size) {
+                return Ok((record, true));
+            }
+        }
+        let started = Instant::now();
+        let out = self.scratch_file("layer");
+        let path = out.clone();
+        let packed = tokio::task::spawn_blocking(move || pack(&path))
+            .await
+            .map_err(|e| BuildError::Task(e.to_string()))
+            .and_then(|packed| packed.map_err(BuildError::from));
+        let packed = match packed {
+            Ok(packed) => packed,
+            Err(error) => {
+                let _ = tokio::fs::remove_file(&out).await;
+                return Err(error);
+            }
+        };
+        let record = LayerRecord {
+            digest: packed.digest.clone(),
+            diff_id: packed.diff_id.clone(),
+            size: packed.size,
+            media_type: manifest::MEDIA_TYPE_LAYER_GZIP.to_string(),
+        };
+        tracing::info!(
+            image,
+            step = "pack",
+            layer = %key,
+            digest = %packed.digest,
+            size = packed.size,
+            tar_size = packed.tar_size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "layer packed"
+        );
+        self.store_blob(Blob::File { path: out, packed }).await?;
+        records::write(&*self.storage, &record_key, &record).await?;
+        Ok((record, false))
+    }
+
+    /// The one way a blob reaches storage. `true`: it was not there yet.
+    async fn store_blob(&self, blob: Blob) -> Result<bool, BuildError> {
+        let (digest, size) = match &blob {
+            Blob::File { packed, .. } => (packed.digest.as_str(), packed.size),
+            Blob::Bytes { digest, bytes } => (digest.as_str(), bytes.len() as u64),
+        };
+        let key = storage::blob_key(hex_of(digest));
+        let present = match self.storage.head(&key).await {
+            Ok(size_there) => size_there == Some(size),
+            Err(error) => {
+                if let Blob::File { path, .. } = &blob {
+                    let _ = tokio::fs::remove_file(path).await;
+                }
+                return Err(error.into());
+            }
+        };
+        match blob {
+            Blob::File { path, .. } if present => {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+            // Consumes the file, whatever the outcome.
+            Blob::File { path, .. } => self.storage.put_file(&key, &path).await?,
+            Blob::Bytes { .. } if present => {}
+            Blob::Bytes { bytes, .. } => self.storage.put(&key, bytes).await?,
+        }
+        Ok(!present)
+    }
+
+    /// A fresh path for a file bound for storage.
+    fn scratch_file(&self, what: &str) -> PathBuf {
+        let dir = self
+            .storage
+            .local_staging_dir()
+            .unwrap_or_else(std::env::temp_dir);
+        dir.join(storage::unique_name(what))
+    }
+}
+
+/// What the customisation step adds to the image config.
+struct CustomConfig {
+    env: Vec<String>,
+    cmd: Option<Vec<String>>,
+    /// Whether its layer was stored already.
+    reused: bool,
+}
+
+/// The customisation layer's key: everything its bytes depend on (the
+/// requested outputs in order, the closure, the compression).
+fn customisation_key(roots: &[String], closure: &[String]) -> String {
+    let canonical = serde_json::json!({
+        "layer": "customisation",
+        "format": IMAGE_FORMAT,
+        "outputs": roots,
+        "closure": closure,
+        "compression": pack::COMPRESSION,
+    });
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+/// A step's result, in one log field.
+trait StepSummary {
+    fn summary(&self) -> String;
+}
+
+impl StepSummary for &str {
+    fn summary(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl StepSummary for nix::Resolved {
+    fn summary(&self) -> String {
+        format!("{} packages", self.packages.len())
+    }
+}
+
+impl StepSummary for (Closure, Vec<Layer>) {
+    fn summary(&self) -> String {
+        format!("{} paths in {} layers", self.0.len(), self.1.len())
+    }
+}
+
+impl StepSummary for (Vec<LayerRecord>, LayerStats) {
+    fn summary(&self) -> String {
+        let stats = &self.1;
+        format!(
+            "{} new ({} bytes), {} reused",
+            stats.new, stats.bytes_new, stats.reused
+        )
+    }
+}
+
+impl StepSummary for (LayerRecord, CustomConfig) {
+    fn summary(&self) -> String {
+        let reused = if self.1.reused { "reused" } else { "new" };
+        format!("{} ({reused})", self.0.digest)
+    }
+}
+
+impl StepSummary for ImageRecord {
+    fn summary(&self) -> String {
+        self.manifest_digest.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_cover_arch_source_and_packages() {
+        let src = SourceArg::Path {
+            path: "/pkgs".into(),
+        };
+        let pk = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let base = image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]);
+        assert_eq!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]));
+        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Arm64, &src, 94, &[]));
+        assert_ne!(
+            base,
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &SourceArg::Path {
+                    path: "/other".into()
+                },
+                94,
+                &[]
+            )
+        );
+        assert_ne!(
+            base,
+            image_key(&pk(&["hello", "jq"]), Arch::Amd64, &src, 94, &[])
+        );
+        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 10, &[]));
+        assert_ne!(
+            base,
+            image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &pk(&["cacert"]))
+        );
+        let commit = |rev: &str| SourceArg::Git {
+            url: "/r".into(),
+            rev: rev.into(),
+            git_ref: None,
+        };
+        assert_ne!(
+            image_key(&pk(&["hello"]), Arch::Amd64, &commit("a"), 94, &[]),
+            image_key(&pk(&["hello"]), Arch::Amd64, &commit("b"), 94, &[])
+        );
+    }
+
+    #[test]
+    fn failures_say_what_failed_and_transient_errors_are_not_remembered() {
+        let nix = BuildError::Nix(NixError::Failed {
+            command: "nix-build",
+            message: "builder for hello failed".into(),
+        });
+        assert_eq!(
+            nix.failure().unwrap().to_string(),
+            "building the image failed: nix-build: builder for hello failed"
+        );
+        let unknown = BuildError::UnknownPackages(vec!["nope".into()]);
+        assert_eq!(
+            unknown.failure(),
+            Some(Failure::UnknownPackages {
+                names: vec!["nope".into()]
+            })
+        );
+        let storage = BuildError::Storage(StorageError::InvalidKey { key: "k".into() });
+        assert_eq!(storage.failure(), None);
+        // Internal details stay in the log.
+        let task = BuildError::Task("panicked at src/secret/path.rs".into());
+        assert!(!task.failure().unwrap().to_string().contains("secret"));
+    }
+
+    #[test]
+    fn the_customisation_key_follows_its_inputs() {
+        let a = customisation_key(&["/nix/store/a".into()], &["/nix/store/a".into()]);
+        assert_eq!(
+            a,
+            customisation_key(&["/nix/store/a".into()], &["/nix/store/a".into()])
+        );
+        assert_ne!(
+            a,
+            customisation_key(
+                &["/nix/store/a".into()],
+                &["/nix/store/a".into(), "/nix/store/b".into()]
+            )
+        );
+    }
+}

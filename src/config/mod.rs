@@ -1,0 +1,743 @@
+//! The command line and every setting, defined once with clap.
+//!
+//! Each setting is a flag and an environment variable (the variable's name
+//! is shown as the flag's value name, so `nixery serve --help` lists both,
+//! with the default). Names follow Nixery's where the meaning is the same.
+//! An empty variable counts as unset, except `NIXERY_IMPLICIT_PACKAGES`,
+//! where empty means "none".
+//!
+//! Parsing happens in two stages: clap reads flags and variables into the
+//! `*Args` structs, checking each value on its own (numbers, ranges, URL
+//! schemes, names); [`Cli::mode`] then checks how they combine and returns
+//! a [`Mode`], whose variants hold only what that mode uses, in the types
+//! of the modules that use them. Nothing below this module reads settings.
+//!
+//! ```
+//! use clap::Parser;
+//! use nixery::config::{Cli, Mode};
+//! let cli = Cli::try_parse_from(["nixery", "serve", "--storage-path", "/tmp/images"]).unwrap();
+//! assert!(matches!(cli.mode(false).unwrap(), Mode::Serve(_)));
+//! ```
+//!
+//! The README's configuration table is [`markdown_table`]'s output; a test
+//! checks it, and the deployment template's contract test uses
+//! [`variables`].
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+use crate::dispatch::sqs::Timings;
+use crate::images::ImageSettings;
+use crate::source::PackageSource;
+use crate::storage::StorageConfig;
+
+/// The default nixpkgs channel.
+pub const DEFAULT_CHANNEL: &str = "nixos-unstable";
+/// SigV4 presigned URLs cannot live longer than seven days.
+const MAX_PRESIGN_SECONDS: u64 = 7 * 24 * 3600;
+/// Docker and containerd refuse images with more than 127 layers; one is the
+/// customisation layer.
+pub const MAX_LAYER_BUDGET: u64 = 126;
+/// The variable whose empty value means something (no implicit packages).
+const EMPTY_MEANS_NONE: &str = "NIXERY_IMPLICIT_PACKAGES";
+
+/// A container registry that builds images on demand with Nix.
+///
+/// Settings come from flags or the environment variables named in each
+/// command's help. Logs go to stderr (RUST_LOG sets the level).
+#[derive(Debug, Parser)]
+#[command(name = "nixery", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the registry on a local port, or as an AWS Lambda function when
+    /// AWS_LAMBDA_RUNTIME_API is set (the Lambda runtime starts it with no
+    /// command at all).
+    Serve(ServeArgs),
+    /// Takes builds from the queue and runs them with the local Nix,
+    /// writing images to the configured storage.
+    Worker(WorkerArgs),
+    /// Builds the given packages of the configured source and prints
+    /// popularity data for NIX_POPULARITY_URL (Nixery's format) on stdout.
+    Popularity(PopularityArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub image: ImageArgs,
+    #[command(flatten)]
+    pub nix: NixArgs,
+    #[command(flatten)]
+    pub dispatch: DispatchArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub nix: NixArgs,
+    #[command(flatten)]
+    pub queue: QueueArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PopularityArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub nix: NixArgs,
+    /// Packages whose closures are counted.
+    #[arg(required = true, value_name = "PACKAGE", value_parser = package_name)]
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Local server")]
+pub struct ListenArgs {
+    /// Port of the local server, on 127.0.0.1.
+    #[arg(long, env = "PORT", value_name = "PORT", hide_env = true, default_value_t = 8080)]
+    pub port: u16,
+    /// Full listen address; overrides the port (port 0 picks a free one).
+    #[arg(long, env = "NIXERY_LISTEN", value_name = "NIXERY_LISTEN", hide_env = true)]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Package source (one of)")]
+#[group(id = "package_source", multiple = false)]
+pub struct SourceArgs {
+    /// A nixpkgs channel; the tag is ignored unless it is a nixpkgs commit,
+    /// which pins the image to it.
+    #[arg(long, env = "NIXERY_CHANNEL", value_name = "NIXERY_CHANNEL", hide_env = true, value_parser = package_name,
+          default_value = DEFAULT_CHANNEL)]
+    pub channel: String,
+    /// A git repository of a package set; the tag is a branch, tag or
+    /// commit, `latest` the default branch.
+    #[arg(long, env = "NIXERY_PKGS_REPO", value_name = "NIXERY_PKGS_REPO", hide_env = true)]
+    pub pkgs_repo: Option<String>,
+    /// A directory whose default.nix is called like nixpkgs
+    /// (`{ system }: { ... }`); the tag is ignored.
+    #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH", hide_env = true, value_parser = package_set_dir)]
+    pub pkgs_path: Option<PathBuf>,
+    /// Seconds an image from a moving source (a channel, a path) stays
+    /// current, and a branch's commit is remembered.
+    #[arg(long, env = "NIXERY_TAG_TTL", value_name = "NIXERY_TAG_TTL", hide_env = true, default_value_t = 6 * 3600)]
+    pub tag_ttl: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Filesystem,
+    S3,
+    /// In memory, gone at exit (for trying things out).
+    Memory,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Storage")]
+pub struct StorageArgs {
+    /// Where images are stored.
+    #[arg(long, env = "NIXERY_STORAGE_BACKEND", value_name = "NIXERY_STORAGE_BACKEND", hide_env = true, value_enum, default_value_t = Backend::Filesystem)]
+    pub storage_backend: Backend,
+    /// Storage root directory (required for `filesystem`).
+    #[arg(long, env = "STORAGE_PATH", value_name = "STORAGE_PATH", hide_env = true)]
+    pub storage_path: Option<PathBuf>,
+    /// The bucket (required for `s3`).
+    #[arg(long, env = "NIXERY_S3_BUCKET", value_name = "NIXERY_S3_BUCKET", hide_env = true)]
+    pub s3_bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, env = "NIXERY_S3_PREFIX", value_name = "NIXERY_S3_PREFIX", hide_env = true, default_value = "")]
+    pub s3_prefix: String,
+    /// URL of any S3-compatible server (path-style addressing is used when
+    /// set); AWS's otherwise.
+    #[arg(long, env = "NIXERY_S3_ENDPOINT", value_name = "NIXERY_S3_ENDPOINT", hide_env = true, value_parser = http_url)]
+    pub s3_endpoint: Option<String>,
+    /// Lifetime of the presigned URLs blob GETs redirect to, in seconds
+    /// (1 s to 7 days).
+    #[arg(long, env = "NIXERY_PRESIGN_SECONDS", value_name = "NIXERY_PRESIGN_SECONDS", hide_env = true, default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_PRESIGN_SECONDS))]
+    pub presign_seconds: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Images")]
+pub struct ImageArgs {
+    /// Most layers for the packages (1 to 126; the customisation layer
+    /// comes on top).
+    #[arg(long, env = "NIXERY_LAYER_BUDGET", value_name = "NIXERY_LAYER_BUDGET", hide_env = true, default_value_t = 94,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_LAYER_BUDGET))]
+    pub layer_budget: u64,
+    /// Packages added to every image, as Nixery does (those the package set
+    /// lacks are skipped; empty for none).
+    #[arg(long, env = EMPTY_MEANS_NONE, value_name = EMPTY_MEANS_NONE, hide_env = true, default_value = "cacert iana-etc",
+          value_parser = package_list)]
+    pub implicit_packages: PackageList,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Nix")]
+pub struct NixArgs {
+    /// Seconds one Nix command may run before it is stopped.
+    #[arg(long, env = "NIX_TIMEOUT", value_name = "NIX_TIMEOUT", hide_env = true, default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub nix_timeout: u64,
+    /// Popularity data for layering, in Nixery's format (http(s)://,
+    /// file:// or s3://bucket/key); equal weights otherwise.
+    #[arg(long, env = "NIX_POPULARITY_URL", value_name = "NIX_POPULARITY_URL", hide_env = true, value_parser = popularity_url)]
+    pub popularity_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BuilderKind {
+    /// Build in the registry process with the local Nix.
+    Local,
+    /// Hand builds to workers through a queue.
+    Sqs,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Builds")]
+pub struct DispatchArgs {
+    /// Where builds run.
+    #[arg(long, env = "NIXERY_BUILDER", value_name = "NIXERY_BUILDER", hide_env = true, value_enum, default_value_t = BuilderKind::Local)]
+    pub builder: BuilderKind,
+    /// Seconds a pull waits for a build before answering "still being
+    /// built" (below Lambda's 900 s limit, with margin).
+    #[arg(long, env = "NIXERY_BUILD_TIMEOUT", value_name = "NIXERY_BUILD_TIMEOUT", hide_env = true, default_value_t = 840,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub build_timeout: u64,
+    /// Seconds a failed build is remembered and answered without building
+    /// again.
+    #[arg(long, env = "NIXERY_FAILURE_TTL", value_name = "NIXERY_FAILURE_TTL", hide_env = true, default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub failure_ttl: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Build queue")]
+pub struct QueueArgs {
+    /// The SQS build queue (required for the `sqs` builder and workers).
+    #[arg(long, env = "NIXERY_QUEUE_URL", value_name = "NIXERY_QUEUE_URL", hide_env = true)]
+    pub queue_url: Option<String>,
+    /// URL of any SQS-compatible server; AWS's otherwise.
+    #[arg(long, env = "NIXERY_SQS_ENDPOINT", value_name = "NIXERY_SQS_ENDPOINT", hide_env = true, value_parser = http_url)]
+    pub sqs_endpoint: Option<String>,
+    /// How often a worker reports progress, in seconds; six silent
+    /// intervals mean it died and the build may be taken over.
+    #[arg(long, env = "NIXERY_HEARTBEAT_SECONDS", value_name = "NIXERY_HEARTBEAT_SECONDS", hide_env = true,
+          default_value_t = crate::dispatch::status::DEFAULT_HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_seconds: u64,
+}
+
+/// Package attribute names, as a setting lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageList(pub Vec<String>);
+
+/// A combination of settings that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is not set: {hint}")]
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
+}
+
+/// What to run, with everything it needs and nothing else.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    Serve(ServeConfig),
+    Worker(WorkerConfig),
+    Popularity(PopularityConfig),
+}
+
+/// The registry.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub source: PackageSource,
+    pub tag_ttl: Duration,
+    pub storage: StorageConfig,
+    pub images: ImageSettings,
+    pub builds: BuildMode,
+}
+
+/// Where the registry's builds run.
+#[derive(Debug, Clone)]
+pub enum BuildMode {
+    /// In this process, with the local Nix.
+    Local(NixConfig),
+    /// On workers, through a queue.
+    Sqs { queue: QueueConfig, timings: Timings },
+}
+
+/// How Nix is run where builds happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixConfig {
+    pub timeout: Duration,
+    pub popularity_url: Option<String>,
+}
+
+/// The build queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub heartbeat: Duration,
+}
+
+/// A build worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub storage: StorageConfig,
+    pub nix: NixConfig,
+    pub queue: QueueConfig,
+}
+
+/// `nixery popularity`.
+#[derive(Debug, Clone)]
+pub struct PopularityConfig {
+    pub source: PackageSource,
+    pub tag_ttl: Duration,
+    pub nix: NixConfig,
+    pub packages: Vec<String>,
+}
+
+impl Cli {
+    /// Parses the process's arguments and environment, or exits with
+    /// clap's message (status 2; `--help` and `--version` exit 0).
+    pub fn from_env() -> Cli {
+        let matches = command().get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Checks how the settings combine. `in_lambda`: started by the Lambda
+    /// runtime, which gives no command (it means `serve`).
+    pub fn mode(self, in_lambda: bool) -> Result<Mode, ModeError> {
+        match self.command {
+            Some(Command::Serve(args)) => Ok(Mode::Serve(args.config()?)),
+            Some(Command::Worker(args)) => Ok(Mode::Worker(args.config()?)),
+            Some(Command::Popularity(args)) => Ok(Mode::Popularity(args.config())),
+            None if in_lambda => {
+                // The same settings, from the environment alone.
+                let matches = command().try_get_matches_from(["nixery", "serve"])?;
+                Cli::from_arg_matches(&matches)?.mode(false)
+            }
+            None => Err(ModeError::NoCommand),
+        }
+    }
+}
+
+/// Why no mode could be chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum ModeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Parse(#[from] clap::Error),
+    #[error("no command given: try `nixery serve`, or `nixery --help`")]
+    NoCommand,
+}
+
+impl ServeArgs {
+    fn config(self) -> Result<ServeConfig, ConfigError> {
+        let listen = self
+            .listen
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.listen.port)));
+        let builds = match self.dispatch.builder {
+            BuilderKind::Local => BuildMode::Local(self.nix.config()),
+            BuilderKind::Sqs => BuildMode::Sqs {
+                queue: self
+                    .queue
+                    .config("the sqs builder sends builds to this queue")?,
+                timings: Timings {
+                    build_timeout: Duration::from_secs(self.dispatch.build_timeout),
+                    heartbeat: Duration::from_secs(self.queue.heartbeat_seconds),
+                    failure_ttl: Duration::from_secs(self.dispatch.failure_ttl),
+                },
+            },
+        };
+        Ok(ServeConfig {
+            listen,
+            source: self.source.config(),
+            tag_ttl: Duration::from_secs(self.source.tag_ttl),
+            storage: self.storage.config()?,
+            images: ImageSettings {
+                layer_budget: self.image.layer_budget as usize,
+                implicit_packages: self.image.implicit_packages.0,
+            },
+            builds,
+        })
+    }
+}
+
+impl WorkerArgs {
+    fn config(self) -> Result<WorkerConfig, ConfigError> {
+        Ok(WorkerConfig {
+            storage: self.storage.config()?,
+            nix: self.nix.config(),
+            queue: self
+                .queue
+                .config("a worker takes builds from this queue")?,
+        })
+    }
+}
+
+impl PopularityArgs {
+    fn config(self) -> PopularityConfig {
+        PopularityConfig {
+            source: self.source.config(),
+            tag_ttl: Duration::from_secs(self.source.tag_ttl),
+            nix: self.nix.config(),
+            packages: self.packages,
+        }
+    }
+}
+
+impl SourceArgs {
+    fn config(&self) -> PackageSource {
+        if let Some(path) = &self.pkgs_path {
+            PackageSource::Path(path.clone())
+        } else if let Some(url) = &self.pkgs_repo {
+            PackageSource::Git { url: url.clone() }
+        } else {
+            PackageSource::Channel {
+                name: self.channel.clone(),
+            }
+        }
+    }
+}
+
+impl StorageArgs {
+    fn config(self) -> Result<StorageConfig, ConfigError> {
+        Ok(match self.storage_backend {
+            Backend::Filesystem => StorageConfig::Filesystem {
+                root: self.storage_path.ok_or(ConfigError::Missing {
+                    var: "STORAGE_PATH",
+                    hint: "the filesystem storage backend needs a root directory",
+                })?,
+            },
+            Backend::S3 => StorageConfig::S3 {
+                bucket: self.s3_bucket.ok_or(ConfigError::Missing {
+                    var: "NIXERY_S3_BUCKET",
+                    hint: "the s3 storage backend needs a bucket name",
+                })?,
+                prefix: self.s3_prefix,
+                endpoint: self.s3_endpoint,
+                presign_ttl: Duration::from_secs(self.presign_seconds),
+            },
+            Backend::Memory => StorageConfig::Memory,
+        })
+    }
+}
+
+impl NixArgs {
+    fn config(&self) -> NixConfig {
+        NixConfig {
+            timeout: Duration::from_secs(self.nix_timeout),
+            popularity_url: self.popularity_url.clone(),
+        }
+    }
+}
+
+impl QueueArgs {
+    fn config(&self, needed_by: &'static str) -> Result<QueueConfig, ConfigError> {
+        Ok(QueueConfig {
+            url: self.queue_url.clone().ok_or(ConfigError::Missing {
+                var: "NIXERY_QUEUE_URL",
+                hint: needed_by,
+            })?,
+            endpoint: self.sqs_endpoint.clone(),
+            heartbeat: Duration::from_secs(self.heartbeat_seconds),
+        })
+    }
+}
+
+/// The command definition, with empty variables counted as unset (so that
+/// `NIXERY_PKGS_PATH=` does not conflict with another package source).
+pub fn command() -> clap::Command {
+    let mut cli = Cli::command();
+    let commands: Vec<String> = cli
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    for name in commands {
+        cli = cli.mut_subcommand(name, |mut sub| {
+            let empty: Vec<String> = sub
+                .get_arguments()
+                .filter(|arg| {
+                    arg.get_env().is_some_and(|var| {
+                        var != EMPTY_MEANS_NONE
+                            && std::env::var_os(var).is_some_and(|v| v.is_empty())
+                    })
+                })
+                .map(|arg| arg.get_id().to_string())
+                .collect();
+            for id in empty {
+                sub = sub.mut_arg(id, |arg| arg.env(None::<&'static str>));
+            }
+            sub
+        });
+    }
+    cli
+}
+
+/// Every environment variable any command reads.
+pub fn variables() -> BTreeSet<String> {
+    Cli::command()
+        .get_subcommands()
+        .flat_map(|c| c.get_arguments())
+        .filter_map(|arg| arg.get_env())
+        .map(|var| var.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The README's configuration table: one row per variable, in the order
+/// of `nixery serve --help` and then the worker's.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | flag | default | meaning |\n|---|---|---|---|\n");
+    let mut seen = BTreeSet::new();
+    let cli = Cli::command();
+    for arg in cli.get_subcommands().flat_map(|c| c.get_arguments()) {
+        let Some(var) = arg.get_env() else { continue };
+        let var = var.to_string_lossy();
+        if !seen.insert(var.to_string()) {
+            continue;
+        }
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let default = match defaults.as_slice() {
+            [] => "unset".to_string(),
+            [v] if v.is_empty() => "empty".to_string(),
+            values => format!("`{}`", values.join(" ")),
+        };
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string().replace('\n', " "))
+            .unwrap_or_default();
+        let flag = arg.get_long().unwrap_or_default();
+        out.push_str(&format!("| `{var}` | `--{flag}` | {default} | {help} |\n"));
+    }
+    out
+}
+
+fn package_set_dir(value: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(value);
+    if !path.join("default.nix").is_file() {
+        return Err("the directory has no default.nix".to_string());
+    }
+    path.canonicalize().map_err(|e| e.to_string())
+}
+
+fn http_url(value: &str) -> Result<String, String> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(value.to_string())
+    } else {
+        Err("must be an http:// or https:// URL".to_string())
+    }
+}
+
+fn popularity_url(value: &str) -> Result<String, String> {
+    if ["http://", "https://", "file://", "s3://"]
+        .iter()
+        .any(|p| value.starts_with(p))
+    {
+        Ok(value.to_string())
+    } else {
+        Err("must start with http://, https://, file:// or s3://".to_string())
+    }
+}
+
+/// Channel and attribute names: letters, digits, `-`, `.` and `_`.
+fn package_name(value: &str) -> Result<String, String> {
+    let plain = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if plain {
+        Ok(value.to_string())
+    } else {
+        Err("a name has only letters, digits, '-', '.' and '_'".to_string())
+    }
+}
+
+/// Names separated by spaces or commas; empty for none.
+fn package_list(value: &str) -> Result<PackageList, String> {
+    value
+        .split([' ', ','])
+        .filter(|p| !p.is_empty())
+        .map(|p| package_name(p).map_err(|e| format!("{p:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(PackageList)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Mode, String> {
+        let mut argv = vec!["nixery"];
+        argv.extend_from_slice(args);
+        let matches = Cli::command()
+            .try_get_matches_from(argv)
+            .map_err(|e| e.to_string())?;
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        cli.mode(false).map_err(|e| e.to_string())
+    }
+
+    fn serve(args: &[&str]) -> ServeConfig {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(args);
+        match parse(&argv) {
+            Ok(Mode::Serve(config)) => config,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn pkgs_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default.nix"), "{ ... }: { }").unwrap();
+        dir
+    }
+
+    #[test]
+    fn defaults() {
+        let pkgs = pkgs_dir();
+        let p = pkgs.path().to_str().unwrap();
+        let config = serve(&["--pkgs-path", p, "--storage-path", "/tmp/x"]);
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert!(matches!(&config.builds, BuildMode::Local(nix) if nix.timeout == Duration::from_secs(600)));
+        assert_eq!(config.images.layer_budget, 94);
+        assert_eq!(
+            config.storage,
+            StorageConfig::Filesystem {
+                root: "/tmp/x".into()
+            }
+        );
+        assert_eq!(config.images.implicit_packages, ["cacert", "iana-etc"]);
+        let channel = serve(&["--storage-path", "/tmp/x"]);
+        assert_eq!(
+            channel.source,
+            PackageSource::Channel {
+                name: "nixos-unstable".into()
+            }
+        );
+        let none = serve(&["--storage-path", "/tmp/x", "--implicit-packages", ""]);
+        assert!(none.images.implicit_packages.is_empty());
+    }
+
+    #[test]
+    fn s3_and_queue_settings() {
+        let config = serve(&[
+            "--storage-backend",
+            "s3",
+            "--s3-bucket",
+            "images",
+            "--s3-prefix",
+            "nixery/",
+            "--s3-endpoint",
+            "http://127.0.0.1:9000",
+            "--builder",
+            "sqs",
+            "--queue-url",
+            "http://q/1/builds",
+        ]);
+        assert_eq!(
+            config.storage,
+            StorageConfig::S3 {
+                bucket: "images".into(),
+                prefix: "nixery/".into(),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                presign_ttl: Duration::from_secs(3600),
+            }
+        );
+        let BuildMode::Sqs { queue, timings } = config.builds else {
+            panic!("not the sqs builder");
+        };
+        assert_eq!(queue.url, "http://q/1/builds");
+        assert_eq!(timings.build_timeout, Duration::from_secs(840));
+        assert_eq!(timings.heartbeat, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn popularity_needs_no_storage() {
+        let mode = parse(&["popularity", "--channel", "nixos-24.05", "hello", "curl"]).unwrap();
+        let Mode::Popularity(config) = mode else {
+            panic!("{mode:?}")
+        };
+        assert_eq!(config.packages, ["hello", "curl"]);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let pkgs = pkgs_dir();
+        let p = pkgs.path().to_str().unwrap();
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (vec!["serve", "--pkgs-path", p, "--channel", "nixos-24.05"], "NIXERY_CHANNEL"),
+            (vec!["serve", "--pkgs-repo", "/r", "--channel", "nixos-24.05"], "NIXERY_CHANNEL"),
+            (vec!["serve", "--channel", "nixos unstable"], "NIXERY_CHANNEL"),
+            (vec!["serve", "--tag-ttl", "soon"], "NIXERY_TAG_TTL"),
+            (vec!["serve", "--popularity-url", "ftp://x"], "NIX_POPULARITY_URL"),
+            (vec!["serve", "--implicit-packages", "cacert;rm"], "NIXERY_IMPLICIT_PACKAGES"),
+            (vec!["serve", "--storage-path", "/x", "--builder", "sqs"], "NIXERY_QUEUE_URL"),
+            (vec!["serve", "--builder", "lambda"], "NIXERY_BUILDER"),
+            (vec!["serve", "--sqs-endpoint", "q:1"], "NIXERY_SQS_ENDPOINT"),
+            (vec!["serve", "--build-timeout", "0"], "NIXERY_BUILD_TIMEOUT"),
+            (vec!["serve", "--failure-ttl", "x"], "NIXERY_FAILURE_TTL"),
+            (vec!["serve", "--heartbeat-seconds=-1"], "NIXERY_HEARTBEAT_SECONDS"),
+            (vec!["serve", "--pkgs-path", "/nonexistent"], "NIXERY_PKGS_PATH"),
+            (vec!["serve", "--pkgs-path", p], "STORAGE_PATH"),
+            (vec!["serve", "--port", "http"], "PORT"),
+            (vec!["serve", "--listen", "nowhere"], "NIXERY_LISTEN"),
+            (vec!["serve", "--nix-timeout", "0"], "NIX_TIMEOUT"),
+            (vec!["serve", "--layer-budget", "500"], "NIXERY_LAYER_BUDGET"),
+            (vec!["serve", "--storage-backend", "gcs"], "NIXERY_STORAGE_BACKEND"),
+            (vec!["serve", "--storage-backend", "s3"], "NIXERY_S3_BUCKET"),
+            (vec!["serve", "--s3-endpoint", "localhost:9000"], "NIXERY_S3_ENDPOINT"),
+            (vec!["serve", "--presign-seconds", "0"], "NIXERY_PRESIGN_SECONDS"),
+            (vec!["worker", "--storage-path", "/x"], "NIXERY_QUEUE_URL"),
+            (vec!["popularity", "hello", "a;b"], "PACKAGE"),
+        ];
+        for (args, var) in cases {
+            let err = parse(&args).unwrap_err();
+            assert!(err.contains(var), "{args:?}: {err:?} does not name {var}");
+        }
+    }
+
+    #[test]
+    fn every_setting_has_a_variable_and_help() {
+        let vars = variables();
+        assert_eq!(vars.len(), 22, "{vars:?}");
+        let table = markdown_table();
+        for var in &vars {
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{var}` |")))
+                .unwrap_or_else(|| panic!("no row for {var}"));
+            assert!(!row.ends_with("|  |"), "{var} has no help: {row}");
+        }
+    }
+}

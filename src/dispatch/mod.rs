@@ -1,0 +1,79 @@
+//! Getting a build done: the [`Dispatch`] trait and its implementations.
+//!
+//! | implementation | where the build runs | used by |
+//! |---|---|---|
+//! | [`in_process::InProcess`] | this process, with the local Nix | local mode |
+//! | [`sqs::SqsDispatch`] | a worker, through an SQS queue | the Lambda function |
+//! | [`single_flight::SingleFlight`] | wraps either: one call per image per process | both |
+//!
+//! [`worker::Worker`] is the other end of the queue, and [`status`] the
+//! shared build status with the claim policy that makes one build per image
+//! across processes.
+//!
+//! Whatever runs the build, a failure reaches the puller as a
+//! [`DispatchError`], made from a [`BuildError`] in one place
+//! ([`DispatchError::from`], through [`BuildError::failure`]).
+
+pub mod in_process;
+pub mod single_flight;
+pub mod sqs;
+pub mod status;
+pub mod worker;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::builder::{BuildError, BuildRequest, Failure};
+use crate::storage::records::ImageRecord;
+
+/// How the image service gets an image built.
+#[async_trait]
+pub trait Dispatch: Send + Sync + 'static {
+    /// Builds the image (or waits for the build already under way) and
+    /// returns its record.
+    async fn build(&self, request: BuildRequest) -> Result<ImageRecord, DispatchError>;
+}
+
+/// A service a build depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Storage,
+    Queue,
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Service::Storage => "storage",
+            Service::Queue => "build queue",
+        })
+    }
+}
+
+/// Why no image came back. Cloned to every puller waiting on one build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DispatchError {
+    /// The build failed; its pullers are told why.
+    #[error(transparent)]
+    Failed(Failure),
+    /// The wait ran out; the build goes on.
+    #[error("the image is still being built{}", .step.as_ref().map(|s| format!(" (at step {s})")).unwrap_or_default())]
+    StillBuilding { step: Option<String> },
+    /// A service the build needs failed; trying again may work. `message`
+    /// is for the log only.
+    #[error("the {service} is unavailable: {message}")]
+    Unavailable { service: Service, message: String },
+}
+
+impl From<BuildError> for DispatchError {
+    fn from(error: BuildError) -> DispatchError {
+        match error.failure() {
+            Some(failure) => DispatchError::Failed(failure),
+            None => DispatchError::Unavailable {
+                service: Service::Storage,
+                message: error.to_string(),
+            },
+        }
+    }
+}

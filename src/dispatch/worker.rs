@@ -1,0 +1,197 @@
+//! The worker side of builds through a queue: [`Worker`] long-polls the
+//! queue, runs one build at a time with [`Builder`], keeps the status's
+//! heartbeat fresh and the message invisible to other workers while it
+//! builds, and deletes the message when the outcome is recorded. A worker
+//! that dies leaves the message to reappear for another worker (after the
+//! visibility timeout), and no image record: the image record is written
+//! last.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::Client;
+use tokio::sync::watch;
+
+use super::sqs::{QueueMessage, LONG_POLL_SECS};
+use super::status::{self, BuildStatus, State};
+use crate::builder::Builder;
+use crate::storage::records::unix_now as now;
+use crate::storage::Storage;
+
+/// Takes builds off the queue and runs them.
+pub struct Worker {
+    builder: Arc<Builder>,
+    storage: Arc<dyn Storage>,
+    sqs: Client,
+    queue_url: String,
+    heartbeat: Duration,
+}
+
+impl Worker {
+    pub fn new(
+        builder: Builder,
+        storage: Arc<dyn Storage>,
+        sqs: Client,
+        queue_url: impl Into<String>,
+        heartbeat: Duration,
+    ) -> Worker {
+        Worker {
+            builder: Arc::new(builder),
+            storage,
+            sqs,
+            queue_url: queue_url.into(),
+            heartbeat,
+        }
+    }
+
+    /// Serves the queue until `shutdown` resolves (a build under way is
+    /// abandoned then; its message comes back for another worker).
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tracing::info!(queue = %self.queue_url, "worker started");
+        tokio::pin!(shutdown);
+        loop {
+            let received = tokio::select! {
+                _ = &mut shutdown => break,
+                received = self.sqs
+                    .receive_message()
+                    .queue_url(&self.queue_url)
+                    .max_number_of_messages(1)
+                    .wait_time_seconds(LONG_POLL_SECS)
+                    .send() => received,
+            };
+            let messages = match received {
+                Ok(output) => output.messages.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %DisplayErrorContext(&e), "receiving from the queue failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+            };
+            for message in messages {
+                let Some(receipt) = message.receipt_handle else {
+                    continue;
+                };
+                let body = message.body.unwrap_or_default();
+                tokio::select! {
+                    _ = &mut shutdown => {
+                        tracing::info!("worker stopping mid-build; the message will come back");
+                        return;
+                    }
+                    () = self.handle(&body, &receipt) => {}
+                }
+            }
+        }
+        tracing::info!("worker stopped");
+    }
+
+    async fn delete(&self, receipt: &str) {
+        if let Err(e) = self
+            .sqs
+            .delete_message()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+        {
+            tracing::warn!(error = %DisplayErrorContext(&e), "deleting a message failed; it will come back");
+        }
+    }
+
+    /// One message: build, record the outcome, delete the message.
+    async fn handle(&self, body: &str, receipt: &str) {
+        let message: QueueMessage = match serde_json::from_str(body) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::error!(%error, body, "dropping a message that is not a build request");
+                self.delete(receipt).await;
+                return;
+            }
+        };
+        let request = &message.request;
+        let key = request.image_key.as_str();
+        let attempt = message.attempt;
+
+        let (step_tx, step_rx) = watch::channel(String::from("starting"));
+        let heartbeat = self.heartbeat_task(key.to_string(), attempt, step_rx, receipt.to_string());
+        let outcome = tokio::select! {
+            outcome = self.builder.build(request, Some(&step_tx)) => outcome,
+            never = heartbeat => match never {},
+        };
+
+        let failure = match outcome {
+            Ok(_) => None,
+            Err(error) => match error.failure() {
+                Some(failure) => Some(failure),
+                None => {
+                    // Transient: let the message come back and try again.
+                    tracing::warn!(image = key, %error, "build interrupted; the message will be retried");
+                    let retry = BuildStatus {
+                        state: State::Queued,
+                        attempt,
+                        step: Some("retrying after a storage error".to_string()),
+                        failure: None,
+                        heartbeat: now(),
+                    };
+                    let _ = status::write(&*self.storage, key, &retry).await;
+                    return;
+                }
+            },
+        };
+        let state = if failure.is_some() {
+            State::Failed
+        } else {
+            State::Done
+        };
+        let done = BuildStatus {
+            state,
+            attempt,
+            step: None,
+            failure,
+            heartbeat: now(),
+        };
+        if let Err(error) = status::write(&*self.storage, key, &done).await {
+            tracing::warn!(image = key, %error, "recording the build outcome failed");
+        }
+        self.delete(receipt).await;
+    }
+
+    /// Every interval: the status says "running, at step X, now", and the
+    /// message stays invisible to other workers. Never returns.
+    async fn heartbeat_task(
+        &self,
+        key: String,
+        attempt: u32,
+        step: watch::Receiver<String>,
+        receipt: String,
+    ) -> Infallible {
+        let hidden_for = (self.heartbeat.as_secs() * status::STALE_HEARTBEATS) as i32;
+        loop {
+            let current = step.borrow().clone();
+            let running = BuildStatus {
+                state: State::Running,
+                attempt,
+                step: Some(current),
+                failure: None,
+                heartbeat: now(),
+            };
+            if let Err(error) = status::write(&*self.storage, &key, &running).await {
+                tracing::warn!(image = %key, %error, "heartbeat: status not written");
+            }
+            if let Err(e) = self
+                .sqs
+                .change_message_visibility()
+                .queue_url(&self.queue_url)
+                .receipt_handle(&receipt)
+                .visibility_timeout(hidden_for)
+                .send()
+                .await
+            {
+                tracing::warn!(image = %key, error = %DisplayErrorContext(&e), "heartbeat: visibility not extended");
+            }
+            tokio::time::sleep(self.heartbeat).await;
+        }
+    }
+}

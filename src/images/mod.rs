@@ -1,0 +1,204 @@
+//! The image service: the one place that decides whether a pull is served
+//! from storage or must wait for a build.
+//!
+//! [`Images::get_or_build`] takes a parsed name and its tag and
+//!
+//! 1. resolves the tag against the package source ([`crate::source`]);
+//! 2. decides how old an image may be ([`not_before`]: images of moving
+//!    sources expire after the tag TTL, pinned ones never);
+//! 3. looks up the image record and, if it is missing or stale, has the
+//!    image built through the configured [`Dispatch`] (which applies the
+//!    same rule, [`ImageRecord::is_current`], on its side);
+//! 4. turns the record into the manifest bytes to serve, checked against
+//!    their digest.
+//!
+//! HTTP handlers call this and nothing below it; so will the caches and
+//! permission checks that come later.
+
+pub mod activity;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::builder::BuildRequest;
+use crate::dispatch::{Dispatch, DispatchError};
+use crate::oci::digest::{hex_of, sha256_digest};
+use crate::oci::manifest::MEDIA_TYPE_MANIFEST;
+use crate::oci::name::ImageSpec;
+use crate::source::{SourceError, Sources};
+use crate::storage::records::{self, unix_now, ImageRecord, RecordError};
+use crate::storage::{self, Storage, StorageError};
+use activity::Activity;
+
+/// A manifest ready to send: its bytes, checked against `digest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub bytes: Bytes,
+    pub digest: String,
+    pub media_type: String,
+}
+
+/// Why a pull got no manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Build(#[from] DispatchError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("manifest {reference} is not known")]
+    ManifestUnknown { reference: String },
+    #[error("stored manifest {digest} does not match its digest (found {found})")]
+    Corrupt { digest: String, found: String },
+}
+
+/// What settles an image's key besides its name.
+#[derive(Debug, Clone)]
+pub struct ImageSettings {
+    /// Most layers for the packages (the customisation layer comes on top).
+    pub layer_budget: usize,
+    /// Packages added to every image when the package set has them.
+    pub implicit_packages: Vec<String>,
+}
+
+/// The freshness policy, in one pure function: the oldest build time
+/// (Unix seconds) an image may have to be served now. A moving source (a
+/// channel, a local path) gives images that expire `ttl` after they were
+/// built; a pinned one (a commit) gives images that never do.
+pub fn not_before(moving: bool, ttl: Duration, now: u64) -> u64 {
+    if moving {
+        now.saturating_sub(ttl.as_secs())
+    } else {
+        0
+    }
+}
+
+pub struct Images {
+    storage: Arc<dyn Storage>,
+    dispatch: Arc<dyn Dispatch>,
+    sources: Arc<Sources>,
+    settings: ImageSettings,
+    activity: Activity,
+}
+
+impl Images {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        dispatch: Arc<dyn Dispatch>,
+        sources: Arc<Sources>,
+        settings: ImageSettings,
+    ) -> Images {
+        Images {
+            storage,
+            dispatch,
+            sources,
+            settings,
+            activity: Activity::default(),
+        }
+    }
+
+    /// The manifest for `spec` at `tag`: stored and current, or built now.
+    pub async fn get_or_build(&self, spec: &ImageSpec, tag: &str) -> Result<Served, ImageError> {
+        let resolved = self.sources.resolve(tag).await?;
+        let request = BuildRequest::new(
+            spec,
+            &resolved,
+            self.settings.layer_budget,
+            &self.settings.implicit_packages,
+            not_before(resolved.moving, self.sources.ttl(), unix_now()),
+        );
+        let key = storage::image_key(&request.image_key);
+        let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
+        let record = match stored {
+            Some(record) if record.is_current(request.not_before) => record,
+            stale => {
+                tracing::info!(image = %request.image_key, spec = %spec, stale = stale.is_some(), "building");
+                match self.dispatch.build(request).await {
+                    Ok(record) => {
+                        self.activity.built(spec, &record);
+                        record
+                    }
+                    Err(error) => {
+                        self.activity.failed(spec, &error.to_string());
+                        return Err(error.into());
+                    }
+                }
+            }
+        };
+        self.manifest(&record.manifest_digest, &record.media_type)
+            .await?
+            .ok_or(ImageError::ManifestUnknown {
+                reference: record.manifest_digest,
+            })
+    }
+
+    /// A stored manifest by its digest (`sha256:<hex>`, already checked).
+    pub async fn by_digest(&self, digest: &str) -> Result<Served, ImageError> {
+        self.manifest(digest, MEDIA_TYPE_MANIFEST)
+            .await?
+            .ok_or_else(|| ImageError::ManifestUnknown {
+                reference: digest.to_string(),
+            })
+    }
+
+    /// Reads a manifest and checks it against its digest.
+    async fn manifest(
+        &self,
+        digest: &str,
+        media_type: &str,
+    ) -> Result<Option<Served>, ImageError> {
+        let Some(bytes) = self
+            .storage
+            .get(&storage::manifest_key(hex_of(digest)))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let found = sha256_digest(&bytes);
+        if found != digest {
+            return Err(ImageError::Corrupt {
+                digest: digest.to_string(),
+                found,
+            });
+        }
+        Ok(Some(Served {
+            bytes,
+            digest: digest.to_string(),
+            media_type: media_type.to_string(),
+        }))
+    }
+
+    /// Recent builds and errors of this instance.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    pub fn sources(&self) -> &Sources {
+        &self.sources
+    }
+
+    pub fn settings(&self) -> &ImageSettings {
+        &self.settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moving_sources_expire_and_pinned_ones_do_not() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(not_before(false, hour, 10_000), 0);
+        assert_eq!(not_before(true, hour, 10_000), 6_400);
+        // A TTL longer than the epoch accepts everything.
+        assert_eq!(not_before(true, hour, 100), 0);
+        // A zero TTL accepts only what was built this second or later.
+        assert_eq!(not_before(true, Duration::ZERO, 10_000), 10_000);
+    }
+}

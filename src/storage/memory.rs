@@ -1,0 +1,214 @@
+//! In-memory storage: the key layout of [`crate::storage`] as a map held in
+//! RAM. For tests of the router and dispatch that need no processes, bucket
+//! or directory, and for throwaway local runs. Everything is forgotten when
+//! the process exits.
+//!
+//! It behaves like the filesystem backend: keys are checked the same way,
+//! writes are atomic (there is no `staging/`: an object appears whole under
+//! the lock or not at all), and blobs are streamed by the registry itself.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{check_key, Download, Storage, StorageError};
+
+#[derive(Debug, Default)]
+pub struct MemoryStorage {
+    objects: Mutex<BTreeMap<String, Bytes>>,
+}
+
+impl MemoryStorage {
+    /// An empty store.
+    pub fn new() -> MemoryStorage {
+        MemoryStorage::default()
+    }
+
+    /// Every key present, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        self.objects().keys().cloned().collect()
+    }
+
+    /// Removes an object; `true` if there was one.
+    pub fn remove(&self, key: &str) -> bool {
+        self.objects().remove(key).is_some()
+    }
+
+    /// The map, even if a panicking thread poisoned the lock: every change
+    /// is a single map operation, so the map is never left half-changed.
+    fn objects(&self) -> MutexGuard<'_, BTreeMap<String, Bytes>> {
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn io(key: &str, source: std::io::Error) -> StorageError {
+    StorageError::Io {
+        key: key.to_string(),
+        source,
+    }
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        check_key(key)?;
+        Ok(self.objects().get(key).cloned())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        check_key(key)?;
+        Ok(self.objects().get(key).map(|data| data.len() as u64))
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        check_key(key)?;
+        self.objects().insert(key.to_string(), data);
+        Ok(())
+    }
+
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        check_key(key)?;
+        let mut objects = self.objects();
+        if objects.contains_key(key) {
+            return Ok(false);
+        }
+        objects.insert(key.to_string(), data);
+        Ok(true)
+    }
+
+    async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+        let result = async {
+            check_key(key)?;
+            // Content-addressed: an object already in place has these bytes,
+            // so the file need not even be read.
+            if self.objects().contains_key(key) {
+                return Ok(());
+            }
+            let data = Bytes::from(tokio::fs::read(file).await.map_err(|e| io(key, e))?);
+            // Another writer may have got there while the file was read.
+            self.objects().entry(key.to_string()).or_insert(data);
+            Ok(())
+        }
+        .await;
+        let _ = tokio::fs::remove_file(file).await;
+        result
+    }
+
+    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
+        check_key(key)?;
+        let Some(data) = self.objects().get(key).cloned() else {
+            return Ok(None);
+        };
+        Ok(Some(Download::Stream {
+            size: data.len() as u64,
+            body: Box::pin(std::io::Cursor::new(data)),
+        }))
+    }
+
+    fn local_staging_dir(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn put_if_absent_has_exactly_one_winner() {
+        let storage = Arc::new(MemoryStorage::new());
+        let barrier = Arc::new(tokio::sync::Barrier::new(32));
+        let tasks: Vec<_> = (0..32u8)
+            .map(|i| {
+                let storage = storage.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let won = storage
+                        .put_if_absent("builds/k", Bytes::from(vec![i]))
+                        .await
+                        .unwrap();
+                    (i, won)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for task in tasks {
+            let (i, won) = task.await.unwrap();
+            if won {
+                winners.push(i);
+            }
+        }
+        assert_eq!(winners.len(), 1, "winners: {winners:?}");
+        let stored = storage.get("builds/k").await.unwrap().unwrap();
+        assert_eq!(stored.as_ref(), &[winners[0]]);
+        assert_eq!(storage.keys(), ["builds/k"]);
+    }
+
+    #[tokio::test]
+    async fn put_file_consumes_the_file_even_when_the_key_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = MemoryStorage::new();
+
+        let first = dir.path().join("first");
+        std::fs::write(&first, b"original").unwrap();
+        storage.put_file("blobs/sha256/aa", &first).await.unwrap();
+        assert!(!first.exists(), "put_file must consume its file");
+
+        let again = dir.path().join("again");
+        std::fs::write(&again, b"different bytes").unwrap();
+        storage.put_file("blobs/sha256/aa", &again).await.unwrap();
+        assert!(!again.exists(), "put_file must consume its file");
+        assert_eq!(
+            storage.get("blobs/sha256/aa").await.unwrap().unwrap(),
+            "original"
+        );
+
+        // An invalid key is refused, and the file is still consumed.
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, b"x").unwrap();
+        assert!(matches!(
+            storage.put_file("../escape", &bad).await,
+            Err(StorageError::InvalidKey { .. })
+        ));
+        assert!(!bad.exists(), "put_file must consume its file");
+
+        // A missing file is an error and writes nothing.
+        assert!(matches!(
+            storage
+                .put_file("blobs/sha256/bb", &dir.path().join("missing"))
+                .await,
+            Err(StorageError::Io { .. })
+        ));
+        assert_eq!(storage.keys(), ["blobs/sha256/aa"]);
+    }
+
+    #[tokio::test]
+    async fn download_streams_the_bytes() {
+        let storage = MemoryStorage::new();
+        assert!(storage.download("blobs/sha256/cc").await.unwrap().is_none());
+        storage
+            .put("blobs/sha256/cc", Bytes::from_static(b"streamed"))
+            .await
+            .unwrap();
+        let Some(Download::Stream { size, mut body }) =
+            storage.download("blobs/sha256/cc").await.unwrap()
+        else {
+            panic!("no stream")
+        };
+        let mut bytes = Vec::new();
+        body.read_to_end(&mut bytes).await.unwrap();
+        assert_eq!(size, 8);
+        assert_eq!(bytes, b"streamed");
+        assert!(storage.local_staging_dir().is_none());
+        assert!(storage.remove("blobs/sha256/cc"));
+        assert!(storage.keys().is_empty());
+    }
+}

@@ -1,0 +1,113 @@
+//! The JSON records kept beside the content-addressed objects: what an image
+//! is (`images/<image-key>`) and what a reusable layer is
+//! (`layers/<layer-key>`), and how they are read and written.
+//!
+//! Records are small, written whole, and read whole. A record that does not
+//! parse is an error naming its key, never a silent miss.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{Storage, StorageError};
+
+/// The time in Unix seconds, as records store it.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `images/<image-key>`: a finished image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub manifest_digest: String,
+    pub media_type: String,
+    pub size: u64,
+    pub packages: Vec<String>,
+    pub architecture: String,
+    /// Unix seconds; only in the record, never in the image.
+    pub built_at: u64,
+}
+
+impl ImageRecord {
+    /// Whether this image may be served to a pull that accepts nothing
+    /// built before `not_before` (Unix seconds; 0 accepts anything). The
+    /// image service decides `not_before`; builders and dispatchers ask
+    /// only this.
+    pub fn is_current(&self, not_before: u64) -> bool {
+        self.built_at >= not_before
+    }
+}
+
+/// `layers/<layer-key>`: a layer blob that any image may reuse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    pub digest: String,
+    pub diff_id: String,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// A record that is there but cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("stored record {key} is unreadable: {source}")]
+    Unreadable {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Reads a JSON record; `None` if absent.
+pub async fn read<T: DeserializeOwned>(
+    storage: &dyn Storage,
+    key: &str,
+) -> Result<Option<T>, RecordError> {
+    match storage.get(key).await? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| RecordError::Unreadable {
+                key: key.to_string(),
+                source,
+            }),
+    }
+}
+
+/// A record's bytes.
+pub fn to_json<T: Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("records always serialise"))
+}
+
+/// Writes (or replaces) a JSON record.
+pub async fn write<T: Serialize>(
+    storage: &dyn Storage,
+    key: &str,
+    value: &T,
+) -> Result<(), StorageError> {
+    storage.put(key, to_json(value)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn currency_is_built_at_against_not_before() {
+        let record = ImageRecord {
+            manifest_digest: "sha256:00".into(),
+            media_type: "m".into(),
+            size: 1,
+            packages: vec![],
+            architecture: "amd64".into(),
+            built_at: 100,
+        };
+        assert!(record.is_current(0));
+        assert!(record.is_current(100));
+        assert!(!record.is_current(101));
+    }
+}
