@@ -103,7 +103,12 @@ fn mb_per_s(bytes: u64, time: Duration) -> f64 {
 fn compare(label: &str, path: &str, scratch: &Path) {
     let out = scratch.join("layer.tar.gz");
     let (ours, packed) = best_of(3, || {
-        nixery::builder::pack::pack_store_paths(&[path.to_string()], &out, nixery::builder::pack::GZIP_LEVEL).unwrap()
+        nixery::builder::pack::pack_store_paths(
+            &[path.to_string()],
+            &out,
+            nixery::builder::pack::GZIP_LEVEL,
+        )
+        .unwrap()
     });
     let parent = Path::new(path).parent().unwrap();
     let name = Path::new(path).file_name().unwrap();

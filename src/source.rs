@@ -22,9 +22,29 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
-use crate::builder::nix::SourceArg;
+/// Where the packages come from, as the resolver expression expects it: a
+/// source resolved to a revision where it has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceArg {
+    /// A local directory.
+    Path { path: String },
+    /// A commit of a git repository; `ref` is the branch or tag it was
+    /// found through (`None`: any ref may hold it).
+    Git {
+        url: String,
+        rev: String,
+        #[serde(rename = "ref")]
+        git_ref: Option<String>,
+    },
+    /// The current state of a nixpkgs channel.
+    Channel { name: String },
+    /// A nixpkgs commit.
+    Commit { rev: String },
+}
 
 /// Where packages come from (exactly one, chosen by the settings).
 #[derive(Debug, Clone, PartialEq, Eq)]

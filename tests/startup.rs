@@ -96,3 +96,61 @@ async fn the_layer_budget_is_honoured() {
         "{manifest}"
     );
 }
+
+/// The README's configuration table is the command-line definition's.
+#[test]
+fn the_readme_lists_every_setting_as_the_cli_defines_it() {
+    let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
+    let begin = "<!-- settings:begin -->\n";
+    let start = readme
+        .find(begin)
+        .expect("README has a settings:begin marker")
+        + begin.len();
+    let end = readme
+        .find("<!-- settings:end -->")
+        .expect("README has a settings:end marker");
+    let expected = nixery::config::markdown_table();
+    assert!(
+        readme[start..end] == expected,
+        "README.md's configuration table is out of date; put this between the markers:\n{expected}"
+    );
+}
+
+#[test]
+fn help_lists_every_setting_with_its_variable() {
+    for command in ["serve", "worker", "popularity"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nixery"))
+            .args([command, "--help"])
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let wanted: &[&str] = match command {
+            "serve" => &[
+                "NIXERY_LISTEN",
+                "NIXERY_PKGS_PATH",
+                "STORAGE_PATH",
+                "NIXERY_BUILDER",
+                "[default: 94]",
+            ],
+            "worker" => &["NIXERY_QUEUE_URL", "NIXERY_S3_BUCKET", "NIX_TIMEOUT"],
+            _ => &["NIXERY_CHANNEL", "<PACKAGE>"],
+        };
+        for want in wanted {
+            assert!(
+                help.contains(want),
+                "{command} --help lacks {want}:\n{help}"
+            );
+        }
+    }
+    let version = Command::new(env!("CARGO_BIN_EXE_nixery"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("nixery {}", env!("CARGO_PKG_VERSION"))
+    );
+}

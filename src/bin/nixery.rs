@@ -9,7 +9,9 @@ use anyhow::Context;
 use nixery::builder::nix::{Nix, ResolveRequest};
 use nixery::builder::popularity::Popularity;
 use nixery::builder::Builder;
-use nixery::config::{BuildMode, Cli, Mode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig};
+use nixery::config::{
+    BuildMode, Cli, Mode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig,
+};
 use nixery::dispatch::in_process::InProcess;
 use nixery::dispatch::single_flight::SingleFlight;
 use nixery::dispatch::sqs::{sqs_client, SqsDispatch, SqsQueue};
@@ -124,7 +126,11 @@ async fn builder(
     storage_config: &StorageConfig,
 ) -> anyhow::Result<Builder> {
     let popularity = Arc::new(popularity(nix, storage_config).await?);
-    Ok(Builder::new(Nix::new(nix.timeout), storage.clone(), popularity))
+    Ok(Builder::new(
+        Nix::new(nix.timeout),
+        storage.clone(),
+        popularity,
+    ))
 }
 
 /// Builds each package and counts references over their closures.

@@ -14,7 +14,7 @@
 //!   `/etc/ssl/certs/ca-certificates.crt` link to it and `SSL_CERT_FILE` is set.
 //!
 //! It reads the realised store paths (so it runs where Nix ran) and returns
-//! an in-memory [`Tree`] for [`crate::pack::pack_tree`].
+//! an in-memory [`Tree`] for [`super::pack::pack_tree`].
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;

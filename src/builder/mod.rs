@@ -426,8 +426,8 @@ impl Builder {
                 size: l.size,
             })
             .collect();
-        let config = ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd)
-            .to_bytes();
+        let config =
+            ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd).to_bytes();
         let config_descriptor = Descriptor::of(manifest::MEDIA_TYPE_CONFIG, &config);
         self.store_blob(Blob::Bytes {
             digest: config_descriptor.digest.clone(),

@@ -52,26 +52,7 @@ pub enum NixError {
     },
 }
 
-/// Where the packages come from, as the resolver expression expects it: a
-/// source resolved to a revision where it has one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SourceArg {
-    /// A local directory.
-    Path { path: String },
-    /// A commit of a git repository; `ref` is the branch or tag it was
-    /// found through (`None`: any ref may hold it).
-    Git {
-        url: String,
-        rev: String,
-        #[serde(rename = "ref")]
-        git_ref: Option<String>,
-    },
-    /// The current state of a nixpkgs channel.
-    Channel { name: String },
-    /// A nixpkgs commit.
-    Commit { rev: String },
-}
+pub use crate::source::SourceArg;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ResolveRequest {

@@ -113,17 +113,39 @@ pub struct PopularityArgs {
 #[command(next_help_heading = "Local server")]
 pub struct ListenArgs {
     /// Port of the local server, on 127.0.0.1.
-    #[arg(long, env = "PORT", value_name = "PORT", hide_env = true, default_value_t = 8080)]
+    #[arg(
+        long,
+        env = "PORT",
+        value_name = "PORT",
+        hide_env = true,
+        default_value_t = 8080
+    )]
     pub port: u16,
     /// Full listen address; overrides the port (port 0 picks a free one).
-    #[arg(long, env = "NIXERY_LISTEN", value_name = "NIXERY_LISTEN", hide_env = true)]
+    #[arg(
+        long,
+        env = "NIXERY_LISTEN",
+        value_name = "NIXERY_LISTEN",
+        hide_env = true
+    )]
     pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Package source (one of)")]
-#[group(id = "package_source", multiple = false)]
+#[command(next_help_heading = "Package source")]
 pub struct SourceArgs {
+    #[command(flatten)]
+    pub choice: SourceChoice,
+    /// Seconds an image from a moving source (a channel, a path) stays
+    /// current, and a branch's commit is remembered.
+    #[arg(long, env = "NIXERY_TAG_TTL", value_name = "NIXERY_TAG_TTL", hide_env = true, default_value_t = 6 * 3600)]
+    pub tag_ttl: u64,
+}
+
+/// One package source at most; the channel when none is given.
+#[derive(Debug, Clone, Args)]
+#[group(id = "package_source", multiple = false)]
+pub struct SourceChoice {
     /// A nixpkgs channel; the tag is ignored unless it is a nixpkgs commit,
     /// which pins the image to it.
     #[arg(long, env = "NIXERY_CHANNEL", value_name = "NIXERY_CHANNEL", hide_env = true, value_parser = package_name,
@@ -131,16 +153,17 @@ pub struct SourceArgs {
     pub channel: String,
     /// A git repository of a package set; the tag is a branch, tag or
     /// commit, `latest` the default branch.
-    #[arg(long, env = "NIXERY_PKGS_REPO", value_name = "NIXERY_PKGS_REPO", hide_env = true)]
+    #[arg(
+        long,
+        env = "NIXERY_PKGS_REPO",
+        value_name = "NIXERY_PKGS_REPO",
+        hide_env = true
+    )]
     pub pkgs_repo: Option<String>,
     /// A directory whose default.nix is called like nixpkgs
     /// (`{ system }: { ... }`); the tag is ignored.
     #[arg(long, env = "NIXERY_PKGS_PATH", value_name = "NIXERY_PKGS_PATH", hide_env = true, value_parser = package_set_dir)]
     pub pkgs_path: Option<PathBuf>,
-    /// Seconds an image from a moving source (a channel, a path) stays
-    /// current, and a branch's commit is remembered.
-    #[arg(long, env = "NIXERY_TAG_TTL", value_name = "NIXERY_TAG_TTL", hide_env = true, default_value_t = 6 * 3600)]
-    pub tag_ttl: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -158,13 +181,29 @@ pub struct StorageArgs {
     #[arg(long, env = "NIXERY_STORAGE_BACKEND", value_name = "NIXERY_STORAGE_BACKEND", hide_env = true, value_enum, default_value_t = Backend::Filesystem)]
     pub storage_backend: Backend,
     /// Storage root directory (required for `filesystem`).
-    #[arg(long, env = "STORAGE_PATH", value_name = "STORAGE_PATH", hide_env = true)]
+    #[arg(
+        long,
+        env = "STORAGE_PATH",
+        value_name = "STORAGE_PATH",
+        hide_env = true
+    )]
     pub storage_path: Option<PathBuf>,
     /// The bucket (required for `s3`).
-    #[arg(long, env = "NIXERY_S3_BUCKET", value_name = "NIXERY_S3_BUCKET", hide_env = true)]
+    #[arg(
+        long,
+        env = "NIXERY_S3_BUCKET",
+        value_name = "NIXERY_S3_BUCKET",
+        hide_env = true
+    )]
     pub s3_bucket: Option<String>,
     /// Key prefix inside the bucket.
-    #[arg(long, env = "NIXERY_S3_PREFIX", value_name = "NIXERY_S3_PREFIX", hide_env = true, default_value = "")]
+    #[arg(
+        long,
+        env = "NIXERY_S3_PREFIX",
+        value_name = "NIXERY_S3_PREFIX",
+        hide_env = true,
+        default_value = ""
+    )]
     pub s3_prefix: String,
     /// URL of any S3-compatible server (path-style addressing is used when
     /// set); AWS's otherwise.
@@ -235,7 +274,12 @@ pub struct DispatchArgs {
 #[command(next_help_heading = "Build queue")]
 pub struct QueueArgs {
     /// The SQS build queue (required for the `sqs` builder and workers).
-    #[arg(long, env = "NIXERY_QUEUE_URL", value_name = "NIXERY_QUEUE_URL", hide_env = true)]
+    #[arg(
+        long,
+        env = "NIXERY_QUEUE_URL",
+        value_name = "NIXERY_QUEUE_URL",
+        hide_env = true
+    )]
     pub queue_url: Option<String>,
     /// URL of any SQS-compatible server; AWS's otherwise.
     #[arg(long, env = "NIXERY_SQS_ENDPOINT", value_name = "NIXERY_SQS_ENDPOINT", hide_env = true, value_parser = http_url)]
@@ -286,7 +330,10 @@ pub enum BuildMode {
     /// In this process, with the local Nix.
     Local(NixConfig),
     /// On workers, through a queue.
-    Sqs { queue: QueueConfig, timings: Timings },
+    Sqs {
+        queue: QueueConfig,
+        timings: Timings,
+    },
 }
 
 /// How Nix is run where builds happen.
@@ -395,9 +442,7 @@ impl WorkerArgs {
         Ok(WorkerConfig {
             storage: self.storage.config()?,
             nix: self.nix.config(),
-            queue: self
-                .queue
-                .config("a worker takes builds from this queue")?,
+            queue: self.queue.config("a worker takes builds from this queue")?,
         })
     }
 }
@@ -415,13 +460,14 @@ impl PopularityArgs {
 
 impl SourceArgs {
     fn config(&self) -> PackageSource {
-        if let Some(path) = &self.pkgs_path {
+        let choice = &self.choice;
+        if let Some(path) = &choice.pkgs_path {
             PackageSource::Path(path.clone())
-        } else if let Some(url) = &self.pkgs_repo {
+        } else if let Some(url) = &choice.pkgs_repo {
             PackageSource::Git { url: url.clone() }
         } else {
             PackageSource::Channel {
-                name: self.channel.clone(),
+                name: choice.channel.clone(),
             }
         }
     }
@@ -538,6 +584,16 @@ pub fn markdown_table() -> String {
             .or(arg.get_help())
             .map(|h| h.to_string().replace('\n', " "))
             .unwrap_or_default();
+        let choices: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|v| format!("`{}`", v.get_name()))
+            .collect();
+        let help = if choices.is_empty() {
+            help
+        } else {
+            format!("{help}: {}", choices.join(", "))
+        };
         let flag = arg.get_long().unwrap_or_default();
         out.push_str(&format!("| `{var}` | `--{flag}` | {default} | {help} |\n"));
     }
@@ -629,7 +685,9 @@ mod tests {
         let p = pkgs.path().to_str().unwrap();
         let config = serve(&["--pkgs-path", p, "--storage-path", "/tmp/x"]);
         assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
-        assert!(matches!(&config.builds, BuildMode::Local(nix) if nix.timeout == Duration::from_secs(600)));
+        assert!(
+            matches!(&config.builds, BuildMode::Local(nix) if nix.timeout == Duration::from_secs(600))
+        );
         assert_eq!(config.images.layer_budget, 94);
         assert_eq!(
             config.storage,
@@ -696,28 +754,70 @@ mod tests {
         let pkgs = pkgs_dir();
         let p = pkgs.path().to_str().unwrap();
         let cases: Vec<(Vec<&str>, &str)> = vec![
-            (vec!["serve", "--pkgs-path", p, "--channel", "nixos-24.05"], "NIXERY_CHANNEL"),
-            (vec!["serve", "--pkgs-repo", "/r", "--channel", "nixos-24.05"], "NIXERY_CHANNEL"),
-            (vec!["serve", "--channel", "nixos unstable"], "NIXERY_CHANNEL"),
+            (
+                vec!["serve", "--pkgs-path", p, "--channel", "nixos-24.05"],
+                "NIXERY_CHANNEL",
+            ),
+            (
+                vec!["serve", "--pkgs-repo", "/r", "--channel", "nixos-24.05"],
+                "NIXERY_CHANNEL",
+            ),
+            (
+                vec!["serve", "--channel", "nixos unstable"],
+                "NIXERY_CHANNEL",
+            ),
             (vec!["serve", "--tag-ttl", "soon"], "NIXERY_TAG_TTL"),
-            (vec!["serve", "--popularity-url", "ftp://x"], "NIX_POPULARITY_URL"),
-            (vec!["serve", "--implicit-packages", "cacert;rm"], "NIXERY_IMPLICIT_PACKAGES"),
-            (vec!["serve", "--storage-path", "/x", "--builder", "sqs"], "NIXERY_QUEUE_URL"),
+            (
+                vec!["serve", "--popularity-url", "ftp://x"],
+                "NIX_POPULARITY_URL",
+            ),
+            (
+                vec!["serve", "--implicit-packages", "cacert;rm"],
+                "NIXERY_IMPLICIT_PACKAGES",
+            ),
+            (
+                vec!["serve", "--storage-path", "/x", "--builder", "sqs"],
+                "NIXERY_QUEUE_URL",
+            ),
             (vec!["serve", "--builder", "lambda"], "NIXERY_BUILDER"),
-            (vec!["serve", "--sqs-endpoint", "q:1"], "NIXERY_SQS_ENDPOINT"),
-            (vec!["serve", "--build-timeout", "0"], "NIXERY_BUILD_TIMEOUT"),
+            (
+                vec!["serve", "--sqs-endpoint", "q:1"],
+                "NIXERY_SQS_ENDPOINT",
+            ),
+            (
+                vec!["serve", "--build-timeout", "0"],
+                "NIXERY_BUILD_TIMEOUT",
+            ),
             (vec!["serve", "--failure-ttl", "x"], "NIXERY_FAILURE_TTL"),
-            (vec!["serve", "--heartbeat-seconds=-1"], "NIXERY_HEARTBEAT_SECONDS"),
-            (vec!["serve", "--pkgs-path", "/nonexistent"], "NIXERY_PKGS_PATH"),
+            (
+                vec!["serve", "--heartbeat-seconds=-1"],
+                "NIXERY_HEARTBEAT_SECONDS",
+            ),
+            (
+                vec!["serve", "--pkgs-path", "/nonexistent"],
+                "NIXERY_PKGS_PATH",
+            ),
             (vec!["serve", "--pkgs-path", p], "STORAGE_PATH"),
             (vec!["serve", "--port", "http"], "PORT"),
             (vec!["serve", "--listen", "nowhere"], "NIXERY_LISTEN"),
             (vec!["serve", "--nix-timeout", "0"], "NIX_TIMEOUT"),
-            (vec!["serve", "--layer-budget", "500"], "NIXERY_LAYER_BUDGET"),
-            (vec!["serve", "--storage-backend", "gcs"], "NIXERY_STORAGE_BACKEND"),
+            (
+                vec!["serve", "--layer-budget", "500"],
+                "NIXERY_LAYER_BUDGET",
+            ),
+            (
+                vec!["serve", "--storage-backend", "gcs"],
+                "NIXERY_STORAGE_BACKEND",
+            ),
             (vec!["serve", "--storage-backend", "s3"], "NIXERY_S3_BUCKET"),
-            (vec!["serve", "--s3-endpoint", "localhost:9000"], "NIXERY_S3_ENDPOINT"),
-            (vec!["serve", "--presign-seconds", "0"], "NIXERY_PRESIGN_SECONDS"),
+            (
+                vec!["serve", "--s3-endpoint", "localhost:9000"],
+                "NIXERY_S3_ENDPOINT",
+            ),
+            (
+                vec!["serve", "--presign-seconds", "0"],
+                "NIXERY_PRESIGN_SECONDS",
+            ),
             (vec!["worker", "--storage-path", "/x"], "NIXERY_QUEUE_URL"),
             (vec!["popularity", "hello", "a;b"], "PACKAGE"),
         ];

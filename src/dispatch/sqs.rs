@@ -164,10 +164,7 @@ impl SqsDispatch {
         let record: Option<ImageRecord> =
             records::read(&*self.storage, &storage::image_key(key)).await?;
         let status = status::read(&*self.storage, key).await?;
-        Ok((
-            record.filter(|r| r.is_current(request.not_before)),
-            status,
-        ))
+        Ok((record.filter(|r| r.is_current(request.not_before)), status))
     }
 }
 
@@ -235,5 +232,205 @@ impl Dispatch for SqsDispatch {
             tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(MAX_POLL);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The wait loop on virtual time (`start_paused`): minutes of waiting
+    //! take no real time, and no SQS server is needed (a [`Queue`] that
+    //! records what it is sent stands in for the queue).
+
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::builder::nix::SourceArg;
+    use crate::builder::Failure;
+    use crate::storage::MemoryStorage;
+
+    #[derive(Default)]
+    struct Recorded {
+        sent: Mutex<Vec<QueueMessage>>,
+    }
+
+    #[async_trait]
+    impl Queue for Recorded {
+        async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError> {
+            self.sent.lock().unwrap().push(message.clone());
+            Ok(())
+        }
+    }
+
+    fn request() -> BuildRequest {
+        BuildRequest {
+            image_key: "k".repeat(64),
+            packages: vec!["hello".into()],
+            system: "x86_64-linux".into(),
+            architecture: "amd64".into(),
+            source: SourceArg::Path {
+                path: "/pkgs".into(),
+            },
+            layer_budget: 94,
+            implicit: vec![],
+            not_before: 0,
+        }
+    }
+
+    fn timings() -> Timings {
+        Timings {
+            build_timeout: Duration::from_secs(840),
+            heartbeat: Duration::from_secs(10),
+            failure_ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn setup() -> (Arc<MemoryStorage>, Arc<Recorded>, SqsDispatch) {
+        let storage = Arc::new(MemoryStorage::new());
+        let queue = Arc::new(Recorded::default());
+        let dispatch = SqsDispatch::new(storage.clone(), queue.clone(), timings());
+        (storage, queue, dispatch)
+    }
+
+    fn record() -> ImageRecord {
+        ImageRecord {
+            manifest_digest: format!("sha256:{}", "a".repeat(64)),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            size: 1,
+            packages: vec!["hello".into()],
+            architecture: "amd64".into(),
+            built_at: now(),
+        }
+    }
+
+    async fn set_status(storage: &MemoryStorage, state: State, step: &str) {
+        let running = BuildStatus {
+            state,
+            attempt: 1,
+            step: Some(step.into()),
+            failure: None,
+            heartbeat: now(),
+        };
+        status::write(storage, &request().image_key, &running)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn claims_once_sends_once_and_returns_the_record_when_it_appears() {
+        let (storage, queue, dispatch) = setup();
+        let worker = {
+            let storage = storage.clone();
+            let queue = queue.clone();
+            async move {
+                // The worker picks the message up, reports, and commits.
+                while queue.sent.lock().unwrap().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                set_status(&storage, State::Running, "realise").await;
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                records::write(
+                    &*storage,
+                    &storage::image_key(&request().image_key),
+                    &record(),
+                )
+                .await
+                .unwrap();
+                set_status(&storage, State::Done, "done").await;
+            }
+        };
+        let started = Instant::now();
+        let (built, ()) = tokio::join!(dispatch.build(request()), worker);
+        assert_eq!(built.unwrap(), record());
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(120) && waited < Duration::from_secs(125),
+            "{waited:?}"
+        );
+        let sent = queue.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].attempt, 1);
+        assert_eq!(sent[0].request, request());
+        // The claim is there, so nobody else can send attempt 1.
+        assert!(storage
+            .keys()
+            .contains(&status::claim_key(&request().image_key, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_runs_out_says_still_building_with_the_step() {
+        let (storage, queue, dispatch) = setup();
+        let reporter = {
+            let storage = storage.clone();
+            async move {
+                // A live worker that never finishes: fresh heartbeats.
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    set_status(&storage, State::Running, "packing").await;
+                }
+            }
+        };
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            outcome = dispatch.build(request()) => outcome,
+            never = reporter => never,
+        };
+        assert_eq!(
+            outcome.unwrap_err(),
+            DispatchError::StillBuilding {
+                step: Some("packing".into())
+            }
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(840) && waited < Duration::from_secs(843),
+            "{waited:?}"
+        );
+        assert_eq!(queue.sent.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_remembered_failure_is_answered_without_a_build() {
+        let (storage, queue, dispatch) = setup();
+        let failure = Failure::UnknownPackages {
+            names: vec!["nope".into()],
+        };
+        let failed = BuildStatus {
+            state: State::Failed,
+            attempt: 1,
+            step: None,
+            failure: Some(failure.clone()),
+            heartbeat: now(),
+        };
+        status::write(&*storage, &request().image_key, &failed)
+            .await
+            .unwrap();
+        assert_eq!(
+            dispatch.build(request()).await.unwrap_err(),
+            DispatchError::Failed(failure)
+        );
+        assert!(queue.sent.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_record_is_not_accepted() {
+        let (storage, queue, dispatch) = setup();
+        let mut old = record();
+        old.built_at = 1_000;
+        records::write(&*storage, &storage::image_key(&request().image_key), &old)
+            .await
+            .unwrap();
+        let mut wants_new = request();
+        wants_new.not_before = 2_000;
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(10), dispatch.build(wants_new)).await;
+        assert!(
+            outcome.is_err(),
+            "a record older than not_before was accepted"
+        );
+        assert_eq!(
+            queue.sent.lock().unwrap().len(),
+            1,
+            "a rebuild was dispatched"
+        );
     }
 }

@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use crate::storage::records::{unix_now as now, ImageRecord};
 use crate::oci::name::ImageSpec;
+use crate::storage::records::{unix_now as now, ImageRecord};
 
 /// How many of each are kept.
 const KEEP: usize = 20;

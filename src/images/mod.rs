@@ -147,11 +147,7 @@ impl Images {
     }
 
     /// Reads a manifest and checks it against its digest.
-    async fn manifest(
-        &self,
-        digest: &str,
-        media_type: &str,
-    ) -> Result<Option<Served>, ImageError> {
+    async fn manifest(&self, digest: &str, media_type: &str) -> Result<Option<Served>, ImageError> {
         let Some(bytes) = self
             .storage
             .get(&storage::manifest_key(hex_of(digest)))

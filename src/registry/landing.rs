@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
-use crate::images::activity::Event;
 use super::AppState;
+use crate::images::activity::Event;
 
 /// Escapes text for HTML.
 fn esc(text: &str) -> String {
@@ -100,11 +100,7 @@ pub(super) async fn page(State(state): State<AppState>, headers: HeaderMap) -> R
     );
     let implicit = &state.images.settings().implicit_packages;
     if !implicit.is_empty() {
-        let _ = write!(
-            out,
-            " Every image also has {}.",
-            esc(&implicit.join(", "))
-        );
+        let _ = write!(out, " Every image also has {}.", esc(&implicit.join(", ")));
     }
     out.push_str("</p>");
     table(

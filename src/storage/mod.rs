@@ -35,7 +35,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncRead;
 
-
 pub use fs::FsStorage;
 pub use memory::MemoryStorage;
 pub use s3::S3Storage;

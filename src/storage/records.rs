@@ -69,12 +69,14 @@ pub async fn read<T: DeserializeOwned>(
 ) -> Result<Option<T>, RecordError> {
     match storage.get(key).await? {
         None => Ok(None),
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| RecordError::Unreadable {
-                key: key.to_string(),
-                source,
-            }),
+        Some(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| RecordError::Unreadable {
+                    key: key.to_string(),
+                    source,
+                })
+        }
     }
 }
 
