@@ -472,8 +472,13 @@ async fn build_failures_map_to_one_status_each_without_internal_details() {
             .await;
         assert_eq!(head.status(), status);
         assert!(empty.is_empty());
-        // Nothing was stored for a failed build.
-        assert!(registry.storage.keys().is_empty());
+        // The landing page lists the failure, with what the client was told.
+        let (_, page) = registry.get("/").await;
+        let page = String::from_utf8_lossy(&page);
+        assert!(page.contains("nosuchpkg"), "{page}");
+        for secret in ["10.0.0.7", "secret", "/var/lib", "permission"] {
+            assert!(!page.contains(secret), "the landing page leaks {secret:?}");
+        }
     }
 }
 

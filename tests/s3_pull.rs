@@ -155,7 +155,9 @@ async fn an_unreachable_s3_is_a_503_not_a_hang() {
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    let endpoint = format!("http://127.0.0.1:{port}");
+    // On 127.0.0.2, where no test server listens (they bind 127.0.0.1), so
+    // another test cannot take the port in between.
+    let endpoint = format!("http://127.0.0.2:{port}");
     let server = Server::start_with(
         &dir.path().join("unused"),
         &[

@@ -149,7 +149,7 @@ impl BuildError {
     /// should be tried again rather than remembered as failed.
     pub fn failure(&self) -> Option<Failure> {
         let internal = || Failure::Build {
-            message: "the build failed on the server; its log has the details".to_string(),
+            message: "an internal error (the build's log has the details)".to_string(),
         };
         match self {
             BuildError::UnknownPackages(names) => Some(Failure::UnknownPackages {
@@ -168,6 +168,21 @@ impl BuildError {
             | BuildError::Customisation(_)
             | BuildError::Task(_) => Some(internal()),
         }
+    }
+}
+
+impl BuildError {
+    /// Whether this is the server's fault rather than the package set's
+    /// (worth an error in the log, not just a warning).
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            BuildError::Nix(NixError::Spawn { .. } | NixError::Output { .. })
+                | BuildError::Record(RecordError::Unreadable { .. })
+                | BuildError::Pack(_)
+                | BuildError::Customisation(_)
+                | BuildError::Task(_)
+        )
     }
 }
 

@@ -3,8 +3,8 @@
 //! Each setting is a flag and an environment variable (the variable's name
 //! is shown as the flag's value name, so `nixery serve --help` lists both,
 //! with the default). Names follow Nixery's where the meaning is the same.
-//! An empty variable counts as unset, except `NIXERY_IMPLICIT_PACKAGES`,
-//! where empty means "none".
+//! An empty (or blank) variable counts as unset, except
+//! `NIXERY_IMPLICIT_PACKAGES`, where empty means "none".
 //!
 //! Parsing happens in two stages: clap reads flags and variables into the
 //! `*Args` structs, checking each value on its own (numbers, ranges, URL
@@ -303,6 +303,24 @@ pub enum ConfigError {
         var: &'static str,
         hint: &'static str,
     },
+    #[error("{var}={value} cannot be used here: {reason}")]
+    Conflict {
+        var: &'static str,
+        value: &'static str,
+        reason: &'static str,
+    },
+}
+
+/// Memory storage lives in one process; a queue's two ends are two.
+fn shared_storage(storage: StorageConfig) -> Result<StorageConfig, ConfigError> {
+    match storage {
+        StorageConfig::Memory => Err(ConfigError::Conflict {
+            var: "NIXERY_STORAGE_BACKEND",
+            value: "memory",
+            reason: "builds through a queue need storage that the registry and its workers share",
+        }),
+        shared @ (StorageConfig::Filesystem { .. } | StorageConfig::S3 { .. }) => Ok(shared),
+    }
 }
 
 /// What to run, with everything it needs and nothing else.
@@ -423,11 +441,15 @@ impl ServeArgs {
                 },
             },
         };
+        let storage = match builds {
+            BuildMode::Local(_) => self.storage.config()?,
+            BuildMode::Sqs { .. } => shared_storage(self.storage.config()?)?,
+        };
         Ok(ServeConfig {
             listen,
             source: self.source.config(),
             tag_ttl: Duration::from_secs(self.source.tag_ttl),
-            storage: self.storage.config()?,
+            storage,
             images: ImageSettings {
                 layer_budget: self.image.layer_budget as usize,
                 implicit_packages: self.image.implicit_packages.0,
@@ -440,7 +462,7 @@ impl ServeArgs {
 impl WorkerArgs {
     fn config(self) -> Result<WorkerConfig, ConfigError> {
         Ok(WorkerConfig {
-            storage: self.storage.config()?,
+            storage: shared_storage(self.storage.config()?)?,
             nix: self.nix.config(),
             queue: self.queue.config("a worker takes builds from this queue")?,
         })
@@ -533,7 +555,8 @@ pub fn command() -> clap::Command {
                 .filter(|arg| {
                     arg.get_env().is_some_and(|var| {
                         var != EMPTY_MEANS_NONE
-                            && std::env::var_os(var).is_some_and(|v| v.is_empty())
+                            && std::env::var_os(var)
+                                .is_some_and(|v| v.to_string_lossy().trim().is_empty())
                     })
                 })
                 .map(|arg| arg.get_id().to_string())
@@ -819,6 +842,28 @@ mod tests {
                 "NIXERY_PRESIGN_SECONDS",
             ),
             (vec!["worker", "--storage-path", "/x"], "NIXERY_QUEUE_URL"),
+            (
+                vec![
+                    "worker",
+                    "--storage-backend",
+                    "memory",
+                    "--queue-url",
+                    "http://q",
+                ],
+                "NIXERY_STORAGE_BACKEND",
+            ),
+            (
+                vec![
+                    "serve",
+                    "--storage-backend",
+                    "memory",
+                    "--builder",
+                    "sqs",
+                    "--queue-url",
+                    "http://q",
+                ],
+                "NIXERY_STORAGE_BACKEND",
+            ),
             (vec!["popularity", "hello", "a;b"], "PACKAGE"),
         ];
         for (args, var) in cases {

@@ -61,19 +61,27 @@ pub enum DispatchError {
     #[error("the image is still being built{}", .step.as_ref().map(|s| format!(" (at step {s})")).unwrap_or_default())]
     StillBuilding { step: Option<String> },
     /// A service the build needs failed; trying again may work. `message`
-    /// is for the log only.
-    #[error("the {service} is unavailable: {message}")]
+    /// is for the log only: it is not part of the displayed error.
+    #[error("the {service} is unavailable")]
     Unavailable { service: Service, message: String },
 }
 
 impl From<BuildError> for DispatchError {
     fn from(error: BuildError) -> DispatchError {
         match error.failure() {
-            Some(failure) => DispatchError::Failed(failure),
-            None => DispatchError::Unavailable {
-                service: Service::Storage,
-                message: error.to_string(),
-            },
+            Some(failure) => {
+                if error.is_internal() {
+                    tracing::error!(%error, "build failed");
+                }
+                DispatchError::Failed(failure)
+            }
+            None => {
+                tracing::warn!(%error, "build interrupted by storage");
+                DispatchError::Unavailable {
+                    service: Service::Storage,
+                    message: error.to_string(),
+                }
+            }
         }
     }
 }

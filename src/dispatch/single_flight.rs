@@ -78,5 +78,6 @@ impl Dispatch for SingleFlight {
 /// A build task that panicked or vanished: logged, and reported like any
 /// other internal build failure.
 fn task_failed(message: String) -> DispatchError {
+    // Logged (as an internal error) by the conversion.
     DispatchError::from(BuildError::Task(message))
 }

@@ -99,7 +99,9 @@ pub fn decide(
     };
     let age = now.saturating_sub(status.heartbeat);
     match status.state {
-        State::Done if status.heartbeat < not_before => Action::Claim(status.attempt + 1),
+        State::Done if !records::is_current(status.heartbeat, not_before) => {
+            Action::Claim(status.attempt + 1)
+        }
         State::Done => Action::Wait,
         State::Failed if age < failure_ttl => {
             Action::Fail(status.failure.clone().unwrap_or(Failure::Build { message: "the build failed".into() }))

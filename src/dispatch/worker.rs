@@ -124,7 +124,12 @@ impl Worker {
         let failure = match outcome {
             Ok(_) => None,
             Err(error) => match error.failure() {
-                Some(failure) => Some(failure),
+                Some(failure) => {
+                    if error.is_internal() {
+                        tracing::error!(image = key, %error, "build failed");
+                    }
+                    Some(failure)
+                }
                 None => {
                     // Transient: let the message come back and try again.
                     tracing::warn!(image = key, %error, "build interrupted; the message will be retried");

@@ -12,8 +12,9 @@
 //! 4. turns the record into the manifest bytes to serve, checked against
 //!    their digest.
 //!
-//! HTTP handlers call this and nothing below it; so will the caches and
-//! permission checks that come later.
+//! Manifest handlers call this and nothing below it (blobs, which are
+//! content-addressed and never built, are read from storage directly); so
+//! will the caches and permission checks that come later.
 
 pub mod activity;
 
@@ -69,10 +70,12 @@ pub struct ImageSettings {
 /// The freshness policy, in one pure function: the oldest build time
 /// (Unix seconds) an image may have to be served now. A moving source (a
 /// channel, a local path) gives images that expire `ttl` after they were
-/// built; a pinned one (a commit) gives images that never do.
+/// built (an image built at `t` is stale from `t + ttl` on); a pinned one
+/// (a commit) gives images that never do. A zero TTL still accepts what
+/// was built this very second, so a build's own result is never stale.
 pub fn not_before(moving: bool, ttl: Duration, now: u64) -> u64 {
     if moving {
-        now.saturating_sub(ttl.as_secs())
+        now.saturating_sub(ttl.as_secs().saturating_sub(1))
     } else {
         0
     }
@@ -191,7 +194,9 @@ mod tests {
     fn moving_sources_expire_and_pinned_ones_do_not() {
         let hour = Duration::from_secs(3600);
         assert_eq!(not_before(false, hour, 10_000), 0);
-        assert_eq!(not_before(true, hour, 10_000), 6_400);
+        assert_eq!(not_before(true, hour, 10_000), 6_401);
+        // Built at t with a one-second TTL: stale at t + 1.
+        assert_eq!(not_before(true, Duration::from_secs(1), 10_001), 10_001);
         // A TTL longer than the epoch accepts everything.
         assert_eq!(not_before(true, hour, 100), 0);
         // A zero TTL accepts only what was built this second or later.

@@ -104,20 +104,21 @@ fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String, Value) 
             format!("the stored manifest {digest} is damaged; the registry log has the details"),
             Value::Null,
         ),
-        ImageError::Source(e @ SourceError::UnknownRef { tag, .. }) => (
+        ImageError::Source(SourceError::UnknownRef { tag, .. }) => (
             StatusCode::NOT_FOUND,
             "MANIFEST_UNKNOWN",
-            e.to_string(),
+            // The repository's URL stays out: it may carry a token.
+            format!("tag {tag:?} is not a branch, tag or commit of the package source"),
             json!({ "tag": tag }),
         ),
         ImageError::Source(SourceError::Git { .. }) => unavailable("package source"),
         ImageError::Storage(_) | ImageError::Record(RecordError::Storage(_)) => {
             unavailable("storage")
         }
-        ImageError::Record(RecordError::Unreadable { key, .. }) => (
+        ImageError::Record(RecordError::Unreadable { .. }) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "UNKNOWN",
-            format!("a stored record ({key}) is damaged; the registry log has the details"),
+            "a stored record is damaged; the registry log has the details".to_string(),
             Value::Null,
         ),
         ImageError::Build(e) => build_parts(e),

@@ -28,7 +28,11 @@ pub(super) async fn get(
     } else {
         let spec = ImageSpec::parse(name, reference).map_err(|e| match e {
             NameError::BadTag { .. } => RegistryError::TagInvalid(e),
-            other => RegistryError::NameInvalid(other),
+            NameError::Empty
+            | NameError::TooLong { .. }
+            | NameError::BadComponent { .. }
+            | NameError::TooManyPackages { .. }
+            | NameError::NoPackages { .. } => RegistryError::NameInvalid(e),
         })?;
         state.images.get_or_build(&spec, reference).await?
     };

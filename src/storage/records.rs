@@ -31,13 +31,18 @@ pub struct ImageRecord {
     pub built_at: u64,
 }
 
+/// Whether something made at `at` (Unix seconds) is recent enough for a
+/// pull that accepts nothing made before `not_before` (0 accepts
+/// anything). The image service decides `not_before`; builders and
+/// dispatchers ask only this, of records and of build statuses.
+pub fn is_current(at: u64, not_before: u64) -> bool {
+    at >= not_before
+}
+
 impl ImageRecord {
-    /// Whether this image may be served to a pull that accepts nothing
-    /// built before `not_before` (Unix seconds; 0 accepts anything). The
-    /// image service decides `not_before`; builders and dispatchers ask
-    /// only this.
+    /// [`is_current`] of this image's build time.
     pub fn is_current(&self, not_before: u64) -> bool {
-        self.built_at >= not_before
+        is_current(self.built_at, not_before)
     }
 }
 
@@ -81,7 +86,7 @@ pub async fn read<T: DeserializeOwned>(
 }
 
 /// A record's bytes.
-pub fn to_json<T: Serialize>(value: &T) -> Bytes {
+fn to_json<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("records always serialise"))
 }
 
