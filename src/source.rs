@@ -74,6 +74,12 @@ const GIT_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum SourceError {
     #[error("tag {tag:?} is not a branch, tag or commit of {url}")]
     UnknownRef { tag: String, url: String },
+    #[error("revision {rev} is not reachable from the allowed refs ({allowed}) of {url}")]
+    NotReachable {
+        rev: String,
+        url: String,
+        allowed: String,
+    },
     #[error("could not read the refs of {url}: {message}")]
     Git { url: String, message: String },
 }
@@ -87,13 +93,33 @@ pub struct Resolved {
     pub moving: bool,
 }
 
+/// Which revisions of a git source a tag may select.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedRefs {
+    /// Only commits reachable from refs matching these patterns (git
+    /// refspec globs such as `refs/heads/*`).
+    Reachable(Vec<String>),
+    /// Any commit the repository has, under any ref (pull requests too).
+    Any,
+}
+
+impl Default for AllowedRefs {
+    fn default() -> AllowedRefs {
+        AllowedRefs::Reachable(vec!["refs/heads/*".into(), "refs/tags/*".into()])
+    }
+}
+
 /// Resolves tags against the configured source, remembering git lookups
-/// for the TTL.
+/// for the TTL and failed ones for the failure TTL.
 #[derive(Debug)]
 pub struct Sources {
     source: PackageSource,
     ttl: Duration,
-    remembered: Mutex<HashMap<String, (Resolved, Instant)>>,
+    failure_ttl: Duration,
+    allowed: AllowedRefs,
+    remembered: Mutex<HashMap<String, (Result<Resolved, SourceError>, Instant)>>,
+    /// Serialises fetches into the local mirror of a git source.
+    mirror: tokio::sync::Mutex<()>,
 }
 
 /// A full commit hash, as a tag may give one.
@@ -109,8 +135,24 @@ impl Sources {
         Sources {
             source,
             ttl,
+            failure_ttl: Duration::ZERO,
+            allowed: AllowedRefs::default(),
             remembered: Mutex::default(),
+            mirror: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Remembers a tag that named nothing (or a repository that could not
+    /// be read) for this long, so repeated pulls do not ask again.
+    pub fn remembering_failures(mut self, failure_ttl: Duration) -> Sources {
+        self.failure_ttl = failure_ttl;
+        self
+    }
+
+    /// Which revisions of a git source tags may select.
+    pub fn allowing(mut self, allowed: AllowedRefs) -> Sources {
+        self.allowed = allowed;
+        self
     }
 
     pub fn source(&self) -> &PackageSource {
@@ -144,47 +186,147 @@ impl Sources {
                 }
             }),
             PackageSource::Git { url } => {
-                if is_commit(tag) {
-                    let arg = SourceArg::Git {
-                        url: url.clone(),
-                        rev: tag.to_string(),
-                        git_ref: None,
-                    };
-                    return Ok(Resolved { arg, moving: false });
+                if let Some(known) = self.recall(tag) {
+                    return known;
                 }
-                if let Some((resolved, at)) =
-                    self.remembered.lock().expect("never poisoned").get(tag)
-                {
-                    if at.elapsed() < self.ttl {
-                        return Ok(resolved.clone());
-                    }
-                }
-                let (rev, git_ref) = ls_remote(url, tag).await?;
-                let resolved = Resolved {
-                    arg: SourceArg::Git {
-                        url: url.clone(),
-                        rev,
-                        git_ref,
-                    },
-                    moving: false,
-                };
+                let found = self.resolve_git(url, tag).await;
+                let now = Instant::now();
                 self.remembered
                     .lock()
                     .expect("never poisoned")
-                    .insert(tag.to_string(), (resolved.clone(), Instant::now()));
-                Ok(resolved)
+                    .insert(tag.to_string(), (found.clone(), now));
+                found
             }
         }
     }
+
+    /// A lookup made recently enough to answer again.
+    fn recall(&self, tag: &str) -> Option<Result<Resolved, SourceError>> {
+        let remembered = self.remembered.lock().expect("never poisoned");
+        let (found, at) = remembered.get(tag)?;
+        let keep = if found.is_ok() {
+            self.ttl
+        } else {
+            self.failure_ttl
+        };
+        (at.elapsed() < keep).then(|| found.clone())
+    }
+
+    async fn resolve_git(&self, url: &str, tag: &str) -> Result<Resolved, SourceError> {
+        let (rev, git_ref) = if is_commit(tag) {
+            match &self.allowed {
+                AllowedRefs::Any => (tag.to_string(), None),
+                AllowedRefs::Reachable(patterns) => {
+                    let _one_fetch_at_a_time = self.mirror.lock().await;
+                    let found = reachable_from(url, tag, patterns).await?;
+                    (tag.to_string(), Some(found))
+                }
+            }
+        } else {
+            let (rev, git_ref) = ls_remote(url, tag).await?;
+            // `latest`: the default branch, which fetchGit calls HEAD.
+            (rev, Some(git_ref.unwrap_or_else(|| "HEAD".to_string())))
+        };
+        Ok(Resolved {
+            arg: SourceArg::Git {
+                url: url.to_string(),
+                rev,
+                git_ref,
+            },
+            moving: false,
+        })
+    }
+}
+
+/// Runs git with a fixed argument list; stdout on success.
+async fn git(url: &str, args: &[&str]) -> Result<std::process::Output, SourceError> {
+    let git_error = |message: String| SourceError::Git {
+        url: url.to_string(),
+        message,
+    };
+    let mut command = Command::new("git");
+    command
+        .args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(GIT_TIMEOUT, command.output())
+        .await
+        .map_err(|_| git_error(format!("git took more than {} s", GIT_TIMEOUT.as_secs())))?
+        .map_err(|e| git_error(format!("could not run git: {e}")))
+}
+
+/// The first ref matching `patterns` (sorted by name, branches before
+/// tags) whose history holds `rev`, after fetching those refs into a local
+/// mirror of the repository. Commits only other refs hold (`refs/pull/*`,
+/// a fork's objects) are refused.
+async fn reachable_from(url: &str, rev: &str, patterns: &[String]) -> Result<String, SourceError> {
+    let mirror = std::env::temp_dir().join(format!(
+        "nixery-git-{}",
+        hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(url.as_bytes())[..16])
+    ));
+    let mirror_arg = mirror.to_string_lossy().into_owned();
+    let failed = |output: &std::process::Output| SourceError::Git {
+        url: url.to_string(),
+        message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    };
+    if !mirror.join("HEAD").exists() {
+        let init = git(url, &["init", "--bare", "--quiet", &mirror_arg]).await?;
+        if !init.status.success() {
+            return Err(failed(&init));
+        }
+    }
+    let refspecs: Vec<String> = patterns.iter().map(|p| format!("+{p}:{p}")).collect();
+    let mut fetch: Vec<&str> = vec![
+        "-C",
+        &mirror_arg,
+        "fetch",
+        "--quiet",
+        "--prune",
+        "--no-tags",
+        "--",
+        url,
+    ];
+    fetch.extend(refspecs.iter().map(String::as_str));
+    let fetched = git(url, &fetch).await?;
+    if !fetched.status.success() {
+        return Err(failed(&fetched));
+    }
+    let not_reachable = || SourceError::NotReachable {
+        rev: rev.to_string(),
+        url: url.to_string(),
+        allowed: patterns.join(" "),
+    };
+    let object = format!("{rev}^{{commit}}");
+    let exists = git(url, &["-C", &mirror_arg, "cat-file", "-e", &object]).await?;
+    if !exists.status.success() {
+        return Err(not_reachable());
+    }
+    let mut list: Vec<&str> = vec![
+        "-C",
+        &mirror_arg,
+        "for-each-ref",
+        "--format=%(refname)",
+        "--contains",
+        rev,
+        "--",
+    ];
+    list.extend(patterns.iter().map(|p| p.trim_end_matches('*')));
+    let holding = git(url, &list).await?;
+    if !holding.status.success() {
+        return Err(failed(&holding));
+    }
+    let mut refs: Vec<String> = String::from_utf8_lossy(&holding.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    refs.sort_by_key(|r| (!r.starts_with("refs/heads/"), r.clone()));
+    refs.into_iter().next().ok_or_else(not_reachable)
 }
 
 /// The commit a tag names in a repository: `latest` is HEAD, then a branch,
 /// then a git tag (peeled to its commit).
 async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), SourceError> {
-    let git_error = |message: String| SourceError::Git {
-        url: url.to_string(),
-        message,
-    };
     let patterns: Vec<String> = if tag == "latest" {
         vec!["HEAD".to_string()]
     } else {
@@ -194,30 +336,25 @@ async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), Sou
             format!("refs/tags/{tag}^{{}}"),
         ]
     };
-    let mut command = Command::new("git");
-    command
-        .arg("ls-remote")
-        .arg(url)
-        .args(&patterns)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(GIT_TIMEOUT, command.output())
-        .await
-        .map_err(|_| {
-            git_error(format!(
-                "git ls-remote took more than {} s",
-                GIT_TIMEOUT.as_secs()
-            ))
-        })?
-        .map_err(|e| git_error(format!("could not run git: {e}")))?;
+    let mut args = vec!["ls-remote", "--symref", "--", url];
+    args.extend(patterns.iter().map(String::as_str));
+    let output = git(url, &args).await?;
     if !output.status.success() {
-        return Err(git_error(
-            String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        ));
+        return Err(SourceError::Git {
+            url: url.to_string(),
+            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
     }
-    let refs: HashMap<String, String> = String::from_utf8_lossy(&output.stdout)
+    let text = String::from_utf8_lossy(&output.stdout);
+    // `ref: refs/heads/main<TAB>HEAD`: the default branch, by name.
+    let default_branch = text
         .lines()
+        .filter_map(|line| line.strip_prefix("ref: ")?.split_once('\t'))
+        .find(|(_, name)| *name == "HEAD")
+        .map(|(target, _)| target.to_string());
+    let refs: HashMap<String, String> = text
+        .lines()
+        .filter(|line| !line.starts_with("ref: "))
         .filter_map(|line| line.split_once('\t'))
         .map(|(rev, name)| (name.to_string(), rev.to_string()))
         .collect();
@@ -244,7 +381,7 @@ async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), Sou
         Some(pattern) => {
             let rev = refs[&pattern].clone();
             let git_ref = if pattern == "HEAD" {
-                None
+                default_branch
             } else {
                 Some(pattern.trim_end_matches("^{}").to_string())
             };
@@ -306,7 +443,7 @@ mod tests {
         };
         assert_eq!(
             rev(sources.resolve("latest").await.unwrap()),
-            (one.clone(), None)
+            (one.clone(), Some("refs/heads/main".into()))
         );
         assert_eq!(
             rev(sources.resolve("feature").await.unwrap()),
@@ -318,7 +455,7 @@ mod tests {
         );
         assert_eq!(
             rev(sources.resolve(&two).await.unwrap()),
-            (two.clone(), None)
+            (two.clone(), Some("refs/heads/feature".into()))
         );
         assert_eq!(
             sources.resolve("nope").await,
@@ -333,6 +470,68 @@ mod tests {
         assert_eq!(rev(sources.resolve("feature").await.unwrap()).0, two);
         let fresh = Sources::new(PackageSource::Git { url }, Duration::ZERO);
         assert_eq!(rev(fresh.resolve("feature").await.unwrap()).0, one);
+    }
+
+    #[tokio::test]
+    async fn commits_only_a_pull_request_holds_are_refused_unless_any_is_allowed() {
+        let repo = tempfile::tempdir().unwrap();
+        let r = repo.path();
+        git(r, &["init", "-q"]);
+        std::fs::write(r.join("a"), "1").unwrap();
+        git(r, &["add", "a"]);
+        git(r, &["commit", "-qm", "one"]);
+        let on_main = git(r, &["rev-parse", "HEAD"]);
+        git(r, &["tag", "v1"]);
+        // A commit reachable only from refs/pull/1/head, as a pull request
+        // from anyone leaves on a forge.
+        git(r, &["checkout", "-qb", "contribution"]);
+        std::fs::write(r.join("a"), "evil").unwrap();
+        git(r, &["commit", "-qam", "evil"]);
+        let pull = git(r, &["rev-parse", "HEAD"]);
+        git(r, &["update-ref", "refs/pull/1/head", &pull]);
+        git(r, &["checkout", "-q", "main"]);
+        git(r, &["branch", "-D", "contribution"]);
+
+        let url = r.to_str().unwrap().to_string();
+        let sources = Sources::new(
+            PackageSource::Git { url: url.clone() },
+            Duration::from_secs(60),
+        )
+        .remembering_failures(Duration::from_secs(60));
+        match sources.resolve(&on_main).await.unwrap().arg {
+            SourceArg::Git { git_ref, .. } => {
+                assert_eq!(git_ref.as_deref(), Some("refs/heads/main"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let refused = sources.resolve(&pull).await.unwrap_err();
+        assert!(
+            matches!(&refused, SourceError::NotReachable { rev, .. } if *rev == pull),
+            "{refused:?}"
+        );
+        // A commit nobody has: refused the same way.
+        let nothing = "0".repeat(40);
+        assert!(matches!(
+            sources.resolve(&nothing).await,
+            Err(SourceError::NotReachable { .. })
+        ));
+        // Remembered: merging it later is seen after the failure TTL only.
+        git(r, &["branch", "merged", &pull]);
+        assert!(sources.resolve(&pull).await.is_err());
+        let later = Sources::new(
+            PackageSource::Git { url: url.clone() },
+            Duration::from_secs(60),
+        );
+        assert!(later.resolve(&pull).await.is_ok());
+
+        // The operator may widen it.
+        let any = Sources::new(PackageSource::Git { url }, Duration::from_secs(60))
+            .allowing(AllowedRefs::Any);
+        git(r, &["branch", "-D", "merged"]);
+        match any.resolve(&pull).await.unwrap().arg {
+            SourceArg::Git { git_ref, .. } => assert_eq!(git_ref, None),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -75,6 +75,21 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     // The worker: running Nix and layering.
     ("NIX_TIMEOUT", SetOn::Worker, "only the worker runs Nix"),
     ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
+    (
+        "NIXERY_MAX_BUILDS",
+        SetOn::Neither,
+        "a worker takes one message at a time; more builds at once means more worker tasks (WorkerMaxCount)",
+    ),
+    (
+        "NIXERY_MAX_IMAGE_SIZE",
+        SetOn::Neither,
+        "the default (8 GiB) bounds a worker's disk use; operators with bigger images set it on the worker",
+    ),
+    (
+        "NIXERY_ALLOWED_REFS",
+        SetOn::Neither,
+        "the default (branches and tags only) is the safe one; widening it is a deliberate choice",
+    ),
 ];
 
 /// Names that look like the code's settings: the template may set other

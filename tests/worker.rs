@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::moto::Moto;
 use common::s3::S3Server;
-use common::{fixture_pkgs, nix_conf_dir, pull_and_unpack, unique, wait_until, Server};
+use common::{fixture_copy, nix_conf_dir, pull_and_unpack, unique, wait_until, Server};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -35,22 +35,33 @@ impl Cluster {
         let queue = moto
             .queue(&format!("builds-{}", unique()), 5, max_receives)
             .await;
+        // The fixture, with a salt that makes its slow package new for this
+        // cluster, and the slow build's duration the test asks for.
+        let work = tempfile::tempdir().unwrap();
+        let slow: u64 = extra
+            .iter()
+            .find(|(k, _)| *k == "NIXERY_FIXTURE_SLOW_SECONDS")
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or(20);
+        let pkgs = fixture_copy(
+            work.path(),
+            serde_json::json!({ "salt": unique(), "slowSeconds": slow }),
+        );
         let mut env = s3.nixery_env();
         env.extend([
             ("NIXERY_QUEUE_URL", queue.clone()),
             ("NIXERY_SQS_ENDPOINT", moto.endpoint.clone()),
             ("NIXERY_HEARTBEAT_SECONDS", "1".to_string()),
-            (
-                "NIXERY_PKGS_PATH",
-                fixture_pkgs().to_string_lossy().into_owned(),
-            ),
+            ("NIXERY_PKGS_PATH", pkgs.to_string_lossy().into_owned()),
             (
                 "NIX_CONF_DIR",
                 nix_conf_dir().to_string_lossy().into_owned(),
             ),
-            ("NIXERY_FIXTURE_SALT", unique()),
         ]);
-        for (k, v) in extra {
+        for (k, v) in extra
+            .iter()
+            .filter(|(k, _)| !k.starts_with("NIXERY_FIXTURE_"))
+        {
             env.retain(|(key, _)| key != k);
             env.push((k, v.to_string()));
         }
@@ -59,7 +70,7 @@ impl Cluster {
             moto,
             queue,
             env,
-            work: tempfile::tempdir().unwrap(),
+            work,
         }
     }
 

@@ -77,7 +77,11 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
             Arc::new(SingleFlight::new(Arc::new(InProcess::new(builder))))
         }
     };
-    let sources = Arc::new(Sources::new(config.source.clone(), config.tag_ttl));
+    let sources = Arc::new(
+        Sources::new(config.source.clone(), config.tag_ttl)
+            .remembering_failures(config.failure_ttl)
+            .allowing(config.allowed_refs.clone()),
+    );
     let images = Images::new(storage.clone(), dispatch, sources, config.images.clone());
     let state = AppState {
         images: Arc::new(images),
@@ -126,10 +130,11 @@ async fn builder(
     storage_config: &StorageConfig,
 ) -> anyhow::Result<Builder> {
     let popularity = Arc::new(popularity(nix, storage_config).await?);
-    Ok(Builder::new(
+    Ok(Builder::with_limits(
         Nix::new(nix.timeout),
         storage.clone(),
         popularity,
+        nix.limits,
     ))
 }
 

@@ -114,6 +114,24 @@ pub fn image_key(
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
+/// What one process may spend on builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildLimits {
+    /// Builds at once; more wait for a slot.
+    pub max_builds: usize,
+    /// Bytes of uncompressed store paths in one image.
+    pub max_image_size: u64,
+}
+
+impl Default for BuildLimits {
+    fn default() -> BuildLimits {
+        BuildLimits {
+            max_builds: 2,
+            max_image_size: 8 << 30,
+        }
+    }
+}
+
 /// Why a build failed, as the puller is told (and as a worker records it
 /// in the build status for every puller to read).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -123,6 +141,8 @@ pub enum Failure {
     UnknownPackages { names: Vec<String> },
     #[error("building the image failed: {message}")]
     Build { message: String },
+    #[error("the image would hold {size} bytes of store paths, over this registry's limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +161,8 @@ pub enum BuildError {
     Customisation(#[from] CustomisationError),
     #[error("build task failed: {0}")]
     Task(String),
+    #[error("the image would hold {size} bytes of store paths, over the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
 }
 
 impl BuildError {
@@ -154,6 +176,10 @@ impl BuildError {
         match self {
             BuildError::UnknownPackages(names) => Some(Failure::UnknownPackages {
                 names: names.clone(),
+            }),
+            BuildError::TooLarge { size, limit } => Some(Failure::TooLarge {
+                size: *size,
+                limit: *limit,
             }),
             BuildError::Nix(NixError::Failed { command, message }) => Some(Failure::Build {
                 message: format!("{command}: {message}"),
@@ -221,14 +247,28 @@ pub struct Builder {
     nix: Nix,
     storage: Arc<dyn Storage>,
     popularity: Arc<Popularity>,
+    limits: BuildLimits,
+    /// One permit per build that may run at once.
+    slots: tokio::sync::Semaphore,
 }
 
 impl Builder {
     pub fn new(nix: Nix, storage: Arc<dyn Storage>, popularity: Arc<Popularity>) -> Builder {
+        Builder::with_limits(nix, storage, popularity, BuildLimits::default())
+    }
+
+    pub fn with_limits(
+        nix: Nix,
+        storage: Arc<dyn Storage>,
+        popularity: Arc<Popularity>,
+        limits: BuildLimits,
+    ) -> Builder {
         Builder {
             nix,
             storage,
             popularity,
+            slots: tokio::sync::Semaphore::new(limits.max_builds.max(1)),
+            limits,
         }
     }
 
@@ -245,8 +285,26 @@ impl Builder {
                 return Ok(record);
             }
         }
-        let started = Instant::now();
         let image = request.image_key.as_str();
+        if self.slots.available_permits() == 0 {
+            tracing::info!(
+                image,
+                max_builds = self.limits.max_builds,
+                "waiting for a build slot"
+            );
+        }
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| BuildError::Task(e.to_string()))?;
+        // Another pull may have finished this image while this one waited.
+        if let Some(record) = records::read::<ImageRecord>(&*self.storage, &key).await? {
+            if record.is_current(request.not_before) {
+                return Ok(record);
+            }
+        }
+        let started = Instant::now();
         tracing::info!(image, packages = ?request.packages, system = %request.system, "build started");
         let result = self.run(request, progress).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -363,6 +421,13 @@ impl Builder {
         request: &BuildRequest,
     ) -> Result<(Closure, Vec<Layer>), BuildError> {
         let closure = self.nix.closure(roots).await?;
+        let size: u64 = closure.values().map(|p| p.nar_size).sum();
+        if size > self.limits.max_image_size {
+            return Err(BuildError::TooLarge {
+                size,
+                limit: self.limits.max_image_size,
+            });
+        }
         let groups = layers::group(&closure, roots, &self.popularity, request.layer_budget);
         Ok((closure, groups))
     }

@@ -14,7 +14,15 @@
 //! Nix's stdout and stderr are read concurrently (a chatty build cannot
 //! block on a full pipe), each command is stopped after the configured
 //! timeout (with its whole process group), and a failure keeps Nix's own
-//! message.
+//! message. What is kept of either stream in memory is bounded.
+//!
+//! Package sets are code, so Nix runs apart from this process's secrets:
+//! with an environment cleared down to the variables Nix itself needs
+//! ([`NIX_ENVIRONMENT`]), and evaluation in
+//! restricted mode (`restrict-eval`), allowed to read only the package
+//! source: its directory, or the one URL its fetcher needs. Builds then run
+//! as Nix's build users, in its sandbox where the host allows (that is
+//! Nix's configuration: see `.ci/nix/nix.conf` and `docs/security.md`).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -30,6 +38,33 @@ pub const RESOLVE_NIX: &str = include_str!("../../nix/resolve.nix");
 
 /// How much of Nix's error output is kept in an error message.
 const MAX_MESSAGE: usize = 2000;
+/// The most stdout kept from one command (resolve and path-info print JSON
+/// that grows with the closure; a million store paths stay well under it).
+const MAX_STDOUT: u64 = 256 * 1024 * 1024;
+/// The most stderr lines kept (the last ones), and of each line.
+const MAX_STDERR_LINES: usize = 400;
+const MAX_LINE: usize = 4096;
+
+/// The variables Nix is started with, when this process has them. Nothing
+/// else of the environment (credentials, settings) reaches Nix, so
+/// `builtins.getEnv` in a package set and builders see none of it.
+pub const NIX_ENVIRONMENT: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "NIX_CONF_DIR",
+    "NIX_CONFIG",
+    "NIX_REMOTE",
+    "NIX_STORE_DIR",
+    "NIX_STATE_DIR",
+    "NIX_LOG_DIR",
+    "NIX_DATA_DIR",
+    "NIX_SSL_CERT_FILE",
+    "SSL_CERT_FILE",
+    "NIX_USER_CONF_FILES",
+    "XDG_CONFIG_HOME",
+    "XDG_CACHE_HOME",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum NixError {
@@ -114,9 +149,9 @@ impl Nix {
                 "--argstr",
                 "request",
             ])
-            .arg(json)
-            .arg("-E")
-            .arg(RESOLVE_NIX);
+            .arg(json);
+        restrict(&mut command, &request.source);
+        command.arg("-E").arg(RESOLVE_NIX);
         let stdout = self.run(CMD, command).await?;
         serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
             command: CMD,
@@ -159,6 +194,12 @@ impl Nix {
 
     /// Runs a command to the end within the timeout; stdout on success.
     async fn run(&self, name: &'static str, mut command: Command) -> Result<Vec<u8>, NixError> {
+        command.env_clear();
+        for var in NIX_ENVIRONMENT {
+            if let Some(value) = std::env::var_os(var) {
+                command.env(var, value);
+            }
+        }
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -185,16 +226,35 @@ impl Nix {
         let work = async {
             let read_stdout = async {
                 let mut buf = Vec::new();
-                stdout.read_to_end(&mut buf).await.map(|_| buf)
+                (&mut stdout)
+                    .take(MAX_STDOUT + 1)
+                    .read_to_end(&mut buf)
+                    .await?;
+                if buf.len() as u64 > MAX_STDOUT {
+                    return Err(std::io::Error::other(format!(
+                        "more than {MAX_STDOUT} bytes of output"
+                    )));
+                }
+                Ok(buf)
             };
             let read_stderr = async {
                 let mut lines = BufReader::new(stderr).lines();
-                let mut kept = Vec::new();
-                while let Ok(Some(line)) = lines.next_line().await {
+                let mut kept = std::collections::VecDeque::new();
+                while let Ok(Some(mut line)) = lines.next_line().await {
                     tracing::debug!(command = name, "{line}");
-                    kept.push(line);
+                    if line.len() > MAX_LINE {
+                        let mut cut = MAX_LINE;
+                        while !line.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        line.truncate(cut);
+                    }
+                    if kept.len() == MAX_STDERR_LINES {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line);
                 }
-                kept
+                Vec::from(kept)
             };
             let (out, err) = tokio::join!(read_stdout, read_stderr);
             let status = child.wait().await;
@@ -230,6 +290,24 @@ impl Nix {
             source,
         })
     }
+}
+
+/// Restricted evaluation: only the package source may be read. Nix then
+/// also answers `builtins.getEnv` with the empty string.
+fn restrict(command: &mut Command, source: &SourceArg) {
+    command.args(["--option", "restrict-eval", "true"]);
+    let allowed = match source {
+        SourceArg::Path { path } => {
+            command.arg("-I").arg(path);
+            return;
+        }
+        SourceArg::Git { url, .. } => url.clone(),
+        SourceArg::Channel { name } => format!("https://nixos.org/channels/{name}/"),
+        SourceArg::Commit { rev } => {
+            format!("https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz")
+        }
+    };
+    command.args(["--option", "allowed-uris"]).arg(allowed);
 }
 
 /// Stops a command and everything it started.

@@ -30,9 +30,10 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::builder::BuildLimits;
 use crate::dispatch::sqs::Timings;
 use crate::images::ImageSettings;
-use crate::source::PackageSource;
+use crate::source::{AllowedRefs, PackageSource};
 use crate::storage::StorageConfig;
 
 /// The default nixpkgs channel.
@@ -42,6 +43,8 @@ const MAX_PRESIGN_SECONDS: u64 = 7 * 24 * 3600;
 /// Docker and containerd refuse images with more than 127 layers; one is the
 /// customisation layer.
 pub const MAX_LAYER_BUDGET: u64 = 126;
+/// 8 GiB: CUDA or TeX closures fit, a request for all of nixpkgs does not.
+const DEFAULT_MAX_IMAGE_SIZE: u64 = 8 << 30;
 /// The variable whose empty value means something (no implicit packages).
 const EMPTY_MEANS_NONE: &str = "NIXERY_IMPLICIT_PACKAGES";
 
@@ -136,6 +139,12 @@ pub struct ListenArgs {
 pub struct SourceArgs {
     #[command(flatten)]
     pub choice: SourceChoice,
+    /// Refs of a git source whose history a commit tag must be in
+    /// (refspec globs), or `any` for every commit the repository holds,
+    /// pull requests included.
+    #[arg(long, env = "NIXERY_ALLOWED_REFS", value_name = "NIXERY_ALLOWED_REFS", hide_env = true,
+          default_value = "refs/heads/* refs/tags/*", value_parser = allowed_refs)]
+    pub allowed_refs: AllowedRefs,
     /// Seconds an image from a moving source (a channel, a path) stays
     /// current, and a branch's commit is remembered.
     #[arg(long, env = "NIXERY_TAG_TTL", value_name = "NIXERY_TAG_TTL", hide_env = true, default_value_t = 6 * 3600)]
@@ -242,6 +251,15 @@ pub struct NixArgs {
     /// file:// or s3://bucket/key); equal weights otherwise.
     #[arg(long, env = "NIX_POPULARITY_URL", value_name = "NIX_POPULARITY_URL", hide_env = true, value_parser = popularity_url)]
     pub popularity_url: Option<String>,
+    /// Builds run at once by this process (further pulls wait their turn).
+    #[arg(long, env = "NIXERY_MAX_BUILDS", value_name = "NIXERY_MAX_BUILDS", hide_env = true, default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_builds: u64,
+    /// Largest image built, in bytes of uncompressed store paths (its
+    /// closure's NAR size); larger ones are refused before packing.
+    #[arg(long, env = "NIXERY_MAX_IMAGE_SIZE", value_name = "NIXERY_MAX_IMAGE_SIZE", hide_env = true,
+          default_value_t = DEFAULT_MAX_IMAGE_SIZE, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_image_size: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -263,8 +281,8 @@ pub struct DispatchArgs {
     #[arg(long, env = "NIXERY_BUILD_TIMEOUT", value_name = "NIXERY_BUILD_TIMEOUT", hide_env = true, default_value_t = 840,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub build_timeout: u64,
-    /// Seconds a failed build is remembered and answered without building
-    /// again.
+    /// Seconds a failed build (or a tag that names nothing) is remembered
+    /// and answered without building (or looking) again.
     #[arg(long, env = "NIXERY_FAILURE_TTL", value_name = "NIXERY_FAILURE_TTL", hide_env = true, default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub failure_ttl: u64,
@@ -336,7 +354,10 @@ pub enum Mode {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub source: PackageSource,
+    pub allowed_refs: AllowedRefs,
     pub tag_ttl: Duration,
+    /// How long a failed build, or a failed lookup of a tag, is remembered.
+    pub failure_ttl: Duration,
     pub storage: StorageConfig,
     pub images: ImageSettings,
     pub builds: BuildMode,
@@ -359,6 +380,7 @@ pub enum BuildMode {
 pub struct NixConfig {
     pub timeout: Duration,
     pub popularity_url: Option<String>,
+    pub limits: BuildLimits,
 }
 
 /// The build queue.
@@ -448,7 +470,9 @@ impl ServeArgs {
         Ok(ServeConfig {
             listen,
             source: self.source.config(),
+            allowed_refs: self.source.allowed_refs.clone(),
             tag_ttl: Duration::from_secs(self.source.tag_ttl),
+            failure_ttl: Duration::from_secs(self.dispatch.failure_ttl),
             storage,
             images: ImageSettings {
                 layer_budget: self.image.layer_budget as usize,
@@ -523,6 +547,10 @@ impl NixArgs {
         NixConfig {
             timeout: Duration::from_secs(self.nix_timeout),
             popularity_url: self.popularity_url.clone(),
+            limits: BuildLimits {
+                max_builds: self.max_builds as usize,
+                max_image_size: self.max_image_size,
+            },
         }
     }
 }
@@ -660,6 +688,29 @@ fn package_name(value: &str) -> Result<String, String> {
         Ok(value.to_string())
     } else {
         Err("a name has only letters, digits, '-', '.' and '_'".to_string())
+    }
+}
+
+/// `any`, or ref patterns such as `refs/heads/*` separated by spaces.
+fn allowed_refs(value: &str) -> Result<AllowedRefs, String> {
+    if value.trim() == "any" {
+        return Ok(AllowedRefs::Any);
+    }
+    let patterns: Vec<String> = value
+        .split([' ', ','])
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let valid = |p: &String| {
+        p.starts_with("refs/")
+            && !p.contains("..")
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'*'))
+    };
+    match patterns.iter().find(|p| !valid(p)) {
+        _ if patterns.is_empty() => Err("name at least one ref pattern, or `any`".to_string()),
+        Some(bad) => Err(format!("{bad:?} is not a ref pattern like refs/heads/*")),
+        None => Ok(AllowedRefs::Reachable(patterns)),
     }
 }
 
@@ -843,6 +894,19 @@ mod tests {
             ),
             (vec!["worker", "--storage-path", "/x"], "NIXERY_QUEUE_URL"),
             (
+                vec!["serve", "--allowed-refs", "main"],
+                "NIXERY_ALLOWED_REFS",
+            ),
+            (
+                vec!["serve", "--allowed-refs", "refs/$(x)"],
+                "NIXERY_ALLOWED_REFS",
+            ),
+            (vec!["serve", "--max-builds", "0"], "NIXERY_MAX_BUILDS"),
+            (
+                vec!["serve", "--max-image-size", "big"],
+                "NIXERY_MAX_IMAGE_SIZE",
+            ),
+            (
                 vec![
                     "worker",
                     "--storage-backend",
@@ -875,7 +939,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 22, "{vars:?}");
+        assert_eq!(vars.len(), 25, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

@@ -111,6 +111,15 @@ fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String, Value) 
             format!("tag {tag:?} is not a branch, tag or commit of the package source"),
             json!({ "tag": tag }),
         ),
+        ImageError::Source(SourceError::NotReachable { rev, allowed, .. }) => (
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            format!(
+                "revision {rev} is not on a branch or tag of the package source ({allowed}); \
+                 this registry builds only those"
+            ),
+            json!({ "revision": rev }),
+        ),
         ImageError::Source(SourceError::Git { .. }) => unavailable("package source"),
         ImageError::Storage(_) | ImageError::Record(RecordError::Storage(_)) => {
             unavailable("storage")
@@ -133,6 +142,12 @@ fn build_parts(error: &DispatchError) -> (StatusCode, &'static str, String, Valu
             "MANIFEST_UNKNOWN",
             failure.to_string(),
             json!({ "unknown": names }),
+        ),
+        DispatchError::Failed(failure @ Failure::TooLarge { size, limit }) => (
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            failure.to_string(),
+            json!({ "size": size, "limit": limit }),
         ),
         DispatchError::Failed(failure @ Failure::Build { .. }) => (
             StatusCode::INTERNAL_SERVER_ERROR,

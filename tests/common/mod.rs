@@ -33,6 +33,29 @@ pub fn fixture_pkgs() -> PathBuf {
     pkgs
 }
 
+/// A copy of the fixture package set under `dir`, with `settings` as its
+/// settings.json (for example `{"slowSeconds": 5, "salt": "..."}`). Store
+/// paths of packages the settings do not touch are the same as the
+/// original's, so copies share builds.
+pub fn fixture_copy(dir: &Path, settings: serde_json::Value) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+    let to = dir.join(format!("pkgs-{}", unique()));
+    copy(&fixture_pkgs(), &to);
+    std::fs::write(to.join("settings.json"), settings.to_string()).unwrap();
+    to
+}
+
 /// Nix settings for a daemon-less, offline, root machine.
 pub fn nix_conf_dir() -> PathBuf {
     std::env::var_os("NIX_CONF_DIR")

@@ -1,0 +1,235 @@
+//! A public endpoint under attack: package sets that hunt for secrets or
+//! reach outside themselves, revisions that only a pull request holds,
+//! images over the size limit, and more builds than the limit allows. Real
+//! Nix (sandboxed, as build users), real storage, the real registry.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::Command;
+
+use common::{fixture_copy, unique, Server};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// Every regular file of an image, path -> bytes, read from its layers.
+async fn image_files(server: &Server, name: &str) -> BTreeMap<String, Vec<u8>> {
+    let manifest: Value = reqwest::get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut files = BTreeMap::new();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let blob = reqwest::get(server.url(&format!("/v2/{name}/blobs/{digest}")))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.header().entry_type().is_file() {
+                let path = entry.path().unwrap().to_string_lossy().into_owned();
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).unwrap();
+                files.insert(path, bytes);
+            }
+        }
+    }
+    files
+}
+
+async fn error_of(server: &Server, path: &str) -> (StatusCode, Value) {
+    let response = reqwest::get(server.url(path)).await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_package_set_hunting_for_secrets_finds_none() {
+    let canary = format!("canary-{}", unique());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_CANARY", &canary),
+            ("AWS_SECRET_ACCESS_KEY", &canary),
+        ],
+    );
+    let files = image_files(&server, "snoop").await;
+    let snooped = |name: &str| {
+        let (_, bytes) = files
+            .iter()
+            .find(|(path, _)| path.ends_with(&format!("share/snoop/{name}")))
+            .unwrap_or_else(|| panic!("the snoop package's {name} file is missing"));
+        String::from_utf8_lossy(bytes).into_owned()
+    };
+    // The package ran, and saw nothing: evaluation got an empty
+    // environment, and the builder saw no process but its own.
+    assert_eq!(snooped("eval").trim(), "evaluation saw:");
+    assert_eq!(snooped("proc"), "");
+    for (path, bytes) in &files {
+        assert!(
+            !String::from_utf8_lossy(bytes).contains(&canary),
+            "{path} holds the canary"
+        );
+    }
+}
+
+#[tokio::test]
+async fn evaluation_cannot_read_outside_the_package_set() {
+    let server = Server::start();
+    let (status, body) = error_of(&server, "/v2/escape/manifests/latest").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("restricted mode"), "{message}");
+    let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    assert!(
+        hostname.trim().is_empty() || !message.contains(&format!("\"{}\"", hostname.trim())),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn an_image_over_the_size_limit_is_refused_before_packing() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let server = Server::start_with(&storage, &[("NIXERY_MAX_IMAGE_SIZE", "10000000")]);
+    let (status, body) = error_of(&server, "/v2/big/manifests/latest").await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let error = &body["errors"][0];
+    assert_eq!(error["code"], "DENIED");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("10000000"), "{message}");
+    let size = error["detail"]["size"].as_u64().unwrap();
+    assert!(size > 50_000_000, "{body}");
+    assert!(message.contains(&size.to_string()), "{message}");
+    // Nothing was packed or stored for it.
+    assert!(!server.log().contains("layer packed"), "{}", server.log());
+    assert!(
+        !storage.join("images").exists()
+            || std::fs::read_dir(storage.join("images"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+    // Small images still build under the same limit.
+    let ok = reqwest::get(server.url("/v2/hello/manifests/latest"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn builds_beyond_the_limit_wait_their_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(
+        dir.path(),
+        serde_json::json!({ "salt": unique(), "slowSeconds": 2 }),
+    );
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
+            ("NIXERY_MAX_BUILDS", "1"),
+        ],
+    );
+    let pulls: Vec<_> = ["slow", "slow2", "slow3"]
+        .into_iter()
+        .map(|name| {
+            let url = server.url(&format!("/v2/{name}/manifests/latest"));
+            tokio::spawn(async move { reqwest::get(url).await.unwrap().status() })
+        })
+        .collect();
+    for pull in pulls {
+        assert_eq!(pull.await.unwrap(), StatusCode::OK);
+    }
+    // One at a time: every start follows the previous build's end.
+    let log = server.log();
+    let events: Vec<&str> = log
+        .lines()
+        .filter_map(|l| {
+            if l.contains("build started") {
+                Some("start")
+            } else if l.contains("build finished") {
+                Some("end")
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        events,
+        ["start", "end", "start", "end", "start", "end"],
+        "{log}"
+    );
+    assert!(log.contains("waiting for a build slot"), "{log}");
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn a_revision_only_a_pull_request_holds_is_never_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("default.nix"), "{ ... }: { }\n").unwrap();
+    git(&repo, &["init", "-q"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "base"]);
+    git(&repo, &["checkout", "-qb", "pr"]);
+    // Evaluating this would run the attacker's code.
+    std::fs::write(
+        repo.join("default.nix"),
+        "{ ... }: builtins.throw \"attacker code evaluated\"\n",
+    )
+    .unwrap();
+    git(&repo, &["commit", "-qam", "attack"]);
+    let attack = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["update-ref", "refs/pull/1/head", &attack]);
+    git(&repo, &["checkout", "-q", "main"]);
+    git(&repo, &["branch", "-D", "pr"]);
+
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_PKGS_PATH", ""),
+            ("NIXERY_PKGS_REPO", repo.to_str().unwrap()),
+        ],
+    );
+    for _ in 0..2 {
+        let (status, body) = error_of(&server, &format!("/v2/hello/manifests/{attack}")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["errors"][0]["code"], "DENIED");
+        let message = body["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(&attack), "{message}");
+        assert!(!message.contains(repo.to_str().unwrap()), "{message}");
+    }
+    assert_eq!(server.builds_started(), 0);
+    assert!(!server.log().contains("attacker code evaluated"));
+}
