@@ -8,11 +8,13 @@
 #
 # The container runs Nix as root without a daemon, on ECS Fargate or any
 # other container host:
-#   - no build users: there is no daemon to drop privileges for, and the
-#     image has no nixbld group;
-#   - no sandbox: Fargate grants no user namespaces or mount privileges. The
-#     worker realises packages from the binary cache and builds only what is
-#     missing there, as root in a throwaway container;
+#   - builders run as the nixbld build users (nix/worker-users.nix puts them
+#     in the image), never as root beside the task's credentials: they
+#     cannot read the worker's /proc/<pid>/environ;
+#   - the sandbox where the host allows it: Fargate grants no user
+#     namespaces or mount privileges, so there Nix falls back to building
+#     without one (sandbox-fallback); on EC2 or a privileged host builders
+#     get their own namespaces too;
 #   - the official binary cache, so most closures are downloaded, not built.
 {
   substituters ? [ "https://cache.nixos.org" ],
@@ -23,8 +25,9 @@
 
 let
   settings = {
-    build-users-group = "";
-    sandbox = false;
+    build-users-group = "nixbld";
+    sandbox = true;
+    sandbox-fallback = true;
     inherit substituters;
     trusted-public-keys = trustedPublicKeys;
     experimental-features = [ "nix-command" ];

@@ -19,8 +19,10 @@
 #
 # What is in the image:
 #   /bin          nixery, nix*, git, bash, sh, coreutils
-#   /etc/nix/nix.conf   from nix/worker-nix-conf.nix (no daemon, no sandbox)
-#   /etc/ssl/certs      CA bundle (cacert), /etc/passwd and /etc/group (root, nobody)
+#   /etc/nix/nix.conf   from nix/worker-nix-conf.nix (no daemon; build users;
+#                       the sandbox where the host allows it)
+#   /etc/ssl/certs      CA bundle (cacert); /etc/passwd and /etc/group with
+#                       root, nobody and the nixbld build users (nix/worker-users.nix)
 #   /nix/var/nix/db     the Nix database of everything in the image, so Nix
 #                       inside the container knows its own store is valid
 #   /tmp, /var/tmp      mode 1777; /root is HOME
@@ -37,6 +39,17 @@ let
   inherit (pkgs) dockerTools;
 
   nixConf = pkgs.writeTextDir "etc/nix/nix.conf" (import ./worker-nix-conf.nix { });
+
+  # root, nobody and the nixbld build users (fakeNss has only the first two).
+  users = import ./worker-users.nix { };
+  accounts = pkgs.symlinkJoin {
+    name = "worker-accounts";
+    paths = [
+      (pkgs.writeTextDir "etc/passwd" users.passwd)
+      (pkgs.writeTextDir "etc/group" users.group)
+      (pkgs.writeTextDir "etc/nsswitch.conf" "passwd: files\ngroup: files\nhosts: files dns\n")
+    ];
+  };
 
   # Registers the closure of `contents` in the image's Nix database
   # (nix-store --load-db of its closureInfo) in the last layer. Newer
@@ -57,7 +70,7 @@ buildImage {
     pkgs.cacert
     pkgs.bashInteractive # /bin/sh and /bin/bash, for Nix and for debugging
     pkgs.coreutils
-    dockerTools.fakeNss # /etc/passwd, /etc/group, /etc/nsswitch.conf
+    accounts # /etc/passwd, /etc/group (with the build users), /etc/nsswitch.conf
     dockerTools.usrBinEnv # /usr/bin/env
     nixConf
   ];

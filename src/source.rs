@@ -109,6 +109,9 @@ impl Default for AllowedRefs {
     }
 }
 
+/// A tag's resolution (or why it failed), and when it was looked up.
+type Lookup = (Result<Resolved, SourceError>, Instant);
+
 /// Resolves tags against the configured source, remembering git lookups
 /// for the TTL and failed ones for the failure TTL.
 #[derive(Debug)]
@@ -117,7 +120,7 @@ pub struct Sources {
     ttl: Duration,
     failure_ttl: Duration,
     allowed: AllowedRefs,
-    remembered: Mutex<HashMap<String, (Result<Resolved, SourceError>, Instant)>>,
+    remembered: Mutex<HashMap<String, Lookup>>,
     /// Serialises fetches into the local mirror of a git source.
     mirror: tokio::sync::Mutex<()>,
 }

@@ -593,9 +593,37 @@ fn the_worker_image_uses_the_pure_parts_tested_here() {
     for part in [
         "./worker-nix-conf.nix",
         "./worker-image-config.nix",
+        "./worker-users.nix",
         "./package.nix",
     ] {
         assert!(worker.contains(part), "nix/worker.nix does not use {part}");
+    }
+}
+
+#[test]
+fn the_worker_image_has_the_build_users_its_nix_conf_names() {
+    let users = eval_json(&format!(
+        "import {}/nix/worker-users.nix {{ }}",
+        repo().display()
+    ));
+    let group = users["group"].as_str().unwrap();
+    let passwd = users["passwd"].as_str().unwrap();
+    let nixbld = group
+        .lines()
+        .find(|l| l.starts_with("nixbld:"))
+        .expect("a nixbld group");
+    let gid = nixbld.split(':').nth(2).unwrap();
+    let members: Vec<&str> = nixbld.split(':').nth(3).unwrap().split(',').collect();
+    assert!(members.len() >= 4, "{nixbld}");
+    for member in members {
+        let entry = passwd
+            .lines()
+            .find(|l| l.starts_with(&format!("{member}:")))
+            .unwrap_or_else(|| panic!("{member} is in the group but not in passwd"));
+        let fields: Vec<&str> = entry.split(':').collect();
+        assert_ne!(fields[2], "0", "{member} must not be root");
+        assert_eq!(fields[3], gid, "{member}");
+        assert_eq!(fields[6], "/bin/false", "{member} needs no shell");
     }
 }
 
@@ -615,12 +643,16 @@ fn the_worker_nix_conf_is_accepted_by_nix() {
         .map(|(k, v)| (k.trim(), v.trim()))
         .collect();
     assert_eq!(
-        settings["build-users-group"], "",
-        "no daemon, no build users in the container"
+        settings["build-users-group"], "nixbld",
+        "builders must not run as root beside the task's credentials"
     );
     assert_eq!(
-        settings["sandbox"], "false",
-        "Fargate has no user namespaces"
+        settings["sandbox"], "true",
+        "sandboxed where the host allows"
+    );
+    assert_eq!(
+        settings["sandbox-fallback"], "true",
+        "Fargate has no user namespaces: build without the sandbox there"
     );
     assert!(settings["substituters"]
         .split(' ')
@@ -654,8 +686,8 @@ fn the_worker_nix_conf_is_accepted_by_nix() {
         "Nix does not know a setting of nix/worker-nix-conf.nix:\n{stderr}"
     );
     let shown: Value = serde_json::from_slice(&output.stdout).expect("nix show-config --json");
-    assert_eq!(shown["sandbox"]["value"], false);
-    assert_eq!(shown["build-users-group"]["value"], "");
+    assert_eq!(shown["sandbox"]["value"], true);
+    assert_eq!(shown["build-users-group"]["value"], "nixbld");
     assert_eq!(
         shown["substituters"]["value"],
         json!(["https://cache.nixos.org"])

@@ -89,6 +89,7 @@ async fn function_url_and_api_gateway_events() {
     let state = AppState {
         images: Arc::new(images),
         storage,
+        auth: None,
     };
 
     // GET manifest by tag, with containerd's ?ns= query.

@@ -141,6 +141,7 @@ impl Registry {
             state: AppState {
                 images: Arc::new(images),
                 storage: storage.clone(),
+                auth: None,
             },
             storage,
             dispatch,
@@ -540,4 +541,60 @@ async fn stale_images_of_a_moving_source_are_rebuilt() {
     // Fresh again: served without a build.
     let _ = registry.get("/v2/hello/manifests/latest").await;
     assert_eq!(registry.builds(), 2);
+}
+
+mod fuzz {
+    //! Names, tags and digests from a hostile client: whatever arrives, the
+    //! answer is never a server error, and nothing is built unless the
+    //! answer is a manifest.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn reference() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9._:@%+-]{0,140}",
+            "sha256:[0-9a-fA-F]{0,70}",
+            "(sha512|md5|SHA256):[0-9a-f]{0,64}",
+            Just("latest".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        #[test]
+        fn no_request_path_fails_the_server_or_builds_by_mistake(
+            name in "[a-zA-Z0-9._/:@%+-]{0,300}",
+            kind in prop::sample::select(vec!["manifests", "blobs", "tags", "referrers", ""]),
+            reference in reference(),
+            head in any::<bool>(),
+        ) {
+            let uri = format!("/v2/{name}/{kind}/{reference}");
+            if uri.parse::<axum::http::Uri>().is_err() {
+                // Not a request a client can send.
+                return Ok(());
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let registry = Registry::new();
+                let method = if head { Method::HEAD } else { Method::GET };
+                let (response, body) = registry.send(method.clone(), &uri).await;
+                let status = response.status();
+                prop_assert!(!status.is_server_error(), "{method} {uri}: {status}");
+                if status != StatusCode::OK {
+                    prop_assert_eq!(registry.builds(), 0, "{} {} built", method, uri);
+                    prop_assert!(registry.storage.keys().is_empty());
+                    if method == Method::GET {
+                        let (code, _, _) = error(&response, &body);
+                        prop_assert!(!code.is_empty());
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
 }

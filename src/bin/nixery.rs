@@ -10,7 +10,7 @@ use nixery::builder::nix::{Nix, ResolveRequest};
 use nixery::builder::popularity::Popularity;
 use nixery::builder::Builder;
 use nixery::config::{
-    BuildMode, Cli, Mode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig,
+    AuthScope, BuildMode, Cli, Mode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig,
 };
 use nixery::dispatch::in_process::InProcess;
 use nixery::dispatch::single_flight::SingleFlight;
@@ -18,6 +18,7 @@ use nixery::dispatch::sqs::{sqs_client, SqsDispatch, SqsQueue};
 use nixery::dispatch::worker::Worker;
 use nixery::dispatch::Dispatch;
 use nixery::images::Images;
+use nixery::registry::auth::{Auth, Scope};
 use nixery::registry::{self, AppState};
 use nixery::source::Sources;
 use nixery::storage::{self, Storage, StorageConfig};
@@ -46,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         match mode {
-            Mode::Serve(config) => serve(config, in_lambda).await,
+            Mode::Serve(config) => serve(*config, in_lambda).await,
             Mode::Worker(config) => run_worker(config).await,
             Mode::Popularity(config) => {
                 let popularity = compute_popularity(config).await?;
@@ -83,9 +84,14 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
             .allowing(config.allowed_refs.clone()),
     );
     let images = Images::new(storage.clone(), dispatch, sources, config.images.clone());
+    let auth = match &config.auth {
+        None => None,
+        Some((file, scope)) => Some(Arc::new(auth(file, *scope, &config.storage).await?)),
+    };
     let state = AppState {
         images: Arc::new(images),
         storage,
+        auth,
     };
     if in_lambda {
         tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
@@ -136,6 +142,25 @@ async fn builder(
         popularity,
         nix.limits,
     ))
+}
+
+/// The htpasswd file of a private registry.
+async fn auth(file: &str, scope: AuthScope, storage: &StorageConfig) -> anyhow::Result<Auth> {
+    let bytes = if file.contains("://") {
+        nixery::fetch::fetch(file, storage.s3_endpoint())
+            .await
+            .context("loading the htpasswd file (NIXERY_HTPASSWD)")?
+    } else {
+        std::fs::read(file).with_context(|| format!("reading NIXERY_HTPASSWD={file}"))?
+    };
+    let scope = match scope {
+        AuthScope::Build => Scope::Build,
+        AuthScope::All => Scope::All,
+    };
+    let auth = Auth::parse(&String::from_utf8_lossy(&bytes), scope)
+        .context("parsing the htpasswd file (NIXERY_HTPASSWD)")?;
+    tracing::info!(?scope, "credentials required");
+    Ok(auth)
 }
 
 /// Builds each package and counts references over their closures.

@@ -64,7 +64,7 @@ pub enum Command {
     /// Runs the registry on a local port, or as an AWS Lambda function when
     /// AWS_LAMBDA_RUNTIME_API is set (the Lambda runtime starts it with no
     /// command at all).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Takes builds from the queue and runs them with the local Nix,
     /// writing images to the configured storage.
     Worker(WorkerArgs),
@@ -89,6 +89,34 @@ pub struct ServeArgs {
     pub dispatch: DispatchArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthScope {
+    /// Anyone pulls what is built; building needs credentials.
+    Build,
+    /// Every request needs credentials.
+    All,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Access")]
+pub struct AuthArgs {
+    /// An htpasswd file with bcrypt hashes (`htpasswd -B`): a path,
+    /// file:// or s3://bucket/key. Unset: a public registry.
+    #[arg(
+        long,
+        env = "NIXERY_HTPASSWD",
+        value_name = "NIXERY_HTPASSWD",
+        hide_env = true
+    )]
+    pub htpasswd: Option<String>,
+    /// What needs credentials when NIXERY_HTPASSWD is set.
+    #[arg(long, env = "NIXERY_AUTH_SCOPE", value_name = "NIXERY_AUTH_SCOPE", hide_env = true, value_enum,
+          default_value_t = AuthScope::Build)]
+    pub auth_scope: AuthScope,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -344,7 +372,7 @@ fn shared_storage(storage: StorageConfig) -> Result<StorageConfig, ConfigError> 
 /// What to run, with everything it needs and nothing else.
 #[derive(Debug, Clone)]
 pub enum Mode {
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     Worker(WorkerConfig),
     Popularity(PopularityConfig),
 }
@@ -353,6 +381,8 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Where the htpasswd file is, and what it guards.
+    pub auth: Option<(String, AuthScope)>,
     pub source: PackageSource,
     pub allowed_refs: AllowedRefs,
     pub tag_ttl: Duration,
@@ -420,7 +450,7 @@ impl Cli {
     /// runtime, which gives no command (it means `serve`).
     pub fn mode(self, in_lambda: bool) -> Result<Mode, ModeError> {
         match self.command {
-            Some(Command::Serve(args)) => Ok(Mode::Serve(args.config()?)),
+            Some(Command::Serve(args)) => Ok(Mode::Serve(Box::new(args.config()?))),
             Some(Command::Worker(args)) => Ok(Mode::Worker(args.config()?)),
             Some(Command::Popularity(args)) => Ok(Mode::Popularity(args.config())),
             None if in_lambda => {
@@ -469,6 +499,11 @@ impl ServeArgs {
         };
         Ok(ServeConfig {
             listen,
+            auth: self
+                .auth
+                .htpasswd
+                .clone()
+                .map(|file| (file, self.auth.auth_scope)),
             source: self.source.config(),
             allowed_refs: self.source.allowed_refs.clone(),
             tag_ttl: Duration::from_secs(self.source.tag_ttl),
@@ -742,7 +777,7 @@ mod tests {
         let mut argv = vec!["serve"];
         argv.extend_from_slice(args);
         match parse(&argv) {
-            Ok(Mode::Serve(config)) => config,
+            Ok(Mode::Serve(config)) => *config,
             other => panic!("{other:?}"),
         }
     }
@@ -939,7 +974,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 25, "{vars:?}");
+        assert_eq!(vars.len(), 27, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

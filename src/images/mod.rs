@@ -56,6 +56,8 @@ pub enum ImageError {
     ManifestUnknown { reference: String },
     #[error("stored manifest {digest} does not match its digest (found {found})")]
     Corrupt { digest: String, found: String },
+    #[error("building this image needs credentials")]
+    NeedsCredentials,
 }
 
 /// What settles an image's key besides its name.
@@ -105,8 +107,14 @@ impl Images {
         }
     }
 
-    /// The manifest for `spec` at `tag`: stored and current, or built now.
-    pub async fn get_or_build(&self, spec: &ImageSpec, tag: &str) -> Result<Served, ImageError> {
+    /// The manifest for `spec` at `tag`: stored and current, or built now
+    /// if `may_build` (the caller's permission).
+    pub async fn get_or_build(
+        &self,
+        spec: &ImageSpec,
+        tag: &str,
+        may_build: bool,
+    ) -> Result<Served, ImageError> {
         let resolved = self.sources.resolve(tag).await?;
         let request = BuildRequest::new(
             spec,
@@ -119,6 +127,7 @@ impl Images {
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
         let record = match stored {
             Some(record) if record.is_current(request.not_before) => record,
+            _ if !may_build => return Err(ImageError::NeedsCredentials),
             stale => {
                 tracing::info!(image = %request.image_key, spec = %spec, stale = stale.is_some(), "building");
                 match self.dispatch.build(request).await {

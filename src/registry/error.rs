@@ -36,6 +36,8 @@ pub enum RegistryError {
     Unsupported { method: String },
     #[error("no such endpoint: {path}")]
     NoRoute { path: String },
+    #[error("authentication required: {reason}")]
+    Unauthorized { reason: &'static str },
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -84,6 +86,12 @@ impl RegistryError {
                 self.to_string(),
                 json!({ "path": path }),
             ),
+            Unauthorized { .. } => (
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                self.to_string(),
+                Value::Null,
+            ),
             Image(e) => image_parts(e),
             Storage(_) => unavailable("storage"),
         }
@@ -92,6 +100,12 @@ impl RegistryError {
 
 fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String, Value) {
     match error {
+        ImageError::NeedsCredentials => (
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "this image is not built yet, and building needs credentials".to_string(),
+            Value::Null,
+        ),
         ImageError::ManifestUnknown { reference } => (
             StatusCode::NOT_FOUND,
             "MANIFEST_UNKNOWN",
@@ -193,6 +207,12 @@ impl IntoResponse for RegistryError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(concat!("Basic realm=\"", "nixery", "\"")),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }

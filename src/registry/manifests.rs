@@ -20,6 +20,7 @@ pub(super) async fn get(
     name: &str,
     reference: &str,
     head: bool,
+    may_build: bool,
 ) -> Result<Response, RegistryError> {
     name::validate_name(name).map_err(RegistryError::NameInvalid)?;
     let served = if reference.contains(':') {
@@ -34,7 +35,10 @@ pub(super) async fn get(
             | NameError::TooManyPackages { .. }
             | NameError::NoPackages { .. } => RegistryError::NameInvalid(e),
         })?;
-        state.images.get_or_build(&spec, reference).await?
+        state
+            .images
+            .get_or_build(&spec, reference, may_build)
+            .await?
     };
     Ok(manifest_response(served, head))
 }

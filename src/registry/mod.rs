@@ -15,6 +15,7 @@
 //! strings (containerd's `?ns=`) play no part. [`router`] returns the whole
 //! API as one value, served by [`serve`] on a listener (local mode, tests).
 
+pub mod auth;
 mod blobs;
 pub mod error;
 mod landing;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub images: Arc<Images>,
     /// Blobs, served straight from storage.
     pub storage: Arc<dyn Storage>,
+    /// Credentials, on a private instance.
+    pub auth: Option<Arc<auth::Auth>>,
 }
 
 /// The whole registry API.
@@ -62,6 +65,7 @@ pub fn router(state: AppState) -> Router {
                 path: req.uri().path().to_string(),
             }
         })
+        .layer(middleware::from_fn_with_state(state.clone(), auth::check))
         .layer(middleware::from_fn(common_headers))
         .with_state(state)
 }
@@ -104,8 +108,9 @@ async fn v2(
     }
     let (front, reference) = rest.rsplit_once('/').ok_or_else(no_route)?;
     let (name, kind) = front.rsplit_once('/').ok_or_else(no_route)?;
+    let may_build = auth::may_build(&state, req.extensions().get::<auth::Caller>());
     match kind {
-        "manifests" => manifests::get(&state, name, reference, head).await,
+        "manifests" => manifests::get(&state, name, reference, head, may_build).await,
         "blobs" => blobs::get(&state, name, reference, head).await,
         _ => Err(no_route()),
     }
