@@ -75,6 +75,8 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     // The worker: running Nix and layering.
     ("NIX_TIMEOUT", SetOn::Worker, "only the worker runs Nix"),
     ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
+    ("NIXERY_HTPASSWD", SetOn::Function, "the function answers requests, so it checks credentials"),
+    ("NIXERY_AUTH_SCOPE", SetOn::Function, "the function answers requests, so it checks credentials"),
     (
         "NIXERY_MAX_BUILDS",
         SetOn::Neither,

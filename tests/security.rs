@@ -233,3 +233,94 @@ async fn a_revision_only_a_pull_request_holds_is_never_evaluated() {
     assert_eq!(server.builds_started(), 0);
     assert!(!server.log().contains("attacker code evaluated"));
 }
+
+/// Damages one layer of a built image in storage (`blob_file` finds where
+/// the backend keeps it), drops the image record so the next pull builds
+/// again, and checks that the build repairs the layer.
+async fn damaged_layers_are_rebuilt(
+    server: &Server,
+    blob_file: impl Fn(&str) -> std::path::PathBuf,
+    images: &std::path::Path,
+) {
+    let manifest: Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hex = layer.strip_prefix("sha256:").unwrap().to_string();
+    let file = blob_file(&hex);
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    for entry in std::fs::read_dir(images).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let again = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    assert!(server.log().contains("damaged"), "{}", server.log());
+    let repaired = std::fs::read(&file).unwrap();
+    assert_eq!(repaired, bytes, "the layer was not written again");
+}
+
+#[tokio::test]
+async fn a_damaged_layer_is_never_served_and_is_rebuilt_on_the_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let server = Server::start_with(&storage, &[]);
+    // Served while good; a damaged copy is unknown to clients.
+    let manifest: Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = storage
+        .join("blobs/sha256")
+        .join(layer.strip_prefix("sha256:").unwrap());
+    let blob_url = server.url(&format!("/v2/shell/hello/blobs/{layer}"));
+    assert_eq!(
+        reqwest::get(&blob_url).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let (status, body) = error_of(&server, &format!("/v2/shell/hello/blobs/{layer}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["errors"][0]["code"], "BLOB_UNKNOWN");
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let blobs = storage.join("blobs/sha256");
+    damaged_layers_are_rebuilt(&server, |hex| blobs.join(hex), &storage.join("images")).await;
+    let served = reqwest::get(&blob_url)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(nixery::oci::digest::sha256_digest(&served), layer);
+}
+
+#[tokio::test]
+async fn a_damaged_layer_is_rebuilt_in_s3() {
+    let s3 = common::s3::S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env = s3.nixery_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start_with(&dir.path().join("unused"), &env);
+    let bucket = s3.root.join(common::s3::BUCKET);
+    let blobs = bucket.join("blobs/sha256");
+    damaged_layers_are_rebuilt(&server, |hex| blobs.join(hex), &bucket.join("images")).await;
+}

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::s3::{S3Server, BUCKET};
-use nixery::storage::{Download, FsStorage, MemoryStorage, S3Storage, Storage, StorageError};
+use nixery::storage::{
+    Check, Download, FsStorage, MemoryStorage, S3Storage, Storage, StorageError,
+};
 use tokio::io::AsyncReadExt;
 
 /// The bytes behind a download, however it is offered.
@@ -101,6 +103,46 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
         Some(300_000)
     );
 
+    // Checking a stored object against its size and digest, and repairing
+    // one that is damaged.
+    let content = pattern(100_000, 3);
+    let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
+    let key = format!("blobs/sha256/{hex}");
+    let size = content.len() as u64;
+    let file = dir.join("checked");
+    assert_eq!(
+        storage.check(&key, size, &hex).await.unwrap(),
+        Check::Absent
+    );
+    std::fs::write(&file, &content).unwrap();
+    storage.put_file(&key, &file).await.unwrap();
+    assert_eq!(storage.check(&key, size, &hex).await.unwrap(), Check::Good);
+    // Truncated, as by a failed write: corrupt.
+    storage
+        .put(&key, Bytes::from(content[..50_000].to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        storage.check(&key, size, &hex).await.unwrap(),
+        Check::Corrupt
+    );
+    // Creating keeps what is there; only a replacement repairs it.
+    std::fs::write(&file, &content).unwrap();
+    storage.put_file(&key, &file).await.unwrap();
+    assert_eq!(
+        storage.check(&key, size, &hex).await.unwrap(),
+        Check::Corrupt
+    );
+    std::fs::write(&file, &content).unwrap();
+    storage.replace_file(&key, &file).await.unwrap();
+    assert!(!file.exists(), "replace_file must consume its file");
+    assert_eq!(storage.check(&key, size, &hex).await.unwrap(), Check::Good);
+    assert!(fetch(storage.download(&key).await.unwrap().unwrap()).await == content);
+    storage
+        .put(&key, Bytes::from(content.clone()))
+        .await
+        .unwrap();
+
     // Keys outside the layout are refused, not written.
     assert!(matches!(
         storage.put("../escape", Bytes::new()).await,
@@ -121,6 +163,25 @@ async fn filesystem_backend() {
         .unwrap()
         .collect();
     assert!(left.is_empty(), "staging not empty: {left:?}");
+
+    // The same size with other bytes: the digest tells, and such a blob is
+    // not served.
+    let content = pattern(4096, 9);
+    let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
+    let key = format!("blobs/sha256/{hex}");
+    storage
+        .put(&key, Bytes::from(content.clone()))
+        .await
+        .unwrap();
+    assert!(storage.download(&key).await.unwrap().is_some());
+    let mut damaged = content.clone();
+    damaged[100] ^= 0xff;
+    std::fs::write(root.path().join(&key), &damaged).unwrap();
+    assert_eq!(
+        storage.check(&key, 4096, &hex).await.unwrap(),
+        Check::Corrupt
+    );
+    assert!(storage.download(&key).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -136,6 +197,8 @@ async fn memory_backend() {
     assert_eq!(
         storage.keys(),
         [
+            // The checked object: sha256 of pattern(100_000, 3).
+            "blobs/sha256/5b549d264e029a4406324861b7dafa2e83872f0759b2e7b891bdd120df72f58f",
             "blobs/sha256/large",
             "blobs/sha256/small",
             "builds/k",

@@ -41,7 +41,7 @@ use crate::oci::manifest::{self, Descriptor, ImageConfig, Manifest};
 use crate::oci::name::{Arch, ImageSpec};
 use crate::source::Resolved as ResolvedSource;
 use crate::storage::records::{self, unix_now, ImageRecord, LayerRecord, RecordError};
-use crate::storage::{self, Storage, StorageError};
+use crate::storage::{self, Check, Storage, StorageError};
 use customisation::{customise, CustomisationError};
 use layers::Layer;
 use nix::{Closure, Nix, NixError, ResolveRequest, SourceArg};
@@ -552,8 +552,16 @@ impl Builder {
         let record_key = storage::layer_key(&key);
         if let Some(record) = records::read::<LayerRecord>(&*self.storage, &record_key).await? {
             let blob = storage::blob_key(hex_of(&record.digest));
-            if self.storage.head(&blob).await? == Some(record.size) {
-                return Ok((record, true));
+            match self
+                .storage
+                .check(&blob, record.size, hex_of(&record.digest))
+                .await?
+            {
+                Check::Good => return Ok((record, true)),
+                Check::Absent => {}
+                Check::Corrupt => {
+                    tracing::warn!(image, layer = %key, digest = %record.digest, "stored layer is damaged; packing it again");
+                }
             }
         }
         let started = Instant::now();
@@ -591,15 +599,16 @@ impl Builder {
         Ok((record, false))
     }
 
-    /// The one way a blob reaches storage. `true`: it was not there yet.
+    /// The one way a blob reaches storage: kept if the stored object is
+    /// good, created if absent, replaced if found corrupt. `true`: written.
     async fn store_blob(&self, blob: Blob) -> Result<bool, BuildError> {
         let (digest, size) = match &blob {
-            Blob::File { packed, .. } => (packed.digest.as_str(), packed.size),
-            Blob::Bytes { digest, bytes } => (digest.as_str(), bytes.len() as u64),
+            Blob::File { packed, .. } => (packed.digest.clone(), packed.size),
+            Blob::Bytes { digest, bytes } => (digest.clone(), bytes.len() as u64),
         };
-        let key = storage::blob_key(hex_of(digest));
-        let present = match self.storage.head(&key).await {
-            Ok(size_there) => size_there == Some(size),
+        let key = storage::blob_key(hex_of(&digest));
+        let found = match self.storage.check(&key, size, hex_of(&digest)).await {
+            Ok(found) => found,
             Err(error) => {
                 if let Blob::File { path, .. } = &blob {
                     let _ = tokio::fs::remove_file(path).await;
@@ -607,16 +616,24 @@ impl Builder {
                 return Err(error.into());
             }
         };
-        match blob {
-            Blob::File { path, .. } if present => {
+        if found == Check::Corrupt {
+            tracing::warn!(%digest, "stored blob is damaged; writing it again");
+        }
+        // The file variants consume the file, whatever the outcome.
+        match (blob, found) {
+            (Blob::File { path, .. }, Check::Good) => {
                 let _ = tokio::fs::remove_file(&path).await;
             }
-            // Consumes the file, whatever the outcome.
-            Blob::File { path, .. } => self.storage.put_file(&key, &path).await?,
-            Blob::Bytes { .. } if present => {}
-            Blob::Bytes { bytes, .. } => self.storage.put(&key, bytes).await?,
+            (Blob::File { path, .. }, Check::Absent) => self.storage.put_file(&key, &path).await?,
+            (Blob::File { path, .. }, Check::Corrupt) => {
+                self.storage.replace_file(&key, &path).await?
+            }
+            (Blob::Bytes { .. }, Check::Good) => {}
+            (Blob::Bytes { bytes, .. }, Check::Absent | Check::Corrupt) => {
+                self.storage.put(&key, bytes).await?
+            }
         }
-        Ok(!present)
+        Ok(found != Check::Good)
     }
 
     /// A fresh path for a file bound for storage.

@@ -8,14 +8,22 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, unique_name, Download, Storage, StorageError};
+use super::{
+    check_key, digest_of_key, hash_file, unique_name, Check, Download, Storage, StorageError,
+};
 
 const STAGING: &str = "staging";
 
 #[derive(Debug)]
 pub struct FsStorage {
     root: PathBuf,
+    /// Blobs whose digest was checked before serving: path -> (size,
+    /// modification time) then. A blob changed since is checked again.
+    verified: std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime)>>,
 }
+
+/// The most blobs remembered as verified (then the memory starts over).
+const VERIFIED_MAX: usize = 65_536;
 
 impl FsStorage {
     /// Opens (and creates, if needed) a storage root.
@@ -26,7 +34,10 @@ impl FsStorage {
             key: staging.display().to_string(),
             source,
         })?;
-        Ok(FsStorage { root })
+        Ok(FsStorage {
+            root,
+            verified: std::sync::Mutex::default(),
+        })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
@@ -37,6 +48,61 @@ impl FsStorage {
     /// A fresh file name under `staging/`.
     fn staging_path(&self) -> PathBuf {
         self.root.join(STAGING).join(unique_name("put"))
+    }
+
+    /// Moves `file` to `path`, replacing what is there, through staging if
+    /// it is on another filesystem.
+    async fn move_into_place(
+        &self,
+        key: &str,
+        file: &Path,
+        path: &Path,
+    ) -> Result<(), StorageError> {
+        ensure_parent(path, key).await?;
+        if tokio::fs::rename(file, path).await.is_ok() {
+            return Ok(());
+        }
+        let staged = self.staging_path();
+        tokio::fs::copy(file, &staged)
+            .await
+            .map_err(|e| io(key, e))?;
+        tokio::fs::rename(&staged, path)
+            .await
+            .map_err(|e| io(key, e))
+    }
+
+    /// Whether a blob about to be served is the one its key names; a blob
+    /// once found good is not hashed again until it changes.
+    async fn verified(&self, key: &str, path: &Path, meta: &std::fs::Metadata) -> bool {
+        let Some(hex) = digest_of_key(key) else {
+            return true;
+        };
+        let stamp = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+        if self.verified.lock().expect("never poisoned").get(path) == Some(&stamp) {
+            return true;
+        }
+        match hash_file(path).await {
+            Ok(found) if found == hex => {
+                let mut verified = self.verified.lock().expect("never poisoned");
+                if verified.len() >= VERIFIED_MAX {
+                    verified.clear();
+                }
+                verified.insert(path.to_path_buf(), stamp);
+                true
+            }
+            Ok(found) => {
+                tracing::error!(
+                    key,
+                    found,
+                    "stored blob does not match its digest; not serving it"
+                );
+                false
+            }
+            Err(error) => {
+                tracing::error!(key, %error, "stored blob unreadable; not serving it");
+                false
+            }
+        }
     }
 
     async fn write_staged(&self, key: &str, data: &[u8]) -> Result<PathBuf, StorageError> {
@@ -117,35 +183,56 @@ impl Storage for FsStorage {
             }
         };
         let result = async {
-            // Content-addressed: an object already in place has these bytes.
+            // Create only: an object already in place is kept.
             if tokio::fs::try_exists(&path).await.map_err(|e| io(key, e))? {
                 return Ok(());
             }
-            ensure_parent(&path, key).await?;
-            if tokio::fs::rename(file, &path).await.is_ok() {
-                return Ok(());
-            }
-            // Another filesystem: copy into staging, then move into place.
-            let staged = self.staging_path();
-            tokio::fs::copy(file, &staged)
-                .await
-                .map_err(|e| io(key, e))?;
-            tokio::fs::rename(&staged, &path)
-                .await
-                .map_err(|e| io(key, e))
+            self.move_into_place(key, file, &path).await
         }
         .await;
         let _ = tokio::fs::remove_file(file).await;
         result
     }
 
+    async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+        let result = match self.path(key) {
+            Ok(path) => self.move_into_place(key, file, &path).await,
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(file).await;
+        result
+    }
+
+    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+        let path = self.path(key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(meta) if meta.len() == size => {}
+            Ok(_) => return Ok(Check::Corrupt),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Check::Absent),
+            Err(e) => return Err(io(key, e)),
+        }
+        let found = hash_file(&path).await.map_err(|e| io(key, e))?;
+        Ok(if found == hex {
+            Check::Good
+        } else {
+            Check::Corrupt
+        })
+    }
+
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
-        let file = match tokio::fs::File::open(self.path(key)?).await {
+        let path = self.path(key)?;
+        let file = match tokio::fs::File::open(&path).await {
             Ok(file) => file,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(key, e)),
         };
-        let size = file.metadata().await.map_err(|e| io(key, e))?.len();
+        let meta = file.metadata().await.map_err(|e| io(key, e))?;
+        // A damaged blob is never served: to the client it does not exist,
+        // and the next build that needs it writes it again.
+        if !self.verified(key, &path, &meta).await {
+            return Ok(None);
+        }
+        let size = meta.len();
         Ok(Some(Download::Stream {
             size,
             body: Box::pin(file),

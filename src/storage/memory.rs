@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, Download, Storage, StorageError};
+use super::{check_key, Check, Download, Storage, StorageError};
 
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
@@ -95,6 +95,28 @@ impl Storage for MemoryStorage {
         .await;
         let _ = tokio::fs::remove_file(file).await;
         result
+    }
+
+    async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+        let result = async {
+            check_key(key)?;
+            let data = Bytes::from(tokio::fs::read(file).await.map_err(|e| io(key, e))?);
+            self.objects().insert(key.to_string(), data);
+            Ok(())
+        }
+        .await;
+        let _ = tokio::fs::remove_file(file).await;
+        result
+    }
+
+    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+        check_key(key)?;
+        let Some(data) = self.objects().get(key).cloned() else {
+            return Ok(Check::Absent);
+        };
+        let good = data.len() as u64 == size
+            && hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)) == hex;
+        Ok(if good { Check::Good } else { Check::Corrupt })
     }
 
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {

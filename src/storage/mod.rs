@@ -54,6 +54,17 @@ pub enum StorageError {
     },
 }
 
+/// What an object in storage turned out to be, against the size and
+/// digest it should have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Absent,
+    /// Present, with the right size (and digest, where the backend checks it).
+    Good,
+    /// Present, but not what it should be: truncated, replaced, damaged.
+    Corrupt,
+}
+
 /// How a client gets the bytes of an object.
 pub enum Download {
     /// A short-lived URL the client is redirected to.
@@ -90,10 +101,20 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Moves a finished local file into place under `key` (through staging).
     /// The caller has computed its digest while writing it. Keys name their
-    /// content, so an object already under `key` is kept and the file not
-    /// uploaded. The file is consumed: it is gone afterwards, whatever the
-    /// outcome.
+    /// content, so this only creates: an object already under `key` is kept
+    /// and the file not uploaded (check it first with [`Storage::check`]).
+    /// The file is consumed: it is gone afterwards, whatever the outcome.
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
+
+    /// [`Storage::put_file`] over an object [`Storage::check`] found
+    /// corrupt: the one case where a content-addressed object is replaced.
+    async fn replace_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
+
+    /// Whether the object under `key` has `size` bytes and the sha256
+    /// `hex`. Every backend checks the size; the digest is checked where it
+    /// is cheap (a local file or memory is hashed; S3 compares the digest
+    /// recorded when the object was uploaded, if there is one).
+    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError>;
 
     /// How a client downloads the object: `None` if absent. A backend that
     /// hands out URLs answers without a request of its own, so it returns a
@@ -180,6 +201,29 @@ pub fn layer_key(key: &str) -> String {
 /// `images/<image-key>`
 pub fn image_key(key: &str) -> String {
     format!("images/{key}")
+}
+
+/// The hex digest a content-addressed key names (`blobs/sha256/<hex>`,
+/// `manifests/sha256/<hex>`), if it is one.
+pub fn digest_of_key(key: &str) -> Option<&str> {
+    let hex = key
+        .strip_prefix("blobs/sha256/")
+        .or_else(|| key.strip_prefix("manifests/sha256/"))?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// The sha256 (hex) of a local file, read on a blocking thread.
+pub async fn hash_file(path: &Path) -> std::io::Result<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        let mut file = std::fs::File::open(path)?;
+        let mut hash = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hash)?;
+        Ok(hex::encode(hash.finalize()))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Keys are made by this crate from hex digests and fixed prefixes; this

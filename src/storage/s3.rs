@@ -26,7 +26,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{check_key, unique_name, Download, Storage, StorageError};
+use super::{check_key, unique_name, Check, Download, Storage, StorageError};
 
 /// Files larger than this are uploaded in parts of this size.
 pub const PART_SIZE: u64 = 16 * 1024 * 1024;
@@ -112,8 +112,15 @@ impl S3Storage {
         format!("{}staging/{}", self.prefix, unique_name("upload"))
     }
 
-    /// Uploads a local file to `key`, in parts if it is large.
-    async fn upload(&self, key: &str, file: &Path, size: u64) -> Result<(), StorageError> {
+    /// Uploads a local file to `key`, in parts if it is large, recording
+    /// its sha256 (if known) as object metadata for [`Storage::check`].
+    async fn upload(
+        &self,
+        key: &str,
+        file: &Path,
+        size: u64,
+        sha256: Option<&str>,
+    ) -> Result<(), StorageError> {
         if size <= PART_SIZE {
             let body = ByteStream::from_path(file)
                 .await
@@ -125,6 +132,7 @@ impl S3Storage {
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key)
+                .set_metadata(digest_metadata(sha256))
                 .body(body)
                 .send()
                 .await
@@ -136,6 +144,7 @@ impl S3Storage {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
+            .set_metadata(digest_metadata(sha256))
             .send()
             .await
             .map_err(|e| s3_error(key, "CreateMultipartUpload", e))?;
@@ -239,6 +248,34 @@ impl S3Storage {
     }
 }
 
+/// The object metadata that records a blob's digest.
+fn digest_metadata(sha256: Option<&str>) -> Option<std::collections::HashMap<String, String>> {
+    sha256.map(|hex| {
+        std::collections::HashMap::from([(DIGEST_METADATA.to_string(), hex.to_string())])
+    })
+}
+
+/// `x-amz-meta-sha256`: the digest of a blob, recorded at upload.
+const DIGEST_METADATA: &str = "sha256";
+
+impl S3Storage {
+    /// Uploads through staging and copies into place (replacing).
+    async fn store_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+        let full = self.full(key)?;
+        let size = tokio::fs::metadata(file)
+            .await
+            .map_err(|source| StorageError::Io {
+                key: key.to_string(),
+                source,
+            })?
+            .len();
+        let staged = self.staging_key();
+        self.upload(&staged, file, size, super::digest_of_key(key))
+            .await?;
+        self.promote(&staged, &full).await
+    }
+}
+
 #[async_trait]
 impl Storage for S3Storage {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
@@ -327,24 +364,49 @@ impl Storage for S3Storage {
 
     async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
         let result = async {
-            let full = self.full(key)?;
+            // Create only: an object already in place is kept.
             if self.head(key).await?.is_some() {
                 return Ok(());
             }
-            let size = tokio::fs::metadata(file)
-                .await
-                .map_err(|source| StorageError::Io {
-                    key: key.to_string(),
-                    source,
-                })?
-                .len();
-            let staged = self.staging_key();
-            self.upload(&staged, file, size).await?;
-            self.promote(&staged, &full).await
+            self.store_file(key, file).await
         }
         .await;
         let _ = tokio::fs::remove_file(file).await;
         result
+    }
+
+    async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+        let result = self.store_file(key, file).await;
+        let _ = tokio::fs::remove_file(file).await;
+        result
+    }
+
+    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+        let full = self.full(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(head) => {
+                let size_ok = head.content_length().map(|l| l as u64) == Some(size);
+                let recorded = head
+                    .metadata()
+                    .and_then(|m| m.get(DIGEST_METADATA))
+                    .map(String::as_str);
+                let digest_ok = recorded.is_none_or(|recorded| recorded == hex);
+                Ok(if size_ok && digest_ok {
+                    Check::Good
+                } else {
+                    Check::Corrupt
+                })
+            }
+            Err(e) if status(&e) == Some(404) => Ok(Check::Absent),
+            Err(e) => Err(s3_error(key, "HeadObject", e)),
+        }
     }
 
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
