@@ -109,6 +109,13 @@ impl Default for AllowedRefs {
     }
 }
 
+/// Where nixpkgs commits are checked by default: the compare endpoint of
+/// GitHub's REST API for nixpkgs.
+pub const DEFAULT_NIXPKGS_API: &str = "https://api.github.com/repos/NixOS/nixpkgs";
+
+/// How long one call to the compare API may take.
+const API_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// A tag's resolution (or why it failed), and when it was looked up.
 type Lookup = (Result<Resolved, SourceError>, Instant);
 
@@ -123,6 +130,8 @@ pub struct Sources {
     remembered: Mutex<HashMap<String, Lookup>>,
     /// Serialises fetches into the local mirror of a git source.
     mirror: tokio::sync::Mutex<()>,
+    /// The nixpkgs API that says whether a commit is on a channel.
+    nixpkgs_api: String,
 }
 
 /// A full commit hash, as a tag may give one.
@@ -142,7 +151,15 @@ impl Sources {
             allowed: AllowedRefs::default(),
             remembered: Mutex::default(),
             mirror: tokio::sync::Mutex::new(()),
+            nixpkgs_api: DEFAULT_NIXPKGS_API.to_string(),
         }
+    }
+
+    /// Checks nixpkgs commits against this API (GitHub's REST API for a
+    /// repository: `<api>/compare/<base>...<head>`) instead of GitHub's.
+    pub fn checking_nixpkgs_at(mut self, api: impl Into<String>) -> Sources {
+        self.nixpkgs_api = api.into().trim_end_matches('/').to_string();
+        self
     }
 
     /// Remembers a tag that named nothing (or a repository that could not
@@ -176,6 +193,27 @@ impl Sources {
                 moving: true,
             }),
             PackageSource::Channel { name } => Ok(if is_commit(tag) {
+                if self.allowed != AllowedRefs::Any {
+                    let known = self.recall(tag);
+                    let checked = match known {
+                        Some(known) => known.map(drop),
+                        None => {
+                            let checked = self.nixpkgs_commit(name, tag).await;
+                            let found = checked.clone().map(|()| Resolved {
+                                arg: SourceArg::Commit {
+                                    rev: tag.to_string(),
+                                },
+                                moving: false,
+                            });
+                            self.remembered
+                                .lock()
+                                .expect("never poisoned")
+                                .insert(tag.to_string(), (found, Instant::now()));
+                            checked
+                        }
+                    };
+                    checked?;
+                }
                 Resolved {
                     arg: SourceArg::Commit {
                         rev: tag.to_string(),
@@ -213,6 +251,62 @@ impl Sources {
             self.failure_ttl
         };
         (at.elapsed() < keep).then(|| found.clone())
+    }
+
+    /// Whether a nixpkgs commit is on the channel's branch or on master
+    /// (GitHub serves forks' commits under nixpkgs' own URLs, so a commit
+    /// hash alone proves nothing).
+    async fn nixpkgs_commit(&self, channel: &str, rev: &str) -> Result<(), SourceError> {
+        let api = &self.nixpkgs_api;
+        let unreadable = |message: String| SourceError::Git {
+            url: api.clone(),
+            message,
+        };
+        let client = reqwest::Client::builder()
+            .timeout(API_TIMEOUT)
+            .user_agent(concat!("nixery/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| unreadable(e.to_string()))?;
+        let bases = [channel, "master"];
+        for base in bases {
+            // Both are plain names and hex: nothing to escape.
+            let url = format!("{api}/compare/{base}...{rev}");
+            let response = client
+                .get(&url)
+                .header("Accept", "application/vnd.github+json")
+                .send()
+                .await
+                .map_err(|e| unreadable(e.to_string()))?;
+            let status = response.status();
+            if status == reqwest::StatusCode::NOT_FOUND
+                || status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
+            {
+                // Unknown here, or no history in common with the base.
+                continue;
+            }
+            if !status.is_success() {
+                return Err(unreadable(format!("{url} answered {status}")));
+            }
+            #[derive(serde::Deserialize)]
+            struct Comparison {
+                status: String,
+            }
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| unreadable(e.to_string()))?;
+            let comparison: Comparison =
+                serde_json::from_slice(&body).map_err(|e| unreadable(e.to_string()))?;
+            // The commit is behind (an ancestor of) the base, or is it.
+            if matches!(comparison.status.as_str(), "behind" | "identical") {
+                return Ok(());
+            }
+        }
+        Err(SourceError::NotReachable {
+            rev: rev.to_string(),
+            url: api.clone(),
+            allowed: bases.join(", "),
+        })
     }
 
     async fn resolve_git(&self, url: &str, tag: &str) -> Result<Resolved, SourceError> {
@@ -548,6 +642,9 @@ mod tests {
         let latest = channel.resolve("latest").await.unwrap();
         assert!(latest.moving);
         assert_eq!(latest, channel.resolve("anything").await.unwrap());
+        // (Whether a commit is on the channel is asked of GitHub, which
+        // tests/security.rs stands in for; here any commit is allowed.)
+        let channel = channel.allowing(AllowedRefs::Any);
         let commit = "0123456789abcdef0123456789abcdef01234567";
         assert_eq!(
             channel.resolve(commit).await.unwrap(),

@@ -88,6 +88,11 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
         "the default (8 GiB) bounds a worker's disk use; operators with bigger images set it on the worker",
     ),
     (
+        "NIXERY_NIXPKGS_API",
+        SetOn::Neither,
+        "GitHub's API, the default, is where nixpkgs lives; a mirror is for tests and private forges",
+    ),
+    (
         "NIXERY_ALLOWED_REFS",
         SetOn::Neither,
         "the default (branches and tags only) is the safe one; widening it is a deliberate choice",

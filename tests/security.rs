@@ -324,3 +324,80 @@ async fn a_damaged_layer_is_rebuilt_in_s3() {
     let blobs = bucket.join("blobs/sha256");
     damaged_layers_are_rebuilt(&server, |hex| blobs.join(hex), &bucket.join("images")).await;
 }
+
+/// A stand-in for nixpkgs: the channel branch, master, and a commit that
+/// only a fork holds (GitHub serves such commits under nixpkgs' URLs).
+fn nixpkgs_with_a_fork(dir: &std::path::Path) -> (std::path::PathBuf, String, String) {
+    let repo = dir.join("nixpkgs");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("default.nix"), "{ ... }: { }\n").unwrap();
+    git(&repo, &["init", "-q"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "release"]);
+    let released = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["branch", "nixos-unstable"]);
+    git(&repo, &["branch", "master"]);
+    git(&repo, &["checkout", "-qb", "fork"]);
+    std::fs::write(repo.join("default.nix"), "{ ... }: throw \"fork code\"\n").unwrap();
+    git(&repo, &["commit", "-qam", "fork"]);
+    let fork = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["checkout", "-q", "main"]);
+    git(&repo, &["branch", "-D", "fork"]);
+    (repo, released, fork)
+}
+
+#[tokio::test]
+async fn nixpkgs_commits_must_be_on_the_channel_or_master() {
+    use nixery::source::{PackageSource, Resolved, SourceArg, SourceError, Sources};
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, released, fork) = nixpkgs_with_a_fork(dir.path());
+    let forge = common::forge::Forge::start(repo).await;
+    let sources = Sources::new(
+        PackageSource::Channel {
+            name: "nixos-unstable".into(),
+        },
+        std::time::Duration::from_secs(60),
+    )
+    .checking_nixpkgs_at(forge.api.clone());
+    assert_eq!(
+        sources.resolve(&released).await.unwrap(),
+        Resolved {
+            arg: SourceArg::Commit {
+                rev: released.clone()
+            },
+            moving: false
+        }
+    );
+    for refused in [fork.clone(), "0".repeat(40)] {
+        assert!(
+            matches!(
+                sources.resolve(&refused).await,
+                Err(SourceError::NotReachable { .. })
+            ),
+            "{refused}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_nixpkgs_commit_only_a_fork_holds_is_never_evaluated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, _, fork) = nixpkgs_with_a_fork(dir.path());
+    let forge = common::forge::Forge::start(repo).await;
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_PKGS_PATH", ""),
+            ("NIXERY_CHANNEL", "nixos-unstable"),
+            ("NIXERY_NIXPKGS_API", &forge.api),
+        ],
+    );
+    let (status, body) = error_of(&server, &format!("/v2/hello/manifests/{fork}")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    assert!(body["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&fork));
+    assert_eq!(server.builds_started(), 0);
+}

@@ -81,7 +81,8 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
     let sources = Arc::new(
         Sources::new(config.source.clone(), config.tag_ttl)
             .remembering_failures(config.failure_ttl)
-            .allowing(config.allowed_refs.clone()),
+            .allowing(config.allowed_refs.clone())
+            .checking_nixpkgs_at(config.nixpkgs_api.clone()),
     );
     let images = Images::new(storage.clone(), dispatch, sources, config.images.clone());
     let auth = match &config.auth {

@@ -169,10 +169,16 @@ pub struct SourceArgs {
     pub choice: SourceChoice,
     /// Refs of a git source whose history a commit tag must be in
     /// (refspec globs), or `any` for every commit the repository holds,
-    /// pull requests included.
+    /// pull requests included (and, for the channel source, any nixpkgs
+    /// commit, unchecked).
     #[arg(long, env = "NIXERY_ALLOWED_REFS", value_name = "NIXERY_ALLOWED_REFS", hide_env = true,
           default_value = "refs/heads/* refs/tags/*", value_parser = allowed_refs)]
     pub allowed_refs: AllowedRefs,
+    /// Where nixpkgs commit tags of the channel source are checked: a
+    /// repository in GitHub's REST API (its compare endpoint).
+    #[arg(long, env = "NIXERY_NIXPKGS_API", value_name = "NIXERY_NIXPKGS_API", hide_env = true,
+          default_value = crate::source::DEFAULT_NIXPKGS_API, value_parser = http_url)]
+    pub nixpkgs_api: String,
     /// Seconds an image from a moving source (a channel, a path) stays
     /// current, and a branch's commit is remembered.
     #[arg(long, env = "NIXERY_TAG_TTL", value_name = "NIXERY_TAG_TTL", hide_env = true, default_value_t = 6 * 3600)]
@@ -385,6 +391,7 @@ pub struct ServeConfig {
     pub auth: Option<(String, AuthScope)>,
     pub source: PackageSource,
     pub allowed_refs: AllowedRefs,
+    pub nixpkgs_api: String,
     pub tag_ttl: Duration,
     /// How long a failed build, or a failed lookup of a tag, is remembered.
     pub failure_ttl: Duration,
@@ -506,6 +513,7 @@ impl ServeArgs {
                 .map(|file| (file, self.auth.auth_scope)),
             source: self.source.config(),
             allowed_refs: self.source.allowed_refs.clone(),
+            nixpkgs_api: self.source.nixpkgs_api.clone(),
             tag_ttl: Duration::from_secs(self.source.tag_ttl),
             failure_ttl: Duration::from_secs(self.dispatch.failure_ttl),
             storage,
@@ -974,7 +982,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 27, "{vars:?}");
+        assert_eq!(vars.len(), 28, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table
