@@ -511,6 +511,40 @@ fn actions(statement: &Value) -> Vec<&str> {
 }
 
 #[test]
+fn the_worker_cannot_overwrite_a_blob_or_delete_outside_staging() {
+    let role = "WorkerTaskRole";
+    let resources = |statement: &Value| -> Vec<String> {
+        match &statement["Resource"] {
+            Value::Array(items) => items.iter().map(|r| r.to_string()).collect(),
+            one => vec![one.to_string()],
+        }
+    };
+    for statement in statements(role) {
+        let acts = actions(statement);
+        let on: Vec<String> = resources(statement);
+        let content_addressed = on
+            .iter()
+            .any(|r| r.contains("/blobs/") || r.contains("/manifests/") || r.contains("Arn}/*"));
+        if acts.contains(&"s3:PutObject") && content_addressed {
+            let condition = statement["Condition"].to_string();
+            assert!(
+                condition.contains("s3:if-none-match")
+                    || condition.contains("s3:if-match")
+                    || condition.contains("s3:ObjectCreationOperation"),
+                "{role} may overwrite content-addressed objects unconditionally: {statement}"
+            );
+        }
+        if acts.contains(&"s3:DeleteObject") {
+            assert!(
+                on.iter().all(|r| r.contains("/staging/")),
+                "{role} may delete outside staging/: {statement}"
+            );
+        }
+        assert!(!acts.contains(&"s3:*"), "{statement}");
+    }
+}
+
+#[test]
 fn the_function_writes_only_build_status() {
     let (_, function) = only_resource("AWS::Serverless::Function");
     let role = function["Properties"]["Role"]["Fn::GetAtt"][0]

@@ -238,7 +238,7 @@ impl LayerStats {
 enum Blob {
     /// A packed file in scratch space; consumed by storing it.
     File { path: PathBuf, packed: Packed },
-    /// Small bytes (an image config).
+    /// Small bytes (an image config, a manifest).
     Bytes { digest: String, bytes: Bytes },
 }
 
@@ -509,20 +509,26 @@ impl Builder {
         let config =
             ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd).to_bytes();
         let config_descriptor = Descriptor::of(manifest::MEDIA_TYPE_CONFIG, &config);
-        self.store_blob(Blob::Bytes {
-            digest: config_descriptor.digest.clone(),
-            bytes: Bytes::from(config),
-        })
+        let config_key = storage::blob_key(hex_of(&config_descriptor.digest));
+        self.store_blob(
+            &config_key,
+            Blob::Bytes {
+                digest: config_descriptor.digest.clone(),
+                bytes: Bytes::from(config),
+            },
+        )
         .await?;
         let manifest = Manifest::new(config_descriptor, descriptors).to_bytes();
         let manifest_digest = sha256_digest(&manifest);
         let size = manifest.len() as u64;
-        self.storage
-            .put(
-                &storage::manifest_key(hex_of(&manifest_digest)),
-                Bytes::from(manifest),
-            )
-            .await?;
+        self.store_blob(
+            &storage::manifest_key(hex_of(&manifest_digest)),
+            Blob::Bytes {
+                digest: manifest_digest.clone(),
+                bytes: Bytes::from(manifest),
+            },
+        )
+        .await?;
         let record = ImageRecord {
             manifest_digest,
             media_type: manifest::MEDIA_TYPE_MANIFEST.to_string(),
@@ -594,43 +600,55 @@ impl Builder {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "layer packed"
         );
-        self.store_blob(Blob::File { path: out, packed }).await?;
+        let blob = storage::blob_key(hex_of(&packed.digest));
+        self.store_blob(&blob, Blob::File { path: out, packed })
+            .await?;
         records::write(&*self.storage, &record_key, &record).await?;
         Ok((record, false))
     }
 
-    /// The one way a blob reaches storage: kept if the stored object is
-    /// good, created if absent, replaced if found corrupt. `true`: written.
-    async fn store_blob(&self, blob: Blob) -> Result<bool, BuildError> {
+    /// The one way a content-addressed object (a layer, a config, a
+    /// manifest) reaches storage: kept if the stored object is good,
+    /// created if absent, replaced if found corrupt; never overwritten
+    /// otherwise. `true`: written.
+    async fn store_blob(&self, key: &str, blob: Blob) -> Result<bool, BuildError> {
         let (digest, size) = match &blob {
             Blob::File { packed, .. } => (packed.digest.clone(), packed.size),
             Blob::Bytes { digest, bytes } => (digest.clone(), bytes.len() as u64),
         };
-        let key = storage::blob_key(hex_of(&digest));
-        let found = match self.storage.check(&key, size, hex_of(&digest)).await {
+        // Small objects take the same way as files, so that every write of
+        // a content-addressed key is a conditional one.
+        let path = match blob {
+            Blob::File { path, .. } => path,
+            Blob::Bytes { bytes, .. } => {
+                let path = self.scratch_file("object");
+                if let Err(source) = tokio::fs::write(&path, &bytes).await {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return Err(StorageError::Io {
+                        key: key.to_string(),
+                        source,
+                    }
+                    .into());
+                }
+                path
+            }
+        };
+        let found = match self.storage.check(key, size, hex_of(&digest)).await {
             Ok(found) => found,
             Err(error) => {
-                if let Blob::File { path, .. } = &blob {
-                    let _ = tokio::fs::remove_file(path).await;
-                }
+                let _ = tokio::fs::remove_file(&path).await;
                 return Err(error.into());
             }
         };
-        if found == Check::Corrupt {
-            tracing::warn!(%digest, "stored blob is damaged; writing it again");
-        }
-        // The file variants consume the file, whatever the outcome.
-        match (blob, found) {
-            (Blob::File { path, .. }, Check::Good) => {
+        // Each consumes the file, whatever the outcome.
+        match found {
+            Check::Good => {
                 let _ = tokio::fs::remove_file(&path).await;
             }
-            (Blob::File { path, .. }, Check::Absent) => self.storage.put_file(&key, &path).await?,
-            (Blob::File { path, .. }, Check::Corrupt) => {
-                self.storage.replace_file(&key, &path).await?
-            }
-            (Blob::Bytes { .. }, Check::Good) => {}
-            (Blob::Bytes { bytes, .. }, Check::Absent | Check::Corrupt) => {
-                self.storage.put(&key, bytes).await?
+            Check::Absent => self.storage.put_file(key, &path).await?,
+            Check::Corrupt => {
+                tracing::warn!(%digest, key, "stored object is damaged; writing it again");
+                self.storage.replace_file(key, &path).await?
             }
         }
         Ok(found != Check::Good)

@@ -3,11 +3,16 @@
 //!
 //! * Small objects (records, manifests, configs) are single PUTs, which S3
 //!   makes visible atomically.
-//! * Files (layers) are uploaded to `staging/`, in parts when they are large,
-//!   then copied to their content address and the staged copy deleted; an
-//!   object already at that address is not uploaded again. A crash leaves
-//!   only `staging/` garbage, which a lifecycle rule expires.
-//! * Conditional creates use `If-None-Match: *` (412 means "exists").
+//! * Files (layers) are uploaded straight to their content address, in
+//!   parts when they are large; S3 shows an object only once its upload is
+//!   complete, and a crash leaves only an unfinished multipart upload, which
+//!   a lifecycle rule aborts. The upload is conditional: `If-None-Match: *`
+//!   creates (an object already there wins), `If-Match: <etag>` replaces
+//!   only the object found corrupt. So a policy that allows content-addressed
+//!   writes only with one of these headers (the template's) lets nothing
+//!   overwrite a good blob. The blob's sha256 is kept as object metadata
+//!   for [`Storage::check`].
+//! * Conditional creates of records use `If-None-Match: *` (412 means "exists").
 //! * Downloads are presigned GET URLs: answering a blob GET makes no S3 call.
 //!
 //! Transient errors are retried by the SDK's standard retry policy; the
@@ -26,7 +31,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{check_key, unique_name, Check, Download, Storage, StorageError};
+use super::{check_key, Check, Download, Storage, StorageError};
 
 /// Files larger than this are uploaded in parts of this size.
 pub const PART_SIZE: u64 = 16 * 1024 * 1024;
@@ -108,19 +113,23 @@ impl S3Storage {
         Ok(format!("{}{key}", self.prefix))
     }
 
-    fn staging_key(&self) -> String {
-        format!("{}staging/{}", self.prefix, unique_name("upload"))
-    }
-
-    /// Uploads a local file to `key`, in parts if it is large, recording
-    /// its sha256 (if known) as object metadata for [`Storage::check`].
+    /// Uploads a local file straight to `key` (S3 shows an object only once
+    /// its upload is complete), in parts if it is large, recording its
+    /// sha256 (if known) as object metadata for [`Storage::check`]. The
+    /// write is conditional: `false` if the precondition failed (the object
+    /// exists, or changed since it was found corrupt).
     async fn upload(
         &self,
         key: &str,
         file: &Path,
         size: u64,
         sha256: Option<&str>,
-    ) -> Result<(), StorageError> {
+        precondition: &Precondition,
+    ) -> Result<bool, StorageError> {
+        let (if_none_match, if_match) = match precondition {
+            Precondition::Absent => (Some("*".to_string()), None),
+            Precondition::Replacing { etag } => (None, Some(etag.clone())),
+        };
         if size <= PART_SIZE {
             let body = ByteStream::from_path(file)
                 .await
@@ -128,16 +137,22 @@ impl S3Storage {
                     key: key.to_string(),
                     source: std::io::Error::other(e),
                 })?;
-            self.client
+            let put = self
+                .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(key)
                 .set_metadata(digest_metadata(sha256))
+                .set_if_none_match(if_none_match)
+                .set_if_match(if_match)
                 .body(body)
                 .send()
-                .await
-                .map_err(|e| s3_error(key, "PutObject", e))?;
-            return Ok(());
+                .await;
+            return match put {
+                Ok(_) => Ok(true),
+                Err(e) if status(&e) == Some(412) => Ok(false),
+                Err(e) => Err(s3_error(key, "PutObject", e)),
+            };
         }
         let upload = self
             .client
@@ -152,33 +167,51 @@ impl S3Storage {
         let result = self.upload_parts(key, &upload_id, file, size).await;
         match result {
             Ok(parts) => {
-                self.client
+                let completed = self
+                    .client
                     .complete_multipart_upload()
                     .bucket(&self.bucket)
                     .key(key)
                     .upload_id(&upload_id)
+                    .set_if_none_match(if_none_match)
+                    .set_if_match(if_match)
                     .multipart_upload(
                         CompletedMultipartUpload::builder()
                             .set_parts(Some(parts))
                             .build(),
                     )
                     .send()
-                    .await
-                    .map_err(|e| s3_error(key, "CompleteMultipartUpload", e))?;
-                Ok(())
+                    .await;
+                match completed {
+                    Ok(_) => Ok(true),
+                    Err(e) if status(&e) == Some(412) => {
+                        self.abort(key, &upload_id).await;
+                        Ok(false)
+                    }
+                    Err(e) => {
+                        self.abort(key, &upload_id).await;
+                        Err(s3_error(key, "CompleteMultipartUpload", e))
+                    }
+                }
             }
             Err(e) => {
-                let _ = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .send()
-                    .await;
+                self.abort(key, &upload_id).await;
                 Err(e)
             }
         }
+    }
+
+    /// Drops an unfinished multipart upload (best effort: the bucket's
+    /// lifecycle rule removes what is left).
+    async fn abort(&self, key: &str, upload_id: &str) {
+        let _ = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await;
     }
 
     async fn upload_parts(
@@ -225,27 +258,6 @@ impl S3Storage {
             .await;
         parts.into_iter().collect()
     }
-
-    /// Server-side copy from staging to the final key, then drop staging.
-    async fn promote(&self, staged: &str, key: &str) -> Result<(), StorageError> {
-        let copied = self
-            .client
-            .copy_object()
-            .bucket(&self.bucket)
-            .copy_source(format!("{}/{staged}", self.bucket))
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| s3_error(key, "CopyObject", e));
-        let _ = self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(staged)
-            .send()
-            .await;
-        copied.map(drop)
-    }
 }
 
 /// The object metadata that records a blob's digest.
@@ -258,9 +270,22 @@ fn digest_metadata(sha256: Option<&str>) -> Option<std::collections::HashMap<Str
 /// `x-amz-meta-sha256`: the digest of a blob, recorded at upload.
 const DIGEST_METADATA: &str = "sha256";
 
+/// What a content-addressed write expects to find.
+enum Precondition {
+    /// Nothing: it creates (`If-None-Match: *`).
+    Absent,
+    /// The object found corrupt, by its ETag: it repairs (`If-Match`).
+    Replacing { etag: String },
+}
+
 impl S3Storage {
-    /// Uploads through staging and copies into place (replacing).
-    async fn store_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+    /// Uploads a file to `key` under a precondition; `false` if it failed.
+    async fn store_file(
+        &self,
+        key: &str,
+        file: &Path,
+        precondition: &Precondition,
+    ) -> Result<bool, StorageError> {
         let full = self.full(key)?;
         let size = tokio::fs::metadata(file)
             .await
@@ -269,10 +294,8 @@ impl S3Storage {
                 source,
             })?
             .len();
-        let staged = self.staging_key();
-        self.upload(&staged, file, size, super::digest_of_key(key))
-            .await?;
-        self.promote(&staged, &full).await
+        self.upload(&full, file, size, super::digest_of_key(key), precondition)
+            .await
     }
 }
 
@@ -364,11 +387,14 @@ impl Storage for S3Storage {
 
     async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
         let result = async {
-            // Create only: an object already in place is kept.
+            // Create only: an object already in place is kept (and one
+            // created meanwhile by another writer wins the race).
             if self.head(key).await?.is_some() {
                 return Ok(());
             }
-            self.store_file(key, file).await
+            self.store_file(key, file, &Precondition::Absent)
+                .await
+                .map(drop)
         }
         .await;
         let _ = tokio::fs::remove_file(file).await;
@@ -376,7 +402,33 @@ impl Storage for S3Storage {
     }
 
     async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
-        let result = self.store_file(key, file).await;
+        let result = async {
+            let full = self.full(key)?;
+            let found = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await;
+            let precondition = match found {
+                Ok(head) => Precondition::Replacing {
+                    etag: head.e_tag().unwrap_or_default().to_string(),
+                },
+                Err(e) if status(&e) == Some(404) => Precondition::Absent,
+                Err(e) => return Err(s3_error(key, "HeadObject", e)),
+            };
+            if self.store_file(key, file, &precondition).await? {
+                Ok(())
+            } else {
+                Err(StorageError::Backend {
+                    key: key.to_string(),
+                    operation: "PutObject",
+                    message: "the object changed while it was being repaired".to_string(),
+                })
+            }
+        }
+        .await;
         let _ = tokio::fs::remove_file(file).await;
         result
     }
