@@ -70,7 +70,8 @@ impl std::fmt::Display for PackageSource {
 /// How long `git ls-remote` may take.
 const GIT_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceError {
     #[error("tag {tag:?} is not a branch, tag or commit of {url}")]
     UnknownRef { tag: String, url: String },
@@ -94,7 +95,8 @@ pub struct Resolved {
 }
 
 /// Which revisions of a git source a tag may select.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AllowedRefs {
     /// Only commits reachable from refs matching these patterns (git
     /// refspec globs such as `refs/heads/*`).
@@ -128,8 +130,8 @@ pub struct Sources {
     failure_ttl: Duration,
     allowed: AllowedRefs,
     remembered: Mutex<HashMap<String, Lookup>>,
-    /// Serialises fetches into the local mirror of a git source.
-    mirror: tokio::sync::Mutex<()>,
+    /// Who answers git lookups.
+    git: std::sync::Arc<dyn GitResolver>,
     /// The nixpkgs API that says whether a commit is on a channel.
     nixpkgs_api: String,
 }
@@ -150,7 +152,7 @@ impl Sources {
             failure_ttl: Duration::ZERO,
             allowed: AllowedRefs::default(),
             remembered: Mutex::default(),
-            mirror: tokio::sync::Mutex::new(()),
+            git: std::sync::Arc::new(LocalGit::default()),
             nixpkgs_api: DEFAULT_NIXPKGS_API.to_string(),
         }
     }
@@ -166,6 +168,12 @@ impl Sources {
     /// be read) for this long, so repeated pulls do not ask again.
     pub fn remembering_failures(mut self, failure_ttl: Duration) -> Sources {
         self.failure_ttl = failure_ttl;
+        self
+    }
+
+    /// Has git lookups answered by `git` instead of the local binary.
+    pub fn resolving_git_with(mut self, git: std::sync::Arc<dyn GitResolver>) -> Sources {
+        self.git = git;
         self
     }
 
@@ -310,8 +318,49 @@ impl Sources {
     }
 
     async fn resolve_git(&self, url: &str, tag: &str) -> Result<Resolved, SourceError> {
+        let lookup = GitLookup {
+            url: url.to_string(),
+            tag: tag.to_string(),
+            allowed: self.allowed.clone(),
+        };
+        Ok(Resolved {
+            arg: self.git.resolve(&lookup).await?,
+            moving: false,
+        })
+    }
+}
+
+/// A question about a git source: what `tag` means in `url`, within the
+/// allowed refs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitLookup {
+    pub url: String,
+    pub tag: String,
+    pub allowed: AllowedRefs,
+}
+
+/// Who answers git lookups: [`LocalGit`] with the `git` binary, or a
+/// process that has one (the Lambda runtime has none; see
+/// `dispatch::sqs::QueueGit`).
+#[async_trait::async_trait]
+pub trait GitResolver: Send + Sync + std::fmt::Debug + 'static {
+    async fn resolve(&self, lookup: &GitLookup) -> Result<SourceArg, SourceError>;
+}
+
+/// Git lookups with the local `git`: `ls-remote` for names, and a local
+/// mirror of the allowed refs to tell whether a commit is on them.
+#[derive(Debug, Default)]
+pub struct LocalGit {
+    /// Serialises fetches into the local mirrors.
+    mirror: tokio::sync::Mutex<()>,
+}
+
+#[async_trait::async_trait]
+impl GitResolver for LocalGit {
+    async fn resolve(&self, lookup: &GitLookup) -> Result<SourceArg, SourceError> {
+        let GitLookup { url, tag, allowed } = lookup;
         let (rev, git_ref) = if is_commit(tag) {
-            match &self.allowed {
+            match allowed {
                 AllowedRefs::Any => (tag.to_string(), None),
                 AllowedRefs::Reachable(patterns) => {
                     let _one_fetch_at_a_time = self.mirror.lock().await;
@@ -324,13 +373,10 @@ impl Sources {
             // `latest`: the default branch, which fetchGit calls HEAD.
             (rev, Some(git_ref.unwrap_or_else(|| "HEAD".to_string())))
         };
-        Ok(Resolved {
-            arg: SourceArg::Git {
-                url: url.to_string(),
-                rev,
-                git_ref,
-            },
-            moving: false,
+        Ok(SourceArg::Git {
+            url: url.to_string(),
+            rev,
+            git_ref,
         })
     }
 }

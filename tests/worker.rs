@@ -410,3 +410,75 @@ async fn a_build_whose_workers_keep_dying_ends_failed_and_in_the_dead_letter_que
     assert!(dead, "nothing reached the dead-letter queue");
     assert_eq!(drain.builds_started(), 0, "{}", drain.log());
 }
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The Lambda configuration with a git package source: the registry has
+/// no git (nothing on its PATH), so it asks a worker what tags mean.
+#[tokio::test]
+async fn a_git_source_is_resolved_by_the_workers_for_a_registry_without_git() {
+    let cluster = Cluster::start(&[]).await;
+    let repo = fixture_copy(cluster.work.path(), serde_json::json!({ "salt": unique() }));
+    git(&repo, &["init", "-q"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "packages"]);
+    let released = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["checkout", "-qb", "proposal"]);
+    std::fs::write(repo.join("settings.json"), "{\"salt\": \"proposal\"}").unwrap();
+    git(&repo, &["commit", "-qam", "proposal"]);
+    let proposal = git(&repo, &["rev-parse", "HEAD"]);
+    git(&repo, &["update-ref", "refs/pull/7/head", &proposal]);
+    git(&repo, &["checkout", "-q", "main"]);
+    git(&repo, &["branch", "-D", "proposal"]);
+
+    let _worker = cluster.worker();
+    let repo_url = repo.to_string_lossy().into_owned();
+    let registry = cluster.registry(&[
+        ("NIXERY_PKGS_PATH", ""),
+        ("NIXERY_PKGS_REPO", &repo_url),
+        ("NIXERY_BUILD_TIMEOUT", "300"),
+    ]);
+    let client = reqwest::Client::new();
+    for tag in ["latest", "main", released.as_str()] {
+        let response = client
+            .get(registry.url(&format!("/v2/hello/manifests/{tag}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{tag}: {}", registry.log());
+    }
+    let refused = client
+        .get(registry.url(&format!("/v2/hello/manifests/{proposal}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let unknown = client
+        .get(registry.url("/v2/hello/manifests/no-such-branch"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    // The answers are shared through storage.
+    assert!(cluster.s3.keys().iter().any(|k| k.starts_with("sources/")));
+}

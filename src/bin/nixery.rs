@@ -14,7 +14,7 @@ use nixery::config::{
 };
 use nixery::dispatch::in_process::InProcess;
 use nixery::dispatch::single_flight::SingleFlight;
-use nixery::dispatch::sqs::{sqs_client, SqsDispatch, SqsQueue};
+use nixery::dispatch::sqs::{sqs_client, QueueGit, SqsDispatch, SqsQueue};
 use nixery::dispatch::worker::Worker;
 use nixery::dispatch::Dispatch;
 use nixery::images::Images;
@@ -63,10 +63,23 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
     let storage = storage::open(&config.storage)
         .await
         .context("opening storage")?;
+    let mut sources = Sources::new(config.source.clone(), config.tag_ttl)
+        .remembering_failures(config.failure_ttl)
+        .allowing(config.allowed_refs.clone())
+        .checking_nixpkgs_at(config.nixpkgs_api.clone());
     let dispatch: Arc<dyn Dispatch> = match &config.builds {
         BuildMode::Sqs { queue, timings } => {
             let sqs = sqs_client(queue.endpoint.as_deref()).await;
             let queue = Arc::new(SqsQueue::new(sqs, queue.url.clone()));
+            // Where builds run on workers, so do git lookups: the function
+            // (the Lambda runtime) has no git.
+            sources = sources.resolving_git_with(Arc::new(QueueGit::new(
+                storage.clone(),
+                queue.clone(),
+                config.tag_ttl,
+                config.failure_ttl,
+                timings.build_timeout,
+            )));
             Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(
                 storage.clone(),
                 queue,
@@ -78,12 +91,7 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
             Arc::new(SingleFlight::new(Arc::new(InProcess::new(builder))))
         }
     };
-    let sources = Arc::new(
-        Sources::new(config.source.clone(), config.tag_ttl)
-            .remembering_failures(config.failure_ttl)
-            .allowing(config.allowed_refs.clone())
-            .checking_nixpkgs_at(config.nixpkgs_api.clone()),
-    );
+    let sources = Arc::new(sources);
     let images = Images::new(storage.clone(), dispatch, sources, config.images.clone());
     let auth = match &config.auth {
         None => None,

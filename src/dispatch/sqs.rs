@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::status::{self, decide, Action, BuildStatus, State};
 use super::{Dispatch, DispatchError, Service};
 use crate::builder::{BuildError, BuildRequest};
+use crate::source::{GitLookup, GitResolver, SourceArg, SourceError};
 use crate::storage::records::{self, unix_now as now, ImageRecord};
 use crate::storage::{self, Storage};
 
@@ -33,6 +34,128 @@ const MAX_READ_ERRORS: u32 = 5;
 pub struct QueueMessage {
     pub request: BuildRequest,
     pub attempt: u32,
+}
+
+/// The body of a queue message that asks a worker a git question (for a
+/// registry without `git`, such as the Lambda function).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitMessage {
+    pub lookup: GitLookup,
+}
+
+/// `sources/<hash of the lookup>`: a worker's answer to a git lookup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitAnswer {
+    /// Unix seconds.
+    pub at: u64,
+    pub result: Result<SourceArg, SourceError>,
+}
+
+/// Where the answer to a lookup is stored.
+pub fn git_answer_key(lookup: &GitLookup) -> String {
+    let canonical = serde_json::to_vec(lookup).expect("a lookup always serialises");
+    format!(
+        "sources/{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&canonical))
+    )
+}
+
+/// Git lookups answered by a worker through the queue: the answer is read
+/// from storage (any instance's question fills it for all), asked for when
+/// missing or too old, and waited for.
+pub struct QueueGit {
+    storage: Arc<dyn Storage>,
+    queue: Arc<dyn Queue>,
+    /// How old an answer may be: a name's resolution, and a failure.
+    ttl: Duration,
+    failure_ttl: Duration,
+    /// How long to wait for a worker.
+    wait: Duration,
+}
+
+impl std::fmt::Debug for QueueGit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueGit")
+            .field("queue", &self.queue)
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+impl QueueGit {
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        queue: Arc<dyn Queue>,
+        ttl: Duration,
+        failure_ttl: Duration,
+        wait: Duration,
+    ) -> QueueGit {
+        QueueGit {
+            storage,
+            queue,
+            ttl,
+            failure_ttl,
+            wait,
+        }
+    }
+
+    /// The stored answer, if one is recent enough.
+    async fn answered(&self, key: &str) -> Option<Result<SourceArg, SourceError>> {
+        let answer: GitAnswer = match records::read(&*self.storage, key).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => return None,
+            Err(error) => {
+                tracing::warn!(%error, key, "reading a git lookup's answer failed");
+                return None;
+            }
+        };
+        let keep = if answer.result.is_ok() {
+            self.ttl
+        } else {
+            self.failure_ttl
+        };
+        (answer.at + keep.as_secs() >= now()).then_some(answer.result)
+    }
+}
+
+#[async_trait]
+impl GitResolver for QueueGit {
+    async fn resolve(&self, lookup: &GitLookup) -> Result<SourceArg, SourceError> {
+        let key = git_answer_key(lookup);
+        if let Some(result) = self.answered(&key).await {
+            return result;
+        }
+        let unanswered = |message: String| SourceError::Git {
+            url: lookup.url.clone(),
+            message,
+        };
+        let asked = serde_json::to_string(&GitMessage {
+            lookup: lookup.clone(),
+        })
+        .expect("a lookup always serialises");
+        self.queue
+            .send_body(asked)
+            .await
+            .map_err(|e| unanswered(e.to_string()))?;
+        let asked_at = now();
+        let deadline = Instant::now() + self.wait;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(pause).await;
+            if let Ok(Some(answer)) = records::read::<GitAnswer>(&*self.storage, &key).await {
+                if answer.at >= asked_at {
+                    return answer.result;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(unanswered(format!(
+                    "no worker answered within {} s",
+                    self.wait.as_secs()
+                )));
+            }
+            pause = (pause * 2).min(MAX_POLL);
+        }
+    }
 }
 
 /// An SQS client for AWS or for any SQS-compatible endpoint.
@@ -58,13 +181,21 @@ where
     }
 }
 
-/// Where build requests go.
+/// Where build requests (and git lookups) go.
 #[async_trait]
-pub trait Queue: Send + Sync + 'static {
-    async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError>;
+pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
+    /// Sends one message body.
+    async fn send_body(&self, body: String) -> Result<(), DispatchError>;
+
+    /// Sends a build request.
+    async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError> {
+        self.send_body(serde_json::to_string(message).expect("a message always serialises"))
+            .await
+    }
 }
 
 /// An SQS queue.
+#[derive(Debug)]
 pub struct SqsQueue {
     client: Client,
     url: String,
@@ -81,8 +212,7 @@ impl SqsQueue {
 
 #[async_trait]
 impl Queue for SqsQueue {
-    async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError> {
-        let body = serde_json::to_string(message).expect("a message always serialises");
+    async fn send_body(&self, body: String) -> Result<(), DispatchError> {
         self.client
             .send_message()
             .queue_url(&self.url)
@@ -248,15 +378,18 @@ mod tests {
     use crate::builder::Failure;
     use crate::storage::MemoryStorage;
 
-    #[derive(Default)]
+    #[derive(Debug, Default)]
     struct Recorded {
         sent: Mutex<Vec<QueueMessage>>,
     }
 
     #[async_trait]
     impl Queue for Recorded {
-        async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError> {
-            self.sent.lock().unwrap().push(message.clone());
+        async fn send_body(&self, body: String) -> Result<(), DispatchError> {
+            self.sent
+                .lock()
+                .unwrap()
+                .push(serde_json::from_str(&body).unwrap());
             Ok(())
         }
     }

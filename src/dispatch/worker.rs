@@ -15,10 +15,11 @@ use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::Client;
 use tokio::sync::watch;
 
-use super::sqs::{QueueMessage, LONG_POLL_SECS};
+use super::sqs::{git_answer_key, GitAnswer, GitMessage, QueueMessage, LONG_POLL_SECS};
 use super::status::{self, BuildStatus, State};
 use crate::builder::Builder;
-use crate::storage::records::unix_now as now;
+use crate::source::{GitLookup, GitResolver, LocalGit};
+use crate::storage::records::{self, unix_now as now};
 use crate::storage::Storage;
 
 /// Takes builds off the queue and runs them.
@@ -28,6 +29,8 @@ pub struct Worker {
     sqs: Client,
     queue_url: String,
     heartbeat: Duration,
+    /// Answers git lookups for registries without git.
+    git: LocalGit,
 }
 
 impl Worker {
@@ -44,6 +47,7 @@ impl Worker {
             sqs,
             queue_url: queue_url.into(),
             heartbeat,
+            git: LocalGit::default(),
         }
     }
 
@@ -104,11 +108,18 @@ impl Worker {
     async fn handle(&self, body: &str, receipt: &str) {
         let message: QueueMessage = match serde_json::from_str(body) {
             Ok(message) => message,
-            Err(error) => {
-                tracing::error!(%error, body, "dropping a message that is not a build request");
-                self.delete(receipt).await;
-                return;
-            }
+            Err(build_error) => match serde_json::from_str::<GitMessage>(body) {
+                Ok(GitMessage { lookup }) => {
+                    self.answer_git(&lookup).await;
+                    self.delete(receipt).await;
+                    return;
+                }
+                Err(_) => {
+                    tracing::error!(error = %build_error, body, "dropping a message that is not a build request");
+                    self.delete(receipt).await;
+                    return;
+                }
+            },
         };
         let request = &message.request;
         let key = request.image_key.as_str();
@@ -161,6 +172,17 @@ impl Worker {
             tracing::warn!(image = key, %error, "recording the build outcome failed");
         }
         self.delete(receipt).await;
+    }
+
+    /// A git lookup for a registry that has no git: answered here, and
+    /// the answer stored where the registry looks for it.
+    async fn answer_git(&self, lookup: &GitLookup) {
+        let result = self.git.resolve(lookup).await;
+        tracing::info!(url = %lookup.url, tag = %lookup.tag, ok = result.is_ok(), "git lookup answered");
+        let answer = GitAnswer { at: now(), result };
+        if let Err(error) = records::write(&*self.storage, &git_answer_key(lookup), &answer).await {
+            tracing::warn!(%error, "storing a git lookup's answer failed; the registry will ask again");
+        }
     }
 
     /// Every interval: the status says "running, at step X, now", and the
