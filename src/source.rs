@@ -61,7 +61,9 @@ impl std::fmt::Display for PackageSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PackageSource::Path(path) => write!(f, "the package set at {}", path.display()),
-            PackageSource::Git { url } => write!(f, "the git repository {url}"),
+            PackageSource::Git { url } => {
+                write!(f, "the git repository {}", redact_userinfo(url))
+            }
             PackageSource::Channel { name } => write!(f, "the nixpkgs channel {name}"),
         }
     }
@@ -115,8 +117,56 @@ impl Default for AllowedRefs {
 /// GitHub's REST API for nixpkgs.
 pub const DEFAULT_NIXPKGS_API: &str = "https://api.github.com/repos/NixOS/nixpkgs";
 
+/// The most tag lookups remembered at once.
+const REMEMBER_MAX: usize = 10_000;
+
 /// How long one call to the compare API may take.
 const API_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A local package set: always the directory as it is now.
+fn path_source(path: &std::path::Path) -> Resolved {
+    Resolved {
+        arg: SourceArg::Path {
+            path: path.to_string_lossy().into_owned(),
+        },
+        moving: true,
+    }
+}
+
+/// `text` with the credentials of any URL in it (`https://user:token@host`)
+/// replaced by `***`, for messages that clients or pages show.
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let authority_end = after
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(after.len());
+        let authority = &after[..authority_end];
+        match authority.rfind('@') {
+            Some(user_end) => {
+                out.push_str("***");
+                out.push_str(&authority[user_end..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A pinned nixpkgs commit.
+fn commit(rev: &str) -> Resolved {
+    Resolved {
+        arg: SourceArg::Commit {
+            rev: rev.to_string(),
+        },
+        moving: false,
+    }
+}
 
 /// A tag's resolution (or why it failed), and when it was looked up.
 type Lookup = (Result<Resolved, SourceError>, Instant);
@@ -191,62 +241,55 @@ impl Sources {
         self.ttl
     }
 
-    /// What `tag` means now.
+    /// What `tag` means now, asking the repository (or GitHub) when it
+    /// has not been asked recently.
     pub async fn resolve(&self, tag: &str) -> Result<Resolved, SourceError> {
+        if let Some(known) = self.resolve_cached(tag) {
+            return known;
+        }
+        let found = match &self.source {
+            PackageSource::Channel { name } => {
+                self.nixpkgs_commit(name, tag).await.map(|()| commit(tag))
+            }
+            PackageSource::Git { url } => self.resolve_git(url, tag).await,
+            PackageSource::Path(path) => Ok(path_source(path)),
+        };
+        self.remember(tag, found.clone());
+        found
+    }
+
+    /// What `tag` means, if that needs no lookup (a path, a channel name)
+    /// or one was made recently; `None` if it would take a lookup. For
+    /// callers who may not cause one (anonymous pulls of a private
+    /// registry).
+    pub fn resolve_cached(&self, tag: &str) -> Option<Result<Resolved, SourceError>> {
         match &self.source {
-            PackageSource::Path(path) => Ok(Resolved {
-                arg: SourceArg::Path {
-                    path: path.to_string_lossy().into_owned(),
-                },
+            PackageSource::Path(path) => Some(Ok(path_source(path))),
+            PackageSource::Channel { name } if !is_commit(tag) => Some(Ok(Resolved {
+                arg: SourceArg::Channel { name: name.clone() },
                 moving: true,
-            }),
-            PackageSource::Channel { name } => Ok(if is_commit(tag) {
-                if self.allowed != AllowedRefs::Any {
-                    let known = self.recall(tag);
-                    let checked = match known {
-                        Some(known) => known.map(drop),
-                        None => {
-                            let checked = self.nixpkgs_commit(name, tag).await;
-                            let found = checked.clone().map(|()| Resolved {
-                                arg: SourceArg::Commit {
-                                    rev: tag.to_string(),
-                                },
-                                moving: false,
-                            });
-                            self.remembered
-                                .lock()
-                                .expect("never poisoned")
-                                .insert(tag.to_string(), (found, Instant::now()));
-                            checked
-                        }
-                    };
-                    checked?;
-                }
-                Resolved {
-                    arg: SourceArg::Commit {
-                        rev: tag.to_string(),
-                    },
-                    moving: false,
-                }
-            } else {
-                Resolved {
-                    arg: SourceArg::Channel { name: name.clone() },
-                    moving: true,
-                }
-            }),
-            PackageSource::Git { url } => {
-                if let Some(known) = self.recall(tag) {
-                    return known;
-                }
-                let found = self.resolve_git(url, tag).await;
-                let now = Instant::now();
-                self.remembered
-                    .lock()
-                    .expect("never poisoned")
-                    .insert(tag.to_string(), (found.clone(), now));
-                found
+            })),
+            PackageSource::Channel { .. } if self.allowed == AllowedRefs::Any => {
+                Some(Ok(commit(tag)))
+            }
+            PackageSource::Channel { .. } | PackageSource::Git { .. } => self.recall(tag),
+        }
+    }
+
+    /// Keeps a lookup's outcome. Tags come from clients, so the memory is
+    /// bounded: when full, expired entries go, and if none has, all do.
+    fn remember(&self, tag: &str, found: Result<Resolved, SourceError>) {
+        let mut remembered = self.remembered.lock().expect("never poisoned");
+        if remembered.len() >= REMEMBER_MAX {
+            let (ttl, failure_ttl) = (self.ttl, self.failure_ttl);
+            remembered.retain(|_, (found, at)| {
+                at.elapsed() < if found.is_ok() { ttl } else { failure_ttl }
+            });
+            if remembered.len() >= REMEMBER_MAX {
+                remembered.clear();
             }
         }
+        remembered.insert(tag.to_string(), (found, Instant::now()));
     }
 
     /// A lookup made recently enough to answer again.
@@ -370,6 +413,21 @@ impl GitResolver for LocalGit {
             }
         } else {
             let (rev, git_ref) = ls_remote(url, tag).await?;
+            // A name must be an allowed ref too (the default branch, HEAD,
+            // always is).
+            if let (AllowedRefs::Reachable(patterns), Some(found)) = (allowed, &git_ref) {
+                let matches = |pattern: &String| match pattern.strip_suffix('*') {
+                    Some(prefix) => found.starts_with(prefix),
+                    None => found == pattern,
+                };
+                if !patterns.iter().any(matches) {
+                    return Err(SourceError::NotReachable {
+                        rev: tag.to_string(),
+                        url: url.to_string(),
+                        allowed: patterns.join(" "),
+                    });
+                }
+            }
             // `latest`: the default branch, which fetchGit calls HEAD.
             (rev, Some(git_ref.unwrap_or_else(|| "HEAD".to_string())))
         };
@@ -399,15 +457,42 @@ async fn git(url: &str, args: &[&str]) -> Result<std::process::Output, SourceErr
         .map_err(|e| git_error(format!("could not run git: {e}")))
 }
 
+/// The directory of the local mirrors: this user's alone (mode 0700), so
+/// that nothing else on the machine (a builder without a sandbox) can plant
+/// a repository, or its configuration, where git will look.
+fn mirror_root() -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let root = std::env::temp_dir().join(format!("nixery-git-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {}: {e}", root.display())),
+    }
+    let meta = std::fs::symlink_metadata(&root).map_err(|e| e.to_string())?;
+    if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is not a private directory of this user; refusing to use it",
+            root.display()
+        ));
+    }
+    Ok(root)
+}
+
 /// The first ref matching `patterns` (sorted by name, branches before
 /// tags) whose history holds `rev`, after fetching those refs into a local
 /// mirror of the repository. Commits only other refs hold (`refs/pull/*`,
 /// a fork's objects) are refused.
 async fn reachable_from(url: &str, rev: &str, patterns: &[String]) -> Result<String, SourceError> {
-    let mirror = std::env::temp_dir().join(format!(
-        "nixery-git-{}",
-        hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(url.as_bytes())[..16])
-    ));
+    let mirror = mirror_root()
+        .map_err(|message| SourceError::Git {
+            url: url.to_string(),
+            message,
+        })?
+        .join(hex::encode(
+            &<sha2::Sha256 as sha2::Digest>::digest(url.as_bytes())[..16],
+        ));
     let mirror_arg = mirror.to_string_lossy().into_owned();
     let failed = |output: &std::process::Output| SourceError::Git {
         url: url.to_string(),
@@ -667,6 +752,19 @@ mod tests {
         );
         assert!(later.resolve(&pull).await.is_ok());
 
+        // Names must be allowed refs too.
+        let narrow = Sources::new(
+            PackageSource::Git { url: url.clone() },
+            Duration::from_secs(60),
+        )
+        .allowing(AllowedRefs::Reachable(vec!["refs/heads/main".into()]));
+        assert!(narrow.resolve("main").await.is_ok());
+        assert!(narrow.resolve("latest").await.is_ok());
+        assert!(matches!(
+            narrow.resolve("v1").await,
+            Err(SourceError::NotReachable { .. })
+        ));
+
         // The operator may widen it.
         let any = Sources::new(PackageSource::Git { url }, Duration::from_secs(60))
             .allowing(AllowedRefs::Any);
@@ -701,5 +799,28 @@ mod tests {
         );
         let path = Sources::new(PackageSource::Path("/pkgs".into()), Duration::from_secs(1));
         assert!(path.resolve("v2").await.unwrap().moving);
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_userinfo("fetching https://user:ghp_secret@github.com/o/r.git failed"),
+            "fetching https://***@github.com/o/r.git failed"
+        );
+        assert_eq!(
+            redact_userinfo("'https://token@host' and ssh://git@host:22/r"),
+            "'https://***@host' and ssh://***@host:22/r"
+        );
+        assert_eq!(
+            redact_userinfo("/srv/repo and https://host/x"),
+            "/srv/repo and https://host/x"
+        );
+        assert_eq!(
+            PackageSource::Git {
+                url: "https://me:pw@example.org/pkgs".into()
+            }
+            .to_string(),
+            "the git repository https://***@example.org/pkgs"
+        );
     }
 }

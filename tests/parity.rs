@@ -8,24 +8,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{chroot_sh, fixture_pkgs, pull_and_unpack, run, Server};
+use common::{chroot_sh, fixture_pkgs, git, pull_and_unpack, run, Server};
 use serde_json::Value;
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    run(Command::new("git")
-        .args([
-            "-c",
-            "user.name=test",
-            "-c",
-            "user.email=test@example.org",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir))
-    .trim()
-    .to_string()
-}
 
 /// A copy of the fixture set where `hello` greets with `greeting`.
 fn write_fixture(dest: &Path, greeting: &str) {

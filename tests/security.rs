@@ -7,9 +7,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::process::Command;
 
-use common::{fixture_copy, unique, Server};
+use common::{fixture_copy, git, unique, Server};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -171,28 +170,6 @@ async fn builds_beyond_the_limit_wait_their_turn() {
     assert!(log.contains("waiting for a build slot"), "{log}");
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.org",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test]
 async fn a_revision_only_a_pull_request_holds_is_never_evaluated() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,6 +211,20 @@ async fn a_revision_only_a_pull_request_holds_is_never_evaluated() {
     assert!(!server.log().contains("attacker code evaluated"));
 }
 
+/// The digest of the first layer of `shell/hello` (built if need be).
+async fn first_layer(server: &Server) -> String {
+    let manifest: Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// Damages one layer of a built image in storage (`blob_file` finds where
 /// the backend keeps it), drops the image record so the next pull builds
 /// again, and checks that the build repairs the layer.
@@ -242,16 +233,7 @@ async fn damaged_layers_are_rebuilt(
     blob_file: impl Fn(&str) -> std::path::PathBuf,
     images: &std::path::Path,
 ) {
-    let manifest: Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let layer = first_layer(server).await;
     let hex = layer.strip_prefix("sha256:").unwrap().to_string();
     let file = blob_file(&hex);
     let bytes = std::fs::read(&file).unwrap();
@@ -274,16 +256,7 @@ async fn a_damaged_layer_is_never_served_and_is_rebuilt_on_the_filesystem() {
     let storage = dir.path().join("storage");
     let server = Server::start_with(&storage, &[]);
     // Served while good; a damaged copy is unknown to clients.
-    let manifest: Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let layer = first_layer(&server).await;
     let path = storage
         .join("blobs/sha256")
         .join(layer.strip_prefix("sha256:").unwrap());
@@ -400,4 +373,18 @@ async fn a_nixpkgs_commit_only_a_fork_holds_is_never_evaluated() {
         .unwrap()
         .contains(&fork));
     assert_eq!(server.builds_started(), 0);
+}
+
+#[tokio::test]
+async fn outputs_that_are_not_store_paths_never_reach_nix_as_options() {
+    let server = Server::start();
+    let (status, body) = error_of(&server, "/v2/optioned/manifests/latest").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(!message.contains("Nix)"), "{message}");
+    assert!(
+        server.log().contains("does not evaluate to store paths"),
+        "{}",
+        server.log()
+    );
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::moto::Moto;
 use common::s3::S3Server;
-use common::{fixture_copy, nix_conf_dir, pull_and_unpack, unique, wait_until, Server};
+use common::{fixture_copy, git, nix_conf_dir, pull_and_unpack, unique, wait_until, Server};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -409,28 +409,6 @@ async fn a_build_whose_workers_keep_dying_ends_failed_and_in_the_dead_letter_que
     });
     assert!(dead, "nothing reached the dead-letter queue");
     assert_eq!(drain.builds_started(), 0, "{}", drain.log());
-}
-
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.org",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The Lambda configuration with a git package source: the registry has

@@ -182,7 +182,8 @@ impl BuildError {
                 limit: *limit,
             }),
             BuildError::Nix(NixError::Failed { command, message }) => Some(Failure::Build {
-                message: format!("{command}: {message}"),
+                // Nix quotes fetchers' URLs, which may carry a token.
+                message: format!("{command}: {}", crate::source::redact_userinfo(message)),
             }),
             BuildError::Nix(NixError::Timeout { command, seconds }) => Some(Failure::Build {
                 message: format!("{command} was stopped after {seconds} s"),

@@ -153,17 +153,38 @@ impl Nix {
         restrict(&mut command, &request.source);
         command.arg("-E").arg(RESOLVE_NIX);
         let stdout = self.run(CMD, command).await?;
-        serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
+        let resolved: Resolved = serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
             command: CMD,
             detail: e.to_string(),
-        })
+        })?;
+        // What the package set evaluated to is its author's to choose: only
+        // store paths, derivations and output names go on to the next
+        // commands, never strings they could read as options.
+        for package in &resolved.packages {
+            let plain = is_store_path(&package.drv_path)
+                && package.drv_path.ends_with(".drv")
+                && !package.outputs.is_empty()
+                && package.outputs.iter().all(|o| is_output_name(o))
+                && package.paths.len() == package.outputs.len()
+                && package.paths.iter().all(|p| is_store_path(p));
+            if !plain {
+                return Err(NixError::Output {
+                    command: CMD,
+                    detail: format!(
+                        "package {:?} does not evaluate to store paths",
+                        package.name
+                    ),
+                });
+            }
+        }
+        Ok(resolved)
     }
 
     /// Step 2: builds (or substitutes) the given outputs.
     pub async fn realise(&self, packages: &[ResolvedPackage]) -> Result<(), NixError> {
         const CMD: &str = "nix-store";
         let mut command = Command::new(CMD);
-        command.args(["--realise", "--no-gc-warning"]);
+        command.args(["--realise", "--no-gc-warning", "--"]);
         for package in packages {
             for output in &package.outputs {
                 command.arg(format!("{}!{}", package.drv_path, output));
@@ -183,6 +204,7 @@ impl Nix {
                 "path-info",
                 "--json",
                 "--recursive",
+                "--",
             ])
             .args(paths);
         let stdout = self.run(CMD, command).await?;
@@ -290,6 +312,34 @@ impl Nix {
             source,
         })
     }
+}
+
+/// `/nix/store/<32 base-32 characters>-<name>`, and nothing else: no
+/// option, no other directory, no `..`.
+pub fn is_store_path(path: &str) -> bool {
+    let Some(base) = path.strip_prefix("/nix/store/") else {
+        return false;
+    };
+    let Some((hash, name)) = base.split_at_checked(32) else {
+        return false;
+    };
+    hash.bytes()
+        .all(|b| b.is_ascii_digit() || (b.is_ascii_lowercase() && !b"eotu".contains(&b)))
+        && name.len() > 1
+        && name.starts_with('-')
+        && name[1..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b))
+        && !name[1..].starts_with('.')
+}
+
+/// A derivation output's name (`out`, `bin`, `dev`, ...).
+fn is_output_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Restricted evaluation: only the package source may be read. Nix then
@@ -474,5 +524,26 @@ mod tests {
         );
         let long = vec!["error: ".to_string() + &"é".repeat(5000)];
         assert!(error_message(&long).len() <= MAX_MESSAGE + 10);
+    }
+
+    #[test]
+    fn only_store_paths_pass() {
+        let good = "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-hello-2.12.1";
+        assert!(is_store_path(good));
+        assert!(is_store_path(&format!("{good}.drv")));
+        for bad in [
+            "--option",
+            "--expr",
+            "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74",
+            "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-",
+            "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q7--x",
+            "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-a/../../etc/passwd",
+            "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-..",
+            "/tmp/0sd4izqfaqmcmqvjk51zk001a4xv7q74-hello",
+            "/nix/store/EEEEizqfaqmcmqvjk51zk001a4xv7q74-hello",
+        ] {
+            assert!(!is_store_path(bad), "{bad}");
+        }
+        assert!(is_output_name("out") && is_output_name("dev") && !is_output_name("--impure"));
     }
 }

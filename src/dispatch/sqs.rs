@@ -26,8 +26,6 @@ use crate::storage::{self, Storage};
 pub(super) const LONG_POLL_SECS: i32 = 20;
 /// The longest pause between two looks at storage while waiting.
 const MAX_POLL: Duration = Duration::from_secs(2);
-/// Failed reads in a row that end a wait (each is already retried by the SDK).
-const MAX_READ_ERRORS: u32 = 5;
 
 /// The body of a queue message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,23 +303,43 @@ impl Dispatch for SqsDispatch {
         let deadline = Instant::now() + self.timings.build_timeout;
         let mut pause = Duration::from_millis(100);
         let mut step = None;
-        let mut errors = 0;
+        let mut last_status: Option<BuildStatus> = None;
+        let mut unreadable_since: Option<Instant> = None;
+        let stale_after = self.timings.heartbeat * status::STALE_HEARTBEATS as u32;
         loop {
             // A failed read while waiting (a record caught mid-write, a
-            // storage hiccup) is retried; only a run of them ends the wait.
+            // storage hiccup) is retried until the deadline. A status that
+            // stays unreadable for as long as a dead worker's heartbeat
+            // (its writer died mid-write, on a store without atomic writes)
+            // counts as that: the next attempt is claimed, which rewrites it.
             let (record, status) = match self.look(&request).await {
                 Ok(found) => {
-                    errors = 0;
+                    unreadable_since = None;
                     found
                 }
-                Err(error) if errors < MAX_READ_ERRORS => {
-                    errors += 1;
+                Err(error) => {
                     tracing::warn!(image = %key, %error, "reading the build's progress failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    continue;
+                    let since = *unreadable_since.get_or_insert_with(Instant::now);
+                    match &last_status {
+                        Some(last) if since.elapsed() >= stale_after => {
+                            let silent = BuildStatus {
+                                heartbeat: 0,
+                                ..last.clone()
+                            };
+                            (None, Some(silent))
+                        }
+                        _ if Instant::now() >= deadline => return Err(error.into()),
+                        _ => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(MAX_POLL);
+                            continue;
+                        }
+                    }
                 }
-                Err(error) => return Err(error.into()),
             };
+            if status.is_some() {
+                last_status = status.clone();
+            }
             if let Some(record) = record {
                 return Ok(record);
             }

@@ -115,7 +115,16 @@ impl Images {
         tag: &str,
         may_build: bool,
     ) -> Result<Served, ImageError> {
-        let resolved = self.sources.resolve(tag).await?;
+        // Resolving a tag may ask the repository: only callers who may
+        // build may make it do so.
+        let resolved = if may_build {
+            self.sources.resolve(tag).await?
+        } else {
+            match self.sources.resolve_cached(tag) {
+                Some(found) => found?,
+                None => return Err(ImageError::NeedsCredentials),
+            }
+        };
         let request = BuildRequest::new(
             spec,
             &resolved,

@@ -200,7 +200,7 @@ impl Auth {
 pub(super) async fn check(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let caller = match &state.auth {
         None => Caller::Anonymous,
-        Some(auth) => match auth.caller(req.headers()) {
+        Some(auth) => match checked(auth.clone(), req.headers().clone()).await {
             Err(refused) => return refused.into_response(),
             Ok(Caller::Anonymous) if auth.scope() == Scope::All || is_base(req.uri().path()) => {
                 return RegistryError::Unauthorized {
@@ -213,6 +213,16 @@ pub(super) async fn check(State(state): State<AppState>, mut req: Request, next:
     };
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// [`Auth::caller`] off the async threads: bcrypt takes its time on
+/// purpose, and a flood of wrong passwords must not stall other requests.
+async fn checked(auth: std::sync::Arc<Auth>, headers: HeaderMap) -> Result<Caller, RegistryError> {
+    tokio::task::spawn_blocking(move || auth.caller(&headers))
+        .await
+        .unwrap_or(Err(RegistryError::Unauthorized {
+            reason: "the credentials could not be checked",
+        }))
 }
 
 /// `GET /v2/`, where clients learn that a registry takes credentials.

@@ -57,6 +57,24 @@ pub fn fixture_copy(dir: &Path, settings: serde_json::Value) -> PathBuf {
     to
 }
 
+/// Runs git in `dir` with a fixed identity and `main` as the first branch;
+/// its stdout, trimmed.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    run(Command::new("git")
+        .args([
+            "-c",
+            "user.name=test",
+            "-c",
+            "user.email=test@example.org",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir))
+    .trim()
+    .to_string()
+}
+
 /// Nix settings for a daemon-less, offline, root machine.
 pub fn nix_conf_dir() -> PathBuf {
     std::env::var_os("NIX_CONF_DIR")
