@@ -35,7 +35,9 @@ async fn blobs_redirect_to_presigned_s3_urls() {
     let digest = layer["digest"].as_str().unwrap();
     let size = layer["size"].as_u64().unwrap();
 
-    // GET: a redirect into the S3 server, which serves the exact bytes.
+    // GET: a redirect into the S3 server, which serves the exact bytes. The
+    // manifest just served names the blob, so the registry asks S3 nothing.
+    let heads_before = s3.served().iter().filter(|s| s.method == "HEAD").count();
     let redirect = c
         .get(server.url(&format!("/v2/shell/hello/blobs/{digest}")))
         .send()
@@ -43,6 +45,20 @@ async fn blobs_redirect_to_presigned_s3_urls() {
         .unwrap();
     assert_eq!(redirect.status(), StatusCode::TEMPORARY_REDIRECT);
     assert_eq!(redirect.headers()["content-length"], "0");
+    assert_eq!(
+        s3.served().iter().filter(|s| s.method == "HEAD").count(),
+        heads_before,
+        "a known blob cost a storage call"
+    );
+    // A digest nothing names: the registry's own 404, not S3's XML.
+    let missing = c
+        .get(server.url(&format!("/v2/shell/hello/blobs/sha256:{}", "0".repeat(64))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "BLOB_UNKNOWN");
     let location = redirect.headers()["location"].to_str().unwrap().to_string();
     assert!(location.starts_with(&s3.endpoint), "{location}");
     assert!(location.contains("X-Amz-Signature="), "{location}");

@@ -33,6 +33,9 @@ use crate::storage::records::{self, unix_now, ImageRecord, RecordError};
 use crate::storage::{self, Storage, StorageError};
 use activity::Activity;
 
+/// The most blob digests remembered (about 100 bytes each).
+const KNOWN_BLOBS_MAX: usize = 100_000;
+
 /// A manifest ready to send: its bytes, checked against `digest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Served {
@@ -84,6 +87,9 @@ pub fn not_before(moving: bool, ttl: Duration, now: u64) -> u64 {
 }
 
 pub struct Images {
+    /// Digests of the blobs the manifests this instance served refer to:
+    /// they exist, so a blob request for one needs no storage call.
+    known_blobs: std::sync::Mutex<std::collections::HashSet<String>>,
     storage: Arc<dyn Storage>,
     dispatch: Arc<dyn Dispatch>,
     sources: Arc<Sources>,
@@ -99,6 +105,7 @@ impl Images {
         settings: ImageSettings,
     ) -> Images {
         Images {
+            known_blobs: std::sync::Mutex::default(),
             storage,
             dispatch,
             sources,
@@ -183,11 +190,35 @@ impl Images {
                 found,
             });
         }
+        self.remember_blobs(&bytes);
         Ok(Some(Served {
             bytes,
             digest: digest.to_string(),
             media_type: media_type.to_string(),
         }))
+    }
+
+    /// Notes the config and layer digests of a manifest about to be served.
+    fn remember_blobs(&self, manifest: &[u8]) {
+        let Ok(manifest) = serde_json::from_slice::<crate::oci::manifest::Manifest>(manifest)
+        else {
+            return;
+        };
+        let mut known = self.known_blobs.lock().expect("never poisoned");
+        if known.len() >= KNOWN_BLOBS_MAX {
+            known.clear();
+        }
+        known.insert(manifest.config.digest);
+        known.extend(manifest.layers.into_iter().map(|l| l.digest));
+    }
+
+    /// Whether a blob is referred to by a manifest this instance served
+    /// (and so exists: an image record is written after its blobs).
+    pub fn blob_known(&self, digest: &str) -> bool {
+        self.known_blobs
+            .lock()
+            .expect("never poisoned")
+            .contains(digest)
     }
 
     /// Recent builds and errors of this instance.

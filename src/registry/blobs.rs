@@ -1,7 +1,9 @@
 //! Blobs (layers and configs) by digest. GET answers with the bytes, or a
 //! 307 redirect when storage hands out URLs; HEAD answers from storage
 //! metadata (a URL presigned for GET does not sign HEAD). A missing blob is
-//! 404 `BLOB_UNKNOWN`, never an empty 200.
+//! 404 `BLOB_UNKNOWN`, never an empty 200, and never the store's own error
+//! behind a redirect: before redirecting, a blob no manifest served by this
+//! instance names is looked up (one HEAD); a named one is redirected at once.
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -30,6 +32,14 @@ pub(super) async fn get(
         return Ok(blob_response(Body::empty(), size, reference));
     }
     match state.storage.download(&key).await?.ok_or_else(unknown)? {
+        // A URL is handed out without asking storage; a digest that no
+        // served manifest names is checked first, so that a missing blob
+        // gets this registry's 404, not the store's.
+        Download::Url(_)
+            if !state.images.blob_known(reference) && state.storage.head(&key).await?.is_none() =>
+        {
+            Err(unknown())
+        }
         Download::Url(url) => {
             let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
             let headers = response.headers_mut();
