@@ -279,6 +279,31 @@ enum Precondition {
 }
 
 impl S3Storage {
+    /// HeadObject: the object's size, ETag and metadata; `None` if absent.
+    async fn head_object(
+        &self,
+        key: &str,
+    ) -> Result<Option<aws_sdk_s3::operation::head_object::HeadObjectOutput>, StorageError> {
+        let full = self.full(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(output) => Ok(Some(output)),
+            Err(e)
+                if e.as_service_error().is_some_and(|s| s.is_not_found())
+                    || status(&e) == Some(404) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(s3_error(key, "HeadObject", e)),
+        }
+    }
+
     /// Uploads a file to `key` under a precondition; `false` if it failed.
     async fn store_file(
         &self,
@@ -334,24 +359,10 @@ impl Storage for S3Storage {
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        let full = self.full(key)?;
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
-            Ok(output) => Ok(Some(output.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e)
-                if e.as_service_error().is_some_and(|s| s.is_not_found())
-                    || status(&e) == Some(404) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(s3_error(key, "HeadObject", e)),
-        }
+        Ok(self
+            .head_object(key)
+            .await?
+            .map(|output| output.content_length().unwrap_or(0).max(0) as u64))
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
@@ -403,20 +414,11 @@ impl Storage for S3Storage {
 
     async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
         let result = async {
-            let full = self.full(key)?;
-            let found = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .send()
-                .await;
-            let precondition = match found {
-                Ok(head) => Precondition::Replacing {
+            let precondition = match self.head_object(key).await? {
+                Some(head) => Precondition::Replacing {
                     etag: head.e_tag().unwrap_or_default().to_string(),
                 },
-                Err(e) if status(&e) == Some(404) => Precondition::Absent,
-                Err(e) => return Err(s3_error(key, "HeadObject", e)),
+                None => Precondition::Absent,
             };
             if self.store_file(key, file, &precondition).await? {
                 Ok(())
@@ -434,31 +436,20 @@ impl Storage for S3Storage {
     }
 
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
-        let full = self.full(key)?;
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-        {
-            Ok(head) => {
-                let size_ok = head.content_length().map(|l| l as u64) == Some(size);
-                let recorded = head
-                    .metadata()
-                    .and_then(|m| m.get(DIGEST_METADATA))
-                    .map(String::as_str);
-                let digest_ok = recorded.is_none_or(|recorded| recorded == hex);
-                Ok(if size_ok && digest_ok {
-                    Check::Good
-                } else {
-                    Check::Corrupt
-                })
-            }
-            Err(e) if status(&e) == Some(404) => Ok(Check::Absent),
-            Err(e) => Err(s3_error(key, "HeadObject", e)),
-        }
+        let Some(head) = self.head_object(key).await? else {
+            return Ok(Check::Absent);
+        };
+        let size_ok = head.content_length().map(|l| l as u64) == Some(size);
+        let recorded = head
+            .metadata()
+            .and_then(|m| m.get(DIGEST_METADATA))
+            .map(String::as_str);
+        let digest_ok = recorded.is_none_or(|recorded| recorded == hex);
+        Ok(if size_ok && digest_ok {
+            Check::Good
+        } else {
+            Check::Corrupt
+        })
     }
 
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
