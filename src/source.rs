@@ -490,9 +490,7 @@ async fn reachable_from(url: &str, rev: &str, patterns: &[String]) -> Result<Str
             url: url.to_string(),
             message,
         })?
-        .join(hex::encode(
-            &<sha2::Sha256 as sha2::Digest>::digest(url.as_bytes())[..16],
-        ));
+        .join(&crate::oci::digest::sha256_hex(url.as_bytes())[..32]);
     let mirror_arg = mirror.to_string_lossy().into_owned();
     let failed = |output: &std::process::Output| SourceError::Git {
         url: url.to_string(),

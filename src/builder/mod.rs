@@ -33,10 +33,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::oci::digest::{hex_of, sha256_digest};
+use crate::oci::digest::{hex_of, sha256_digest, sha256_hex};
 use crate::oci::manifest::{self, Descriptor, ImageConfig, Manifest};
 use crate::oci::name::{Arch, ImageSpec};
 use crate::source::Resolved as ResolvedSource;
@@ -111,7 +110,7 @@ pub fn image_key(
         "layerBudget": layer_budget,
         "compression": pack::COMPRESSION,
     });
-    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    sha256_hex(canonical.to_string().as_bytes())
 }
 
 /// What one process may spend on builds.
@@ -683,7 +682,7 @@ fn customisation_key(roots: &[String], closure: &[String]) -> String {
         "closure": closure,
         "compression": pack::COMPRESSION,
     });
-    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    sha256_hex(canonical.to_string().as_bytes())
 }
 
 /// A step's result, in one log field.

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::status::{self, decide, Action, BuildStatus, State};
 use super::{Dispatch, DispatchError, Service};
 use crate::builder::{BuildError, BuildRequest};
+use crate::oci::digest::sha256_hex;
 use crate::source::{GitLookup, GitResolver, SourceArg, SourceError};
 use crate::storage::records::{self, unix_now as now, ImageRecord};
 use crate::storage::{self, Storage};
@@ -52,10 +53,7 @@ pub struct GitAnswer {
 /// Where the answer to a lookup is stored.
 pub fn git_answer_key(lookup: &GitLookup) -> String {
     let canonical = serde_json::to_vec(lookup).expect("a lookup always serialises");
-    format!(
-        "sources/{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&canonical))
-    )
+    format!("sources/{}", sha256_hex(&canonical))
 }
 
 /// Git lookups answered by a worker through the queue: the answer is read

@@ -11,9 +11,14 @@
 
 use sha2::{Digest, Sha256};
 
+/// The sha256 of some bytes, as lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// `sha256:<hex>` of some bytes.
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+    format!("sha256:{}", sha256_hex(bytes))
 }
 
 /// The hex part of `sha256:<hex>` (the whole string if it has no prefix).

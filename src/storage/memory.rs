@@ -114,8 +114,7 @@ impl Storage for MemoryStorage {
         let Some(data) = self.objects().get(key).cloned() else {
             return Ok(Check::Absent);
         };
-        let good = data.len() as u64 == size
-            && hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)) == hex;
+        let good = data.len() as u64 == size && crate::oci::digest::sha256_hex(&data) == hex;
         Ok(if good { Check::Good } else { Check::Corrupt })
     }
 
