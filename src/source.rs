@@ -123,6 +123,20 @@ const REMEMBER_MAX: usize = 10_000;
 /// How long one call to the compare API may take.
 const API_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long a lookup's outcome stands: a resolution for the tag TTL, a
+/// refusal or failure for the failure TTL.
+pub fn kept_for<T>(
+    found: &Result<T, SourceError>,
+    ttl: Duration,
+    failure_ttl: Duration,
+) -> Duration {
+    if found.is_ok() {
+        ttl
+    } else {
+        failure_ttl
+    }
+}
+
 /// A local package set: always the directory as it is now.
 fn path_source(path: &std::path::Path) -> Resolved {
     Resolved {
@@ -281,10 +295,7 @@ impl Sources {
     fn remember(&self, tag: &str, found: Result<Resolved, SourceError>) {
         let mut remembered = self.remembered.lock().expect("never poisoned");
         if remembered.len() >= REMEMBER_MAX {
-            let (ttl, failure_ttl) = (self.ttl, self.failure_ttl);
-            remembered.retain(|_, (found, at)| {
-                at.elapsed() < if found.is_ok() { ttl } else { failure_ttl }
-            });
+            remembered.retain(|_, (found, at)| at.elapsed() < self.kept_for(found));
             if remembered.len() >= REMEMBER_MAX {
                 remembered.clear();
             }
@@ -296,12 +307,12 @@ impl Sources {
     fn recall(&self, tag: &str) -> Option<Result<Resolved, SourceError>> {
         let remembered = self.remembered.lock().expect("never poisoned");
         let (found, at) = remembered.get(tag)?;
-        let keep = if found.is_ok() {
-            self.ttl
-        } else {
-            self.failure_ttl
-        };
-        (at.elapsed() < keep).then(|| found.clone())
+        (at.elapsed() < self.kept_for(found)).then(|| found.clone())
+    }
+
+    /// How long a lookup's outcome is answered again.
+    fn kept_for<T>(&self, found: &Result<T, SourceError>) -> Duration {
+        kept_for(found, self.ttl, self.failure_ttl)
     }
 
     /// Whether a nixpkgs commit is on the channel's branch or on master

@@ -279,11 +279,8 @@ impl Builder {
         request: &BuildRequest,
         progress: Progress<'_>,
     ) -> Result<ImageRecord, BuildError> {
-        let key = storage::image_key(&request.image_key);
-        if let Some(record) = records::read::<ImageRecord>(&*self.storage, &key).await? {
-            if record.is_current(request.not_before) {
-                return Ok(record);
-            }
+        if let Some(record) = self.current_record(request).await? {
+            return Ok(record);
         }
         let image = request.image_key.as_str();
         if self.slots.available_permits() == 0 {
@@ -299,10 +296,8 @@ impl Builder {
             .await
             .map_err(|e| BuildError::Task(e.to_string()))?;
         // Another pull may have finished this image while this one waited.
-        if let Some(record) = records::read::<ImageRecord>(&*self.storage, &key).await? {
-            if record.is_current(request.not_before) {
-                return Ok(record);
-            }
+        if let Some(record) = self.current_record(request).await? {
+            return Ok(record);
         }
         let started = Instant::now();
         tracing::info!(image, packages = ?request.packages, system = %request.system, "build started");
@@ -324,6 +319,16 @@ impl Builder {
             }
         }
         result.map(|(record, _)| record)
+    }
+
+    /// The stored record of the requested image, if it is current.
+    async fn current_record(
+        &self,
+        request: &BuildRequest,
+    ) -> Result<Option<ImageRecord>, BuildError> {
+        let key = storage::image_key(&request.image_key);
+        let record = records::read::<ImageRecord>(&*self.storage, &key).await?;
+        Ok(record.filter(|r| r.is_current(request.not_before)))
     }
 
     /// The steps, in order.

@@ -19,7 +19,7 @@ use super::status::{self, decide, Action, BuildStatus, State};
 use super::{Dispatch, DispatchError, Service};
 use crate::builder::{BuildError, BuildRequest};
 use crate::oci::digest::sha256_hex;
-use crate::source::{GitLookup, GitResolver, SourceArg, SourceError};
+use crate::source::{kept_for, GitLookup, GitResolver, SourceArg, SourceError};
 use crate::storage::records::{self, unix_now as now, ImageRecord};
 use crate::storage::{self, Storage};
 
@@ -105,11 +105,7 @@ impl QueueGit {
                 return None;
             }
         };
-        let keep = if answer.result.is_ok() {
-            self.ttl
-        } else {
-            self.failure_ttl
-        };
+        let keep = kept_for(&answer.result, self.ttl, self.failure_ttl);
         (answer.at + keep.as_secs() >= now()).then_some(answer.result)
     }
 }
