@@ -156,16 +156,8 @@ async fn everything_needs_credentials_in_the_all_scope() {
     let d = dir.path();
     let auth_file = d.join("auth.json");
     let podman = || {
-        let mut c = Command::new("podman");
-        c.arg("--root")
-            .arg(d.join("root"))
-            .arg("--runroot")
-            .arg(d.join("run"))
-            .arg("--tmpdir")
-            .arg(d.join("tmp"))
-            .args(["--storage-driver", "vfs", "--cgroup-manager", "cgroupfs"])
-            .args(["--events-backend", "none"])
-            .env("REGISTRY_AUTH_FILE", &auth_file);
+        let mut c = common::podman(d);
+        c.env("REGISTRY_AUTH_FILE", &auth_file);
         c
     };
     let wrong = podman()

@@ -69,27 +69,7 @@ fn podman_pulls_and_runs_shell_hello() {
     }
     let server = Server::start();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let podman = || {
-        let mut c = Command::new("podman");
-        c.arg("--root")
-            .arg(d.join("root"))
-            .arg("--runroot")
-            .arg(d.join("run"))
-            .arg("--tmpdir")
-            .arg(d.join("tmp"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--runtime",
-                "runc",
-                "--events-backend",
-                "none",
-            ]);
-        c
-    };
+    let podman = || common::podman(dir.path());
     let image = format!("{}/shell/hello", server.addr);
     run(podman().args(["pull", "--quiet", "--tls-verify=false", &image]));
     let out = run(podman().args([

@@ -57,6 +57,29 @@ pub fn fixture_copy(dir: &Path, settings: serde_json::Value) -> PathBuf {
     to
 }
 
+/// podman with its root, run root and temporary files under `dir`, in
+/// the settings this machine allows (vfs storage, cgroupfs, runc).
+pub fn podman(dir: &Path) -> Command {
+    let mut c = Command::new("podman");
+    c.arg("--root")
+        .arg(dir.join("root"))
+        .arg("--runroot")
+        .arg(dir.join("run"))
+        .arg("--tmpdir")
+        .arg(dir.join("tmp"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--runtime",
+            "runc",
+            "--events-backend",
+            "none",
+        ]);
+    c
+}
+
 /// Runs git in `dir` with a fixed identity and `main` as the first branch;
 /// its stdout, trimmed.
 pub fn git(dir: &Path, args: &[&str]) -> String {
