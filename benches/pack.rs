@@ -106,7 +106,7 @@ fn compare(label: &str, path: &str, scratch: &Path) {
         nixery::builder::pack::pack_store_paths(
             &[path.to_string()],
             &out,
-            nixery::builder::pack::GZIP_LEVEL,
+            nixery::builder::compress::Compression::Gzip,
         )
         .unwrap()
     });

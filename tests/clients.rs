@@ -1,13 +1,13 @@
 //! The clients a Kubernetes node and a workstation use: containerd's `ctr`
 //! (HEAD by tag, then GET by digest) and podman pull and run what
-//! `nixery serve` builds.
+//! `nixery serve` builds, with gzip layers and with zstd ones.
 
 mod common;
 
 use std::process::Command;
 
 use common::containerd::{Containerd, NAMESPACE};
-use common::{run, Server};
+use common::{run, skopeo_copy, Server};
 
 #[test]
 fn containerd_pulls_and_runs_shell_hello() {
@@ -71,6 +71,79 @@ fn podman_pulls_and_runs_shell_hello() {
     let dir = tempfile::tempdir().unwrap();
     let podman = || common::podman(dir.path());
     let image = format!("{}/shell/hello", server.addr);
+    run(podman().args(["pull", "--quiet", "--tls-verify=false", &image]));
+    let out = run(podman().args([
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        &image,
+        "hello",
+    ]));
+    assert_eq!(out, "Hello, world!\n");
+}
+
+#[test]
+fn zstd_images_pull_and_run_with_containerd_podman_and_skopeo() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_COMPRESSION", "zstd")],
+    );
+    let image = format!("{}/shell/hello:latest", server.addr);
+
+    // skopeo checks every blob's digest as it copies; the layers are zstd.
+    let copy = dir.path().join("skopeo");
+    skopeo_copy(
+        &server,
+        "shell/hello:latest",
+        &format!("dir:{}", copy.display()),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("manifest.json")).unwrap()).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert!(layers.len() > 1);
+    for layer in layers {
+        assert_eq!(
+            layer["mediaType"],
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        let blob = copy.join(
+            layer["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:"),
+        );
+        // zstd's magic number opens every layer.
+        assert_eq!(
+            &std::fs::read(blob).unwrap()[..4],
+            &[0x28, 0xb5, 0x2f, 0xfd]
+        );
+    }
+
+    let containerd = Containerd::start();
+    run(containerd.ctr().args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &image,
+    ]));
+    let flags = containerd.run_flags();
+    let out = run(containerd
+        .ctr()
+        .arg("run")
+        .args(&flags)
+        .args([&image, "zstd-hello-1", "hello"]));
+    assert_eq!(out, "Hello, world!\n");
+
+    let podman_dir = tempfile::tempdir().unwrap();
+    let podman = || common::podman(podman_dir.path());
     run(podman().args(["pull", "--quiet", "--tls-verify=false", &image]));
     let out = run(podman().args([
         "run",

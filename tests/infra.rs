@@ -72,6 +72,17 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     ("NIXERY_TAG_TTL", SetOn::Function, "the function decides when an image from a moving source is stale"),
     ("NIXERY_LAYER_BUDGET", SetOn::Function, "part of the image key; the request carries it"),
     ("NIXERY_IMPLICIT_PACKAGES", SetOn::Function, "part of the image key; the request carries it"),
+    ("NIXERY_COMPRESSION", SetOn::Function, "part of the image key; the request carries it"),
+    (
+        "NIXERY_CACHE_TTL",
+        SetOn::Neither,
+        "the default (an hour) is far below the unused time after which images are collected",
+    ),
+    (
+        "NIXERY_CACHE_SIZE",
+        SetOn::Neither,
+        "the default (64 MiB, tens of thousands of manifests) fits the smallest function memory",
+    ),
     // The worker: running Nix and layering.
     ("NIX_TIMEOUT", SetOn::Worker, "only the worker runs Nix"),
     ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),

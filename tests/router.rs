@@ -19,6 +19,7 @@ use bytes::Bytes;
 use nixery::builder::{BuildRequest, Failure};
 use nixery::dispatch::single_flight::SingleFlight;
 use nixery::dispatch::{Dispatch, DispatchError, Service};
+use nixery::images::cache::CacheLimits;
 use nixery::images::{ImageSettings, Images};
 use nixery::oci::digest::{hex_of, sha256_digest};
 use nixery::oci::manifest::{Descriptor, ImageConfig, Manifest, MEDIA_TYPE_CONFIG};
@@ -117,6 +118,25 @@ struct Registry {
 
 impl Registry {
     fn new() -> Registry {
+        Registry::with(ImageSettings {
+            implicit_packages: vec![],
+            ..ImageSettings::default()
+        })
+    }
+
+    /// A registry that reads storage on every pull.
+    fn uncached() -> Registry {
+        Registry::with(ImageSettings {
+            implicit_packages: vec![],
+            cache: CacheLimits {
+                ttl: Duration::ZERO,
+                max_bytes: 0,
+            },
+            ..ImageSettings::default()
+        })
+    }
+
+    fn with(settings: ImageSettings) -> Registry {
         let storage = Arc::new(MemoryStorage::new());
         let dispatch = Arc::new(TestDispatch {
             storage: storage.clone(),
@@ -132,10 +152,7 @@ impl Registry {
             storage.clone(),
             Arc::new(SingleFlight::new(dispatch.clone())),
             Arc::new(sources),
-            ImageSettings {
-                layer_budget: 94,
-                implicit_packages: vec![],
-            },
+            settings,
         );
         Registry {
             state: AppState {
@@ -485,7 +502,7 @@ async fn build_failures_map_to_one_status_each_without_internal_details() {
 
 #[tokio::test]
 async fn a_corrupted_manifest_is_never_served() {
-    let registry = Registry::new();
+    let registry = Registry::uncached();
     let (first, body) = registry.get("/v2/hello/manifests/latest").await;
     assert_eq!(first.status(), StatusCode::OK);
     let digest = header(&first, "docker-content-digest").to_string();
@@ -516,7 +533,7 @@ async fn a_corrupted_manifest_is_never_served() {
 
 #[tokio::test]
 async fn stale_images_of_a_moving_source_are_rebuilt() {
-    let registry = Registry::new();
+    let registry = Registry::uncached();
     let (first, _) = registry.get("/v2/hello/manifests/latest").await;
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(registry.builds(), 1);
@@ -541,6 +558,53 @@ async fn stale_images_of_a_moving_source_are_rebuilt() {
     // Fresh again: served without a build.
     let _ = registry.get("/v2/hello/manifests/latest").await;
     assert_eq!(registry.builds(), 2);
+}
+
+#[tokio::test]
+async fn a_warm_instance_answers_repeated_pulls_without_storage() {
+    let registry = Registry::new();
+    let (first, body) = registry.get("/v2/hello/manifests/latest").await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let digest = header(&first, "docker-content-digest").to_string();
+    let by_digest = format!("/v2/hello/manifests/{digest}");
+    // The first pull by digest reads the manifest once.
+    assert_eq!(registry.get(&by_digest).await.0.status(), StatusCode::OK);
+
+    let calls = registry.storage.calls();
+    for uri in ["/v2/hello/manifests/latest", by_digest.as_str()] {
+        for method in [Method::GET, Method::HEAD] {
+            let (response, again) = registry.send(method.clone(), uri).await;
+            assert_eq!(response.status(), StatusCode::OK, "{method} {uri}");
+            assert_eq!(header(&response, "docker-content-digest"), digest);
+            if method == Method::GET {
+                assert_eq!(again, body);
+            }
+        }
+    }
+    assert_eq!(
+        registry.storage.calls(),
+        calls,
+        "a cached pull called storage"
+    );
+    assert_eq!(registry.builds(), 1);
+
+    // What was cached had been checked: a manifest damaged in storage
+    // afterwards does not reach clients from memory either, since memory
+    // holds the bytes that matched their digest.
+    let key = storage::manifest_key(hex_of(&digest));
+    registry
+        .storage
+        .put(&key, Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let (response, again) = registry.get("/v2/hello/manifests/latest").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(sha256_digest(&again), digest);
+
+    // Another image is another entry; its first pull reads storage.
+    let (other, _) = registry.get("/v2/jq/manifests/latest").await;
+    assert_eq!(other.status(), StatusCode::OK);
+    assert!(registry.storage.calls() > calls);
 }
 
 mod fuzz {

@@ -756,8 +756,8 @@ mod tests {
         let b = Layer {
             paths: vec!["/nix/store/b".into()],
         };
-        assert_ne!(a.key("gzip-6"), b.key("gzip-6"));
-        assert_ne!(a.key("gzip-6"), a.key("zstd"));
-        assert_eq!(a.key("gzip-6"), a.clone().key("gzip-6"));
+        assert_ne!(a.key("gzip"), b.key("gzip"));
+        assert_ne!(a.key("gzip"), a.key("zstd"));
+        assert_eq!(a.key("gzip"), a.clone().key("gzip"));
     }
 }

@@ -19,6 +19,7 @@
 //! The image record `images/<image-key>` is written last: a build that stops
 //! anywhere before that leaves no visible image, only reusable layers.
 
+pub mod compress;
 pub mod customisation;
 pub mod layers;
 pub mod nix;
@@ -41,6 +42,7 @@ use crate::oci::name::{Arch, ImageSpec};
 use crate::source::Resolved as ResolvedSource;
 use crate::storage::records::{self, unix_now, ImageRecord, LayerRecord, RecordError};
 use crate::storage::{self, Check, Storage, StorageError};
+use compress::Compression;
 use customisation::{customise, CustomisationError};
 use layers::Layer;
 use nix::{Closure, Nix, NixError, ResolveRequest, SourceArg};
@@ -66,20 +68,32 @@ pub struct BuildRequest {
     /// source has moved on since. See [`ImageRecord::is_current`].
     #[serde(default)]
     pub not_before: u64,
+    /// How the layers are compressed.
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 impl BuildRequest {
     /// The request for an image spec: packages (sorted), architecture, the
-    /// resolved package source and the implicit packages all go into the key.
+    /// resolved package source, the implicit packages and the compression
+    /// all go into the key.
     pub fn new(
         spec: &ImageSpec,
         source: &ResolvedSource,
         layer_budget: usize,
         implicit: &[String],
+        compression: Compression,
         not_before: u64,
     ) -> BuildRequest {
         let packages: Vec<String> = spec.packages.iter().cloned().collect();
-        let image_key = image_key(&packages, spec.arch, &source.arg, layer_budget, implicit);
+        let image_key = image_key(
+            &packages,
+            spec.arch,
+            &source.arg,
+            layer_budget,
+            implicit,
+            compression,
+        );
         BuildRequest {
             image_key,
             packages,
@@ -89,6 +103,7 @@ impl BuildRequest {
             layer_budget,
             implicit: implicit.to_vec(),
             not_before,
+            compression,
         }
     }
 }
@@ -100,6 +115,7 @@ pub fn image_key(
     source: &SourceArg,
     layer_budget: usize,
     implicit: &[String],
+    compression: Compression,
 ) -> String {
     let canonical = serde_json::json!({
         "format": IMAGE_FORMAT,
@@ -108,7 +124,7 @@ pub fn image_key(
         "system": arch.nix_system(),
         "source": source,
         "layerBudget": layer_budget,
-        "compression": pack::COMPRESSION,
+        "compression": compression.key(),
     });
     sha256_hex(canonical.to_string().as_bytes())
 }
@@ -354,14 +370,19 @@ impl Builder {
             .step(image, progress, "group", self.group(&roots, request))
             .await?;
         let (mut layers, mut stats) = self
-            .step(image, progress, "pack", self.store_layers(image, groups))
+            .step(
+                image,
+                progress,
+                "pack",
+                self.store_layers(image, groups, request.compression),
+            )
             .await?;
         let (custom, config) = self
             .step(
                 image,
                 progress,
                 "customise",
-                self.customise(image, roots, &closure),
+                self.customise(image, roots, &closure, request.compression),
             )
             .await?;
         stats.count(&custom, config.reused);
@@ -442,6 +463,7 @@ impl Builder {
         &self,
         image: &str,
         groups: Vec<Layer>,
+        compression: Compression,
     ) -> Result<(Vec<LayerRecord>, LayerStats), BuildError> {
         let parallel = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -449,10 +471,10 @@ impl Builder {
         let results: Vec<Result<(LayerRecord, bool), BuildError>> =
             futures_util::stream::iter(groups)
                 .map(|layer| {
-                    let key = layer.key(pack::COMPRESSION);
+                    let key = layer.key(compression.key());
                     let paths = layer.paths;
-                    self.store_layer(image, key, move |out| {
-                        pack::pack_store_paths(&paths, out, pack::GZIP_LEVEL)
+                    self.store_layer(image, key, compression, move |out| {
+                        pack::pack_store_paths(&paths, out, compression)
                     })
                 })
                 .buffered(parallel)
@@ -474,17 +496,18 @@ impl Builder {
         image: &str,
         roots: Vec<String>,
         closure: &Closure,
+        compression: Compression,
     ) -> Result<(LayerRecord, CustomConfig), BuildError> {
         let paths: Vec<String> = closure.keys().cloned().collect();
-        let key = customisation_key(&roots, &paths);
+        let key = customisation_key(&roots, &paths, compression);
         // Reading the outputs is cheap; packing is what reuse saves.
         let custom = tokio::task::spawn_blocking(move || customise(&roots, &paths))
             .await
             .map_err(|e| BuildError::Task(e.to_string()))??;
         let tree = custom.tree;
         let (record, reused) = self
-            .store_layer(image, key, move |out| {
-                pack::pack_tree(&tree, out, pack::GZIP_LEVEL)
+            .store_layer(image, key, compression, move |out| {
+                pack::pack_tree(&tree, out, compression)
             })
             .await?;
         let config = CustomConfig {
@@ -558,6 +581,7 @@ impl Builder {
         &self,
         image: &str,
         key: String,
+        compression: Compression,
         pack: impl FnOnce(&Path) -> Result<Packed, PackError> + Send + 'static,
     ) -> Result<(LayerRecord, bool), BuildError> {
         let record_key = storage::layer_key(&key);
@@ -593,7 +617,7 @@ impl Builder {
             digest: packed.digest.clone(),
             diff_id: packed.diff_id.clone(),
             size: packed.size,
-            media_type: manifest::MEDIA_TYPE_LAYER_GZIP.to_string(),
+            media_type: compression.media_type().to_string(),
         };
         tracing::info!(
             image,
@@ -679,13 +703,13 @@ struct CustomConfig {
 
 /// The customisation layer's key: everything its bytes depend on (the
 /// requested outputs in order, the closure, the compression).
-fn customisation_key(roots: &[String], closure: &[String]) -> String {
+fn customisation_key(roots: &[String], closure: &[String], compression: Compression) -> String {
     let canonical = serde_json::json!({
         "layer": "customisation",
         "format": IMAGE_FORMAT,
         "outputs": roots,
         "closure": closure,
-        "compression": pack::COMPRESSION,
+        "compression": compression.key(),
     });
     sha256_hex(canonical.to_string().as_bytes())
 }
@@ -746,9 +770,36 @@ mod tests {
             path: "/pkgs".into(),
         };
         let pk = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let base = image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]);
-        assert_eq!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &[]));
-        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Arm64, &src, 94, &[]));
+        let base = image_key(
+            &pk(&["hello"]),
+            Arch::Amd64,
+            &src,
+            94,
+            &[],
+            Compression::Gzip,
+        );
+        assert_eq!(
+            base,
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &src,
+                94,
+                &[],
+                Compression::Gzip
+            )
+        );
+        assert_ne!(
+            base,
+            image_key(
+                &pk(&["hello"]),
+                Arch::Arm64,
+                &src,
+                94,
+                &[],
+                Compression::Gzip
+            )
+        );
         assert_ne!(
             base,
             image_key(
@@ -758,17 +809,53 @@ mod tests {
                     path: "/other".into()
                 },
                 94,
-                &[]
+                &[],
+                Compression::Gzip
             )
         );
         assert_ne!(
             base,
-            image_key(&pk(&["hello", "jq"]), Arch::Amd64, &src, 94, &[])
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &src,
+                94,
+                &[],
+                Compression::Zstd
+            )
         );
-        assert_ne!(base, image_key(&pk(&["hello"]), Arch::Amd64, &src, 10, &[]));
         assert_ne!(
             base,
-            image_key(&pk(&["hello"]), Arch::Amd64, &src, 94, &pk(&["cacert"]))
+            image_key(
+                &pk(&["hello", "jq"]),
+                Arch::Amd64,
+                &src,
+                94,
+                &[],
+                Compression::Gzip
+            )
+        );
+        assert_ne!(
+            base,
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &src,
+                10,
+                &[],
+                Compression::Gzip
+            )
+        );
+        assert_ne!(
+            base,
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &src,
+                94,
+                &pk(&["cacert"]),
+                Compression::Gzip
+            )
         );
         let commit = |rev: &str| SourceArg::Git {
             url: "/r".into(),
@@ -776,8 +863,22 @@ mod tests {
             git_ref: None,
         };
         assert_ne!(
-            image_key(&pk(&["hello"]), Arch::Amd64, &commit("a"), 94, &[]),
-            image_key(&pk(&["hello"]), Arch::Amd64, &commit("b"), 94, &[])
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &commit("a"),
+                94,
+                &[],
+                Compression::Gzip
+            ),
+            image_key(
+                &pk(&["hello"]),
+                Arch::Amd64,
+                &commit("b"),
+                94,
+                &[],
+                Compression::Gzip
+            )
         );
     }
 
@@ -807,17 +908,26 @@ mod tests {
 
     #[test]
     fn the_customisation_key_follows_its_inputs() {
-        let a = customisation_key(&["/nix/store/a".into()], &["/nix/store/a".into()]);
+        let key = |roots: &[&str], closure: &[&str], compression| {
+            let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            customisation_key(&v(roots), &v(closure), compression)
+        };
+        let a = key(&["/nix/store/a"], &["/nix/store/a"], Compression::Gzip);
         assert_eq!(
             a,
-            customisation_key(&["/nix/store/a".into()], &["/nix/store/a".into()])
+            key(&["/nix/store/a"], &["/nix/store/a"], Compression::Gzip)
         );
         assert_ne!(
             a,
-            customisation_key(
-                &["/nix/store/a".into()],
-                &["/nix/store/a".into(), "/nix/store/b".into()]
+            key(
+                &["/nix/store/a"],
+                &["/nix/store/a", "/nix/store/b"],
+                Compression::Gzip
             )
+        );
+        assert_ne!(
+            a,
+            key(&["/nix/store/a"], &["/nix/store/a"], Compression::Zstd)
         );
     }
 }

@@ -1,6 +1,7 @@
-//! Deterministic layer tarballs: tar -> gzip -> file, with the sha256 of
-//! the tar (the layer's `diff_id`) and of the compressed bytes (its
-//! `digest`) computed in the same single streaming pass.
+//! Deterministic layer tarballs: tar -> gzip or zstd -> file, with the
+//! sha256 of the tar (the layer's `diff_id`) and of the compressed bytes
+//! (its `digest`) computed in the same single streaming pass. Compression
+//! runs on every core ([`super::compress`]).
 //!
 //! The archive is a function of the files alone: entries in a fixed order
 //! (parents before children, siblings by name bytes), mtime 1 (as in the Nix
@@ -11,7 +12,8 @@
 //! through fixed buffers.
 //!
 //! ```no_run
-//! let packed = nixery::builder::pack::pack_store_paths(&["/nix/store/…-hello".to_string()], "/tmp/layer".as_ref(), 6).unwrap();
+//! use nixery::builder::compress::Compression;
+//! let packed = nixery::builder::pack::pack_store_paths(&["/nix/store/…-hello".to_string()], "/tmp/layer".as_ref(), Compression::Gzip).unwrap();
 //! println!("{} ({} bytes), diff_id {}", packed.digest, packed.size, packed.diff_id);
 //! ```
 
@@ -23,17 +25,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
+use super::compress::{Compression, Encoder};
+
 /// The modification time of every entry, as in the Nix store.
 pub const MTIME: u64 = 1;
-
-/// The compression every layer uses; part of each layer's key.
-pub const COMPRESSION: &str = "gzip-6";
-pub const GZIP_LEVEL: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -87,7 +85,7 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-type Sink = Hashing<GzEncoder<Hashing<BufWriter<File>>>>;
+type Sink = Hashing<Encoder<Hashing<BufWriter<File>>>>;
 
 /// Writes one layer: entries go in in the order they are given.
 struct LayerWriter {
@@ -109,16 +107,18 @@ fn header(kind: EntryType, mode: u32, size: u64) -> Header {
 }
 
 impl LayerWriter {
-    fn create(out: &Path, level: u32) -> Result<LayerWriter, PackError> {
-        let file = File::create(out).map_err(|source| PackError::Io {
+    fn create(out: &Path, compression: Compression) -> Result<LayerWriter, PackError> {
+        let err = |source| PackError::Io {
             path: out.to_path_buf(),
             source,
-        })?;
-        let gz = GzEncoder::new(
+        };
+        let file = File::create(out).map_err(err)?;
+        let encoder = Encoder::new(
             Hashing::new(BufWriter::with_capacity(256 * 1024, file)),
-            Compression::new(level),
-        );
-        let mut tar = tar::Builder::new(Hashing::new(gz));
+            compression,
+        )
+        .map_err(err)?;
+        let mut tar = tar::Builder::new(Hashing::new(encoder));
         tar.mode(tar::HeaderMode::Deterministic);
         Ok(LayerWriter {
             tar,
@@ -255,11 +255,15 @@ impl<R: Read> Read for CountingReader<R> {
 
 /// Packs whole store paths (`/nix/store/...`) into one layer at `out`,
 /// under `nix/store/` in the archive.
-pub fn pack_store_paths(paths: &[String], out: &Path, level: u32) -> Result<Packed, PackError> {
+pub fn pack_store_paths(
+    paths: &[String],
+    out: &Path,
+    compression: Compression,
+) -> Result<Packed, PackError> {
     let mut sorted: Vec<&String> = paths.iter().collect();
     sorted.sort();
     sorted.dedup();
-    let mut writer = LayerWriter::create(out, level)?;
+    let mut writer = LayerWriter::create(out, compression)?;
     writer.dir(Path::new("nix"), 0o755)?;
     writer.dir(Path::new("nix/store"), 0o755)?;
     for path in sorted {
@@ -285,8 +289,8 @@ pub enum Node {
 pub type Tree = BTreeMap<PathBuf, Node>;
 
 /// Packs an in-memory tree into one layer at `out`.
-pub fn pack_tree(tree: &Tree, out: &Path, level: u32) -> Result<Packed, PackError> {
-    let mut writer = LayerWriter::create(out, level)?;
+pub fn pack_tree(tree: &Tree, out: &Path, compression: Compression) -> Result<Packed, PackError> {
+    let mut writer = LayerWriter::create(out, compression)?;
     for (name, node) in tree {
         match node {
             Node::Dir { mode } => writer.dir(name, *mode)?,
@@ -328,7 +332,11 @@ mod tests {
 
     /// Reads an archive back.
     fn unpack(layer: &Path) -> Vec<Unpacked> {
-        let mut archive = tar::Archive::new(GzDecoder::new(File::open(layer).unwrap()));
+        unpack_from(GzDecoder::new(File::open(layer).unwrap()))
+    }
+
+    fn unpack_from(reader: impl Read) -> Vec<Unpacked> {
+        let mut archive = tar::Archive::new(reader);
         archive
             .entries()
             .unwrap()
@@ -357,7 +365,12 @@ mod tests {
         let src = dir.path().join("nix-store-like");
         awkward_tree(&src);
         let layer = dir.path().join("layer.tar.gz");
-        let packed = pack_store_paths(&[src.to_str().unwrap().to_string()], &layer, 6).unwrap();
+        let packed = pack_store_paths(
+            &[src.to_str().unwrap().to_string()],
+            &layer,
+            Compression::Gzip,
+        )
+        .unwrap();
         assert_eq!(packed.size, std::fs::metadata(&layer).unwrap().len());
         assert_eq!(
             packed.digest,
@@ -424,11 +437,11 @@ mod tests {
         let src = dir.path().join("src");
         awkward_tree(&src);
         let paths = [src.to_str().unwrap().to_string()];
-        let one = pack_store_paths(&paths, &dir.path().join("1"), 6).unwrap();
+        let one = pack_store_paths(&paths, &dir.path().join("1"), Compression::Gzip).unwrap();
         // Touching files changes mtimes and atimes, not the layer.
         std::fs::write(src.join("exec2"), b"x").unwrap();
         std::fs::remove_file(src.join("exec2")).unwrap();
-        let two = pack_store_paths(&paths, &dir.path().join("2"), 6).unwrap();
+        let two = pack_store_paths(&paths, &dir.path().join("2"), Compression::Gzip).unwrap();
         assert_eq!(one, two);
         assert_eq!(
             std::fs::read(dir.path().join("1")).unwrap(),
@@ -457,11 +470,28 @@ mod tests {
             },
         );
         let layer = dir.path().join("custom");
-        pack_tree(&tree, &layer, 6).unwrap();
+        pack_tree(&tree, &layer, Compression::Gzip).unwrap();
         let entries = unpack(&layer);
         let names: Vec<&str> = entries.iter().map(|e| e.0.trim_end_matches('/')).collect();
         assert_eq!(names, ["bin", "bin/sh", "etc", "etc/passwd", "tmp"]);
         assert_eq!(entries[4].2, 0o1777);
         assert_eq!(entries[3].4, b"root:x:0:0::/:/bin/sh\n");
+    }
+
+    #[test]
+    fn zstd_layers_hold_the_same_tar() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        awkward_tree(&src);
+        let paths = [src.to_str().unwrap().to_string()];
+        let gzip = pack_store_paths(&paths, &dir.path().join("gz"), Compression::Gzip).unwrap();
+        let zstd = pack_store_paths(&paths, &dir.path().join("zst"), Compression::Zstd).unwrap();
+        // The same tar (diff_id), compressed otherwise (digest).
+        assert_eq!(gzip.diff_id, zstd.diff_id);
+        assert_eq!(gzip.tar_size, zstd.tar_size);
+        assert_ne!(gzip.digest, zstd.digest);
+        let file = File::open(dir.path().join("zst")).unwrap();
+        let entries = unpack_from(zstd::stream::read::Decoder::new(file).unwrap());
+        assert_eq!(entries, unpack(&dir.path().join("gz")));
     }
 }

@@ -30,8 +30,10 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::builder::compress::Compression;
 use crate::builder::BuildLimits;
 use crate::dispatch::sqs::Timings;
+use crate::images::cache::CacheLimits;
 use crate::images::ImageSettings;
 use crate::source::{AllowedRefs, PackageSource};
 use crate::storage::StorageConfig;
@@ -45,6 +47,11 @@ const MAX_PRESIGN_SECONDS: u64 = 7 * 24 * 3600;
 pub const MAX_LAYER_BUDGET: u64 = 126;
 /// 8 GiB: CUDA or TeX closures fit, a request for all of nixpkgs does not.
 const DEFAULT_MAX_IMAGE_SIZE: u64 = 8 << 30;
+/// A day: a manifest cache older than that would outlive what garbage
+/// collection keeps.
+const MAX_CACHE_TTL: u64 = 24 * 3600;
+/// 16 GiB: more than any function has.
+const MAX_CACHE_SIZE: u64 = 16 << 30;
 /// The variable whose empty value means something (no implicit packages).
 const EMPTY_MEANS_NONE: &str = "NIXERY_IMPLICIT_PACKAGES";
 
@@ -272,6 +279,22 @@ pub struct ImageArgs {
     #[arg(long, env = EMPTY_MEANS_NONE, value_name = EMPTY_MEANS_NONE, hide_env = true, default_value = "cacert iana-etc",
           value_parser = package_list)]
     pub implicit_packages: PackageList,
+    /// How layers are compressed: gzip (every client) or zstd (smaller,
+    /// faster to unpack; containerd 1.5, podman 3, Docker 23 and later).
+    #[arg(long, env = "NIXERY_COMPRESSION", value_name = "NIXERY_COMPRESSION", hide_env = true, default_value = "gzip",
+          value_parser = compression)]
+    pub compression: Compression,
+    /// Seconds a served manifest is answered again from memory, without a
+    /// storage call (images of moving sources also expire with their tag
+    /// TTL); 0 turns the cache off. Keep it far below the unused time after
+    /// which garbage collection removes images.
+    #[arg(long, env = "NIXERY_CACHE_TTL", value_name = "NIXERY_CACHE_TTL", hide_env = true, default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_CACHE_TTL))]
+    pub cache_ttl: u64,
+    /// Most bytes of memory the manifest cache takes.
+    #[arg(long, env = "NIXERY_CACHE_SIZE", value_name = "NIXERY_CACHE_SIZE", hide_env = true, default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_CACHE_SIZE))]
+    pub cache_size: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -520,6 +543,11 @@ impl ServeArgs {
             images: ImageSettings {
                 layer_budget: self.image.layer_budget as usize,
                 implicit_packages: self.image.implicit_packages.0,
+                compression: self.image.compression,
+                cache: CacheLimits {
+                    ttl: Duration::from_secs(self.image.cache_ttl),
+                    max_bytes: self.image.cache_size as usize,
+                },
             },
             builds,
         })
@@ -758,6 +786,10 @@ fn allowed_refs(value: &str) -> Result<AllowedRefs, String> {
 }
 
 /// Names separated by spaces or commas; empty for none.
+fn compression(value: &str) -> Result<Compression, String> {
+    value.parse()
+}
+
 fn package_list(value: &str) -> Result<PackageList, String> {
     value
         .split([' ', ','])
@@ -982,7 +1014,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 28, "{vars:?}");
+        assert_eq!(vars.len(), 31, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

@@ -418,6 +418,7 @@ mod tests {
             layer_budget: 94,
             implicit: vec![],
             not_before: 0,
+            compression: Default::default(),
         }
     }
 

@@ -12,17 +12,21 @@
 //! 4. turns the record into the manifest bytes to serve, checked against
 //!    their digest.
 //!
+//! What it served it keeps for a while ([`cache`]), so a warm instance
+//! answers a repeated pull by steps 1, 2 and the cache alone.
+//!
 //! Manifest handlers call this and nothing below it (blobs, which are
-//! content-addressed and never built, are read from storage directly); so
-//! will the caches and permission checks that come later.
+//! content-addressed and never built, are read from storage directly).
 
 pub mod activity;
+pub mod cache;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::builder::compress::Compression;
 use crate::builder::BuildRequest;
 use crate::dispatch::{Dispatch, DispatchError};
 use crate::oci::digest::{hex_of, sha256_digest};
@@ -32,6 +36,7 @@ use crate::source::{SourceError, Sources};
 use crate::storage::records::{self, unix_now, ImageRecord, RecordError};
 use crate::storage::{self, Storage, StorageError};
 use activity::Activity;
+use cache::{CacheLimits, ManifestCache};
 
 /// The most blob digests remembered (about 100 bytes each).
 const KNOWN_BLOBS_MAX: usize = 100_000;
@@ -70,6 +75,25 @@ pub struct ImageSettings {
     pub layer_budget: usize,
     /// Packages added to every image when the package set has them.
     pub implicit_packages: Vec<String>,
+    /// How layers are compressed.
+    pub compression: Compression,
+    /// How long, and within how much memory, served manifests are kept.
+    pub cache: CacheLimits,
+}
+
+impl Default for ImageSettings {
+    /// The settings' own defaults (see `config`).
+    fn default() -> ImageSettings {
+        ImageSettings {
+            layer_budget: 94,
+            implicit_packages: vec!["cacert".to_string(), "iana-etc".to_string()],
+            compression: Compression::Gzip,
+            cache: CacheLimits {
+                ttl: Duration::from_secs(3600),
+                max_bytes: 64 << 20,
+            },
+        }
+    }
 }
 
 /// The freshness policy, in one pure function: the oldest build time
@@ -90,6 +114,8 @@ pub struct Images {
     /// Digests of the blobs the manifests this instance served refer to:
     /// they exist, so a blob request for one needs no storage call.
     known_blobs: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Manifests served lately, by image record key or manifest key.
+    cache: ManifestCache,
     storage: Arc<dyn Storage>,
     dispatch: Arc<dyn Dispatch>,
     sources: Arc<Sources>,
@@ -106,6 +132,7 @@ impl Images {
     ) -> Images {
         Images {
             known_blobs: std::sync::Mutex::default(),
+            cache: ManifestCache::new(settings.cache),
             storage,
             dispatch,
             sources,
@@ -137,9 +164,13 @@ impl Images {
             &resolved,
             self.settings.layer_budget,
             &self.settings.implicit_packages,
+            self.settings.compression,
             not_before(resolved.moving, self.sources.ttl(), unix_now()),
         );
         let key = storage::image_key(&request.image_key);
+        if let Some(served) = self.cache.get(&key, request.not_before, Instant::now()) {
+            return Ok(served);
+        }
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
         let record = match stored {
             Some(record) if record.is_current(request.not_before) => record,
@@ -158,20 +189,32 @@ impl Images {
                 }
             }
         };
-        self.manifest(&record.manifest_digest, &record.media_type)
+        let served = self
+            .manifest(&record.manifest_digest, &record.media_type)
             .await?
-            .ok_or(ImageError::ManifestUnknown {
-                reference: record.manifest_digest,
-            })
+            .ok_or_else(|| ImageError::ManifestUnknown {
+                reference: record.manifest_digest.clone(),
+            })?;
+        self.cache
+            .insert(&key, Some(record), served.clone(), Instant::now());
+        Ok(served)
     }
 
     /// A stored manifest by its digest (`sha256:<hex>`, already checked).
     pub async fn by_digest(&self, digest: &str) -> Result<Served, ImageError> {
-        self.manifest(digest, MEDIA_TYPE_MANIFEST)
+        let key = storage::manifest_key(hex_of(digest));
+        if let Some(served) = self.cache.get(&key, 0, Instant::now()) {
+            return Ok(served);
+        }
+        let served = self
+            .manifest(digest, MEDIA_TYPE_MANIFEST)
             .await?
             .ok_or_else(|| ImageError::ManifestUnknown {
                 reference: digest.to_string(),
-            })
+            })?;
+        self.cache
+            .insert(&key, None, served.clone(), Instant::now());
+        Ok(served)
     }
 
     /// Reads a manifest and checks it against its digest.

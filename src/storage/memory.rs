@@ -19,6 +19,8 @@ use super::{check_key, Check, Download, Storage, StorageError};
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
     objects: Mutex<BTreeMap<String, Bytes>>,
+    /// Storage operations answered (what a remote store would bill).
+    calls: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryStorage {
@@ -29,17 +31,30 @@ impl MemoryStorage {
 
     /// Every key present, sorted.
     pub fn keys(&self) -> Vec<String> {
-        self.objects().keys().cloned().collect()
+        self.map().keys().cloned().collect()
     }
 
     /// Removes an object; `true` if there was one.
     pub fn remove(&self, key: &str) -> bool {
-        self.objects().remove(key).is_some()
+        self.map().remove(key).is_some()
+    }
+
+    /// How many storage operations were answered ([`Storage`] calls;
+    /// `keys` and `remove` do not count).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The map, for one storage operation.
+    fn objects(&self) -> MutexGuard<'_, BTreeMap<String, Bytes>> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.map()
     }
 
     /// The map, even if a panicking thread poisoned the lock: every change
     /// is a single map operation, so the map is never left half-changed.
-    fn objects(&self) -> MutexGuard<'_, BTreeMap<String, Bytes>> {
+    fn map(&self) -> MutexGuard<'_, BTreeMap<String, Bytes>> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
