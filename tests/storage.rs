@@ -165,23 +165,26 @@ async fn filesystem_backend() {
     assert!(left.is_empty(), "staging not empty: {left:?}");
 
     // The same size with other bytes: the digest tells, and such a blob is
-    // not served.
-    let content = pattern(4096, 9);
-    let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
-    let key = format!("blobs/sha256/{hex}");
-    storage
-        .put(&key, Bytes::from(content.clone()))
-        .await
-        .unwrap();
-    assert!(storage.download(&key).await.unwrap().is_some());
-    let mut damaged = content.clone();
-    damaged[100] ^= 0xff;
-    std::fs::write(root.path().join(&key), &damaged).unwrap();
-    assert_eq!(
-        storage.check(&key, 4096, &hex).await.unwrap(),
-        Check::Corrupt
-    );
-    assert!(storage.download(&key).await.unwrap().is_none());
+    // not served, whether it is small (read whole) or large (streamed).
+    for (len, seed) in [(4096, 9), ((2 << 20) + 1, 10)] {
+        let content = pattern(len, seed);
+        let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
+        let key = format!("blobs/sha256/{hex}");
+        storage
+            .put(&key, Bytes::from(content.clone()))
+            .await
+            .unwrap();
+        let good = storage.download(&key).await.unwrap().unwrap();
+        assert_eq!(fetch(good).await, content);
+        let mut damaged = content.clone();
+        damaged[100] ^= 0xff;
+        std::fs::write(root.path().join(&key), &damaged).unwrap();
+        assert_eq!(
+            storage.check(&key, len as u64, &hex).await.unwrap(),
+            Check::Corrupt
+        );
+        assert!(storage.download(&key).await.unwrap().is_none(), "{len}");
+    }
 }
 
 #[tokio::test]

@@ -52,8 +52,13 @@ pub(super) async fn get(
             }
             Ok(response)
         }
+        // Reads as large as the blob, up to 256 KiB: a small blob goes out
+        // in one piece, with no large buffer to allocate.
         Download::Stream { size, body } => Ok(blob_response(
-            Body::from_stream(ReaderStream::with_capacity(body, 256 * 1024)),
+            Body::from_stream(ReaderStream::with_capacity(
+                body,
+                size.clamp(1, 256 * 1024) as usize,
+            )),
             size,
             reference,
         )),

@@ -25,6 +25,11 @@ pub struct FsStorage {
 /// The most blobs remembered as verified (then the memory starts over).
 const VERIFIED_MAX: usize = 65_536;
 
+/// Blobs up to this size (configs, small layers) are read whole, in one
+/// trip to a blocking thread, and checked in memory; larger ones are
+/// streamed from the file.
+const READ_WHOLE_MAX: u64 = 1 << 20;
+
 impl FsStorage {
     /// Opens (and creates, if needed) a storage root.
     pub fn open(root: impl Into<PathBuf>) -> Result<FsStorage, StorageError> {
@@ -72,8 +77,15 @@ impl FsStorage {
     }
 
     /// Whether a blob about to be served is the one its key names; a blob
-    /// once found good is not hashed again until it changes.
-    async fn verified(&self, key: &str, path: &Path, meta: &std::fs::Metadata) -> bool {
+    /// once found good is not hashed again until it changes. `data`: the
+    /// whole blob, when it was read already.
+    async fn verified(
+        &self,
+        key: &str,
+        path: &Path,
+        meta: &std::fs::Metadata,
+        data: Option<&[u8]>,
+    ) -> bool {
         let Some(hex) = digest_of_key(key) else {
             return true;
         };
@@ -81,7 +93,11 @@ impl FsStorage {
         if self.verified.lock().expect("never poisoned").get(path) == Some(&stamp) {
             return true;
         }
-        match hash_file(path).await {
+        let found = match data {
+            Some(data) => Ok(crate::oci::digest::sha256_hex(data)),
+            None => hash_file(path).await,
+        };
+        match found {
             Ok(found) if found == hex => {
                 let mut verified = self.verified.lock().expect("never poisoned");
                 if verified.len() >= VERIFIED_MAX {
@@ -112,6 +128,24 @@ impl FsStorage {
             .map_err(|e| io(key, e))?;
         Ok(staged)
     }
+}
+
+/// Opens a blob, and reads it whole if it is small.
+fn open_for_download(
+    path: &Path,
+) -> std::io::Result<(std::fs::File, std::fs::Metadata, Option<Vec<u8>>)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > READ_WHOLE_MAX {
+        return Ok((file, meta, None));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    (&mut file).take(meta.len()).read_to_end(&mut data)?;
+    if data.len() as u64 != meta.len() {
+        return Err(std::io::Error::other("blob changed size while being read"));
+    }
+    Ok((file, meta, Some(data)))
 }
 
 fn io(key: &str, source: std::io::Error) -> StorageError {
@@ -221,22 +255,29 @@ impl Storage for FsStorage {
 
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
         let path = self.path(key)?;
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(file) => file,
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_for_download(&path))
+                .await
+                .map_err(|e| io(key, std::io::Error::other(e)))?
+        };
+        let (file, meta, whole) = match opened {
+            Ok(opened) => opened,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(key, e)),
         };
-        let meta = file.metadata().await.map_err(|e| io(key, e))?;
         // A damaged blob is never served: to the client it does not exist,
         // and the next build that needs it writes it again.
-        if !self.verified(key, &path, &meta).await {
+        if !self.verified(key, &path, &meta, whole.as_deref()).await {
             return Ok(None);
         }
         let size = meta.len();
-        Ok(Some(Download::Stream {
-            size,
-            body: Box::pin(file),
-        }))
+        let body: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> = match whole {
+            // The bytes that were checked are the bytes served.
+            Some(data) => Box::pin(std::io::Cursor::new(data)),
+            None => Box::pin(tokio::fs::File::from_std(file)),
+        };
+        Ok(Some(Download::Stream { size, body }))
     }
 
     fn local_staging_dir(&self) -> Option<PathBuf> {
