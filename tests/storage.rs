@@ -295,3 +295,66 @@ async fn s3_presigned_urls_are_checked_by_the_server() {
     });
     assert!(refused, "an expired URL still works");
 }
+
+/// Set in the child process of the test below: the storage root it writes.
+const WRITER_ROOT: &str = "NIXERY_TEST_WRITER_ROOT";
+
+/// The writer the test below kills: when run as its child, writes objects
+/// of a few megabytes under their digests, forever.
+#[tokio::test]
+async fn killed_writer_child() {
+    let Some(root) = std::env::var_os(WRITER_ROOT) else {
+        return;
+    };
+    let storage = FsStorage::open(root).unwrap();
+    for i in 0u32.. {
+        let content = pattern(3 << 20, (i % 251) as u8)
+            .into_iter()
+            .chain(i.to_le_bytes())
+            .collect::<Vec<u8>>();
+        let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
+        let key = format!("blobs/sha256/{hex}");
+        if i % 2 == 0 {
+            storage.put(&key, Bytes::from(content)).await.unwrap();
+        } else {
+            storage
+                .put_if_absent(&key, Bytes::from(content))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_writer_killed_at_any_point_leaves_no_partial_object() {
+    let root = tempfile::tempdir().unwrap();
+    for round in 0..8u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "killed_writer_child", "--nocapture"])
+            .env(WRITER_ROOT, root.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill it at a different point of its writes each round.
+        std::thread::sleep(Duration::from_millis(150 + round * 37));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let blobs = root.path().join("blobs/sha256");
+    let mut complete = 0;
+    for entry in std::fs::read_dir(&blobs).unwrap() {
+        let entry = entry.unwrap();
+        let data = std::fs::read(entry.path()).unwrap();
+        let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+        assert_eq!(
+            entry.file_name().to_string_lossy(),
+            hex,
+            "a partial object under a final name"
+        );
+        complete += 1;
+    }
+    assert!(
+        complete > 0,
+        "the writer wrote nothing before it was killed"
+    );
+}

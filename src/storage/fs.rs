@@ -1,6 +1,11 @@
 //! Filesystem storage: the key layout of [`crate::storage`] as files under a
 //! root directory. Used in local mode, where blobs are streamed by the
 //! registry itself (there is nothing to presign).
+//!
+//! Every object is written under `staging/` first, flushed to disk, then
+//! renamed (or linked) to its key, and the directory entry is flushed too:
+//! a crash or power loss leaves the old object or the new one under a key,
+//! never a partial one, and nothing once reported written is lost.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -64,16 +69,18 @@ impl FsStorage {
         path: &Path,
     ) -> Result<(), StorageError> {
         ensure_parent(path, key).await?;
-        if tokio::fs::rename(file, path).await.is_ok() {
-            return Ok(());
+        sync_file(file).await.map_err(|e| io(key, e))?;
+        if tokio::fs::rename(file, path).await.is_err() {
+            let staged = self.staging_path();
+            tokio::fs::copy(file, &staged)
+                .await
+                .map_err(|e| io(key, e))?;
+            sync_file(&staged).await.map_err(|e| io(key, e))?;
+            tokio::fs::rename(&staged, path)
+                .await
+                .map_err(|e| io(key, e))?;
         }
-        let staged = self.staging_path();
-        tokio::fs::copy(file, &staged)
-            .await
-            .map_err(|e| io(key, e))?;
-        tokio::fs::rename(&staged, path)
-            .await
-            .map_err(|e| io(key, e))
+        sync_parent(path).await.map_err(|e| io(key, e))
     }
 
     /// Whether a blob about to be served is the one its key names; a blob
@@ -121,12 +128,41 @@ impl FsStorage {
         }
     }
 
-    async fn write_staged(&self, key: &str, data: &[u8]) -> Result<PathBuf, StorageError> {
+    /// `data` in a new file under `staging/`, flushed to disk.
+    async fn write_staged(&self, key: &str, data: Bytes) -> Result<PathBuf, StorageError> {
         let staged = self.staging_path();
-        tokio::fs::write(&staged, data)
-            .await
-            .map_err(|e| io(key, e))?;
+        let path = staged.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(&data)?;
+            file.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|written| written);
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&staged).await;
+            return Err(io(key, e));
+        }
         Ok(staged)
+    }
+}
+
+/// Flushes a file's bytes to disk.
+async fn sync_file(path: &Path) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(path)?.sync_all())
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Flushes the directory holding `path`, so that a rename or link into it
+/// survives a crash.
+async fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => sync_file(dir).await,
+        None => Ok(()),
     }
 }
 
@@ -185,24 +221,27 @@ impl Storage for FsStorage {
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         let path = self.path(key)?;
-        let staged = self.write_staged(key, &data).await?;
+        let staged = self.write_staged(key, data).await?;
         ensure_parent(&path, key).await?;
         if let Err(e) = tokio::fs::rename(&staged, &path).await {
             let _ = tokio::fs::remove_file(&staged).await;
             return Err(io(key, e));
         }
-        Ok(())
+        sync_parent(&path).await.map_err(|e| io(key, e))
     }
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
         let path = self.path(key)?;
-        let staged = self.write_staged(key, &data).await?;
+        let staged = self.write_staged(key, data).await?;
         ensure_parent(&path, key).await?;
         // link(2) fails if the target exists: an atomic create-if-absent.
         let linked = tokio::fs::hard_link(&staged, &path).await;
         let _ = tokio::fs::remove_file(&staged).await;
         match linked {
-            Ok(()) => Ok(true),
+            Ok(()) => sync_parent(&path)
+                .await
+                .map(|()| true)
+                .map_err(|e| io(key, e)),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(io(key, e)),
         }
