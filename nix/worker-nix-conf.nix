@@ -39,6 +39,12 @@ let
     connect-timeout = 15;
     # Failed builds quote Nix's log to the client; show enough of it.
     log-lines = 50;
+    # The store is a cache on a disk of its own size (WorkerStorage): when a
+    # build or download leaves less than 2 GiB free, Nix deletes paths
+    # nothing uses until 8 GiB are. Before each build the worker also
+    # collects below NIXERY_MIN_FREE (set in infra/template.yaml).
+    min-free = 2147483648;
+    max-free = 8589934592;
   } // extraSettings;
 
   render = value:

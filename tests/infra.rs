@@ -85,6 +85,7 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     ),
     // The worker: running Nix and layering.
     ("NIX_TIMEOUT", SetOn::Worker, "only the worker runs Nix"),
+    ("NIXERY_MIN_FREE", SetOn::Worker, "the worker's Nix store is a cache it collects before running out of disk"),
     ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
     ("NIXERY_HTPASSWD", SetOn::Function, "the function answers requests, so it checks credentials"),
     ("NIXERY_AUTH_SCOPE", SetOn::Function, "the function answers requests, so it checks credentials"),

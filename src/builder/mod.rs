@@ -136,6 +136,9 @@ pub struct BuildLimits {
     pub max_builds: usize,
     /// Bytes of uncompressed store paths in one image.
     pub max_image_size: u64,
+    /// Free bytes the Nix store's disk should have before a build starts;
+    /// below it, unreferenced store paths are collected first (0: never).
+    pub min_free: u64,
 }
 
 impl Default for BuildLimits {
@@ -143,6 +146,7 @@ impl Default for BuildLimits {
         BuildLimits {
             max_builds: 2,
             max_image_size: 8 << 30,
+            min_free: 0,
         }
     }
 }
@@ -182,12 +186,16 @@ pub enum BuildError {
 
 impl BuildError {
     /// The one place a failed build becomes what its pullers are told.
-    /// `None`: the failure is transient (storage went away) and the build
-    /// should be tried again rather than remembered as failed.
+    /// `None`: the failure is transient (storage went away, the builder's
+    /// disk is full) and the build should be tried again rather than
+    /// remembered as failed.
     pub fn failure(&self) -> Option<Failure> {
         let internal = || Failure::Build {
             message: "an internal error (the build's log has the details)".to_string(),
         };
+        if self.is_disk_full() {
+            return None;
+        }
         match self {
             BuildError::UnknownPackages(names) => Some(Failure::UnknownPackages {
                 names: names.clone(),
@@ -204,6 +212,7 @@ impl BuildError {
                 message: format!("{command} was stopped after {seconds} s"),
             }),
             BuildError::Nix(NixError::Spawn { .. } | NixError::Output { .. }) => Some(internal()),
+            BuildError::Nix(NixError::DiskFull { .. }) => None,
             BuildError::Storage(_) | BuildError::Record(RecordError::Storage(_)) => None,
             BuildError::Record(RecordError::Unreadable { .. })
             | BuildError::Pack(_)
@@ -214,6 +223,21 @@ impl BuildError {
 }
 
 impl BuildError {
+    /// Whether the builder ran out of disk space (in the Nix store or while
+    /// packing): a fault of the machine, never of the image.
+    pub fn is_disk_full(&self) -> bool {
+        let io_full = |e: &std::io::Error| e.kind() == std::io::ErrorKind::StorageFull;
+        match self {
+            BuildError::Nix(NixError::DiskFull { .. }) => true,
+            BuildError::Pack(PackError::Io { source, .. }) => io_full(source),
+            BuildError::Storage(StorageError::Io { source, .. })
+            | BuildError::Record(RecordError::Storage(StorageError::Io { source, .. })) => {
+                io_full(source)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this is the server's fault rather than the package set's
     /// (worth an error in the log, not just a warning).
     pub fn is_internal(&self) -> bool {
@@ -299,6 +323,7 @@ impl Builder {
             return Ok(record);
         }
         let image = request.image_key.as_str();
+        self.make_room().await;
         if self.slots.available_permits() == 0 {
             tracing::info!(
                 image,
@@ -335,6 +360,43 @@ impl Builder {
             }
         }
         result.map(|(record, _)| record)
+    }
+
+    /// Collects the Nix store if its disk has less than `min_free` bytes
+    /// free. It holds every build slot meanwhile, so no build is between
+    /// realising its paths and packing them (they are not GC roots then).
+    /// A failed collection is logged; the build goes on and may find room.
+    async fn make_room(&self) {
+        let min_free = self.limits.min_free;
+        let needed = |free| nix::bytes_to_collect(free, min_free);
+        if min_free == 0 || nix::store_free_bytes().map_or(true, |free| needed(free).is_none()) {
+            return;
+        }
+        let Ok(_every_slot) = self
+            .slots
+            .acquire_many(self.limits.max_builds.max(1) as u32)
+            .await
+        else {
+            return;
+        };
+        // Another build may have collected while this one waited.
+        let Some(max_freed) = nix::store_free_bytes().ok().and_then(needed) else {
+            return;
+        };
+        let started = Instant::now();
+        tracing::warn!(
+            min_free,
+            max_freed,
+            "the Nix store's disk is low; collecting garbage before the build"
+        );
+        match self.nix.collect_garbage(max_freed).await {
+            Ok(()) => tracing::info!(
+                free = nix::store_free_bytes().unwrap_or(0),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Nix store collected"
+            ),
+            Err(error) => tracing::error!(%error, "collecting the Nix store failed"),
+        }
     }
 
     /// The stored record of the requested image, if it is current.
@@ -880,6 +942,28 @@ mod tests {
                 Compression::Gzip
             )
         );
+    }
+
+    #[test]
+    fn a_full_disk_is_never_remembered_as_the_image_s_failure() {
+        let nix = BuildError::Nix(NixError::DiskFull {
+            command: "nix-store",
+            message: "No space left on device".into(),
+        });
+        assert!(nix.is_disk_full());
+        assert_eq!(nix.failure(), None);
+        let pack = BuildError::Pack(PackError::Io {
+            path: "/tmp/layer".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        });
+        assert!(pack.is_disk_full());
+        assert_eq!(pack.failure(), None);
+        let other = BuildError::Pack(PackError::Io {
+            path: "/tmp/layer".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        assert!(!other.is_disk_full());
+        assert!(other.failure().is_some());
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub enum NixError {
         command: &'static str,
         detail: String,
     },
+    /// The Nix store's disk is full: the worker's fault, not the image's.
+    #[error("{command} ran out of disk space: {message}")]
+    DiskFull {
+        command: &'static str,
+        message: String,
+    },
 }
 
 pub use crate::source::SourceArg;
@@ -190,6 +196,17 @@ impl Nix {
                 command.arg(format!("{}!{}", package.drv_path, output));
             }
         }
+        self.run(CMD, command).await.map(drop)
+    }
+
+    /// Deletes store paths nothing refers to (no GC root, no running Nix
+    /// process) until `max_freed` bytes are freed.
+    pub async fn collect_garbage(&self, max_freed: u64) -> Result<(), NixError> {
+        const CMD: &str = "nix-store --gc";
+        let mut command = Command::new("nix-store");
+        command
+            .args(["--gc", "--max-freed"])
+            .arg(max_freed.to_string());
         self.run(CMD, command).await.map(drop)
     }
 
@@ -301,6 +318,13 @@ impl Nix {
         })?;
         if !status.success() {
             let message = error_message(&err);
+            if err.iter().any(|line| line.contains(DISK_FULL)) {
+                tracing::error!(command = name, stderr = %err.join("\n"), "the Nix store's disk is full; this build will be retried");
+                return Err(NixError::DiskFull {
+                    command: name,
+                    message,
+                });
+            }
             tracing::warn!(command = name, %status, stderr = %err.join("\n"), "nix command failed");
             return Err(NixError::Failed {
                 command: name,
@@ -313,6 +337,29 @@ impl Nix {
         })
     }
 }
+
+/// Bytes free to unprivileged writers on the filesystem of the Nix store.
+pub fn store_free_bytes() -> std::io::Result<u64> {
+    let path = std::ffi::CString::new("/nix/store").expect("no NUL");
+    // SAFETY: statvfs(3) only writes into the struct it is given, and the
+    // path is a valid C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// How many bytes to collect so that a build starts with room: none while
+/// `free` is at least `min_free` (or the limit is off, 0), else enough to
+/// have twice `min_free` free, so that a collection is not needed again at
+/// the very next build.
+pub fn bytes_to_collect(free: u64, min_free: u64) -> Option<u64> {
+    (min_free > 0 && free < min_free).then(|| min_free.saturating_mul(2) - free)
+}
+
+/// How the C library words ENOSPC, which Nix quotes when a write fails.
+const DISK_FULL: &str = "No space left on device";
 
 /// `/nix/store/<32 base-32 characters>-<name>`, and nothing else: no
 /// option, no other directory, no `..`.
@@ -545,5 +592,38 @@ mod tests {
             assert!(!is_store_path(bad), "{bad}");
         }
         assert!(is_output_name("out") && is_output_name("dev") && !is_output_name("--impure"));
+    }
+
+    #[test]
+    fn collections_start_below_the_minimum_and_aim_for_twice_it() {
+        let gib = 1u64 << 30;
+        assert_eq!(bytes_to_collect(10 * gib, 0), None);
+        assert_eq!(bytes_to_collect(8 * gib, 8 * gib), None);
+        assert_eq!(bytes_to_collect(3 * gib, 8 * gib), Some(13 * gib));
+        assert_eq!(bytes_to_collect(0, u64::MAX), Some(u64::MAX));
+        assert!(store_free_bytes().is_ok() || !std::path::Path::new("/nix/store").exists());
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_told_apart_from_a_failed_build() {
+        let nix = Nix::new(Duration::from_secs(10));
+        let failing = |stderr: &str| {
+            let mut command = Command::new("sh");
+            command.args(["-c", &format!("echo '{stderr}' >&2; exit 1")]);
+            command
+        };
+        let full = nix
+            .run(
+                "nix-store",
+                failing("error: writing to file: No space left on device"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(full, NixError::DiskFull { .. }), "{full:?}");
+        let failed = nix
+            .run("nix-store", failing("error: builder for hello failed"))
+            .await
+            .unwrap_err();
+        assert!(matches!(failed, NixError::Failed { .. }), "{failed:?}");
     }
 }

@@ -317,6 +317,18 @@ pub struct NixArgs {
     #[arg(long, env = "NIXERY_MAX_IMAGE_SIZE", value_name = "NIXERY_MAX_IMAGE_SIZE", hide_env = true,
           default_value_t = DEFAULT_MAX_IMAGE_SIZE, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_image_size: u64,
+    /// Free bytes the Nix store's disk must have before a build starts;
+    /// below that, store paths no image is being built from are deleted
+    /// until twice as much is free (0: never; for workers, whose store is
+    /// a cache).
+    #[arg(
+        long,
+        env = "NIXERY_MIN_FREE",
+        value_name = "NIXERY_MIN_FREE",
+        hide_env = true,
+        default_value_t = 0
+    )]
+    pub min_free: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -621,6 +633,7 @@ impl NixArgs {
             limits: BuildLimits {
                 max_builds: self.max_builds as usize,
                 max_image_size: self.max_image_size,
+                min_free: self.min_free,
             },
         }
     }
@@ -1014,7 +1027,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 31, "{vars:?}");
+        assert_eq!(vars.len(), 32, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

@@ -40,6 +40,8 @@ pub trait Dispatch: Send + Sync + 'static {
 pub enum Service {
     Storage,
     Queue,
+    /// The machine that builds (its disk is full).
+    Builder,
 }
 
 impl fmt::Display for Service {
@@ -47,6 +49,7 @@ impl fmt::Display for Service {
         f.write_str(match self {
             Service::Storage => "storage",
             Service::Queue => "build queue",
+            Service::Builder => "builder",
         })
     }
 }
@@ -74,6 +77,13 @@ impl From<BuildError> for DispatchError {
                     tracing::error!(%error, "build failed");
                 }
                 DispatchError::Failed(failure)
+            }
+            None if error.is_disk_full() => {
+                tracing::error!(%error, "the builder's disk is full; the build can be tried again once it has room");
+                DispatchError::Unavailable {
+                    service: Service::Builder,
+                    message: error.to_string(),
+                }
             }
             None => {
                 tracing::warn!(%error, "build interrupted by storage");

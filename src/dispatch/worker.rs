@@ -143,11 +143,19 @@ impl Worker {
                 }
                 None => {
                     // Transient: let the message come back and try again.
-                    tracing::warn!(image = key, %error, "build interrupted; the message will be retried");
+                    if error.is_disk_full() {
+                        tracing::error!(image = key, %error, "this worker's disk is full; the message will be retried");
+                    } else {
+                        tracing::warn!(image = key, %error, "build interrupted; the message will be retried");
+                    }
                     let retry = BuildStatus {
                         state: State::Queued,
                         attempt,
-                        step: Some("retrying after a storage error".to_string()),
+                        step: Some(if error.is_disk_full() {
+                            "retrying: the worker's disk was full".to_string()
+                        } else {
+                            "retrying after a storage error".to_string()
+                        }),
                         failure: None,
                         heartbeat: now(),
                     };
