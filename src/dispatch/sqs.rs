@@ -15,12 +15,12 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::status::{self, decide, Action, BuildStatus, State};
+use super::status::{self, decide, Action, BuildStatus, Claim, State};
 use super::{Dispatch, DispatchError, Service};
 use crate::builder::{BuildError, BuildRequest};
 use crate::oci::digest::sha256_hex;
 use crate::source::{kept_for, GitLookup, GitResolver, SourceArg, SourceError};
-use crate::storage::records::{self, unix_now as now, ImageRecord};
+use crate::storage::records::{self, unix_now as now, ImageRecord, RecordError};
 use crate::storage::{self, Storage};
 
 /// How long one receive waits for a message (SQS's maximum long poll).
@@ -247,7 +247,8 @@ impl SqsDispatch {
     /// Claims an attempt; `true` if this caller got it and sent the build.
     async fn claim(&self, request: &BuildRequest, attempt: u32) -> Result<bool, DispatchError> {
         let key = &request.image_key;
-        let claim = Bytes::from(format!("{{\"claimed_at\":{}}}", now()));
+        let claim = Claim { claimed_at: now() };
+        let claim = Bytes::from(serde_json::to_vec(&claim).expect("a claim always serialises"));
         let storage_error = |e| DispatchError::from(BuildError::Storage(e));
         if !self
             .storage
@@ -277,6 +278,63 @@ impl SqsDispatch {
         Ok(true)
     }
 
+    /// Claims `attempt`, or, if it is taken by an orphan (a claim whose
+    /// status never came, older than a dead worker's silence), the next
+    /// one, and so on. `status`: what the build's status says now.
+    /// A claim's age is the larger of what its time says and how long
+    /// this waiter has seen it without a status (`orphan`), so that clocks
+    /// that disagree cannot keep an orphan alive.
+    async fn claim_or_adopt(
+        &self,
+        request: &BuildRequest,
+        attempt: u32,
+        status: Option<&BuildStatus>,
+        orphan: &mut Option<(u32, Instant)>,
+    ) -> Result<(), DispatchError> {
+        let stale_after = self.stale_after();
+        let mut attempt = attempt;
+        // Each step needs an orphan at least `stale_after` old: the loop
+        // ends at the first claim won or still young.
+        while !self.claim(request, attempt).await? {
+            if status.is_some_and(|s| s.attempt >= attempt) {
+                return Ok(());
+            }
+            let claim = match records::read::<Claim>(
+                &*self.storage,
+                &status::claim_key(&request.image_key, attempt),
+            )
+            .await
+            {
+                Ok(Some(claim)) => claim,
+                // Gone since (collected): claim it again next round.
+                Ok(None) => return Ok(()),
+                // Unreadable: as old as can be.
+                Err(RecordError::Unreadable { .. }) => Claim { claimed_at: 0 },
+                Err(RecordError::Storage(e)) => return Err(BuildError::Storage(e).into()),
+            };
+            let seen_for = match *orphan {
+                Some((seen, since)) if seen == attempt => since.elapsed(),
+                _ => {
+                    *orphan = Some((attempt, Instant::now()));
+                    Duration::ZERO
+                }
+            };
+            let age = Duration::from_secs(now().saturating_sub(claim.claimed_at)).max(seen_for);
+            if age < stale_after {
+                return Ok(());
+            }
+            tracing::warn!(image = %request.image_key, attempt, "claim without a status (its writer died or failed); claiming the next attempt");
+            attempt += 1;
+        }
+        Ok(())
+    }
+
+    /// How long a build's heartbeat may stay unchanged before its worker
+    /// counts as dead.
+    fn stale_after(&self) -> Duration {
+        self.timings.heartbeat * status::STALE_HEARTBEATS as u32
+    }
+
     /// The image record (if current) and the build status, as stored now.
     async fn look(
         &self,
@@ -299,7 +357,12 @@ impl Dispatch for SqsDispatch {
         let mut step = None;
         let mut last_status: Option<BuildStatus> = None;
         let mut unreadable_since: Option<Instant> = None;
-        let stale_after = self.timings.heartbeat * status::STALE_HEARTBEATS as u32;
+        // The running build's (attempt, heartbeat) and when this waiter
+        // first saw it: a heartbeat is judged by whether it changes, on
+        // this process's clock, not by the worker's clock.
+        let mut observed: Option<(u32, u64, Instant)> = None;
+        let mut orphan: Option<(u32, Instant)> = None;
+        let stale_after = self.stale_after();
         loop {
             // A failed read while waiting (a record caught mid-write, a
             // storage hiccup) is retried until the deadline. A status that
@@ -307,9 +370,9 @@ impl Dispatch for SqsDispatch {
             // (its writer died mid-write, on a store without atomic writes)
             // counts as that: the next attempt is claimed, which rewrites it.
             let (record, status) = match self.look(&request).await {
-                Ok(found) => {
+                Ok((record, status)) => {
                     unreadable_since = None;
-                    found
+                    (record, status.map(|s| observe(s, &mut observed)))
                 }
                 Err(error) => {
                     tracing::warn!(image = %key, %error, "reading the build's progress failed; trying again");
@@ -347,7 +410,8 @@ impl Dispatch for SqsDispatch {
             );
             match action {
                 Action::Claim(attempt) => {
-                    self.claim(&request, attempt).await?;
+                    self.claim_or_adopt(&request, attempt, status.as_ref(), &mut orphan)
+                        .await?;
                 }
                 Action::Wait => {}
                 Action::Fail(failure) => {
@@ -377,6 +441,32 @@ impl Dispatch for SqsDispatch {
     }
 }
 
+/// A queued or running status with its heartbeat restated as this process
+/// sees it: as old as the time since it last changed here (a heartbeat
+/// first seen now counts as fresh). Other states are kept as they are:
+/// their time is when they ended, which only the TTLs read.
+fn observe(status: BuildStatus, observed: &mut Option<(u32, u64, Instant)>) -> BuildStatus {
+    if !matches!(status.state, State::Queued | State::Running) {
+        return status;
+    }
+    let since = match *observed {
+        Some((attempt, heartbeat, since))
+            if attempt == status.attempt && heartbeat == status.heartbeat =>
+        {
+            since
+        }
+        _ => {
+            let since = Instant::now();
+            *observed = Some((status.attempt, status.heartbeat, since));
+            since
+        }
+    };
+    BuildStatus {
+        heartbeat: now().saturating_sub(since.elapsed().as_secs()),
+        ..status
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The wait loop on virtual time (`start_paused`): minutes of waiting
@@ -388,7 +478,7 @@ mod tests {
     use super::*;
     use crate::builder::nix::SourceArg;
     use crate::builder::Failure;
-    use crate::storage::MemoryStorage;
+    use crate::storage::{Check, Download, MemoryStorage, StorageError};
 
     #[derive(Debug, Default)]
     struct Recorded {
@@ -448,13 +538,17 @@ mod tests {
         }
     }
 
+    /// Writes attempt 1's status with a heartbeat that differs from the
+    /// last one, as a worker's does every interval (paused time does not
+    /// move the wall clock, so a counter stands in for its ticking).
     async fn set_status(storage: &MemoryStorage, state: State, step: &str) {
+        static BEATS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let running = BuildStatus {
             state,
             attempt: 1,
             step: Some(step.into()),
             failure: None,
-            heartbeat: now(),
+            heartbeat: now() + BEATS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5,
         };
         status::write(storage, &request().image_key, &running)
             .await
@@ -472,8 +566,10 @@ mod tests {
                 while queue.sent.lock().unwrap().is_empty() {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                set_status(&storage, State::Running, "realise").await;
-                tokio::time::sleep(Duration::from_secs(120)).await;
+                for _ in 0..12 {
+                    set_status(&storage, State::Running, "realise").await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
                 records::write(
                     &*storage,
                     &storage::image_key(&request().image_key),
@@ -578,5 +674,292 @@ mod tests {
             1,
             "a rebuild was dispatched"
         );
+    }
+
+    /// Storage that fails the first `failures` writes of one key, as a
+    /// store that times out or a writer killed mid-write would.
+    #[derive(Debug)]
+    struct FailingWrites {
+        inner: MemoryStorage,
+        key: String,
+        failures: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Storage for FailingWrites {
+        async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+            self.inner.get(key).await
+        }
+        async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+            self.inner.head(key).await
+        }
+        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let failing = key == self.key
+                && self
+                    .failures
+                    .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+            if failing {
+                return Err(StorageError::Io {
+                    key: key.to_string(),
+                    source: std::io::Error::other("injected: the write timed out"),
+                });
+            }
+            self.inner.put(key, data).await
+        }
+        async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+            self.inner.put_if_absent(key, data).await
+        }
+        async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
+            self.inner.put_file(key, path).await
+        }
+        async fn replace_file(
+            &self,
+            key: &str,
+            path: &std::path::Path,
+        ) -> Result<(), StorageError> {
+            self.inner.replace_file(key, path).await
+        }
+        async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+            self.inner.check(key, size, hex).await
+        }
+        async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
+            self.inner.download(key).await
+        }
+        fn local_staging_dir(&self) -> Option<std::path::PathBuf> {
+            None
+        }
+    }
+
+    /// A worker for attempt `attempt`: waits for its message, beats, then
+    /// commits the image.
+    async fn worker_for(storage: &dyn Storage, queue: &Recorded, attempt: u32) {
+        while !queue
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.attempt == attempt)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for beat in 0..3 {
+            let running = BuildStatus {
+                state: State::Running,
+                attempt,
+                step: Some("realise".into()),
+                failure: None,
+                heartbeat: now() + beat,
+            };
+            status::write(storage, &request().image_key, &running)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        let key = storage::image_key(&request().image_key);
+        records::write(storage, &key, &record()).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_whose_status_was_never_written_is_adopted() {
+        // The first status write fails right after the claim: that pull
+        // gets the storage error, and attempt 1 is a claim without status.
+        let storage = Arc::new(FailingWrites {
+            inner: MemoryStorage::new(),
+            key: status::status_key(&request().image_key),
+            failures: 1.into(),
+        });
+        let queue = Arc::new(Recorded::default());
+        let dispatch = SqsDispatch::new(storage.clone(), queue.clone(), timings());
+        let first = dispatch.build(request()).await.unwrap_err();
+        assert!(
+            matches!(first, DispatchError::Unavailable { .. }),
+            "{first:?}"
+        );
+        assert!(storage
+            .inner
+            .keys()
+            .contains(&status::claim_key(&request().image_key, 1)));
+        assert!(queue.sent.lock().unwrap().is_empty());
+
+        // The next pull waits out a dead worker's silence, then claims
+        // attempt 2, and a worker finishes it.
+        let started = Instant::now();
+        let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 2));
+        assert_eq!(built.unwrap(), record());
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60) && waited < Duration::from_secs(120),
+            "{waited:?}"
+        );
+        let attempts: Vec<u32> = queue
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.attempt)
+            .collect();
+        assert_eq!(attempts, [2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_young_claim_is_waited_for_not_adopted() {
+        let (storage, queue, dispatch) = setup();
+        let claim = serde_json::to_vec(&Claim { claimed_at: now() }).unwrap();
+        storage
+            .put_if_absent(&status::claim_key(&request().image_key, 1), claim.into())
+            .await
+            .unwrap();
+        // Its status arrives 30 s later, within a dead worker's silence.
+        let (built, ()) = tokio::join!(dispatch.build(request()), async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            let queued = BuildStatus {
+                state: State::Queued,
+                attempt: 1,
+                step: None,
+                failure: None,
+                heartbeat: now(),
+            };
+            status::write(&*storage, &request().image_key, &queued)
+                .await
+                .unwrap();
+            queue
+                .send(&QueueMessage {
+                    request: request(),
+                    attempt: 1,
+                })
+                .await
+                .unwrap();
+            worker_for(&*storage, &queue, 1).await;
+        });
+        assert_eq!(built.unwrap(), record());
+        let attempts: Vec<u32> = queue
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.attempt)
+            .collect();
+        assert_eq!(attempts, [1], "a live claim was taken over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_older_attempt_over_a_newer_claim_heals() {
+        // Attempt 1's late worker overwrote the status after attempt 2 was
+        // claimed, and then died too: status says attempt 1, claim 2 is
+        // there with no status of its own.
+        let (storage, queue, dispatch) = setup();
+        for attempt in [1, 2] {
+            let claim = serde_json::to_vec(&Claim {
+                claimed_at: now() - 600,
+            })
+            .unwrap();
+            storage
+                .put_if_absent(
+                    &status::claim_key(&request().image_key, attempt),
+                    claim.into(),
+                )
+                .await
+                .unwrap();
+        }
+        let late = BuildStatus {
+            state: State::Running,
+            attempt: 1,
+            step: Some("pack".into()),
+            failure: None,
+            heartbeat: now() - 300,
+        };
+        status::write(&*storage, &request().image_key, &late)
+            .await
+            .unwrap();
+        let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 3));
+        assert_eq!(built.unwrap(), record());
+        let attempts: Vec<u32> = queue
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.attempt)
+            .collect();
+        assert_eq!(attempts, [3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_are_judged_by_change_not_by_the_worker_s_clock() {
+        // A worker whose clock is an hour behind, beating every 10 s: alive.
+        let (storage, queue, dispatch) = setup();
+        let claim = serde_json::to_vec(&Claim { claimed_at: now() }).unwrap();
+        storage
+            .put_if_absent(&status::claim_key(&request().image_key, 1), claim.into())
+            .await
+            .unwrap();
+        let behind = async {
+            for beat in 0..20 {
+                let running = BuildStatus {
+                    state: State::Running,
+                    attempt: 1,
+                    step: Some("realise".into()),
+                    failure: None,
+                    heartbeat: now() - 3600 + beat,
+                };
+                status::write(&*storage, &request().image_key, &running)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            records::write(
+                &*storage,
+                &storage::image_key(&request().image_key),
+                &record(),
+            )
+            .await
+            .unwrap();
+        };
+        let (built, ()) = tokio::join!(dispatch.build(request()), behind);
+        assert_eq!(built.unwrap(), record());
+        assert!(
+            queue.sent.lock().unwrap().is_empty(),
+            "a live worker was taken over"
+        );
+
+        // A worker whose clock is an hour ahead, then silent: dead after
+        // a minute of silence, not after an hour.
+        let (storage, queue, dispatch) = setup();
+        storage
+            .put_if_absent(
+                &status::claim_key(&request().image_key, 1),
+                serde_json::to_vec(&Claim { claimed_at: now() })
+                    .unwrap()
+                    .into(),
+            )
+            .await
+            .unwrap();
+        let ahead = BuildStatus {
+            state: State::Running,
+            attempt: 1,
+            step: Some("realise".into()),
+            failure: None,
+            heartbeat: now() + 3600,
+        };
+        status::write(&*storage, &request().image_key, &ahead)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 2));
+        assert_eq!(built.unwrap(), record());
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{:?}",
+            started.elapsed()
+        );
+        let attempts: Vec<u32> = queue
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.attempt)
+            .collect();
+        assert_eq!(attempts, [2]);
     }
 }

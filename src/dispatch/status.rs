@@ -9,6 +9,16 @@
 //! remembered for the failure TTL, then may be tried again.
 //!
 //! [`decide`] is the whole policy, as a pure function.
+//!
+//! Faults heal by themselves:
+//! - a claim whose status never came (its writer died, or the write
+//!   failed) is an orphan once older than a dead worker's silence, and the
+//!   next attempt is claimed ([`Claim`]);
+//! - a worker still holding an older attempt's message never overwrites a
+//!   later attempt's status ([`write_own`]), and drops such a message;
+//! - liveness is judged by whether the heartbeat changes, on the waiter's
+//!   own clock, so a worker whose clock is off neither dies early nor
+//!   lives forever.
 
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +56,12 @@ pub struct BuildStatus {
     pub heartbeat: u64,
 }
 
+/// What a claim object holds: when it was made (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub claimed_at: u64,
+}
+
 /// `builds/<image-key>.<attempt>`: the claim of one attempt.
 pub fn claim_key(image_key: &str, attempt: u32) -> String {
     format!("builds/{image_key}.{attempt}")
@@ -71,6 +87,22 @@ pub async fn write(
     status: &BuildStatus,
 ) -> Result<(), StorageError> {
     records::write(storage, &status_key(image_key), status).await
+}
+
+/// Writes `builds/<image-key>` unless a later attempt owns the build now
+/// (its status names a higher attempt): a worker presumed dead that comes
+/// back must not hide its successor. `false`: superseded, nothing written.
+/// A status that cannot be read is overwritten.
+pub async fn write_own(
+    storage: &dyn Storage,
+    image_key: &str,
+    status: &BuildStatus,
+) -> Result<bool, StorageError> {
+    match read(storage, image_key).await {
+        Ok(Some(current)) if current.attempt > status.attempt => Ok(false),
+        Err(RecordError::Storage(error)) => Err(error),
+        _ => write(storage, image_key, status).await.map(|()| true),
+    }
 }
 
 /// What a puller waiting for an image should do now.
@@ -201,5 +233,27 @@ mod tests {
             "{json}"
         );
         assert_eq!(serde_json::from_str::<BuildStatus>(&json).unwrap(), s);
+    }
+
+    #[tokio::test]
+    async fn an_older_attempt_never_overwrites_a_newer_one() {
+        let storage = crate::storage::MemoryStorage::new();
+        let key = "k".repeat(64);
+        let newer = status(State::Running, 2, 100);
+        assert!(write_own(&storage, &key, &newer).await.unwrap());
+        // The worker of attempt 1 comes back: its writes are refused.
+        let late = status(State::Failed, 1, 200);
+        assert!(!write_own(&storage, &key, &late).await.unwrap());
+        assert_eq!(read(&storage, &key).await.unwrap(), Some(newer));
+        // Its own attempt and later ones write; so does anyone over an
+        // unreadable status.
+        let done = status(State::Done, 2, 300);
+        assert!(write_own(&storage, &key, &done).await.unwrap());
+        storage
+            .put(&status_key(&key), bytes::Bytes::from_static(b"{half"))
+            .await
+            .unwrap();
+        assert!(write_own(&storage, &key, &late).await.unwrap());
+        assert_eq!(read(&storage, &key).await.unwrap(), Some(late));
     }
 }

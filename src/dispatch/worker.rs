@@ -54,7 +54,8 @@ impl Worker {
     /// Serves the queue until `shutdown` resolves (a build under way is
     /// abandoned then; its message comes back for another worker).
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
-        tracing::info!(queue = %self.queue_url, "worker started");
+        let hidden_for = self.visibility_timeout().await;
+        tracing::info!(queue = %self.queue_url, visibility_seconds = hidden_for, "worker started");
         tokio::pin!(shutdown);
         loop {
             let received = tokio::select! {
@@ -84,7 +85,7 @@ impl Worker {
                         tracing::info!("worker stopping mid-build; the message will come back");
                         return;
                     }
-                    () = self.handle(&body, &receipt) => {}
+                    () = self.handle(&body, &receipt, hidden_for) => {}
                 }
             }
         }
@@ -104,8 +105,38 @@ impl Worker {
         }
     }
 
+    /// The queue's own visibility timeout, which each heartbeat renews: the
+    /// time the template gives a build, so that a slow status write never
+    /// lets the message reappear for a second worker. (A dead worker's
+    /// build is taken over sooner: waiting pulls claim the next attempt
+    /// after six silent heartbeats and send a message of their own.)
+    async fn visibility_timeout(&self) -> i32 {
+        const FALLBACK: i32 = 900;
+        let attributes = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout)
+            .send()
+            .await;
+        let found = attributes.as_ref().ok().and_then(|a| {
+            a.attributes()?
+                .get(&aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout)?
+                .parse::<i32>()
+                .ok()
+        });
+        match (found, attributes) {
+            (Some(seconds), _) if seconds > 0 => seconds,
+            (_, Err(e)) => {
+                tracing::warn!(error = %DisplayErrorContext(&e), fallback = FALLBACK, "reading the queue's visibility timeout failed");
+                FALLBACK
+            }
+            _ => FALLBACK,
+        }
+    }
+
     /// One message: build, record the outcome, delete the message.
-    async fn handle(&self, body: &str, receipt: &str) {
+    async fn handle(&self, body: &str, receipt: &str, hidden_for: i32) {
         let message: QueueMessage = match serde_json::from_str(body) {
             Ok(message) => message,
             Err(build_error) => match serde_json::from_str::<GitMessage>(body) {
@@ -124,9 +155,29 @@ impl Worker {
         let request = &message.request;
         let key = request.image_key.as_str();
         let attempt = message.attempt;
+        // A message of an attempt that was taken over (its worker went
+        // silent, and a waiting pull claimed the next one) is done with.
+        if let Ok(Some(current)) = status::read(&*self.storage, key).await {
+            if current.attempt > attempt {
+                tracing::info!(
+                    image = key,
+                    attempt,
+                    current = current.attempt,
+                    "dropping the message of a superseded attempt"
+                );
+                self.delete(receipt).await;
+                return;
+            }
+        }
 
         let (step_tx, step_rx) = watch::channel(String::from("starting"));
-        let heartbeat = self.heartbeat_task(key.to_string(), attempt, step_rx, receipt.to_string());
+        let heartbeat = self.heartbeat_task(
+            key.to_string(),
+            attempt,
+            step_rx,
+            receipt.to_string(),
+            hidden_for,
+        );
         let outcome = tokio::select! {
             outcome = self.builder.build(request, Some(&step_tx)) => outcome,
             never = heartbeat => match never {},
@@ -159,7 +210,7 @@ impl Worker {
                         failure: None,
                         heartbeat: now(),
                     };
-                    let _ = status::write(&*self.storage, key, &retry).await;
+                    let _ = status::write_own(&*self.storage, key, &retry).await;
                     return;
                 }
             },
@@ -176,8 +227,18 @@ impl Worker {
             failure,
             heartbeat: now(),
         };
-        if let Err(error) = status::write(&*self.storage, key, &done).await {
-            tracing::warn!(image = key, %error, "recording the build outcome failed");
+        match status::write_own(&*self.storage, key, &done).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(
+                    image = key,
+                    attempt,
+                    "a later attempt owns this build; its outcome stands"
+                )
+            }
+            Err(error) => {
+                tracing::warn!(image = key, %error, "recording the build outcome failed")
+            }
         }
         self.delete(receipt).await;
     }
@@ -201,8 +262,8 @@ impl Worker {
         attempt: u32,
         step: watch::Receiver<String>,
         receipt: String,
+        hidden_for: i32,
     ) -> Infallible {
-        let hidden_for = (self.heartbeat.as_secs() * status::STALE_HEARTBEATS) as i32;
         loop {
             let current = step.borrow().clone();
             let running = BuildStatus {
@@ -212,18 +273,25 @@ impl Worker {
                 failure: None,
                 heartbeat: now(),
             };
-            if let Err(error) = status::write(&*self.storage, &key, &running).await {
-                tracing::warn!(image = %key, %error, "heartbeat: status not written");
+            // Both at once: a slow status write must not delay keeping the
+            // message hidden.
+            let (written, hidden) = tokio::join!(
+                status::write_own(&*self.storage, &key, &running),
+                self.sqs
+                    .change_message_visibility()
+                    .queue_url(&self.queue_url)
+                    .receipt_handle(&receipt)
+                    .visibility_timeout(hidden_for)
+                    .send()
+            );
+            match written {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(image = %key, attempt, "heartbeat: a later attempt owns this build; not overwriting its status")
+                }
+                Err(error) => tracing::warn!(image = %key, %error, "heartbeat: status not written"),
             }
-            if let Err(e) = self
-                .sqs
-                .change_message_visibility()
-                .queue_url(&self.queue_url)
-                .receipt_handle(&receipt)
-                .visibility_timeout(hidden_for)
-                .send()
-                .await
-            {
+            if let Err(e) = hidden {
                 tracing::warn!(image = %key, error = %DisplayErrorContext(&e), "heartbeat: visibility not extended");
             }
             tokio::time::sleep(self.heartbeat).await;
