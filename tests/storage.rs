@@ -38,6 +38,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 async fn suite(storage: &dyn Storage, scratch: &Path) {
+    let started = nixery::storage::records::unix_now() - 1;
     // Absent objects.
     assert!(storage.get("images/none").await.unwrap().is_none());
     assert!(storage.head("blobs/sha256/00").await.unwrap().is_none());
@@ -143,6 +144,40 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
         .await
         .unwrap();
 
+    // Listing a directory of the layout: every object under it, with its
+    // size and a recent modification time; deleting one.
+    let mut listed = storage.list("blobs/").await.unwrap();
+    listed.sort_by(|a, b| a.key.cmp(&b.key));
+    let keys: Vec<&str> = listed.iter().map(|l| l.key.as_str()).collect();
+    let mut expected = vec![
+        "blobs/sha256/large".to_string(),
+        "blobs/sha256/small".to_string(),
+        key.clone(),
+    ];
+    expected.sort();
+    assert_eq!(keys, expected);
+    let small = listed
+        .iter()
+        .find(|l| l.key == "blobs/sha256/small")
+        .unwrap();
+    assert_eq!(small.size, 300_000);
+    assert!(listed.iter().all(|l| l.modified >= started), "{listed:?}");
+    assert_eq!(storage.list("images/").await.unwrap().len(), 1);
+    assert!(storage.list("nothing/").await.unwrap().is_empty());
+    storage.delete("blobs/sha256/small").await.unwrap();
+    assert!(storage.head("blobs/sha256/small").await.unwrap().is_none());
+    storage.delete("blobs/sha256/small").await.unwrap();
+    assert_eq!(storage.list("blobs/").await.unwrap().len(), 2);
+    for bad in ["blobs", "../", "blobs//", ""] {
+        assert!(
+            matches!(
+                storage.list(bad).await,
+                Err(StorageError::InvalidKey { .. })
+            ),
+            "{bad:?}"
+        );
+    }
+
     // Keys outside the layout are refused, not written.
     assert!(matches!(
         storage.put("../escape", Bytes::new()).await,
@@ -203,7 +238,6 @@ async fn memory_backend() {
             // The checked object: sha256 of pattern(100_000, 3).
             "blobs/sha256/5b549d264e029a4406324861b7dafa2e83872f0759b2e7b891bdd120df72f58f",
             "blobs/sha256/large",
-            "blobs/sha256/small",
             "builds/k",
             "images/a"
         ]

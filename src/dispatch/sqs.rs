@@ -478,7 +478,7 @@ mod tests {
     use super::*;
     use crate::builder::nix::SourceArg;
     use crate::builder::Failure;
-    use crate::storage::{Check, Download, MemoryStorage, StorageError};
+    use crate::storage::{Check, Download, Listed, MemoryStorage, StorageError};
 
     #[derive(Debug, Default)]
     struct Recorded {
@@ -729,6 +729,12 @@ mod tests {
         }
         fn local_staging_dir(&self) -> Option<std::path::PathBuf> {
             None
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.inner.delete(key).await
         }
     }
 

@@ -14,7 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    check_key, digest_of_key, hash_file, unique_name, Check, Download, Storage, StorageError,
+    check_key, check_prefix, digest_of_key, hash_file, unique_name, Check, Download, Listed,
+    Storage, StorageError,
 };
 
 const STAGING: &str = "staging";
@@ -322,4 +323,66 @@ impl Storage for FsStorage {
     fn local_staging_dir(&self) -> Option<PathBuf> {
         Some(self.root.join(STAGING))
     }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        check_prefix(prefix)?;
+        let root = self.root.clone();
+        let prefix_owned = prefix.to_string();
+        tokio::task::spawn_blocking(move || list_files(&root, &prefix_owned))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|listed| listed)
+            .map_err(|e| io(prefix, e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(key, e)),
+        }
+    }
+}
+
+/// The files under `root/prefix`, as keys (`/`-separated, relative to
+/// `root`); none if the directory does not exist.
+fn list_files(root: &Path, prefix: &str) -> std::io::Result<Vec<Listed>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![prefix.trim_end_matches('/').to_string()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(root.join(&dir)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let key = format!("{dir}/{name}");
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Removed since it was listed.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                dirs.push(key);
+            } else if meta.is_file() {
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                found.push(Listed {
+                    key,
+                    size: meta.len(),
+                    modified,
+                });
+            }
+        }
+    }
+    Ok(found)
 }

@@ -14,11 +14,13 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, Check, Download, Storage, StorageError};
+use super::records::unix_now;
+use super::{check_key, check_prefix, Check, Download, Listed, Storage, StorageError};
 
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
-    objects: Mutex<BTreeMap<String, Bytes>>,
+    /// Key -> (bytes, Unix seconds written).
+    objects: Mutex<BTreeMap<String, (Bytes, u64)>>,
     /// Storage operations answered (what a remote store would bill).
     calls: std::sync::atomic::AtomicU64,
 }
@@ -46,7 +48,7 @@ impl MemoryStorage {
     }
 
     /// The map, for one storage operation.
-    fn objects(&self) -> MutexGuard<'_, BTreeMap<String, Bytes>> {
+    fn objects(&self) -> MutexGuard<'_, BTreeMap<String, (Bytes, u64)>> {
         self.calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.map()
@@ -54,7 +56,7 @@ impl MemoryStorage {
 
     /// The map, even if a panicking thread poisoned the lock: every change
     /// is a single map operation, so the map is never left half-changed.
-    fn map(&self) -> MutexGuard<'_, BTreeMap<String, Bytes>> {
+    fn map(&self) -> MutexGuard<'_, BTreeMap<String, (Bytes, u64)>> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -70,17 +72,17 @@ fn io(key: &str, source: std::io::Error) -> StorageError {
 impl Storage for MemoryStorage {
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         check_key(key)?;
-        Ok(self.objects().get(key).cloned())
+        Ok(self.objects().get(key).map(|(data, _)| data.clone()))
     }
 
     async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
         check_key(key)?;
-        Ok(self.objects().get(key).map(|data| data.len() as u64))
+        Ok(self.objects().get(key).map(|(data, _)| data.len() as u64))
     }
 
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         check_key(key)?;
-        self.objects().insert(key.to_string(), data);
+        self.objects().insert(key.to_string(), (data, unix_now()));
         Ok(())
     }
 
@@ -90,7 +92,7 @@ impl Storage for MemoryStorage {
         if objects.contains_key(key) {
             return Ok(false);
         }
-        objects.insert(key.to_string(), data);
+        objects.insert(key.to_string(), (data, unix_now()));
         Ok(true)
     }
 
@@ -104,7 +106,9 @@ impl Storage for MemoryStorage {
             }
             let data = Bytes::from(tokio::fs::read(file).await.map_err(|e| io(key, e))?);
             // Another writer may have got there while the file was read.
-            self.objects().entry(key.to_string()).or_insert(data);
+            self.objects()
+                .entry(key.to_string())
+                .or_insert((data, unix_now()));
             Ok(())
         }
         .await;
@@ -116,7 +120,7 @@ impl Storage for MemoryStorage {
         let result = async {
             check_key(key)?;
             let data = Bytes::from(tokio::fs::read(file).await.map_err(|e| io(key, e))?);
-            self.objects().insert(key.to_string(), data);
+            self.objects().insert(key.to_string(), (data, unix_now()));
             Ok(())
         }
         .await;
@@ -126,7 +130,7 @@ impl Storage for MemoryStorage {
 
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
         check_key(key)?;
-        let Some(data) = self.objects().get(key).cloned() else {
+        let Some(data) = self.objects().get(key).map(|(data, _)| data.clone()) else {
             return Ok(Check::Absent);
         };
         let good = data.len() as u64 == size && crate::oci::digest::sha256_hex(&data) == hex;
@@ -135,7 +139,7 @@ impl Storage for MemoryStorage {
 
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
         check_key(key)?;
-        let Some(data) = self.objects().get(key).cloned() else {
+        let Some(data) = self.objects().get(key).map(|(data, _)| data.clone()) else {
             return Ok(None);
         };
         Ok(Some(Download::Stream {
@@ -146,6 +150,26 @@ impl Storage for MemoryStorage {
 
     fn local_staging_dir(&self) -> Option<PathBuf> {
         None
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        check_prefix(prefix)?;
+        Ok(self
+            .objects()
+            .range(prefix.to_string()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, (data, modified))| Listed {
+                key: key.clone(),
+                size: data.len() as u64,
+                modified: *modified,
+            })
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        check_key(key)?;
+        self.objects().remove(key);
+        Ok(())
     }
 }
 

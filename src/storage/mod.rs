@@ -125,6 +125,32 @@ pub trait Storage: Send + Sync + 'static {
     /// A local directory where files bound for [`Storage::put_file`] can be
     /// written so the move costs nothing, if the backend has one.
     fn local_staging_dir(&self) -> Option<PathBuf>;
+
+    /// Every object under `prefix` (a directory of the layout, such as
+    /// `blobs/`: a valid key followed by `/`), in no particular order.
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError>;
+
+    /// Deletes an object; an absent one is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+}
+
+/// An object found by [`Storage::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    /// When it was last written, in Unix seconds.
+    pub modified: u64,
+}
+
+/// Checks a prefix for [`Storage::list`]: a valid key and a `/`.
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), StorageError> {
+    match prefix.strip_suffix('/') {
+        Some(dir) => check_key(dir),
+        None => Err(StorageError::InvalidKey {
+            key: prefix.to_string(),
+        }),
+    }
 }
 
 /// A name no other call makes, in this process or another sharing the same

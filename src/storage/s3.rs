@@ -31,7 +31,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::{check_key, Check, Download, Storage, StorageError};
+use super::{check_key, check_prefix, Check, Download, Listed, Storage, StorageError};
 
 /// Files larger than this are uploaded in parts of this size.
 pub const PART_SIZE: u64 = 16 * 1024 * 1024;
@@ -473,5 +473,47 @@ impl Storage for S3Storage {
 
     fn local_staging_dir(&self) -> Option<PathBuf> {
         None
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        check_prefix(prefix)?;
+        let full = format!("{}{prefix}", self.prefix);
+        let mut found = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_error(prefix, "ListObjectsV2", e))?;
+            for object in page.contents() {
+                let Some(key) = object
+                    .key()
+                    .and_then(|k| k.strip_prefix(self.prefix.as_str()))
+                else {
+                    continue;
+                };
+                found.push(Listed {
+                    key: key.to_string(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    modified: object.last_modified().map_or(0, |t| t.secs().max(0) as u64),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let full = self.full(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "DeleteObject", e))?;
+        Ok(())
     }
 }
