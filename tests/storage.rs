@@ -201,7 +201,7 @@ async fn filesystem_backend() {
 
     // The same size with other bytes: the digest tells, and such a blob is
     // not served, whether it is small (read whole) or large (streamed).
-    for (len, seed) in [(4096, 9), ((2 << 20) + 1, 10)] {
+    for (len, seed) in [(4096, 9), ((1 << 20) + 1, 10)] {
         let content = pattern(len, seed);
         let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
         let key = format!("blobs/sha256/{hex}");

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::str::FromStr;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -125,10 +125,15 @@ fn deflate(data: &[u8], last: bool) -> io::Result<Vec<u8>> {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Threads that compress chunks, shared by every layer being packed.
+/// Threads that compress chunks, shared by every layer being packed, and
+/// a bound on the chunks given to them at once, whatever the number of
+/// layers packed at a time: memory stays a few megabytes per core.
 pub struct Pool {
     jobs: mpsc::Sender<Job>,
     threads: usize,
+    /// Chunks submitted and not compressed yet, and its limit.
+    queued: Arc<(Mutex<usize>, Condvar)>,
+    max_queued: usize,
 }
 
 impl Pool {
@@ -151,7 +156,12 @@ impl Pool {
                 })
                 .expect("spawning a compression thread");
         }
-        Pool { jobs, threads }
+        Pool {
+            jobs,
+            threads,
+            queued: Arc::default(),
+            max_queued: 2 * threads,
+        }
     }
 
     /// The process's pool: one thread per core.
@@ -174,8 +184,22 @@ impl Pool {
         last: bool,
     ) -> mpsc::Receiver<io::Result<Vec<u8>>> {
         let (done, result) = mpsc::sync_channel(1);
+        let queued = self.queued.clone();
+        {
+            let (count, room) = &*queued;
+            let mut count = count.lock().unwrap_or_else(|e| e.into_inner());
+            while *count >= self.max_queued {
+                count = room.wait(count).unwrap_or_else(|e| e.into_inner());
+            }
+            *count += 1;
+        }
         let job: Job = Box::new(move || {
-            let _ = done.send(compression.chunk(&data, last));
+            let compressed = compression.chunk(&data, last);
+            drop(data);
+            let (count, room) = &*queued;
+            *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            room.notify_one();
+            let _ = done.send(compressed);
         });
         // The threads outlive the pool's sender; a send fails only if they
         // are all gone, which the receiver then reports.

@@ -49,6 +49,10 @@ use nix::{Closure, Nix, NixError, ResolveRequest, SourceArg};
 use pack::{PackError, Packed};
 use popularity::Popularity;
 
+/// How often a builder collects its Nix store at most, unless a build
+/// filled the disk.
+const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Bumped whenever the bytes of images built from the same inputs change.
 const IMAGE_FORMAT: u32 = 1;
 
@@ -182,6 +186,9 @@ pub enum BuildError {
     Task(String),
     #[error("the image would hold {size} bytes of store paths, over the limit of {limit} bytes")]
     TooLarge { size: u64, limit: u64 },
+    /// The disk filled up again right after the store was collected.
+    #[error("the image does not fit in the builder's disk space ({free} bytes free after collecting garbage)")]
+    NoRoom { free: u64 },
 }
 
 impl BuildError {
@@ -203,6 +210,9 @@ impl BuildError {
             BuildError::TooLarge { size, limit } => Some(Failure::TooLarge {
                 size: *size,
                 limit: *limit,
+            }),
+            BuildError::NoRoom { .. } => Some(Failure::Build {
+                message: self.to_string(),
             }),
             BuildError::Nix(NixError::Failed { command, message }) => Some(Failure::Build {
                 // Nix quotes fetchers' URLs, which may carry a token.
@@ -290,6 +300,8 @@ pub struct Builder {
     limits: BuildLimits,
     /// One permit per build that may run at once.
     slots: tokio::sync::Semaphore,
+    /// When the Nix store was last collected by this builder.
+    last_collection: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Builder {
@@ -308,6 +320,7 @@ impl Builder {
             storage,
             popularity,
             slots: tokio::sync::Semaphore::new(limits.max_builds.max(1)),
+            last_collection: std::sync::Mutex::new(None),
             limits,
         }
     }
@@ -323,7 +336,7 @@ impl Builder {
             return Ok(record);
         }
         let image = request.image_key.as_str();
-        self.make_room().await;
+        self.make_room(false).await;
         if self.slots.available_permits() == 0 {
             tracing::info!(
                 image,
@@ -331,7 +344,7 @@ impl Builder {
                 "waiting for a build slot"
             );
         }
-        let _slot = self
+        let slot = self
             .slots
             .acquire()
             .await
@@ -342,7 +355,28 @@ impl Builder {
         }
         let started = Instant::now();
         tracing::info!(image, packages = ?request.packages, system = %request.system, "build started");
-        let result = self.run(request, progress).await;
+        let mut result = self.run(request, progress).await;
+        if self.limits.min_free > 0 && result.as_ref().is_err_and(BuildError::is_disk_full) {
+            // Room may be had by collecting; if not even then, the image
+            // cannot be built here, which is the image's failure.
+            tracing::error!(
+                image,
+                "the builder's disk filled up; collecting garbage and trying once more"
+            );
+            drop(slot);
+            self.make_room(true).await;
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|e| BuildError::Task(e.to_string()))?;
+            result = self.run(request, progress).await;
+            if result.as_ref().is_err_and(BuildError::is_disk_full) {
+                result = Err(BuildError::NoRoom {
+                    free: nix::store_free_bytes().unwrap_or(0),
+                });
+            }
+        }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok((record, stats)) => tracing::info!(
@@ -363,22 +397,26 @@ impl Builder {
     }
 
     /// Collects the Nix store if its disk has less than `min_free` bytes
-    /// free. It holds every build slot meanwhile, so no build is between
-    /// realising its paths and packing them (they are not GC roots then).
-    /// A failed collection is logged; the build goes on and may find room.
-    async fn make_room(&self) {
+    /// free: at most once every [`COLLECT_EVERY`] unless `forced` (the disk
+    /// filled up mid-build). It holds every build slot meanwhile (the
+    /// caller holds none), so no build is between realising its paths and
+    /// packing them (they are not GC roots then). A failed collection is
+    /// logged; the build goes on and may find room.
+    async fn make_room(&self, forced: bool) {
         let min_free = self.limits.min_free;
         let needed = |free| nix::bytes_to_collect(free, min_free);
         if min_free == 0 || nix::store_free_bytes().map_or(true, |free| needed(free).is_none()) {
             return;
         }
-        let Ok(_every_slot) = self
-            .slots
-            .acquire_many(self.limits.max_builds.max(1) as u32)
-            .await
-        else {
+        let recently = |last: &Option<Instant>| last.is_some_and(|t| t.elapsed() < COLLECT_EVERY);
+        if !forced && recently(&self.last_collection.lock().expect("never poisoned")) {
+            return;
+        }
+        let all = self.limits.max_builds.max(1) as u32;
+        let Ok(_every_slot) = self.slots.acquire_many(all).await else {
             return;
         };
+        *self.last_collection.lock().expect("never poisoned") = Some(Instant::now());
         // Another build may have collected while this one waited.
         let Some(max_freed) = nix::store_free_bytes().ok().and_then(needed) else {
             return;
@@ -964,6 +1002,15 @@ mod tests {
         });
         assert!(!other.is_disk_full());
         assert!(other.failure().is_some());
+        // Full again right after collecting: the image does not fit, and
+        // that is remembered like any failed build.
+        let no_room = BuildError::NoRoom { free: 1234 };
+        assert!(!no_room.is_disk_full());
+        assert!(no_room
+            .failure()
+            .unwrap()
+            .to_string()
+            .contains("1234 bytes free"));
     }
 
     #[test]

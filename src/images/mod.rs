@@ -68,6 +68,16 @@ pub enum ImageError {
     NeedsCredentials,
 }
 
+/// A copy of `served` that owns exactly its bytes: what storage returned
+/// may be a slice of a larger read buffer, which the cache would keep alive
+/// without counting it.
+fn kept(served: &Served) -> Served {
+    Served {
+        bytes: Bytes::copy_from_slice(&served.bytes),
+        ..served.clone()
+    }
+}
+
 /// What settles an image's key besides its name.
 #[derive(Debug, Clone)]
 pub struct ImageSettings {
@@ -196,7 +206,7 @@ impl Images {
                 reference: record.manifest_digest.clone(),
             })?;
         self.cache
-            .insert(&key, Some(record), served.clone(), Instant::now());
+            .insert(&key, Some(record), kept(&served), Instant::now());
         Ok(served)
     }
 
@@ -212,8 +222,7 @@ impl Images {
             .ok_or_else(|| ImageError::ManifestUnknown {
                 reference: digest.to_string(),
             })?;
-        self.cache
-            .insert(&key, None, served.clone(), Instant::now());
+        self.cache.insert(&key, None, kept(&served), Instant::now());
         Ok(served)
     }
 

@@ -33,8 +33,9 @@ const VERIFIED_MAX: usize = 65_536;
 
 /// Blobs up to this size (configs, small layers) are read whole, in one
 /// trip to a blocking thread, and checked in memory; larger ones are
-/// streamed from the file.
-const READ_WHOLE_MAX: u64 = 1 << 20;
+/// streamed from the file. Small, so that slow clients cannot make many
+/// large copies stay in memory.
+const READ_WHOLE_MAX: u64 = 64 << 10;
 
 impl FsStorage {
     /// Opens (and creates, if needed) a storage root.
