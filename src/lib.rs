@@ -12,6 +12,7 @@
 //!     -> dispatch  (where a build runs: in process, or workers over SQS)
 //!       -> builder   (one build: Nix, layers, packing, customisation)
 //!         -> storage   (the bucket or directory; records)
+//! gc      (`nixery gc`: what storage still needs, and the rest deleted)
 //! oci     (names, manifests, digests: pure, used by all)
 //! source  (what a tag means for the package source)
 //! config  (the command line and settings; only the binary reads it)
@@ -22,6 +23,7 @@ pub mod builder;
 pub mod config;
 pub mod dispatch;
 pub mod fetch;
+pub mod gc;
 pub mod images;
 pub mod oci;
 pub mod registry;

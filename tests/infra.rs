@@ -29,6 +29,8 @@ enum SetOn {
     Worker,
     /// Both, to the same value.
     Both,
+    /// The scheduled garbage collection task only.
+    Gc,
     /// Neither: the template must not set it (the reason says why).
     Neither,
 }
@@ -85,6 +87,13 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     ),
     // The worker: running Nix and layering.
     ("NIX_TIMEOUT", SetOn::Worker, "only the worker runs Nix"),
+    ("NIXERY_GC_UNUSED_FOR", SetOn::Gc, "how long an unused image is kept (GcUnusedFor)"),
+    (
+        "NIXERY_GC_GRACE",
+        SetOn::Neither,
+        "the default (a day) is longer than the longest build (2 x NixTimeout + 600 s, at most 4.2 hours)",
+    ),
+    ("NIXERY_GC_DRY_RUN", SetOn::Neither, "for runs by hand"),
     ("NIXERY_MIN_FREE", SetOn::Worker, "the worker's Nix store is a cache it collects before running out of disk"),
     ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
     ("NIXERY_HTPASSWD", SetOn::Function, "the function answers requests, so it checks credentials"),
@@ -266,11 +275,28 @@ fn function_env() -> BTreeMap<String, Setting> {
 
 /// The worker container's environment.
 fn worker_env() -> BTreeMap<String, Setting> {
-    let (name, task) = only_resource("AWS::ECS::TaskDefinition");
+    task_env("WorkerTaskDefinition")
+}
+
+/// The garbage collection task's environment.
+fn gc_env() -> BTreeMap<String, Setting> {
+    task_env("GcTaskDefinition")
+}
+
+/// A task definition's resource by name.
+fn resource(name: &str) -> &'static Value {
+    let found = &template()["Resources"][name];
+    assert!(!found.is_null(), "{TEMPLATE} has no resource {name}");
+    found
+}
+
+/// The environment of a task definition's one container.
+fn task_env(name: &str) -> BTreeMap<String, Setting> {
+    let task = resource(name);
     let containers = task["Properties"]["ContainerDefinitions"]
         .as_array()
         .expect("ContainerDefinitions");
-    assert_eq!(containers.len(), 1, "{name}: one container, the worker");
+    assert_eq!(containers.len(), 1, "{name}: one container");
     let mut env = BTreeMap::new();
     for entry in containers[0]["Environment"]
         .as_array()
@@ -392,6 +418,47 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
         "the template and the code disagree:\n  - {}",
         problems.join("\n  - ")
     );
+}
+
+#[test]
+fn the_gc_task_gets_the_storage_and_its_own_settings_only() {
+    let gc = gc_env();
+    let worker = worker_env();
+    let placed: BTreeMap<&str, SetOn> = CONTRACT.iter().map(|(var, on, _)| (*var, *on)).collect();
+    for var in ["NIXERY_STORAGE_BACKEND", "NIXERY_S3_BUCKET", "RUST_LOG"] {
+        assert_eq!(
+            gc.get(var),
+            worker.get(var),
+            "{var}: the same storage as the worker"
+        );
+    }
+    for (var, on) in &placed {
+        assert_eq!(
+            gc.contains_key(*var),
+            *on == SetOn::Gc || ["NIXERY_STORAGE_BACKEND", "NIXERY_S3_BUCKET"].contains(var),
+            "{var} ({on:?}) on the gc task"
+        );
+    }
+    let read = variables();
+    for var in gc.keys() {
+        assert!(
+            var == "RUST_LOG" || read.contains(var),
+            "the gc task sets {var}, which the code never reads"
+        );
+    }
+    // It runs `nixery gc` from the worker's image, with a role that can
+    // list, read records and delete, and write nothing.
+    let task = resource("GcTaskDefinition");
+    let container = &task["Properties"]["ContainerDefinitions"][0];
+    assert_eq!(container["Command"], json!(["gc"]));
+    assert_eq!(
+        container["Image"],
+        resource("WorkerTaskDefinition")["Properties"]["ContainerDefinitions"][0]["Image"]
+    );
+    let role = resource("GcTaskRole").to_string();
+    for forbidden in ["s3:PutObject", "s3:*", "sqs:"] {
+        assert!(!role.contains(forbidden), "the gc role allows {forbidden}");
+    }
 }
 
 #[test]
@@ -557,7 +624,7 @@ fn the_worker_cannot_overwrite_a_blob_or_delete_outside_staging() {
 }
 
 #[test]
-fn the_function_writes_only_build_status() {
+fn the_function_writes_only_build_status_and_served_markers() {
     let (_, function) = only_resource("AWS::Serverless::Function");
     let role = function["Properties"]["Role"]["Fn::GetAtt"][0]
         .as_str()
@@ -568,8 +635,14 @@ fn the_function_writes_only_build_status() {
             assert!(!action.contains('*'), "{role}: wildcard action {action}");
             match action {
                 "s3:GetObject" | "s3:ListBucket" | "sqs:SendMessage" | "logs:CreateLogStream" | "logs:PutLogEvents" => {}
-                "s3:PutObject" => assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/builds/*" })),
-                other => panic!("{role} allows {other}: the function reads the bucket, writes builds/ and sends to the queue"),
+                "s3:PutObject" => assert_eq!(
+                    statement["Resource"],
+                    json!([
+                        { "Fn::Sub": "${ImageBucket.Arn}/builds/*" },
+                        { "Fn::Sub": "${ImageBucket.Arn}/served/*" }
+                    ])
+                ),
+                other => panic!("{role} allows {other}: the function reads the bucket, writes builds/ and served/ and sends to the queue"),
             }
         }
     }
@@ -774,8 +847,8 @@ fn the_worker_image_runs_nixery_worker() {
     // No store paths: the config must hold without nixpkgs.
     assert!(!config.to_string().contains("/nix/store"));
 
-    // The task definition runs the image's entrypoint as it is.
-    let (_, task) = only_resource("AWS::ECS::TaskDefinition");
+    // The worker's task definition runs the image's entrypoint as it is.
+    let task = resource("WorkerTaskDefinition");
     let container = &task["Properties"]["ContainerDefinitions"][0];
     assert!(
         container["EntryPoint"].is_null() && container["Command"].is_null(),

@@ -569,6 +569,23 @@ async fn a_warm_instance_answers_repeated_pulls_without_storage() {
     let by_digest = format!("/v2/hello/manifests/{digest}");
     // The first pull by digest reads the manifest once.
     assert_eq!(registry.get(&by_digest).await.0.status(), StatusCode::OK);
+    // Being served is recorded once a day, in the background, for
+    // garbage collection.
+    let served = || {
+        registry
+            .storage
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("served/"))
+            .count()
+    };
+    for _ in 0..200 {
+        if served() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served(), 1);
 
     let calls = registry.storage.calls();
     for uri in ["/v2/hello/manifests/latest", by_digest.as_str()] {

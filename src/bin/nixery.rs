@@ -10,7 +10,8 @@ use nixery::builder::nix::{Nix, ResolveRequest};
 use nixery::builder::popularity::Popularity;
 use nixery::builder::Builder;
 use nixery::config::{
-    AuthScope, BuildMode, Cli, Mode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig,
+    AuthScope, BuildMode, Cli, GcConfig, Mode, NixConfig, PopularityConfig, ServeConfig,
+    WorkerConfig,
 };
 use nixery::dispatch::in_process::InProcess;
 use nixery::dispatch::single_flight::SingleFlight;
@@ -54,8 +55,49 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", popularity.to_json());
                 Ok(())
             }
+            Mode::Gc(config) => collect_garbage(config).await,
         }
     })
+}
+
+/// `nixery gc`: one collection; each object deleted on a line of stdout,
+/// then the totals.
+async fn collect_garbage(config: GcConfig) -> anyhow::Result<()> {
+    let storage = storage::open(&config.storage)
+        .await
+        .context("opening storage")?;
+    let settings = config.settings;
+    let report = nixery::gc::collect(&*storage, &settings, nixery::storage::records::unix_now())
+        .await
+        .context("collecting garbage")?;
+    let verb = if settings.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    for object in &report.deleted {
+        println!("{verb} {} ({} bytes)", object.key, object.size);
+    }
+    for key in &report.unreadable {
+        println!("kept unreadable {key}");
+    }
+    println!(
+        "{verb} {} of {} objects, {} bytes; {} unused images",
+        report.deleted.len(),
+        report.scanned,
+        report.bytes(),
+        report.images_expired
+    );
+    tracing::info!(
+        dry_run = settings.dry_run,
+        deleted = report.deleted.len(),
+        scanned = report.scanned,
+        bytes = report.bytes(),
+        images_expired = report.images_expired,
+        unreadable = report.unreadable.len(),
+        "garbage collected"
+    );
+    Ok(())
 }
 
 /// The registry: under the Lambda runtime, or on a local port.

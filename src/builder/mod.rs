@@ -676,7 +676,9 @@ impl Builder {
 
     /// One layer under `key`: its record if the blob is still there, else
     /// `pack` into a scratch file (on a blocking thread), store the blob and
-    /// write the record. `true`: reused.
+    /// write the record. `true`: reused. A reused layer's record is written
+    /// again, which tells garbage collection that a build relies on its
+    /// blob (see `crate::gc`).
     async fn store_layer(
         &self,
         image: &str,
@@ -692,7 +694,10 @@ impl Builder {
                 .check(&blob, record.size, hex_of(&record.digest))
                 .await?
             {
-                Check::Good => return Ok((record, true)),
+                Check::Good => {
+                    records::write(&*self.storage, &record_key, &record).await?;
+                    return Ok((record, true));
+                }
                 Check::Absent => {}
                 Check::Corrupt => {
                     tracing::warn!(image, layer = %key, digest = %record.digest, "stored layer is damaged; packing it again");
@@ -739,12 +744,15 @@ impl Builder {
     /// The one way a content-addressed object (a layer, a config, a
     /// manifest) reaches storage: kept if the stored object is good,
     /// created if absent, replaced if found corrupt; never overwritten
-    /// otherwise. `true`: written.
+    /// otherwise. `true`: written. A small object found good is written
+    /// again with the same bytes, which tells garbage collection a build
+    /// relies on it (a layer's record does that for the layer).
     async fn store_blob(&self, key: &str, blob: Blob) -> Result<bool, BuildError> {
         let (digest, size) = match &blob {
             Blob::File { packed, .. } => (packed.digest.clone(), packed.size),
             Blob::Bytes { digest, bytes } => (digest.clone(), bytes.len() as u64),
         };
+        let small = matches!(blob, Blob::Bytes { .. });
         // Small objects take the same way as files, so that every write of
         // a content-addressed key is a conditional one.
         let path = match blob {
@@ -771,6 +779,7 @@ impl Builder {
         };
         // Each consumes the file, whatever the outcome.
         match found {
+            Check::Good if small => self.storage.replace_file(key, &path).await?,
             Check::Good => {
                 let _ = tokio::fs::remove_file(&path).await;
             }

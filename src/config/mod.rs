@@ -78,6 +78,10 @@ pub enum Command {
     /// Builds the given packages of the configured source and prints
     /// popularity data for NIX_POPULARITY_URL (Nixery's format) on stdout.
     Popularity(PopularityArgs),
+    /// Deletes what images not served for a while and everything no image
+    /// needs take up in storage, while the registry keeps running; prints
+    /// what it deleted (or, with --dry-run, would delete).
+    Gc(GcArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -134,6 +138,30 @@ pub struct WorkerArgs {
     pub nix: NixArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Images neither served nor built for this long lose their record
+    /// (30d, 12h, 90m, 45s, or seconds).
+    #[arg(long, env = "NIXERY_GC_UNUSED_FOR", value_name = "NIXERY_GC_UNUSED_FOR", hide_env = true,
+          default_value = "30d", value_parser = duration)]
+    pub unused_for: Duration,
+    /// Nothing written more recently is deleted: longer than the longest
+    /// build, which writes its objects before the record that names them.
+    #[arg(long, env = "NIXERY_GC_GRACE", value_name = "NIXERY_GC_GRACE", hide_env = true,
+          default_value = "1d", value_parser = duration)]
+    pub grace: Duration,
+    /// Print what would be deleted, and delete nothing.
+    #[arg(
+        long,
+        env = "NIXERY_GC_DRY_RUN",
+        value_name = "NIXERY_GC_DRY_RUN",
+        hide_env = true
+    )]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -416,6 +444,14 @@ pub enum Mode {
     Serve(Box<ServeConfig>),
     Worker(WorkerConfig),
     Popularity(PopularityConfig),
+    Gc(GcConfig),
+}
+
+/// `nixery gc`.
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    pub storage: StorageConfig,
+    pub settings: crate::gc::GcSettings,
 }
 
 /// The registry.
@@ -495,6 +531,14 @@ impl Cli {
             Some(Command::Serve(args)) => Ok(Mode::Serve(Box::new(args.config()?))),
             Some(Command::Worker(args)) => Ok(Mode::Worker(args.config()?)),
             Some(Command::Popularity(args)) => Ok(Mode::Popularity(args.config())),
+            Some(Command::Gc(args)) => Ok(Mode::Gc(GcConfig {
+                storage: args.storage.config()?,
+                settings: crate::gc::GcSettings {
+                    unused_for: args.unused_for,
+                    grace: args.grace,
+                    dry_run: args.dry_run,
+                },
+            })),
             None if in_lambda => {
                 // The same settings, from the environment alone.
                 let matches = command().try_get_matches_from(["nixery", "serve"])?;
@@ -799,6 +843,10 @@ fn allowed_refs(value: &str) -> Result<AllowedRefs, String> {
 }
 
 /// Names separated by spaces or commas; empty for none.
+fn duration(value: &str) -> Result<Duration, String> {
+    crate::gc::parse_duration(value)
+}
+
 fn compression(value: &str) -> Result<Compression, String> {
     value.parse()
 }
@@ -1027,7 +1075,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 32, "{vars:?}");
+        assert_eq!(vars.len(), 35, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

@@ -40,6 +40,9 @@ use cache::{CacheLimits, ManifestCache};
 
 /// The most blob digests remembered (about 100 bytes each).
 const KNOWN_BLOBS_MAX: usize = 100_000;
+/// The most images whose last `served/` marker is remembered.
+const SERVED_MAX: usize = 100_000;
+const DAY: u64 = 86_400;
 
 /// A manifest ready to send: its bytes, checked against `digest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +129,9 @@ pub struct Images {
     known_blobs: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Manifests served lately, by image record key or manifest key.
     cache: ManifestCache,
+    /// Image key -> the day (Unix days) this process last wrote its
+    /// `served/` marker, which garbage collection reads.
+    served_on: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     storage: Arc<dyn Storage>,
     dispatch: Arc<dyn Dispatch>,
     sources: Arc<Sources>,
@@ -143,6 +149,7 @@ impl Images {
         Images {
             known_blobs: std::sync::Mutex::default(),
             cache: ManifestCache::new(settings.cache),
+            served_on: std::sync::Mutex::default(),
             storage,
             dispatch,
             sources,
@@ -177,8 +184,10 @@ impl Images {
             self.settings.compression,
             not_before(resolved.moving, self.sources.ttl(), unix_now()),
         );
-        let key = storage::image_key(&request.image_key);
+        let image_key = request.image_key.clone();
+        let key = storage::image_key(&image_key);
         if let Some(served) = self.cache.get(&key, request.not_before, Instant::now()) {
+            self.mark_served(&request.image_key);
             return Ok(served);
         }
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
@@ -207,6 +216,7 @@ impl Images {
             })?;
         self.cache
             .insert(&key, Some(record), kept(&served), Instant::now());
+        self.mark_served(&image_key);
         Ok(served)
     }
 
@@ -248,6 +258,30 @@ impl Images {
             digest: digest.to_string(),
             media_type: media_type.to_string(),
         }))
+    }
+
+    /// Records that an image was served, so garbage collection keeps it:
+    /// one small write per image per day (per process), in the background.
+    fn mark_served(&self, image_key: &str) {
+        let today = unix_now() / DAY;
+        {
+            let mut served_on = self.served_on.lock().expect("never poisoned");
+            if served_on.get(image_key) == Some(&today) {
+                return;
+            }
+            if served_on.len() >= SERVED_MAX {
+                served_on.clear();
+            }
+            served_on.insert(image_key.to_string(), today);
+        }
+        let storage = self.storage.clone();
+        let key = crate::gc::served_key(image_key);
+        tokio::spawn(async move {
+            let day = Bytes::from(format!("{{\"served_day\":{today}}}"));
+            if let Err(error) = storage.put(&key, day).await {
+                tracing::warn!(%error, "recording that an image was served failed");
+            }
+        });
     }
 
     /// Notes the config and layer digests of a manifest about to be served.

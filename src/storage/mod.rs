@@ -10,6 +10,7 @@
 //! | `layers/<layer-key>` | layer record: digest, diff_id, size, media type | after the layer blob |
 //! | `images/<image-key>` | image record: manifest digest, media type, source, build time | last: the commit point |
 //! | `builds/<image-key>` | build status | while building |
+//! | `served/<image-key>` | that the image was pulled (for `nixery gc`) | at most once a day per process |
 //! | `sources/<lookup-hash>` | a worker's answer to a git lookup (for a registry without git) | by the worker |
 //! | `staging/...` | uploads in flight | anything left here is garbage |
 //!

@@ -1,0 +1,236 @@
+//! `nixery gc`: mark and sweep of the storage, safe while the registry
+//! serves and builds.
+//!
+//! **Mark.** An image is live if it was served (its `served/<image-key>`
+//! marker, written at most once a day per process) or built within
+//! `unused_for`; a live image's record names its manifest, which names its
+//! config and layers. Anything written within `grace` is live too, with
+//! what it names: a build under way writes its blobs, layer records and
+//! manifest before its image record, and a build that reuses an object
+//! rewrites it or its layer record first (see `Builder::store_layer`), so
+//! a grace longer than the longest build keeps everything a running build
+//! relies on.
+//!
+//! **Sweep.** Expired image records go first (and with them their
+//! markers), then manifests, layer records and blobs nothing live names,
+//! then leftovers of `staging/`, `builds/` and `sources/`: everything only
+//! once older than `grace`. A dry run deletes nothing and reports the same.
+//!
+//! Unlike distribution's `garbage-collect`, nothing is stopped: reads never
+//! wait, and a pull of an image collected a moment ago builds it again.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use crate::oci::manifest::Manifest;
+use crate::storage::records::{self, ImageRecord, LayerRecord, RecordError};
+use crate::storage::{Listed, Storage, StorageError};
+
+/// Where `served/` markers live: one per image, rewritten when served.
+pub fn served_key(image_key: &str) -> String {
+    format!("served/{image_key}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcSettings {
+    /// Images neither served nor built for this long lose their record.
+    pub unused_for: Duration,
+    /// Nothing younger than this is deleted.
+    pub grace: Duration,
+    pub dry_run: bool,
+}
+
+/// What a collection found and deleted (or would delete, in a dry run).
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Objects looked at.
+    pub scanned: usize,
+    /// Image records of unused images.
+    pub images_expired: usize,
+    /// Every object deleted, in the order it was.
+    pub deleted: Vec<Listed>,
+    /// Records that could not be read, kept (with what they name unknown).
+    pub unreadable: Vec<String>,
+}
+
+impl Report {
+    pub fn bytes(&self) -> u64 {
+        self.deleted.iter().map(|o| o.size).sum()
+    }
+}
+
+/// One collection at time `now` (Unix seconds).
+pub async fn collect(
+    storage: &dyn Storage,
+    settings: &GcSettings,
+    now: u64,
+) -> Result<Report, StorageError> {
+    let young = |o: &Listed| now.saturating_sub(o.modified) < settings.grace.as_secs();
+    let mut report = Report::default();
+    let mut doomed: Vec<Listed> = Vec::new();
+
+    // Images: used recently, or expired.
+    let markers: HashMap<String, Listed> = storage
+        .list("served/")
+        .await?
+        .into_iter()
+        .map(|o| (o.key.trim_start_matches("served/").to_string(), o))
+        .collect();
+    let mut live_images = HashSet::new();
+    let mut live_manifests = HashSet::new();
+    let images = storage.list("images/").await?;
+    report.scanned += images.len() + markers.len();
+    for image in images {
+        let name = image.key.trim_start_matches("images/").to_string();
+        let used = markers
+            .get(&name)
+            .map_or(image.modified, |m| m.modified.max(image.modified));
+        if now.saturating_sub(used) >= settings.unused_for.as_secs() && !young(&image) {
+            report.images_expired += 1;
+            doomed.push(image);
+            continue;
+        }
+        match records::read::<ImageRecord>(storage, &image.key).await {
+            Ok(Some(record)) => {
+                live_manifests.insert(hex(&record.manifest_digest));
+            }
+            Ok(None) => continue,
+            Err(RecordError::Unreadable { .. }) => report.unreadable.push(image.key.clone()),
+            Err(RecordError::Storage(e)) => return Err(e),
+        }
+        live_images.insert(name);
+    }
+    doomed.extend(
+        markers
+            .into_iter()
+            .filter(|(name, marker)| !live_images.contains(name) && !young(marker))
+            .map(|(_, marker)| marker),
+    );
+
+    // Manifests, and the blobs the live ones name.
+    let mut live_blobs = HashSet::new();
+    let manifests = storage.list("manifests/").await?;
+    report.scanned += manifests.len();
+    for manifest in manifests {
+        let digest = manifest
+            .key
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if !live_manifests.contains(&digest) && !young(&manifest) {
+            doomed.push(manifest);
+            continue;
+        }
+        let Some(bytes) = storage.get(&manifest.key).await? else {
+            continue;
+        };
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(parsed) => {
+                live_blobs.insert(hex(&parsed.config.digest));
+                live_blobs.extend(parsed.layers.iter().map(|l| hex(&l.digest)));
+            }
+            Err(_) => report.unreadable.push(manifest.key.clone()),
+        }
+    }
+
+    // Layer records: a young one keeps its blob (a build is using it); an
+    // old one goes with its blob when nothing live names that.
+    let layers = storage.list("layers/").await?;
+    report.scanned += layers.len();
+    let mut old_layers = Vec::new();
+    for layer in layers {
+        let record = match records::read::<LayerRecord>(storage, &layer.key).await {
+            Ok(Some(record)) => record,
+            Ok(None) => continue,
+            Err(RecordError::Unreadable { .. }) => {
+                // Unusable by any build: collected once old.
+                if !young(&layer) {
+                    doomed.push(layer);
+                }
+                continue;
+            }
+            Err(RecordError::Storage(e)) => return Err(e),
+        };
+        if young(&layer) {
+            live_blobs.insert(hex(&record.digest));
+        } else {
+            old_layers.push((layer, hex(&record.digest)));
+        }
+    }
+    doomed.extend(
+        old_layers
+            .into_iter()
+            .filter(|(_, blob)| !live_blobs.contains(blob))
+            .map(|(layer, _)| layer),
+    );
+
+    let blobs = storage.list("blobs/").await?;
+    report.scanned += blobs.len();
+    doomed.extend(blobs.into_iter().filter(|blob| {
+        let digest = blob.key.rsplit('/').next().unwrap_or_default();
+        !live_blobs.contains(digest) && !young(blob)
+    }));
+
+    // Uploads in flight, build statuses and claims, git answers: all
+    // rewritten while in use, so old ones are leftovers.
+    for dir in ["staging/", "builds/", "sources/"] {
+        let found = storage.list(dir).await?;
+        report.scanned += found.len();
+        doomed.extend(found.into_iter().filter(|o| !young(o)));
+    }
+
+    for object in doomed {
+        if !settings.dry_run {
+            storage.delete(&object.key).await?;
+        }
+        report.deleted.push(object);
+    }
+    Ok(report)
+}
+
+/// The hex of a `sha256:<hex>` digest (or the string itself).
+fn hex(digest: &str) -> String {
+    digest.strip_prefix("sha256:").unwrap_or(digest).to_string()
+}
+
+/// Parses a duration: a number with a unit (`30d`, `12h`, `90m`, `45s`) or
+/// plain seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => value.split_at(at),
+        None => (value, "s"),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration (like 30d, 12h, 90m or 45s)"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{value:?}: the unit must be s, m, h or d")),
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{value:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("3600"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "d", "1w", "-1d", "1.5h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! `nixery gc` on the filesystem and on S3 (s3s-fs): a storage with images
+//! used and unused, objects shared between them, a build under way, a
+//! layer a build is reusing, leftovers and a damaged record. Objects are
+//! aged by setting their files' modification times (s3s-fs reports a
+//! file's as the object's). A dry run deletes nothing; a real run deletes
+//! exactly the garbage; afterwards every image record's objects are there
+//! and match their digests; and the `nixery gc` command says the same.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::s3::{S3Server, BUCKET};
+use nixery::gc::{collect, served_key, GcSettings};
+use nixery::oci::digest::{hex_of, sha256_digest};
+use nixery::oci::manifest::{Descriptor, Manifest, MEDIA_TYPE_CONFIG, MEDIA_TYPE_LAYER_GZIP};
+use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
+use nixery::storage::{self, FsStorage, S3Storage, Storage};
+
+const DAY: u64 = 86_400;
+
+fn settings(dry_run: bool) -> GcSettings {
+    GcSettings {
+        unused_for: Duration::from_secs(30 * DAY),
+        grace: Duration::from_secs(DAY),
+        dry_run,
+    }
+}
+
+/// Where a backend keeps an object's file, to age it.
+struct Files {
+    root: PathBuf,
+}
+
+impl Files {
+    fn age(&self, key: &str, seconds: u64) {
+        let path = self.root.join(key);
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(seconds))
+            .unwrap();
+    }
+}
+
+async fn put(storage: &dyn Storage, key: &str, bytes: &[u8]) {
+    storage
+        .put(key, Bytes::copy_from_slice(bytes))
+        .await
+        .unwrap();
+}
+
+/// A blob; its key.
+async fn blob(storage: &dyn Storage, content: &str) -> String {
+    let key = storage::blob_key(hex_of(&sha256_digest(content.as_bytes())));
+    put(storage, &key, content.as_bytes()).await;
+    key
+}
+
+/// An image of the given layer contents: blobs, layer records, config,
+/// manifest and record. Every key written, record last.
+async fn image(storage: &dyn Storage, name: &str, layers: &[&str]) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut descriptors = Vec::new();
+    for content in layers {
+        keys.push(blob(storage, content).await);
+        let descriptor = Descriptor::of(MEDIA_TYPE_LAYER_GZIP, content.as_bytes());
+        let record_key = storage::layer_key(&format!("layer-{content}"));
+        let record = LayerRecord {
+            digest: descriptor.digest.clone(),
+            diff_id: descriptor.digest.clone(),
+            size: descriptor.size,
+            media_type: MEDIA_TYPE_LAYER_GZIP.to_string(),
+        };
+        records::write(storage, &record_key, &record).await.unwrap();
+        keys.push(record_key);
+        descriptors.push(descriptor);
+    }
+    let config = format!("{{\"config of\":\"{name}\"}}");
+    keys.push(blob(storage, &config).await);
+    let manifest = Manifest::new(
+        Descriptor::of(MEDIA_TYPE_CONFIG, config.as_bytes()),
+        descriptors,
+    )
+    .to_bytes();
+    let digest = sha256_digest(&manifest);
+    let manifest_key = storage::manifest_key(hex_of(&digest));
+    put(storage, &manifest_key, &manifest).await;
+    keys.push(manifest_key);
+    let record = ImageRecord {
+        manifest_digest: digest,
+        media_type: nixery::oci::manifest::MEDIA_TYPE_MANIFEST.to_string(),
+        size: manifest.len() as u64,
+        packages: vec![name.to_string()],
+        architecture: "amd64".to_string(),
+        built_at: unix_now() - 40 * DAY,
+    };
+    let record_key = storage::image_key(name);
+    records::write(storage, &record_key, &record).await.unwrap();
+    keys.push(record_key);
+    keys
+}
+
+async fn keys(storage: &dyn Storage) -> BTreeSet<String> {
+    let mut all = BTreeSet::new();
+    for dir in [
+        "blobs/",
+        "manifests/",
+        "layers/",
+        "images/",
+        "served/",
+        "staging/",
+        "builds/",
+        "sources/",
+    ] {
+        all.extend(storage.list(dir).await.unwrap().into_iter().map(|o| o.key));
+    }
+    all
+}
+
+/// After a collection: every image record's manifest and blobs are there
+/// and match their digests.
+async fn nothing_lost(storage: &dyn Storage) {
+    for image in storage.list("images/").await.unwrap() {
+        let Ok(Some(record)) = records::read::<ImageRecord>(storage, &image.key).await else {
+            continue;
+        };
+        let manifest = storage
+            .get(&storage::manifest_key(hex_of(&record.manifest_digest)))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}: manifest gone", image.key));
+        assert_eq!(sha256_digest(&manifest), record.manifest_digest);
+        let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
+        for descriptor in manifest.layers.iter().chain([&manifest.config]) {
+            let bytes = storage
+                .get(&storage::blob_key(hex_of(&descriptor.digest)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{}: blob {} gone", image.key, descriptor.digest));
+            assert_eq!(sha256_digest(&bytes), descriptor.digest);
+        }
+    }
+}
+
+/// The scenario; the keys it expects collected.
+async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
+    let old = 40 * DAY;
+    // Image "used": built long ago, served today. Shares a layer with
+    // "unused", which nobody pulled for 40 days.
+    let used = image(storage, "used", &["shared", "used-only"]).await;
+    let unused = image(storage, "unused", &["shared", "unused-only"]).await;
+    put(storage, &served_key("used"), b"{}").await;
+    put(storage, &served_key("unused"), b"{}").await;
+    for key in used.iter().chain(&unused) {
+        files.age(key, old);
+    }
+    files.age(&served_key("unused"), old);
+
+    // A build under way: its layer and manifest are written, its record
+    // is not yet.
+    let building = image(storage, "building", &["in-flight"]).await;
+    storage
+        .delete(&storage::image_key("building"))
+        .await
+        .unwrap();
+    // A build reusing an old layer nothing names any more: it rewrote the
+    // layer's record a moment ago.
+    let reused_blob = blob(storage, "reused").await;
+    files.age(&reused_blob, old);
+    let reused_record = storage::layer_key("layer-reused");
+    records::write(
+        storage,
+        &reused_record,
+        &LayerRecord {
+            digest: sha256_digest(b"reused"),
+            diff_id: sha256_digest(b"reused"),
+            size: 6,
+            media_type: MEDIA_TYPE_LAYER_GZIP.to_string(),
+        },
+    )
+    .await
+    .unwrap();
+
+    // Leftovers, old and young; a blob nothing names, old and young.
+    for (key, age) in [
+        ("staging/put-old", 2 * DAY),
+        ("staging/put-new", 3600),
+        ("builds/abc", 2 * DAY),
+        ("builds/abc.1", 2 * DAY),
+        ("builds/def", 60),
+        ("sources/old-answer", 3 * DAY),
+    ] {
+        put(storage, key, b"{}").await;
+        files.age(key, age);
+    }
+    let orphan_old = blob(storage, "orphan-old").await;
+    files.age(&orphan_old, 2 * DAY);
+    let orphan_young = blob(storage, "orphan-young").await;
+    files.age(&orphan_young, 3600);
+
+    // A damaged record of a recent image: kept, reported.
+    put(storage, &storage::image_key("damaged"), b"{not json").await;
+    files.age(&storage::image_key("damaged"), DAY);
+
+    let _ = (building, orphan_young);
+    let shared = storage::blob_key(hex_of(&sha256_digest(b"shared")));
+    unused
+        .into_iter()
+        .filter(|k| *k != shared && *k != storage::layer_key("layer-shared"))
+        .chain([
+            served_key("unused"),
+            "staging/put-old".to_string(),
+            "builds/abc".to_string(),
+            "builds/abc.1".to_string(),
+            "sources/old-answer".to_string(),
+            orphan_old,
+        ])
+        .collect()
+}
+
+async fn collects_exactly_the_garbage(storage: &dyn Storage, files: &Files) {
+    let expected = scenario(storage, files).await;
+    let before = keys(storage).await;
+    assert!(expected.is_subset(&before));
+
+    let dry = collect(storage, &settings(true), unix_now()).await.unwrap();
+    let would: BTreeSet<String> = dry.deleted.iter().map(|o| o.key.clone()).collect();
+    assert_eq!(would, expected, "the dry run's list");
+    assert_eq!(keys(storage).await, before, "a dry run deleted something");
+    assert_eq!(dry.images_expired, 1);
+    assert_eq!(dry.unreadable, [storage::image_key("damaged")]);
+
+    let real = collect(storage, &settings(false), unix_now())
+        .await
+        .unwrap();
+    let deleted: BTreeSet<String> = real.deleted.iter().map(|o| o.key.clone()).collect();
+    assert_eq!(deleted, expected);
+    assert_eq!(real.bytes(), dry.bytes());
+    let after = keys(storage).await;
+    assert_eq!(after, before.difference(&expected).cloned().collect());
+    nothing_lost(storage).await;
+
+    // A second run finds nothing more.
+    let again = collect(storage, &settings(false), unix_now())
+        .await
+        .unwrap();
+    assert!(again.deleted.is_empty(), "{:?}", again.deleted);
+}
+
+#[tokio::test]
+async fn filesystem() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = FsStorage::open(root.path()).unwrap();
+    let files = Files {
+        root: root.path().to_path_buf(),
+    };
+    collects_exactly_the_garbage(&storage, &files).await;
+}
+
+#[tokio::test]
+async fn s3() {
+    let server = S3Server::start();
+    let storage = S3Storage::new(
+        server.client().await,
+        BUCKET,
+        "/gc/",
+        Duration::from_secs(600),
+    );
+    let files = Files {
+        root: server.root.join(BUCKET).join("gc"),
+    };
+    collects_exactly_the_garbage(&storage, &files).await;
+}
+
+#[test]
+fn the_command_prints_what_it_deletes() {
+    let root = tempfile::tempdir().unwrap();
+    let files = Files {
+        root: root.path().to_path_buf(),
+    };
+    let expected = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let storage = FsStorage::open(root.path()).unwrap();
+        scenario(&storage, &files).await
+    });
+    let gc = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nixery"))
+            .arg("gc")
+            .args(extra)
+            .env("STORAGE_PATH", root.path())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dry = gc(&["--dry-run", "--unused-for", "30d", "--grace", "1d"]);
+    for key in &expected {
+        assert!(
+            dry.contains(&format!("would delete {key} (")),
+            "{key} in {dry}"
+        );
+    }
+    assert!(
+        dry.contains(&format!("would delete {} of ", expected.len())),
+        "{dry}"
+    );
+    assert!(root.path().join(expected.first().unwrap()).exists());
+    let real = gc(&[]);
+    assert!(
+        real.contains(&format!("deleted {} of ", expected.len())),
+        "{real}"
+    );
+    assert!(!root.path().join(expected.first().unwrap()).exists());
+}
