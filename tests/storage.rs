@@ -274,6 +274,18 @@ async fn s3_backend() {
             .any(|s| s.method == "POST" && s.path.contains("blobs/sha256/large")),
         "no multipart upload"
     );
+    // More than S3 can hold (5 TiB, as a sparse file): refused before
+    // any upload, as too large, which no retry can change.
+    let huge = scratch.path().join("huge");
+    let sparse = std::fs::File::create(&huge).and_then(|f| f.set_len(6 << 40));
+    if sparse.is_ok() {
+        let refused = storage.put_file("blobs/sha256/huge", &huge).await;
+        assert!(
+            matches!(refused, Err(StorageError::TooLarge { size, .. }) if size == 6 << 40),
+            "{refused:?}"
+        );
+        assert!(!server.keys().iter().any(|k| k.contains("huge")));
+    }
     let uploads_of_small = served
         .iter()
         .filter(|s| s.method == "PUT" && s.path.ends_with("blobs/sha256/small") && s.status == 200)

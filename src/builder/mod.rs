@@ -223,6 +223,10 @@ impl BuildError {
             }),
             BuildError::Nix(NixError::Spawn { .. } | NixError::Output { .. }) => Some(internal()),
             BuildError::Nix(NixError::DiskFull { .. }) => None,
+            // A layer no storage call can ever hold: the image's failure.
+            BuildError::Storage(StorageError::TooLarge { .. }) => Some(Failure::Build {
+                message: self.to_string(),
+            }),
             BuildError::Storage(_) | BuildError::Record(RecordError::Storage(_)) => None,
             BuildError::Record(RecordError::Unreadable { .. })
             | BuildError::Pack(_)
@@ -1013,6 +1017,16 @@ mod tests {
         assert!(other.failure().is_some());
         // Full again right after collecting: the image does not fit, and
         // that is remembered like any failed build.
+        let huge = BuildError::Storage(StorageError::TooLarge {
+            key: "blobs/sha256/x".into(),
+            size: 6 << 40,
+            limit: 5 << 40,
+        });
+        assert!(huge
+            .failure()
+            .unwrap()
+            .to_string()
+            .contains("over the storage's limit"));
         let no_room = BuildError::NoRoom { free: 1234 };
         assert!(!no_room.is_disk_full());
         assert!(no_room

@@ -48,6 +48,9 @@ pub enum StorageError {
     Io { key: String, source: std::io::Error },
     #[error("invalid storage key {key:?}")]
     InvalidKey { key: String },
+    /// Larger than the backend can hold: trying again cannot help.
+    #[error("{key} would hold {size} bytes, over the storage's limit of {limit} bytes")]
+    TooLarge { key: String, size: u64, limit: u64 },
     #[error("storage {operation} on {key}: {message}")]
     Backend {
         key: String,

@@ -37,6 +37,17 @@ use super::{check_key, check_prefix, Check, Download, Listed, Storage, StorageEr
 pub const PART_SIZE: u64 = 16 * 1024 * 1024;
 /// Parts uploaded at the same time.
 const PARALLEL_PARTS: usize = 4;
+/// S3's limits: parts in one upload, and the size of one object.
+const MAX_PARTS: u64 = 10_000;
+const MAX_OBJECT: u64 = 5 << 40;
+
+/// The part size for an upload of `size` bytes: [`PART_SIZE`], or larger
+/// (in whole MiB) where that would take more than S3's 10,000 parts, so
+/// that any object S3 can hold (5 TiB) can be uploaded.
+fn part_size(size: u64) -> u64 {
+    const MIB: u64 = 1 << 20;
+    PART_SIZE.max(size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB)
+}
 
 #[derive(Debug, Clone)]
 pub struct S3Storage {
@@ -130,6 +141,13 @@ impl S3Storage {
             Precondition::Absent => (Some("*".to_string()), None),
             Precondition::Replacing { etag } => (None, Some(etag.clone())),
         };
+        if size > MAX_OBJECT {
+            return Err(StorageError::TooLarge {
+                key: key.to_string(),
+                size,
+                limit: MAX_OBJECT,
+            });
+        }
         if size <= PART_SIZE {
             let body = ByteStream::from_path(file)
                 .await
@@ -221,11 +239,12 @@ impl S3Storage {
         file: &Path,
         size: u64,
     ) -> Result<Vec<CompletedPart>, StorageError> {
-        let count = size.div_ceil(PART_SIZE);
+        let part_size = part_size(size);
+        let count = size.div_ceil(part_size);
         let parts: Vec<Result<CompletedPart, StorageError>> = futures_util::stream::iter(0..count)
             .map(|i| async move {
-                let offset = i * PART_SIZE;
-                let length = PART_SIZE.min(size - offset);
+                let offset = i * part_size;
+                let length = part_size.min(size - offset);
                 let body = ByteStream::read_from()
                     .path(file)
                     .offset(offset)
@@ -515,5 +534,24 @@ impl Storage for S3Storage {
             .await
             .map_err(|e| s3_error(key, "DeleteObject", e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_grow_so_that_any_object_fits_in_ten_thousand() {
+        assert_eq!(part_size(1), PART_SIZE);
+        assert_eq!(part_size(MAX_PARTS * PART_SIZE), PART_SIZE);
+        let big = part_size(MAX_PARTS * PART_SIZE + 1);
+        assert!(big > PART_SIZE && big.is_multiple_of(1 << 20));
+        for size in [100 << 30, 1 << 40, MAX_OBJECT] {
+            let part = part_size(size);
+            assert!(size.div_ceil(part) <= MAX_PARTS, "{size}");
+            // S3's largest part is 5 GiB.
+            assert!(part <= 5 << 30, "{size}");
+        }
     }
 }
