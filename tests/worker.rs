@@ -246,6 +246,34 @@ async fn a_worker_killed_mid_build_leaves_nothing_and_another_finishes() {
     assert_eq!(common::chroot_sh(&rootfs, "slow"), "slow done\n");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_writes_slower_than_the_visibility_timeout_start_no_second_build() {
+    // The queue hides a taken message for 5 s; every status write takes
+    // 7 s. The worker keeps the message hidden on its own clock, so the
+    // idle second worker never gets it; heartbeats still change often
+    // enough (every 2 s + 7 s, under 6 x 2 s) that no pull takes over.
+    let cluster = Cluster::start(&[
+        ("NIXERY_FIXTURE_SLOW_SECONDS", "20"),
+        ("NIXERY_HEARTBEAT_SECONDS", "2"),
+    ])
+    .await;
+    let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
+    let first = cluster.worker();
+    let second = cluster.worker();
+    cluster.s3.slow_puts("/builds/", Duration::from_secs(7));
+
+    let (status, _, _) = get(&registry, "/v2/shell/slow/manifests/latest").await;
+    assert_eq!(status, StatusCode::OK, "{}", registry.log());
+    assert_eq!(
+        first.builds_started() + second.builds_started(),
+        1,
+        "a second worker started the build:\n{}\n{}",
+        first.log(),
+        second.log()
+    );
+    assert_eq!(cluster.images().len(), 1);
+}
+
 #[tokio::test]
 async fn unknown_packages_and_failed_builds_reach_the_puller_quickly_and_are_remembered() {
     let cluster = Cluster::start(&[]).await;

@@ -264,37 +264,50 @@ impl Worker {
         receipt: String,
         hidden_for: i32,
     ) -> Infallible {
-        loop {
-            let current = step.borrow().clone();
-            let running = BuildStatus {
-                state: State::Running,
-                attempt,
-                step: Some(current),
-                failure: None,
-                heartbeat: now(),
-            };
-            // Both at once: a slow status write must not delay keeping the
-            // message hidden.
-            let (written, hidden) = tokio::join!(
-                status::write_own(&*self.storage, &key, &running),
-                self.sqs
+        // Two loops on their own clocks: a slow status write never delays
+        // keeping the message hidden.
+        let status = async {
+            loop {
+                let current = step.borrow().clone();
+                let running = BuildStatus {
+                    state: State::Running,
+                    attempt,
+                    step: Some(current),
+                    failure: None,
+                    heartbeat: now(),
+                };
+                match status::write_own(&*self.storage, &key, &running).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(image = %key, attempt, "heartbeat: a later attempt owns this build; not overwriting its status")
+                    }
+                    Err(error) => {
+                        tracing::warn!(image = %key, %error, "heartbeat: status not written")
+                    }
+                }
+                tokio::time::sleep(self.heartbeat).await;
+            }
+        };
+        // Often enough for a queue whose timeout is shorter than a heartbeat.
+        let renew_every = self
+            .heartbeat
+            .min(Duration::from_secs((hidden_for / 2).max(1) as u64));
+        let hidden = async {
+            loop {
+                if let Err(e) = self
+                    .sqs
                     .change_message_visibility()
                     .queue_url(&self.queue_url)
                     .receipt_handle(&receipt)
                     .visibility_timeout(hidden_for)
                     .send()
-            );
-            match written {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::info!(image = %key, attempt, "heartbeat: a later attempt owns this build; not overwriting its status")
+                    .await
+                {
+                    tracing::warn!(image = %key, error = %DisplayErrorContext(&e), "heartbeat: visibility not extended");
                 }
-                Err(error) => tracing::warn!(image = %key, %error, "heartbeat: status not written"),
+                tokio::time::sleep(renew_every).await;
             }
-            if let Err(e) = hidden {
-                tracing::warn!(image = %key, error = %DisplayErrorContext(&e), "heartbeat: visibility not extended");
-            }
-            tokio::time::sleep(self.heartbeat).await;
-        }
+        };
+        tokio::join!(status, hidden).0
     }
 }

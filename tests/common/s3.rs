@@ -30,6 +30,7 @@ pub struct S3Server {
     pub endpoint: String,
     pub root: PathBuf,
     pub served: Arc<Mutex<Vec<Served>>>,
+    slow_puts: Arc<Mutex<Option<(String, std::time::Duration)>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -42,6 +43,9 @@ struct Counting {
     /// s3s-fs checks `If-None-Match: *` and then writes; S3 does both at
     /// once. Serialising conditional writes gives S3's guarantee.
     conditional: Arc<tokio::sync::Mutex<()>>,
+    /// A fault to inject: PUTs whose path contains the pattern are held
+    /// this long before they are served.
+    slow_puts: Arc<Mutex<Option<(String, std::time::Duration)>>>,
 }
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting {
@@ -57,8 +61,17 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting 
             .headers()
             .contains_key("if-none-match")
             .then(|| self.conditional.clone());
+        let delay = match &*self.slow_puts.lock().unwrap() {
+            Some((pattern, delay)) if method == "PUT" && path.contains(pattern.as_str()) => {
+                Some(*delay)
+            }
+            _ => None,
+        };
         let fut = hyper::service::Service::call(&self.inner, req);
         Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             let _one_at_a_time = match &conditional {
                 Some(lock) => Some(lock.lock().await),
                 None => None,
@@ -90,6 +103,8 @@ impl S3Server {
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let service_root = root.clone();
         let counting_served = served.clone();
+        let slow_puts: Arc<Mutex<Option<(String, std::time::Duration)>>> = Arc::default();
+        let service_slow_puts = slow_puts.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -99,7 +114,12 @@ impl S3Server {
             runtime.block_on(async move {
                 let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(&service_root).unwrap());
                 builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-                let service = Counting { inner: builder.build(), served: counting_served, conditional: Arc::default() };
+                let service = Counting {
+                    inner: builder.build(),
+                    served: counting_served,
+                    conditional: Arc::default(),
+                    slow_puts: service_slow_puts,
+                };
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 let http = ConnBuilder::new(TokioExecutor::new());
@@ -121,6 +141,7 @@ impl S3Server {
             endpoint: format!("http://{addr}"),
             root,
             served,
+            slow_puts,
             stop: Some(stop_tx),
             thread: Some(thread),
             _dir: dir,
@@ -155,6 +176,12 @@ impl S3Server {
                 .force_path_style(true)
                 .build(),
         )
+    }
+
+    /// Injects a fault: from now on, every PUT whose path contains
+    /// `pattern` takes `delay` longer.
+    pub fn slow_puts(&self, pattern: &str, delay: std::time::Duration) {
+        *self.slow_puts.lock().unwrap() = Some((pattern.to_string(), delay));
     }
 
     pub fn served(&self) -> Vec<Served> {
