@@ -115,6 +115,31 @@ impl Cluster {
             .collect()
     }
 
+    /// Every image record's manifest and blobs are stored and match their
+    /// digests: what a fault must never break.
+    fn nothing_lost(&self) {
+        use nixery::oci::digest::sha256_digest;
+        let bucket = self.s3.root.join(common::s3::BUCKET);
+        let read = |key: &str| {
+            std::fs::read(bucket.join(key)).unwrap_or_else(|e| panic!("{key} is gone: {e}"))
+        };
+        let images = self.images();
+        assert!(!images.is_empty(), "no image to check");
+        for image in images {
+            let record: Value = serde_json::from_slice(&read(&image)).unwrap();
+            let digest = record["manifest_digest"].as_str().unwrap();
+            let manifest = read(&format!("manifests/sha256/{}", &digest[7..]));
+            assert_eq!(sha256_digest(&manifest), digest, "{image}'s manifest");
+            let manifest: Value = serde_json::from_slice(&manifest).unwrap();
+            let layers = manifest["layers"].as_array().unwrap();
+            for descriptor in layers.iter().chain([&manifest["config"]]) {
+                let digest = descriptor["digest"].as_str().unwrap();
+                let blob = read(&format!("blobs/sha256/{}", &digest[7..]));
+                assert_eq!(sha256_digest(&blob), digest, "{image}'s blob");
+            }
+        }
+    }
+
     fn images(&self) -> Vec<String> {
         self.s3
             .keys()
@@ -241,6 +266,8 @@ async fn a_worker_killed_mid_build_leaves_nothing_and_another_finishes() {
     assert_eq!(cluster.images().len(), 1);
     assert!(second.builds_started() >= 1);
 
+    cluster.nothing_lost();
+
     // And the image runs.
     let rootfs = pull_and_unpack(&registry, "shell/slow:latest", cluster.work.path());
     assert_eq!(common::chroot_sh(&rootfs, "slow"), "slow done\n");
@@ -272,6 +299,46 @@ async fn status_writes_slower_than_the_visibility_timeout_start_no_second_build(
         second.log()
     );
     assert_eq!(cluster.images().len(), 1);
+    cluster.nothing_lost();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_packing_leaves_nothing_and_another_finishes() {
+    let cluster = Cluster::start(&[]).await;
+    let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
+    let mut first = cluster.worker();
+    let pull = tokio::spawn({
+        let url = registry.url("/v2/big/manifests/latest");
+        async move { reqwest::get(url).await.unwrap().status() }
+    });
+    // Kill the worker while it packs the 50 MB layer (uploads under way).
+    let mut packing = false;
+    for _ in 0..12_000 {
+        if cluster.statuses().iter().any(|s| s["step"] == "pack") {
+            packing = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(packing, "the build never reached packing:\n{}", first.log());
+    first.kill();
+    assert!(
+        cluster.images().is_empty(),
+        "an image became visible from a killed build"
+    );
+    let second = cluster.worker();
+    let status = tokio::time::timeout(Duration::from_secs(240), pull)
+        .await
+        .expect("the pull never finished")
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}\n{}",
+        registry.log(),
+        second.log()
+    );
+    cluster.nothing_lost();
 }
 
 #[tokio::test]
