@@ -130,14 +130,7 @@ async fn everything_needs_credentials_in_the_all_scope() {
     let containerd = Containerd::start();
     let image = format!("{}/shell/hello:latest", server.addr);
     let pull = |user: Option<&str>| {
-        let mut ctr = containerd.ctr();
-        ctr.args([
-            "image",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "overlayfs",
-        ]);
+        let mut ctr = containerd.pull_command();
         if let Some(user) = user {
             ctr.args(["--user", user]);
         }

@@ -15,14 +15,7 @@ fn containerd_pulls_and_runs_shell_hello() {
     let containerd = Containerd::start();
     let image = format!("{}/shell/hello:latest", server.addr);
 
-    run(containerd.ctr().args([
-        "image",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &image,
-    ]));
+    run(containerd.pull_command().arg(&image));
     // containerd asks HEAD by tag, then GET by the digest it was given.
     let log = server.log();
     assert!(
@@ -68,10 +61,14 @@ fn podman_pulls_and_runs_shell_hello() {
         panic!("podman is not installed (.ci/setup --test installs it)");
     }
     let server = Server::start();
+    podman_pulls_and_runs_hello(&format!("{}/shell/hello", server.addr));
+}
+
+/// podman pulls `image` and runs its `hello`, with no network.
+fn podman_pulls_and_runs_hello(image: &str) {
     let dir = tempfile::tempdir().unwrap();
     let podman = || common::podman(dir.path());
-    let image = format!("{}/shell/hello", server.addr);
-    run(podman().args(["pull", "--quiet", "--tls-verify=false", &image]));
+    run(podman().args(["pull", "--quiet", "--tls-verify=false", image]));
     let out = run(podman().args([
         "run",
         "--rm",
@@ -81,7 +78,7 @@ fn podman_pulls_and_runs_shell_hello() {
         "nofile=1024:1024",
         "--ulimit",
         "nproc=1024:1024",
-        &image,
+        image,
         "hello",
     ]));
     assert_eq!(out, "Hello, world!\n");
@@ -126,14 +123,7 @@ fn zstd_images_pull_and_run_with_containerd_podman_and_skopeo() {
     }
 
     let containerd = Containerd::start();
-    run(containerd.ctr().args([
-        "image",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &image,
-    ]));
+    run(containerd.pull_command().arg(&image));
     let flags = containerd.run_flags();
     let out = run(containerd
         .ctr()
@@ -142,20 +132,5 @@ fn zstd_images_pull_and_run_with_containerd_podman_and_skopeo() {
         .args([&image, "zstd-hello-1", "hello"]));
     assert_eq!(out, "Hello, world!\n");
 
-    let podman_dir = tempfile::tempdir().unwrap();
-    let podman = || common::podman(podman_dir.path());
-    run(podman().args(["pull", "--quiet", "--tls-verify=false", &image]));
-    let out = run(podman().args([
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1024:1024",
-        &image,
-        "hello",
-    ]));
-    assert_eq!(out, "Hello, world!\n");
+    podman_pulls_and_runs_hello(&image);
 }

@@ -149,14 +149,7 @@ fn skopeo_and_containerd_pull_from_the_function() {
     // containerd: HEAD by tag, GET by digest, blobs by redirect; and it runs.
     let containerd = Containerd::start();
     let image = format!("{}/shell/hello:latest", function.addr);
-    run(containerd.ctr().args([
-        "image",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "overlayfs",
-        &image,
-    ]));
+    run(containerd.pull_command().arg(&image));
     let flags = containerd.run_flags();
     let hello =
         run(containerd

@@ -115,6 +115,47 @@ impl Cluster {
             .collect()
     }
 
+    /// Pulls `image` with one worker, kills that worker (SIGKILL) as soon
+    /// as the build's status says `step`, and checks that nothing became
+    /// visible; a second worker then finishes, the pull succeeds, and
+    /// nothing is lost. The second worker.
+    async fn kill_at_step(&self, registry: &Server, image: &str, step: &str) -> WorkerProcess {
+        let mut first = self.worker();
+        let pull = tokio::spawn({
+            let url = registry.url(&format!("/v2/{image}/manifests/latest"));
+            async move { reqwest::get(url).await.unwrap().status() }
+        });
+        let mut reached = false;
+        for _ in 0..12_000 {
+            if self.statuses().iter().any(|s| s["step"] == step) {
+                reached = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(reached, "the build never reached {step}:\n{}", first.log());
+        first.kill();
+        assert!(
+            self.images().is_empty(),
+            "an image became visible from a build killed at {step}"
+        );
+        let second = self.worker();
+        let status = tokio::time::timeout(Duration::from_secs(240), pull)
+            .await
+            .expect("the pull never finished")
+            .unwrap();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{}\n{}",
+            registry.log(),
+            second.log()
+        );
+        assert_eq!(self.images().len(), 1);
+        self.nothing_lost();
+        second
+    }
+
     /// Every image record's manifest and blobs are stored and match their
     /// digests: what a fault must never break.
     fn nothing_lost(&self) {
@@ -233,41 +274,11 @@ async fn fifty_concurrent_pulls_share_one_build() {
 async fn a_worker_killed_mid_build_leaves_nothing_and_another_finishes() {
     let cluster = Cluster::start(&[("NIXERY_FIXTURE_SLOW_SECONDS", "5")]).await;
     let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
-    let mut first = cluster.worker();
-
-    let pull = tokio::spawn({
-        let url = registry.url("/v2/shell/slow/manifests/latest");
-        async move { reqwest::get(url).await.unwrap().status() }
-    });
-    // Kill the worker while Nix is building.
-    let building = wait_until(Duration::from_secs(60), || {
-        cluster.statuses().iter().any(|s| s["step"] == "realise")
-    });
-    assert!(building, "the build never reached Nix:\n{}", first.log());
-    first.kill();
-    assert!(
-        cluster.images().is_empty(),
-        "an image became visible from a killed build"
-    );
-
-    // A new worker gets the message back and finishes the build.
-    let second = cluster.worker();
-    let status = tokio::time::timeout(Duration::from_secs(240), pull)
-        .await
-        .expect("the pull never finished")
-        .unwrap();
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "{}\n{}",
-        registry.log(),
-        second.log()
-    );
-    assert_eq!(cluster.images().len(), 1);
+    // Killed while Nix is building.
+    let second = cluster
+        .kill_at_step(&registry, "shell/slow", "realise")
+        .await;
     assert!(second.builds_started() >= 1);
-
-    cluster.nothing_lost();
-
     // And the image runs.
     let rootfs = pull_and_unpack(&registry, "shell/slow:latest", cluster.work.path());
     assert_eq!(common::chroot_sh(&rootfs, "slow"), "slow done\n");
@@ -306,39 +317,8 @@ async fn status_writes_slower_than_the_visibility_timeout_start_no_second_build(
 async fn a_worker_killed_while_packing_leaves_nothing_and_another_finishes() {
     let cluster = Cluster::start(&[]).await;
     let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
-    let mut first = cluster.worker();
-    let pull = tokio::spawn({
-        let url = registry.url("/v2/big/manifests/latest");
-        async move { reqwest::get(url).await.unwrap().status() }
-    });
-    // Kill the worker while it packs the 50 MB layer (uploads under way).
-    let mut packing = false;
-    for _ in 0..12_000 {
-        if cluster.statuses().iter().any(|s| s["step"] == "pack") {
-            packing = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(packing, "the build never reached packing:\n{}", first.log());
-    first.kill();
-    assert!(
-        cluster.images().is_empty(),
-        "an image became visible from a killed build"
-    );
-    let second = cluster.worker();
-    let status = tokio::time::timeout(Duration::from_secs(240), pull)
-        .await
-        .expect("the pull never finished")
-        .unwrap();
-    assert_eq!(
-        status,
-        StatusCode::OK,
-        "{}\n{}",
-        registry.log(),
-        second.log()
-    );
-    cluster.nothing_lost();
+    // Killed while it packs and uploads the 50 MB layer.
+    cluster.kill_at_step(&registry, "big", "pack").await;
 }
 
 #[tokio::test]

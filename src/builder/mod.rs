@@ -879,119 +879,86 @@ mod tests {
 
     #[test]
     fn keys_cover_arch_source_and_packages() {
-        let src = SourceArg::Path {
-            path: "/pkgs".into(),
-        };
         let pk = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let base = image_key(
-            &pk(&["hello"]),
-            Arch::Amd64,
-            &src,
-            94,
-            &[],
-            Compression::Gzip,
-        );
-        assert_eq!(
-            base,
+        /// Everything an image key is made of.
+        #[derive(Clone)]
+        struct Inputs {
+            packages: Vec<String>,
+            arch: Arch,
+            source: SourceArg,
+            budget: usize,
+            implicit: Vec<String>,
+            compression: Compression,
+        }
+        let key = |i: &Inputs| {
             image_key(
-                &pk(&["hello"]),
-                Arch::Amd64,
-                &src,
-                94,
-                &[],
-                Compression::Gzip
+                &i.packages,
+                i.arch,
+                &i.source,
+                i.budget,
+                &i.implicit,
+                i.compression,
             )
-        );
-        assert_ne!(
-            base,
-            image_key(
-                &pk(&["hello"]),
-                Arch::Arm64,
-                &src,
-                94,
-                &[],
-                Compression::Gzip
-            )
-        );
-        assert_ne!(
-            base,
-            image_key(
-                &pk(&["hello"]),
-                Arch::Amd64,
-                &SourceArg::Path {
-                    path: "/other".into()
-                },
-                94,
-                &[],
-                Compression::Gzip
-            )
-        );
-        assert_ne!(
-            base,
-            image_key(
-                &pk(&["hello"]),
-                Arch::Amd64,
-                &src,
-                94,
-                &[],
-                Compression::Zstd
-            )
-        );
-        assert_ne!(
-            base,
-            image_key(
-                &pk(&["hello", "jq"]),
-                Arch::Amd64,
-                &src,
-                94,
-                &[],
-                Compression::Gzip
-            )
-        );
-        assert_ne!(
-            base,
-            image_key(
-                &pk(&["hello"]),
-                Arch::Amd64,
-                &src,
-                10,
-                &[],
-                Compression::Gzip
-            )
-        );
-        assert_ne!(
-            base,
-            image_key(
-                &pk(&["hello"]),
-                Arch::Amd64,
-                &src,
-                94,
-                &pk(&["cacert"]),
-                Compression::Gzip
-            )
-        );
+        };
         let commit = |rev: &str| SourceArg::Git {
             url: "/r".into(),
             rev: rev.into(),
             git_ref: None,
         };
-        assert_ne!(
-            image_key(
-                &pk(&["hello"]),
-                Arch::Amd64,
-                &commit("a"),
-                94,
-                &[],
-                Compression::Gzip
-            ),
-            image_key(
-                &pk(&["hello"]),
-                Arch::Amd64,
-                &commit("b"),
-                94,
-                &[],
-                Compression::Gzip
-            )
+        let base = Inputs {
+            packages: pk(&["hello"]),
+            arch: Arch::Amd64,
+            source: SourceArg::Path {
+                path: "/pkgs".into(),
+            },
+            budget: 94,
+            implicit: vec![],
+            compression: Compression::Gzip,
+        };
+        assert_eq!(key(&base), key(&base.clone()));
+        let changes = [
+            Inputs {
+                arch: Arch::Arm64,
+                ..base.clone()
+            },
+            Inputs {
+                source: SourceArg::Path {
+                    path: "/other".into(),
+                },
+                ..base.clone()
+            },
+            Inputs {
+                source: commit("a"),
+                ..base.clone()
+            },
+            Inputs {
+                compression: Compression::Zstd,
+                ..base.clone()
+            },
+            Inputs {
+                packages: pk(&["hello", "jq"]),
+                ..base.clone()
+            },
+            Inputs {
+                budget: 10,
+                ..base.clone()
+            },
+            Inputs {
+                implicit: pk(&["cacert"]),
+                ..base.clone()
+            },
+        ];
+        let mut keys: Vec<String> = changes.iter().map(key).collect();
+        keys.push(key(&base));
+        keys.push(key(&Inputs {
+            source: commit("b"),
+            ..base.clone()
+        }));
+        let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            keys.len(),
+            "two different inputs share a key"
         );
     }
 

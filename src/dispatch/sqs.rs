@@ -496,6 +496,30 @@ mod tests {
         }
     }
 
+    impl Recorded {
+        /// The attempts of the build messages sent, in order.
+        fn attempts(&self) -> Vec<u32> {
+            self.sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|m| m.attempt)
+                .collect()
+        }
+    }
+
+    /// Writes the claim of `attempt`, made at `claimed_at`.
+    async fn put_claim(storage: &MemoryStorage, attempt: u32, claimed_at: u64) {
+        let claim = serde_json::to_vec(&Claim { claimed_at }).unwrap();
+        storage
+            .put_if_absent(
+                &status::claim_key(&request().image_key, attempt),
+                claim.into(),
+            )
+            .await
+            .unwrap();
+    }
+
     fn request() -> BuildRequest {
         BuildRequest {
             image_key: "k".repeat(64),
@@ -799,24 +823,13 @@ mod tests {
             waited >= Duration::from_secs(60) && waited < Duration::from_secs(120),
             "{waited:?}"
         );
-        let attempts: Vec<u32> = queue
-            .sent
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.attempt)
-            .collect();
-        assert_eq!(attempts, [2]);
+        assert_eq!(queue.attempts(), [2]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_young_claim_is_waited_for_not_adopted() {
         let (storage, queue, dispatch) = setup();
-        let claim = serde_json::to_vec(&Claim { claimed_at: now() }).unwrap();
-        storage
-            .put_if_absent(&status::claim_key(&request().image_key, 1), claim.into())
-            .await
-            .unwrap();
+        put_claim(&storage, 1, now()).await;
         // Its status arrives 30 s later, within a dead worker's silence.
         let (built, ()) = tokio::join!(dispatch.build(request()), async {
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -840,14 +853,7 @@ mod tests {
             worker_for(&*storage, &queue, 1).await;
         });
         assert_eq!(built.unwrap(), record());
-        let attempts: Vec<u32> = queue
-            .sent
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.attempt)
-            .collect();
-        assert_eq!(attempts, [1], "a live claim was taken over");
+        assert_eq!(queue.attempts(), [1], "a live claim was taken over");
     }
 
     #[tokio::test(start_paused = true)]
@@ -857,17 +863,7 @@ mod tests {
         // there with no status of its own.
         let (storage, queue, dispatch) = setup();
         for attempt in [1, 2] {
-            let claim = serde_json::to_vec(&Claim {
-                claimed_at: now() - 600,
-            })
-            .unwrap();
-            storage
-                .put_if_absent(
-                    &status::claim_key(&request().image_key, attempt),
-                    claim.into(),
-                )
-                .await
-                .unwrap();
+            put_claim(&storage, attempt, now() - 600).await;
         }
         let late = BuildStatus {
             state: State::Running,
@@ -881,25 +877,14 @@ mod tests {
             .unwrap();
         let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 3));
         assert_eq!(built.unwrap(), record());
-        let attempts: Vec<u32> = queue
-            .sent
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.attempt)
-            .collect();
-        assert_eq!(attempts, [3]);
+        assert_eq!(queue.attempts(), [3]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn heartbeats_are_judged_by_change_not_by_the_worker_s_clock() {
         // A worker whose clock is an hour behind, beating every 10 s: alive.
         let (storage, queue, dispatch) = setup();
-        let claim = serde_json::to_vec(&Claim { claimed_at: now() }).unwrap();
-        storage
-            .put_if_absent(&status::claim_key(&request().image_key, 1), claim.into())
-            .await
-            .unwrap();
+        put_claim(&storage, 1, now()).await;
         let behind = async {
             for beat in 0..20 {
                 let running = BuildStatus {
@@ -932,15 +917,7 @@ mod tests {
         // A worker whose clock is an hour ahead, then silent: dead after
         // a minute of silence, not after an hour.
         let (storage, queue, dispatch) = setup();
-        storage
-            .put_if_absent(
-                &status::claim_key(&request().image_key, 1),
-                serde_json::to_vec(&Claim { claimed_at: now() })
-                    .unwrap()
-                    .into(),
-            )
-            .await
-            .unwrap();
+        put_claim(&storage, 1, now()).await;
         let ahead = BuildStatus {
             state: State::Running,
             attempt: 1,
@@ -959,13 +936,6 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        let attempts: Vec<u32> = queue
-            .sent
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|m| m.attempt)
-            .collect();
-        assert_eq!(attempts, [2]);
+        assert_eq!(queue.attempts(), [2]);
     }
 }

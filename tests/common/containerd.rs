@@ -85,6 +85,20 @@ disabled_plugins = [
         command
     }
 
+    /// `ctr image pull` over plain HTTP into the overlayfs snapshotter;
+    /// arguments (such as `--user`) go before the image.
+    pub fn pull_command(&self) -> Command {
+        let mut command = self.ctr();
+        command.args([
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "overlayfs",
+        ]);
+        command
+    }
+
     pub fn run_flags(&self) -> Vec<String> {
         let d = self.dir.display();
         ["--rm", "--snapshotter", "overlayfs"]
