@@ -211,6 +211,10 @@ async fn a_revision_only_a_pull_request_holds_is_never_evaluated() {
     assert!(!server.log().contains("attacker code evaluated"));
 }
 
+/// Every pull reads storage: for tests that change storage behind a
+/// running server's back.
+const UNCACHED: (&str, &str) = ("NIXERY_CACHE_TTL", "0");
+
 /// The digest of the first layer of `shell/hello` (built if need be).
 async fn first_layer(server: &Server) -> String {
     let manifest: Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
@@ -227,7 +231,9 @@ async fn first_layer(server: &Server) -> String {
 
 /// Damages one layer of a built image in storage (`blob_file` finds where
 /// the backend keeps it), drops the image record so the next pull builds
-/// again, and checks that the build repairs the layer.
+/// again, and checks that the build repairs the layer. The server must
+/// run without the manifest cache ([`UNCACHED`]): a warm one would keep
+/// serving the manifest it read before, as it should.
 async fn damaged_layers_are_rebuilt(
     server: &Server,
     blob_file: impl Fn(&str) -> std::path::PathBuf,
@@ -254,7 +260,7 @@ async fn damaged_layers_are_rebuilt(
 async fn a_damaged_layer_is_never_served_and_is_rebuilt_on_the_filesystem() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
-    let server = Server::start_with(&storage, &[]);
+    let server = Server::start_with(&storage, &[UNCACHED]);
     // Served while good; a damaged copy is unknown to clients.
     let layer = first_layer(&server).await;
     let path = storage
@@ -291,7 +297,8 @@ async fn a_damaged_layer_is_rebuilt_in_s3() {
     let s3 = common::s3::S3Server::start();
     let dir = tempfile::tempdir().unwrap();
     let env = s3.nixery_env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(UNCACHED);
     let server = Server::start_with(&dir.path().join("unused"), &env);
     let bucket = s3.root.join(common::s3::BUCKET);
     let blobs = bucket.join("blobs/sha256");
