@@ -14,7 +14,10 @@
 //! **Sweep.** Expired image records go first (and with them their
 //! markers), then manifests, layer records and blobs nothing live names,
 //! then leftovers of `staging/`, `builds/` and `sources/`: everything only
-//! once older than `grace`. A dry run deletes nothing and reports the same.
+//! once older than `grace`. Right before each delete the object is looked
+//! at again (and, for a blob, the layer records that name it): one a build
+//! rewrote since the listing, to rely on it, is kept. A dry run deletes
+//! nothing and reports the same.
 //!
 //! Unlike distribution's `garbage-collect`, nothing is stopped: reads never
 //! wait, and a pull of an image collected a moment ago builds it again.
@@ -51,6 +54,8 @@ pub struct Report {
     pub deleted: Vec<Listed>,
     /// Records that could not be read, kept (with what they name unknown).
     pub unreadable: Vec<String>,
+    /// Objects a build rewrote between the listing and their delete: kept.
+    pub rescued: Vec<String>,
 }
 
 impl Report {
@@ -139,6 +144,8 @@ pub async fn collect(
     let layers = storage.list("layers/").await?;
     report.scanned += layers.len();
     let mut old_layers = Vec::new();
+    // Blob hex -> the layer records that name it.
+    let mut named_by: HashMap<String, Vec<String>> = HashMap::new();
     for layer in layers {
         let record = match records::read::<LayerRecord>(storage, &layer.key).await {
             Ok(Some(record)) => record,
@@ -152,6 +159,10 @@ pub async fn collect(
             }
             Err(RecordError::Storage(e)) => return Err(e),
         };
+        named_by
+            .entry(hex(&record.digest))
+            .or_default()
+            .push(layer.key.clone());
         if young(&layer) {
             live_blobs.insert(hex(&record.digest));
         } else {
@@ -180,8 +191,23 @@ pub async fn collect(
         doomed.extend(found.into_iter().filter(|o| !young(o)));
     }
 
+    let fresh = |modified: u64| now.saturating_sub(modified) < settings.grace.as_secs();
     for object in doomed {
         if !settings.dry_run {
+            let Some(modified) = storage.modified(&object.key).await? else {
+                continue; // gone already
+            };
+            let mut rewritten = fresh(modified);
+            if !rewritten && object.key.starts_with("blobs/") {
+                let digest = object.key.rsplit('/').next().unwrap_or_default();
+                for record in named_by.get(digest).into_iter().flatten() {
+                    rewritten |= storage.modified(record).await?.is_some_and(fresh);
+                }
+            }
+            if rewritten {
+                report.rescued.push(object.key);
+                continue;
+            }
             storage.delete(&object.key).await?;
         }
         report.deleted.push(object);

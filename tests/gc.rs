@@ -18,7 +18,7 @@ use nixery::gc::{collect, served_key, GcSettings};
 use nixery::oci::digest::{hex_of, sha256_digest};
 use nixery::oci::manifest::{Descriptor, Manifest, MEDIA_TYPE_CONFIG, MEDIA_TYPE_LAYER_GZIP};
 use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
-use nixery::storage::{self, FsStorage, S3Storage, Storage};
+use nixery::storage::{self, Check, Download, FsStorage, Listed, S3Storage, Storage, StorageError};
 
 const DAY: u64 = 86_400;
 
@@ -317,4 +317,90 @@ fn the_command_prints_what_it_deletes() {
         "{real}"
     );
     assert!(!root.path().join(expected.first().unwrap()).exists());
+}
+
+/// Filesystem storage where a build rewrites some objects (to reuse them)
+/// at the moment the collection starts deleting: after its listing.
+struct ReusedMidway {
+    inner: FsStorage,
+    reuse: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Storage for ReusedMidway {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        self.inner.head(key).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
+        self.inner.put_file(key, path).await
+    }
+    async fn replace_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
+        self.inner.replace_file(key, path).await
+    }
+    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+        self.inner.check(key, size, hex).await
+    }
+    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
+        self.inner.download(key).await
+    }
+    fn local_staging_dir(&self) -> Option<PathBuf> {
+        self.inner.local_staging_dir()
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let reuse = std::mem::take(&mut *self.reuse.lock().unwrap());
+        for reused in reuse {
+            let bytes = self.inner.get(&reused).await?.unwrap();
+            self.inner.put(&reused, bytes).await?;
+        }
+        self.inner.delete(key).await
+    }
+    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        self.inner.modified(key).await
+    }
+}
+
+#[tokio::test]
+async fn what_a_build_reuses_after_the_listing_is_kept() {
+    let root = tempfile::tempdir().unwrap();
+    let files = Files {
+        root: root.path().to_path_buf(),
+    };
+    let storage = ReusedMidway {
+        inner: FsStorage::open(root.path()).unwrap(),
+        reuse: Default::default(),
+    };
+    let expected = scenario(&storage, &files).await;
+    // A build of another image reuses the unused image's own layer (its
+    // record rewritten) and its manifest, right after the listing.
+    let layer_record = storage::layer_key("layer-unused-only");
+    let layer_blob = storage::blob_key(hex_of(&sha256_digest(b"unused-only")));
+    let manifest = expected
+        .iter()
+        .find(|k| k.starts_with("manifests/"))
+        .unwrap()
+        .clone();
+    *storage.reuse.lock().unwrap() = vec![layer_record.clone(), manifest.clone()];
+
+    let report = collect(&storage, &settings(false), unix_now())
+        .await
+        .unwrap();
+    let rescued: BTreeSet<String> = report.rescued.iter().cloned().collect();
+    let kept = BTreeSet::from([layer_record, layer_blob, manifest]);
+    assert_eq!(rescued, kept);
+    let deleted: BTreeSet<String> = report.deleted.iter().map(|o| o.key.clone()).collect();
+    assert_eq!(deleted, expected.difference(&kept).cloned().collect());
+    let left = keys(&storage).await;
+    assert!(kept.is_subset(&left));
 }

@@ -163,6 +163,9 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
     assert_eq!(small.size, 300_000);
     assert!(listed.iter().all(|l| l.modified >= started), "{listed:?}");
     assert_eq!(storage.list("images/").await.unwrap().len(), 1);
+    let modified = storage.modified("images/a").await.unwrap().unwrap();
+    assert!(modified >= started, "{modified}");
+    assert_eq!(storage.modified("images/none").await.unwrap(), None);
     assert!(storage.list("nothing/").await.unwrap().is_empty());
     storage.delete("blobs/sha256/small").await.unwrap();
     assert!(storage.head("blobs/sha256/small").await.unwrap().is_none());

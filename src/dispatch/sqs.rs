@@ -760,6 +760,9 @@ mod tests {
         async fn delete(&self, key: &str) -> Result<(), StorageError> {
             self.inner.delete(key).await
         }
+        async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+            self.inner.modified(key).await
+        }
     }
 
     /// A worker for attempt `attempt`: waits for its message, beats, then

@@ -336,6 +336,15 @@ impl Storage for FsStorage {
             .map_err(|e| io(prefix, e))
     }
 
+    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        match tokio::fs::metadata(self.path(key)?).await {
+            Ok(meta) if meta.is_file() => Ok(Some(unix_seconds(&meta))),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(key, e)),
+        }
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let path = self.path(key)?;
         match tokio::fs::remove_file(&path).await {
@@ -344,6 +353,14 @@ impl Storage for FsStorage {
             Err(e) => Err(io(key, e)),
         }
     }
+}
+
+/// A file's modification time in Unix seconds.
+fn unix_seconds(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The files under `root/prefix`, as keys (`/`-separated, relative to
@@ -372,15 +389,10 @@ fn list_files(root: &Path, prefix: &str) -> std::io::Result<Vec<Listed>> {
             if meta.is_dir() {
                 dirs.push(key);
             } else if meta.is_file() {
-                let modified = meta
-                    .modified()
-                    .ok()
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
                 found.push(Listed {
                     key,
                     size: meta.len(),
-                    modified,
+                    modified: unix_seconds(&meta),
                 });
             }
         }

@@ -171,6 +171,11 @@ impl Storage for MemoryStorage {
         self.objects().remove(key);
         Ok(())
     }
+
+    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        check_key(key)?;
+        Ok(self.objects().get(key).map(|(_, modified)| *modified))
+    }
 }
 
 #[cfg(test)]

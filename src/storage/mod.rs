@@ -136,6 +136,9 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Deletes an object; an absent one is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
+
+    /// When an object was last written (Unix seconds); `None` if absent.
+    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError>;
 }
 
 /// An object found by [`Storage::list`].

@@ -524,6 +524,13 @@ impl Storage for S3Storage {
         Ok(found)
     }
 
+    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .head_object(key)
+            .await?
+            .map(|head| head.last_modified().map_or(0, |t| t.secs().max(0) as u64)))
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let full = self.full(key)?;
         self.client
