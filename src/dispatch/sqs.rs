@@ -567,16 +567,35 @@ mod tests {
     /// move the wall clock, so a counter stands in for its ticking).
     async fn set_status(storage: &MemoryStorage, state: State, step: &str) {
         static BEATS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let running = BuildStatus {
+        let beat = BEATS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5;
+        write_status(storage, state, 1, Some(step), now() + beat).await;
+    }
+
+    /// Writes the status of `attempt`: `state`, at `step`, last alive at
+    /// `heartbeat` by its worker's clock.
+    async fn write_status(
+        storage: &dyn Storage,
+        state: State,
+        attempt: u32,
+        step: Option<&str>,
+        heartbeat: u64,
+    ) {
+        let written = BuildStatus {
             state,
-            attempt: 1,
-            step: Some(step.into()),
+            attempt,
+            step: step.map(str::to_string),
             failure: None,
-            heartbeat: now() + BEATS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5,
+            heartbeat,
         };
-        status::write(storage, &request().image_key, &running)
+        status::write(storage, &request().image_key, &written)
             .await
             .unwrap();
+    }
+
+    /// Writes the image record, as a worker does last.
+    async fn commit_image(storage: &dyn Storage) {
+        let key = storage::image_key(&request().image_key);
+        records::write(storage, &key, &record()).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -594,13 +613,7 @@ mod tests {
                     set_status(&storage, State::Running, "realise").await;
                     tokio::time::sleep(Duration::from_secs(10)).await;
                 }
-                records::write(
-                    &*storage,
-                    &storage::image_key(&request().image_key),
-                    &record(),
-                )
-                .await
-                .unwrap();
+                commit_image(&*storage).await;
                 set_status(&storage, State::Done, "done").await;
             }
         };
@@ -778,20 +791,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for beat in 0..3 {
-            let running = BuildStatus {
-                state: State::Running,
+            write_status(
+                storage,
+                State::Running,
                 attempt,
-                step: Some("realise".into()),
-                failure: None,
-                heartbeat: now() + beat,
-            };
-            status::write(storage, &request().image_key, &running)
-                .await
-                .unwrap();
+                Some("realise"),
+                now() + beat,
+            )
+            .await;
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
-        let key = storage::image_key(&request().image_key);
-        records::write(storage, &key, &record()).await.unwrap();
+        commit_image(storage).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -836,16 +846,7 @@ mod tests {
         // Its status arrives 30 s later, within a dead worker's silence.
         let (built, ()) = tokio::join!(dispatch.build(request()), async {
             tokio::time::sleep(Duration::from_secs(30)).await;
-            let queued = BuildStatus {
-                state: State::Queued,
-                attempt: 1,
-                step: None,
-                failure: None,
-                heartbeat: now(),
-            };
-            status::write(&*storage, &request().image_key, &queued)
-                .await
-                .unwrap();
+            write_status(&*storage, State::Queued, 1, None, now()).await;
             queue
                 .send(&QueueMessage {
                     request: request(),
@@ -868,16 +869,7 @@ mod tests {
         for attempt in [1, 2] {
             put_claim(&storage, attempt, now() - 600).await;
         }
-        let late = BuildStatus {
-            state: State::Running,
-            attempt: 1,
-            step: Some("pack".into()),
-            failure: None,
-            heartbeat: now() - 300,
-        };
-        status::write(&*storage, &request().image_key, &late)
-            .await
-            .unwrap();
+        write_status(&*storage, State::Running, 1, Some("pack"), now() - 300).await;
         let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 3));
         assert_eq!(built.unwrap(), record());
         assert_eq!(queue.attempts(), [3]);
@@ -890,25 +882,11 @@ mod tests {
         put_claim(&storage, 1, now()).await;
         let behind = async {
             for beat in 0..20 {
-                let running = BuildStatus {
-                    state: State::Running,
-                    attempt: 1,
-                    step: Some("realise".into()),
-                    failure: None,
-                    heartbeat: now() - 3600 + beat,
-                };
-                status::write(&*storage, &request().image_key, &running)
-                    .await
-                    .unwrap();
+                let behind = now() - 3600 + beat;
+                write_status(&*storage, State::Running, 1, Some("realise"), behind).await;
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
-            records::write(
-                &*storage,
-                &storage::image_key(&request().image_key),
-                &record(),
-            )
-            .await
-            .unwrap();
+            commit_image(&*storage).await;
         };
         let (built, ()) = tokio::join!(dispatch.build(request()), behind);
         assert_eq!(built.unwrap(), record());
@@ -921,16 +899,7 @@ mod tests {
         // a minute of silence, not after an hour.
         let (storage, queue, dispatch) = setup();
         put_claim(&storage, 1, now()).await;
-        let ahead = BuildStatus {
-            state: State::Running,
-            attempt: 1,
-            step: Some("realise".into()),
-            failure: None,
-            heartbeat: now() + 3600,
-        };
-        status::write(&*storage, &request().image_key, &ahead)
-            .await
-            .unwrap();
+        write_status(&*storage, State::Running, 1, Some("realise"), now() + 3600).await;
         let started = Instant::now();
         let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 2));
         assert_eq!(built.unwrap(), record());
