@@ -285,19 +285,13 @@ fn the_command_prints_what_it_deletes() {
         scenario(&storage, &files).await
     });
     let gc = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nixery"))
-            .arg("gc")
-            .args(extra)
-            .env("STORAGE_PATH", root.path())
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        common::run(
+            std::process::Command::new(env!("CARGO_BIN_EXE_nixery"))
+                .arg("gc")
+                .args(extra)
+                .env("STORAGE_PATH", root.path())
+                .env("RUST_LOG", "warn"),
+        )
     };
     let dry = gc(&["--dry-run", "--unused-for", "30d", "--grace", "1d"]);
     for key in &expected {

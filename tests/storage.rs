@@ -310,16 +310,8 @@ async fn s3_presigned_urls_are_checked_by_the_server() {
         panic!("no URL")
     };
     // curl, as a client would, gets the exact bytes.
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "-f", &url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.stdout, b"presigned content");
+    let fetched = common::run(std::process::Command::new("curl").args(["-sS", "-f", &url]));
+    assert_eq!(fetched, "presigned content");
 
     // Tampered: another key, or a changed signature.
     let other_key = url.replace("blobs/sha256/abc", "blobs/sha256/abd");
