@@ -25,9 +25,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use crate::oci::digest::hex_of;
 use crate::oci::manifest::Manifest;
 use crate::storage::records::{self, ImageRecord, LayerRecord, RecordError};
-use crate::storage::{Listed, Storage, StorageError};
+use crate::storage::{digest_of_key, Listed, Storage, StorageError};
 
 /// Where `served/` markers live: one per image, rewritten when served.
 pub fn served_key(image_key: &str) -> String {
@@ -97,7 +98,7 @@ pub async fn collect(
         }
         match records::read::<ImageRecord>(storage, &image.key).await {
             Ok(Some(record)) => {
-                live_manifests.insert(hex(&record.manifest_digest));
+                live_manifests.insert(hex_of(&record.manifest_digest).to_string());
             }
             Ok(None) => continue,
             Err(RecordError::Unreadable { .. }) => report.unreadable.push(image.key.clone()),
@@ -117,13 +118,8 @@ pub async fn collect(
     let manifests = storage.list("manifests/").await?;
     report.scanned += manifests.len();
     for manifest in manifests {
-        let digest = manifest
-            .key
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        if !live_manifests.contains(&digest) && !young(&manifest) {
+        let digest = digest_of_key(&manifest.key).unwrap_or_default();
+        if !live_manifests.contains(digest) && !young(&manifest) {
             doomed.push(manifest);
             continue;
         }
@@ -132,8 +128,8 @@ pub async fn collect(
         };
         match serde_json::from_slice::<Manifest>(&bytes) {
             Ok(parsed) => {
-                live_blobs.insert(hex(&parsed.config.digest));
-                live_blobs.extend(parsed.layers.iter().map(|l| hex(&l.digest)));
+                live_blobs.insert(hex_of(&parsed.config.digest).to_string());
+                live_blobs.extend(parsed.layers.iter().map(|l| hex_of(&l.digest).to_string()));
             }
             Err(_) => report.unreadable.push(manifest.key.clone()),
         }
@@ -160,13 +156,13 @@ pub async fn collect(
             Err(RecordError::Storage(e)) => return Err(e),
         };
         named_by
-            .entry(hex(&record.digest))
+            .entry(hex_of(&record.digest).to_string())
             .or_default()
             .push(layer.key.clone());
         if young(&layer) {
-            live_blobs.insert(hex(&record.digest));
+            live_blobs.insert(hex_of(&record.digest).to_string());
         } else {
-            old_layers.push((layer, hex(&record.digest)));
+            old_layers.push((layer, hex_of(&record.digest).to_string()));
         }
     }
     doomed.extend(
@@ -179,7 +175,7 @@ pub async fn collect(
     let blobs = storage.list("blobs/").await?;
     report.scanned += blobs.len();
     doomed.extend(blobs.into_iter().filter(|blob| {
-        let digest = blob.key.rsplit('/').next().unwrap_or_default();
+        let digest = digest_of_key(&blob.key).unwrap_or_default();
         !live_blobs.contains(digest) && !young(blob)
     }));
 
@@ -199,7 +195,7 @@ pub async fn collect(
             };
             let mut rewritten = fresh(modified);
             if !rewritten && object.key.starts_with("blobs/") {
-                let digest = object.key.rsplit('/').next().unwrap_or_default();
+                let digest = digest_of_key(&object.key).unwrap_or_default();
                 for record in named_by.get(digest).into_iter().flatten() {
                     rewritten |= storage.modified(record).await?.is_some_and(fresh);
                 }
@@ -213,11 +209,6 @@ pub async fn collect(
         report.deleted.push(object);
     }
     Ok(report)
-}
-
-/// The hex of a `sha256:<hex>` digest (or the string itself).
-fn hex(digest: &str) -> String {
-    digest.strip_prefix("sha256:").unwrap_or(digest).to_string()
 }
 
 /// Parses a duration: a number with a unit (`30d`, `12h`, `90m`, `45s`) or
