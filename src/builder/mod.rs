@@ -348,11 +348,7 @@ impl Builder {
                 "waiting for a build slot"
             );
         }
-        let slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|e| BuildError::Task(e.to_string()))?;
+        let slot = self.slot().await?;
         // Another pull may have finished this image while this one waited.
         if let Some(record) = self.current_record(request).await? {
             return Ok(record);
@@ -369,11 +365,7 @@ impl Builder {
             );
             drop(slot);
             self.make_room(true).await;
-            let _slot = self
-                .slots
-                .acquire()
-                .await
-                .map_err(|e| BuildError::Task(e.to_string()))?;
+            let _slot = self.slot().await?;
             result = self.run(request, progress).await;
             if result.as_ref().is_err_and(BuildError::is_disk_full) {
                 result = Err(BuildError::NoRoom {
@@ -398,6 +390,14 @@ impl Builder {
             }
         }
         result.map(|(record, _)| record)
+    }
+
+    /// One of the build slots (`NIXERY_MAX_BUILDS`), waited for.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BuildError> {
+        self.slots
+            .acquire()
+            .await
+            .map_err(|e| BuildError::Task(e.to_string()))
     }
 
     /// Collects the Nix store if its disk has less than `min_free` bytes

@@ -187,7 +187,7 @@ impl Images {
         let image_key = request.image_key.clone();
         let key = storage::image_key(&image_key);
         if let Some(served) = self.cache.get(&key, request.not_before, Instant::now()) {
-            self.mark_served(&request.image_key);
+            self.mark_served(&image_key);
             return Ok(served);
         }
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
