@@ -25,6 +25,7 @@ pub mod dispatch;
 pub mod fetch;
 pub mod gc;
 pub mod images;
+pub mod metrics;
 pub mod oci;
 pub mod registry;
 pub mod source;
