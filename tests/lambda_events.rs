@@ -82,7 +82,10 @@ async fn function_url_and_api_gateway_events() {
     );
     let images = Images::new(
         storage.clone(),
-        Arc::new(SingleFlight::new(Arc::new(InProcess::new(builder)))),
+        Arc::new(SingleFlight::new(Arc::new(InProcess::new(
+            builder,
+            storage.clone(),
+        )))),
         Arc::new(Sources::new(defaults.source, defaults.tag_ttl)),
         defaults.images,
     );

@@ -130,7 +130,10 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
         }
         BuildMode::Local(nix) => {
             let builder = builder(nix, &storage, &config.storage).await?;
-            Arc::new(SingleFlight::new(Arc::new(InProcess::new(builder))))
+            Arc::new(SingleFlight::new(Arc::new(InProcess::new(
+                builder,
+                storage.clone(),
+            ))))
         }
     };
     let sources = Arc::new(sources);
@@ -229,7 +232,7 @@ async fn compute_popularity(config: PopularityConfig) -> anyhow::Result<Populari
         };
         let resolved = nix.resolve(&request).await?;
         anyhow::ensure!(resolved.unknown.is_empty(), "unknown package: {package}");
-        nix.realise(&resolved.packages).await?;
+        nix.realise(&resolved.packages, |_| {}).await?;
         let paths: Vec<String> = resolved
             .packages
             .iter()

@@ -25,6 +25,7 @@ pub mod layers;
 pub mod nix;
 pub mod pack;
 pub mod popularity;
+pub mod progress;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,7 @@ use layers::Layer;
 use nix::{Closure, Nix, NixError, ResolveRequest, SourceArg};
 use pack::{PackError, Packed};
 use popularity::Popularity;
+pub use progress::StepProgress;
 
 /// How often a builder collects its Nix store at most, unless a build
 /// filled the disk.
@@ -75,6 +77,12 @@ pub struct BuildRequest {
     /// How the layers are compressed.
     #[serde(default)]
     pub compression: Compression,
+    /// The name and tag the image was first asked for as: shown in its
+    /// build status, no part of its key.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub tag: String,
 }
 
 impl BuildRequest {
@@ -108,6 +116,8 @@ impl BuildRequest {
             implicit: implicit.to_vec(),
             not_before,
             compression,
+            name: spec.name.clone(),
+            tag: spec.tag.clone(),
         }
     }
 }
@@ -266,25 +276,64 @@ impl BuildError {
     }
 }
 
-/// Where a build reports the step it is at (a worker's heartbeat reads it).
-pub type Progress<'a> = Option<&'a watch::Sender<String>>;
+/// Where a build reports how far it is (the build status reads it).
+pub type Progress<'a> = Option<&'a watch::Sender<StepProgress>>;
 
-/// Layers written and reused by one build.
-#[derive(Debug, Default, Clone, Copy)]
-struct LayerStats {
-    new: usize,
-    reused: usize,
-    bytes_new: u64,
+/// What a finished build did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildStats {
+    /// From the start of the build (after waiting for a slot) to its record.
+    pub elapsed_ms: u64,
+    pub layers_new: usize,
+    pub layers_reused: usize,
+    /// Bytes of the new layers (compressed): what was uploaded.
+    pub bytes_uploaded: u64,
+    /// Bytes of every layer of the image (compressed).
+    pub bytes_total: u64,
 }
 
-impl LayerStats {
+impl BuildStats {
     fn count(&mut self, record: &LayerRecord, reused: bool) {
+        self.bytes_total += record.size;
         if reused {
-            self.reused += 1;
+            self.layers_reused += 1;
         } else {
-            self.new += 1;
-            self.bytes_new += record.size;
+            self.layers_new += 1;
+            self.bytes_uploaded += record.size;
         }
+    }
+}
+
+/// A build's result: the image, and what building it took (`None`: a
+/// current image was stored already, nothing was built).
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub record: ImageRecord,
+    pub stats: Option<BuildStats>,
+}
+
+/// The span every log line of a build is in, so that each names the image.
+pub fn build_span(request: &BuildRequest) -> tracing::Span {
+    tracing::info_span!("build", image = %request.image_key)
+}
+
+/// The name a step shows to people watching a build.
+fn step_label(step: &str) -> &'static str {
+    match step {
+        "resolve" => "evaluating",
+        "realise" => "realising",
+        "group" => "grouping",
+        "pack" => "packing",
+        "customise" => "customising",
+        "commit" => "uploading",
+        _ => "building",
+    }
+}
+
+/// Updates the progress, if anyone watches it.
+fn report(progress: Progress<'_>, update: impl FnOnce(&mut StepProgress)) {
+    if let Some(progress) = progress {
+        progress.send_modify(update);
     }
 }
 
@@ -329,15 +378,20 @@ impl Builder {
         }
     }
 
-    /// Builds one image, telling `progress` each step as it starts; or
-    /// returns the stored record if a current one is there already.
+    /// Builds one image, telling `progress` how far it is as it goes; or
+    /// returns the stored record if a current one is there already. (The
+    /// caller runs it in a span naming the image: see [`build_span`].)
     pub async fn build(
         &self,
         request: &BuildRequest,
         progress: Progress<'_>,
-    ) -> Result<ImageRecord, BuildError> {
+    ) -> Result<Built, BuildError> {
+        let stored = |record| Built {
+            record,
+            stats: None,
+        };
         if let Some(record) = self.current_record(request).await? {
-            return Ok(record);
+            return Ok(stored(record));
         }
         let image = request.image_key.as_str();
         self.make_room(false).await;
@@ -351,7 +405,7 @@ impl Builder {
         let slot = self.slot().await?;
         // Another pull may have finished this image while this one waited.
         if let Some(record) = self.current_record(request).await? {
-            return Ok(record);
+            return Ok(stored(record));
         }
         let started = Instant::now();
         tracing::info!(image, packages = ?request.packages, system = %request.system, "build started");
@@ -374,22 +428,29 @@ impl Builder {
             }
         }
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        match &result {
-            Ok((record, stats)) => tracing::info!(
-                image,
-                packages = ?request.packages,
-                manifest = %record.manifest_digest,
-                layers_new = stats.new,
-                layers_reused = stats.reused,
-                bytes_uploaded = stats.bytes_new,
-                elapsed_ms,
-                "build finished"
-            ),
+        match result {
+            Ok((record, mut stats)) => {
+                stats.elapsed_ms = elapsed_ms;
+                tracing::info!(
+                    image,
+                    packages = ?request.packages,
+                    manifest = %record.manifest_digest,
+                    layers_new = stats.layers_new,
+                    layers_reused = stats.layers_reused,
+                    bytes_uploaded = stats.bytes_uploaded,
+                    elapsed_ms,
+                    "build finished"
+                );
+                Ok(Built {
+                    record,
+                    stats: Some(stats),
+                })
+            }
             Err(error) => {
-                tracing::warn!(image, packages = ?request.packages, %error, elapsed_ms, "build failed")
+                tracing::warn!(image, packages = ?request.packages, %error, elapsed_ms, "build failed");
+                Err(error)
             }
         }
-        result.map(|(record, _)| record)
     }
 
     /// One of the build slots (`NIXERY_MAX_BUILDS`), waited for.
@@ -456,13 +517,17 @@ impl Builder {
         &self,
         request: &BuildRequest,
         progress: Progress<'_>,
-    ) -> Result<(ImageRecord, LayerStats), BuildError> {
+    ) -> Result<(ImageRecord, BuildStats), BuildError> {
         let image = request.image_key.as_str();
         let outputs = self
             .step(image, progress, "resolve", self.resolve(request))
             .await?;
         self.step(image, progress, "realise", async {
-            self.nix.realise(&outputs.packages).await.map(|()| "")
+            let nix_says = |log: &nix::NixLog| report(progress, |p| log.report(p));
+            self.nix
+                .realise(&outputs.packages, nix_says)
+                .await
+                .map(|()| "")
         })
         .await?;
         let roots: Vec<String> = outputs
@@ -478,7 +543,7 @@ impl Builder {
                 image,
                 progress,
                 "pack",
-                self.store_layers(image, groups, request.compression),
+                self.store_layers(image, groups, request.compression, progress),
             )
             .await?;
         let (custom, config) = self
@@ -510,9 +575,7 @@ impl Builder {
         name: &'static str,
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        if let Some(progress) = progress {
-            progress.send_replace(name.to_string());
-        }
+        report(progress, |p| p.start(step_label(name)));
         let started = Instant::now();
         let result = work.await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -568,24 +631,43 @@ impl Builder {
         image: &str,
         groups: Vec<Layer>,
         compression: Compression,
-    ) -> Result<(Vec<LayerRecord>, LayerStats), BuildError> {
+        progress: Progress<'_>,
+    ) -> Result<(Vec<LayerRecord>, BuildStats), BuildError> {
         let parallel = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        let total = groups.len() as u64;
+        report(progress, |p| {
+            (p.done, p.total, p.bytes) = (Some(0), Some(total), Some(0));
+            p.detail = Some(format!("0 of {total} layers stored"));
+        });
         let results: Vec<Result<(LayerRecord, bool), BuildError>> =
             futures_util::stream::iter(groups)
                 .map(|layer| {
                     let key = layer.key(compression.key());
                     let paths = layer.paths;
-                    self.store_layer(image, key, compression, move |out| {
-                        pack::pack_store_paths(&paths, out, compression)
-                    })
+                    async move {
+                        let stored = self
+                            .store_layer(image, key, compression, move |out| {
+                                pack::pack_store_paths(&paths, out, compression)
+                            })
+                            .await;
+                        if let Ok((record, _)) = &stored {
+                            report(progress, |p| {
+                                let done = p.done.unwrap_or(0) + 1;
+                                p.done = Some(done);
+                                p.bytes = Some(p.bytes.unwrap_or(0) + record.size);
+                                p.detail = Some(format!("{done} of {total} layers stored"));
+                            });
+                        }
+                        stored
+                    }
                 })
                 .buffered(parallel)
                 .collect()
                 .await;
         let mut layers = Vec::with_capacity(results.len());
-        let mut stats = LayerStats::default();
+        let mut stats = BuildStats::default();
         for result in results {
             let (record, reused) = result?;
             stats.count(&record, reused);
@@ -850,12 +932,12 @@ impl StepSummary for (Closure, Vec<Layer>) {
     }
 }
 
-impl StepSummary for (Vec<LayerRecord>, LayerStats) {
+impl StepSummary for (Vec<LayerRecord>, BuildStats) {
     fn summary(&self) -> String {
         let stats = &self.1;
         format!(
             "{} new ({} bytes), {} reused",
-            stats.new, stats.bytes_new, stats.reused
+            stats.layers_new, stats.bytes_uploaded, stats.layers_reused
         )
     }
 }

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
+pub use super::progress::NixLog;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
@@ -186,17 +187,34 @@ impl Nix {
         Ok(resolved)
     }
 
-    /// Step 2: builds (or substitutes) the given outputs.
-    pub async fn realise(&self, packages: &[ResolvedPackage]) -> Result<(), NixError> {
+    /// Step 2: builds (or substitutes) the given outputs, telling
+    /// `progress` how far Nix is after each line it prints.
+    pub async fn realise(
+        &self,
+        packages: &[ResolvedPackage],
+        mut progress: impl FnMut(&NixLog) + Send,
+    ) -> Result<(), NixError> {
         const CMD: &str = "nix-store";
         let mut command = Command::new(CMD);
-        command.args(["--realise", "--no-gc-warning", "--"]);
+        command.args([
+            "--realise",
+            "--no-gc-warning",
+            "--log-format",
+            "internal-json",
+            "--",
+        ]);
         for package in packages {
             for output in &package.outputs {
                 command.arg(format!("{}!{}", package.drv_path, output));
             }
         }
-        self.run(CMD, command).await.map(drop)
+        let mut log = NixLog::default();
+        let lines = |line: String| {
+            let text = log.line(&line);
+            progress(&log);
+            text
+        };
+        self.run_with(CMD, command, lines).await.map(drop)
     }
 
     /// Deletes store paths nothing refers to (no GC root, no running Nix
@@ -232,7 +250,18 @@ impl Nix {
     }
 
     /// Runs a command to the end within the timeout; stdout on success.
-    async fn run(&self, name: &'static str, mut command: Command) -> Result<Vec<u8>, NixError> {
+    async fn run(&self, name: &'static str, command: Command) -> Result<Vec<u8>, NixError> {
+        self.run_with(name, command, Some).await
+    }
+
+    /// [`Nix::run`], with each line of stderr read by `lines`, which
+    /// returns the text to keep of it for error messages (if any).
+    async fn run_with(
+        &self,
+        name: &'static str,
+        mut command: Command,
+        mut lines: impl FnMut(String) -> Option<String> + Send,
+    ) -> Result<Vec<u8>, NixError> {
         command.env_clear();
         for var in NIX_ENVIRONMENT {
             if let Some(value) = std::env::var_os(var) {
@@ -277,10 +306,13 @@ impl Nix {
                 Ok(buf)
             };
             let read_stderr = async {
-                let mut lines = BufReader::new(stderr).lines();
+                let mut stderr = BufReader::new(stderr).lines();
                 let mut kept = std::collections::VecDeque::new();
-                while let Ok(Some(mut line)) = lines.next_line().await {
+                while let Ok(Some(line)) = stderr.next_line().await {
                     tracing::debug!(command = name, "{line}");
+                    let Some(mut line) = lines(line) else {
+                        continue;
+                    };
                     if line.len() > MAX_LINE {
                         let mut cut = MAX_LINE;
                         while !line.is_char_boundary(cut) {
@@ -456,6 +488,8 @@ fn error_message(stderr: &[String]) -> String {
         l.is_empty()
             || l.starts_with("building '")
             || l.starts_with("these ")
+            || l.starts_with("this derivation")
+            || l.starts_with("this path")
             || l.starts_with("warning:")
             || l.starts_with("/nix/store/")
     };

@@ -258,13 +258,7 @@ impl SqsDispatch {
         {
             return Ok(false);
         }
-        let queued = BuildStatus {
-            state: State::Queued,
-            attempt,
-            step: None,
-            failure: None,
-            heartbeat: now(),
-        };
+        let queued = BuildStatus::queued(request, attempt);
         status::write(&*self.storage, key, &queued)
             .await
             .map_err(storage_error)?;
@@ -533,6 +527,8 @@ mod tests {
             implicit: vec![],
             not_before: 0,
             compression: Default::default(),
+            name: "hello".into(),
+            tag: "latest".into(),
         }
     }
 
@@ -588,6 +584,7 @@ mod tests {
             step: step.map(str::to_string),
             failure: None,
             heartbeat,
+            info: Default::default(),
         };
         status::write(storage, &request().image_key, &written)
             .await
@@ -681,6 +678,7 @@ mod tests {
             step: None,
             failure: Some(failure.clone()),
             heartbeat: now(),
+            info: Default::default(),
         };
         status::write(&*storage, &request().image_key, &failed)
             .await

@@ -20,10 +20,15 @@
 //!   own clock, so a worker whose clock is off neither dies early nor
 //!   lives forever.
 
+use std::convert::Infallible;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 pub use crate::builder::Failure;
-use crate::storage::records::{self, RecordError};
+use crate::builder::{BuildRequest, BuildStats, StepProgress};
+use crate::storage::records::{self, unix_now, RecordError};
 use crate::storage::{Storage, StorageError};
 
 /// How often a build's status is refreshed, by default.
@@ -54,6 +59,122 @@ pub struct BuildStatus {
     pub failure: Option<Failure>,
     /// Unix seconds of the last sign of life (or of the failure).
     pub heartbeat: u64,
+    /// What the build is, for people watching it.
+    #[serde(flatten)]
+    pub info: BuildInfo,
+}
+
+/// The part of a build's status that is there to be read by people (the
+/// build pages and `/api/builds`): no decision depends on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    /// The name and tag the image was first asked for as.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tag: String,
+    /// Unix milliseconds: when the build was asked for, and when its
+    /// first step started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    /// How far it got: the step, its counts, the log's last lines (kept
+    /// when it fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<StepProgress>,
+    /// What a finished build did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<BuildStats>,
+}
+
+impl BuildStatus {
+    /// A build of `request` just asked for: queued as `attempt`.
+    pub fn queued(request: &BuildRequest, attempt: u32) -> BuildStatus {
+        BuildStatus {
+            state: State::Queued,
+            attempt,
+            step: None,
+            failure: None,
+            heartbeat: unix_now(),
+            info: BuildInfo {
+                name: request.name.clone(),
+                tag: request.tag.clone(),
+                queued_at: Some(unix_now_ms()),
+                ..BuildInfo::default()
+            },
+        }
+    }
+
+    /// The status of the build once it ended: done, with what it did, or
+    /// failed, with why and how far it got.
+    pub fn ended(self, outcome: Result<Option<BuildStats>, Failure>) -> BuildStatus {
+        let (state, failure, stats, progress) = match outcome {
+            Ok(stats) => (State::Done, None, stats, None),
+            Err(failure) => (State::Failed, Some(failure), None, self.info.progress),
+        };
+        BuildStatus {
+            state,
+            failure,
+            heartbeat: unix_now(),
+            info: BuildInfo {
+                stats,
+                progress,
+                ..self.info
+            },
+            ..self
+        }
+    }
+}
+
+/// The least time between two status writes of one build.
+const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Unix milliseconds now.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Keeps a build's status fresh while it runs: written at once when its
+/// progress changes (at most once a [`MIN_WRITE_INTERVAL`]) and every
+/// `heartbeat` regardless, never over a later attempt's ([`write_own`]).
+/// `status` is the build's status so far. Never returns: dropped when the
+/// build ends.
+pub async fn keep_fresh(
+    storage: &dyn Storage,
+    key: &str,
+    mut status: BuildStatus,
+    mut progress: watch::Receiver<StepProgress>,
+    heartbeat: Duration,
+) -> Infallible {
+    loop {
+        let now = progress.borrow_and_update().clone();
+        if !now.step.is_empty() {
+            status.state = State::Running;
+            status.step = Some(now.step.clone());
+            status.info.started_at.get_or_insert_with(unix_now_ms);
+            status.info.progress = Some(now);
+        }
+        status.heartbeat = unix_now();
+        match write_own(storage, key, &status).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(
+                    attempt = status.attempt,
+                    "heartbeat: a later attempt owns this build; not overwriting its status"
+                )
+            }
+            Err(error) => tracing::warn!(%error, "heartbeat: status not written"),
+        }
+        match tokio::time::timeout(heartbeat, progress.changed()).await {
+            Ok(Ok(())) => tokio::time::sleep(MIN_WRITE_INTERVAL.min(heartbeat)).await,
+            // Nothing reports any more: a heartbeat now and then still.
+            Ok(Err(_)) => tokio::time::sleep(heartbeat).await,
+            Err(_) => {}
+        }
+    }
 }
 
 /// What a claim object holds: when it was made (Unix seconds).
@@ -161,6 +282,7 @@ mod tests {
             step: None,
             failure: None,
             heartbeat,
+            info: BuildInfo::default(),
         }
     }
 

@@ -14,10 +14,11 @@ use std::time::Duration;
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::Client;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::sqs::{git_answer_key, GitAnswer, GitMessage, QueueMessage, LONG_POLL_SECS};
 use super::status::{self, BuildStatus, State};
-use crate::builder::Builder;
+use crate::builder::{build_span, Builder, StepProgress};
 use crate::source::{GitLookup, GitResolver, LocalGit};
 use crate::storage::records::{self, unix_now as now};
 use crate::storage::Storage;
@@ -152,11 +153,20 @@ impl Worker {
                 }
             },
         };
+        let span = build_span(&message.request);
+        self.run_build(message, receipt, hidden_for)
+            .instrument(span)
+            .await;
+    }
+
+    /// One build message: build, record the outcome, delete the message.
+    async fn run_build(&self, message: QueueMessage, receipt: &str, hidden_for: i32) {
         let request = &message.request;
         let key = request.image_key.as_str();
         let attempt = message.attempt;
         // A message of an attempt that was taken over (its worker went
         // silent, and a waiting pull claimed the next one) is done with.
+        let mut running = BuildStatus::queued(request, attempt);
         if let Ok(Some(current)) = status::read(&*self.storage, key).await {
             if current.attempt > attempt {
                 tracing::info!(
@@ -168,29 +178,34 @@ impl Worker {
                 self.delete(receipt).await;
                 return;
             }
+            // When it was asked for is the registry's to say.
+            running.info.queued_at = current.info.queued_at.or(running.info.queued_at);
         }
 
-        let (step_tx, step_rx) = watch::channel(String::from("starting"));
+        let (progress_tx, progress_rx) = watch::channel(StepProgress::default());
         let heartbeat = self.heartbeat_task(
-            key.to_string(),
-            attempt,
-            step_rx,
+            key,
+            running.clone(),
+            progress_rx,
             receipt.to_string(),
             hidden_for,
         );
         let outcome = tokio::select! {
-            outcome = self.builder.build(request, Some(&step_tx)) => outcome,
+            outcome = self.builder.build(request, Some(&progress_tx)) => outcome,
             never = heartbeat => match never {},
         };
+        // Where it got to, kept with a failure.
+        let progress = progress_tx.borrow().clone();
+        running.info.progress = Some(progress).filter(|p| !p.step.is_empty());
 
-        let failure = match outcome {
-            Ok(_) => None,
+        let outcome = match outcome {
+            Ok(built) => Ok(built.stats),
             Err(error) => match error.failure() {
                 Some(failure) => {
                     if error.is_internal() {
                         tracing::error!(image = key, %error, "build failed");
                     }
-                    Some(failure)
+                    Err(failure)
                 }
                 None => {
                     // Transient: let the message come back and try again.
@@ -201,32 +216,20 @@ impl Worker {
                     }
                     let retry = BuildStatus {
                         state: State::Queued,
-                        attempt,
                         step: Some(if error.is_disk_full() {
                             "retrying: the worker's disk was full".to_string()
                         } else {
                             "retrying after a storage error".to_string()
                         }),
-                        failure: None,
                         heartbeat: now(),
+                        ..running
                     };
                     let _ = status::write_own(&*self.storage, key, &retry).await;
                     return;
                 }
             },
         };
-        let state = if failure.is_some() {
-            State::Failed
-        } else {
-            State::Done
-        };
-        let done = BuildStatus {
-            state,
-            attempt,
-            step: None,
-            failure,
-            heartbeat: now(),
-        };
+        let done = running.ended(outcome);
         match status::write_own(&*self.storage, key, &done).await {
             Ok(true) => {}
             Ok(false) => {
@@ -254,40 +257,20 @@ impl Worker {
         }
     }
 
-    /// Every interval: the status says "running, at step X, now", and the
-    /// message stays invisible to other workers. Never returns.
+    /// While a build runs: the status says how far it is, and is fresh
+    /// every interval; the message stays invisible to other workers. Never
+    /// returns.
     async fn heartbeat_task(
         &self,
-        key: String,
-        attempt: u32,
-        step: watch::Receiver<String>,
+        key: &str,
+        running: BuildStatus,
+        progress: watch::Receiver<StepProgress>,
         receipt: String,
         hidden_for: i32,
     ) -> Infallible {
         // Two loops on their own clocks: a slow status write never delays
         // keeping the message hidden.
-        let status = async {
-            loop {
-                let current = step.borrow().clone();
-                let running = BuildStatus {
-                    state: State::Running,
-                    attempt,
-                    step: Some(current),
-                    failure: None,
-                    heartbeat: now(),
-                };
-                match status::write_own(&*self.storage, &key, &running).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::info!(image = %key, attempt, "heartbeat: a later attempt owns this build; not overwriting its status")
-                    }
-                    Err(error) => {
-                        tracing::warn!(image = %key, %error, "heartbeat: status not written")
-                    }
-                }
-                tokio::time::sleep(self.heartbeat).await;
-            }
-        };
+        let status = status::keep_fresh(&*self.storage, key, running, progress, self.heartbeat);
         // Often enough for a queue whose timeout is shorter than a heartbeat.
         let renew_every = self
             .heartbeat
@@ -303,7 +286,7 @@ impl Worker {
                     .send()
                     .await
                 {
-                    tracing::warn!(image = %key, error = %DisplayErrorContext(&e), "heartbeat: visibility not extended");
+                    tracing::warn!(image = key, error = %DisplayErrorContext(&e), "heartbeat: visibility not extended");
                 }
                 tokio::time::sleep(renew_every).await;
             }

@@ -77,15 +77,26 @@ pub enum NameError {
     BadTag { tag: String },
 }
 
-/// A parsed, validated request for an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed, validated request for an image. Two specs are equal when they
+/// ask for the same image, however their names were written.
+#[derive(Debug, Clone)]
 pub struct ImageSpec {
+    /// The repository name as given (for people: build status, logs).
+    pub name: String,
     /// nixpkgs attribute paths, sorted and deduplicated, meta-packages expanded.
     pub packages: BTreeSet<String>,
     pub arch: Arch,
     /// The tag as given; how it selects a package source is the source's business.
     pub tag: String,
 }
+
+impl PartialEq for ImageSpec {
+    fn eq(&self, other: &ImageSpec) -> bool {
+        (&self.packages, self.arch, &self.tag) == (&other.packages, other.arch, &other.tag)
+    }
+}
+
+impl Eq for ImageSpec {}
 
 impl ImageSpec {
     /// Parses a repository name and a tag.
@@ -118,6 +129,7 @@ impl ImageSpec {
             });
         }
         Ok(ImageSpec {
+            name: name.to_string(),
             packages,
             arch,
             tag: tag.to_string(),
