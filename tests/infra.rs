@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use nixery::config::variables;
+use nixery::metrics;
 use serde_json::{json, Value};
 
 const TEMPLATE: &str = "infra/template.yaml";
@@ -673,6 +674,531 @@ fn the_bucket_is_private_and_expires_staging() {
     assert!(rules
         .iter()
         .any(|r| !r["AbortIncompleteMultipartUpload"].is_null() && r["Status"] == "Enabled"));
+}
+
+// --- monitoring ------------------------------------------------------------------
+
+/// The alarms that call for a person (the others scale the worker).
+const MONITORING_ALARMS: &[&str] = &[
+    "DeadLetterAlarm",
+    "BuildFailureRateAlarm",
+    "FunctionErrorsAlarm",
+];
+
+/// What the function and the worker write (src/metrics.rs), by service.
+const FUNCTION_METRICS: &[&str] = &[
+    metrics::REQUESTS,
+    metrics::ERRORS,
+    metrics::CACHE_HITS,
+    metrics::CACHE_MISSES,
+    metrics::BYTES_SERVED,
+    metrics::BYTES_REDIRECTED,
+];
+const WORKER_METRICS: &[&str] = &[
+    metrics::BUILDS,
+    metrics::BUILD_FAILURES,
+    metrics::BUILD_DURATION,
+    metrics::LAYERS_NEW,
+    metrics::LAYERS_REUSED,
+    metrics::BYTES_UPLOADED,
+];
+
+/// The service that writes a metric of the Nixery namespace, if any does.
+fn service_of(metric: &str) -> Option<&'static str> {
+    if FUNCTION_METRICS.contains(&metric) {
+        Some(metrics::SERVICE_FUNCTION)
+    } else if WORKER_METRICS.contains(&metric) {
+        Some(metrics::SERVICE_WORKER)
+    } else {
+        None
+    }
+}
+
+fn alarm(name: &str) -> &'static Value {
+    let alarm = resource(name);
+    assert_eq!(alarm["Type"], "AWS::CloudWatch::Alarm", "{name}");
+    &alarm["Properties"]
+}
+
+/// `Fn::GetAtt` in either of its forms, as (resource, attribute).
+fn get_att(v: &Value) -> Option<(&str, &str)> {
+    match v.get("Fn::GetAtt")? {
+        Value::String(s) => s.split_once('.'),
+        Value::Array(parts) => Some((parts.first()?.as_str()?, parts.get(1)?.as_str()?)),
+        _ => None,
+    }
+}
+
+/// A value of a condition, with the given parameter values (the others at
+/// their defaults), as CloudFormation compares them: as strings.
+fn condition_value(v: &Value, given: &[(&str, &str)]) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Object(o) if o.contains_key("Ref") => {
+            let name = o["Ref"].as_str().expect("Ref names a parameter");
+            match given.iter().find(|(p, _)| *p == name) {
+                Some((_, value)) => value.to_string(),
+                None => condition_value(&parameter(name)["Default"], given),
+            }
+        }
+        other => panic!("conditions here compare parameters and literals, not {other}"),
+    }
+}
+
+/// Whether a condition of the template holds for these parameter values.
+fn condition_holds(name: &str, given: &[(&str, &str)]) -> bool {
+    fn holds(v: &Value, given: &[(&str, &str)]) -> bool {
+        let (function, arg) = v
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .unwrap_or_else(|| panic!("a condition function, not {v}"));
+        let args = || {
+            arg.as_array()
+                .expect("the arguments of a condition function")
+        };
+        match function.as_str() {
+            "Condition" => condition_holds(arg.as_str().expect("a condition name"), given),
+            "Fn::Not" => !holds(&args()[0], given),
+            "Fn::And" => args().iter().all(|a| holds(a, given)),
+            "Fn::Or" => args().iter().any(|a| holds(a, given)),
+            "Fn::Equals" => {
+                condition_value(&args()[0], given) == condition_value(&args()[1], given)
+            }
+            other => panic!("{other} in a condition"),
+        }
+    }
+    let condition = &template()["Conditions"][name];
+    assert!(!condition.is_null(), "{TEMPLATE} has no condition {name}");
+    holds(condition, given)
+}
+
+#[test]
+fn alarms_notify_the_alarm_email_only_when_one_is_given() {
+    let email = parameter("AlarmEmail");
+    assert_eq!(email["Type"], "String");
+    assert_eq!(email["Default"], "", "no notifications unless asked for");
+
+    let (topic, topic_resource) = only_resource("AWS::SNS::Topic");
+    let condition = topic_resource["Condition"]
+        .as_str()
+        .expect("the alarm topic exists only with an AlarmEmail (a Condition)");
+    assert!(
+        !condition_holds(condition, &[]),
+        "AlarmEmail left empty must create no topic"
+    );
+    assert!(condition_holds(
+        condition,
+        &[("AlarmEmail", "ops@example.com")]
+    ));
+    assert_eq!(
+        topic_resource["Properties"]["Subscription"],
+        json!([{ "Protocol": "email", "Endpoint": { "Ref": "AlarmEmail" } }])
+    );
+    for (name, subscription) in resources_of_type("AWS::SNS::Subscription") {
+        assert_eq!(subscription["Condition"], condition, "{name}");
+    }
+
+    for name in MONITORING_ALARMS {
+        assert_eq!(
+            alarm(name)["AlarmActions"],
+            json!({ "Fn::If": [condition, [{ "Ref": topic }], { "Ref": "AWS::NoValue" }] }),
+            "{name} notifies the topic when there is one, and nobody otherwise"
+        );
+    }
+    // Every alarm says what it means: it is all the notification shows.
+    for (name, alarm) in resources_of_type("AWS::CloudWatch::Alarm") {
+        let description = alarm["Properties"]["AlarmDescription"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} has no AlarmDescription"));
+        assert!(
+            (20..=1024).contains(&description.len()),
+            "{name}: {description:?}"
+        );
+        if MONITORING_ALARMS.contains(&name) {
+            assert!(
+                description.contains("logs") || description.contains("queue"),
+                "{name} says where to look: {description:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_dead_letter_alarm_watches_the_build_queues_dead_letter_queue() {
+    let (_, queue) = resources_of_type("AWS::SQS::Queue")
+        .into_iter()
+        .find(|(_, q)| !q["Properties"]["RedrivePolicy"].is_null())
+        .expect("a build queue with a dead-letter queue");
+    let (dead_letters, attribute) =
+        get_att(&queue["Properties"]["RedrivePolicy"]["deadLetterTargetArn"])
+            .expect("the dead-letter target is a queue of the stack");
+    assert_eq!(attribute, "Arn");
+
+    let alarm = alarm("DeadLetterAlarm");
+    assert_eq!(alarm["Namespace"], "AWS/SQS");
+    assert_eq!(alarm["MetricName"], "ApproximateNumberOfMessagesVisible");
+    let dimensions = alarm["Dimensions"].as_array().expect("Dimensions");
+    assert_eq!(dimensions.len(), 1, "{dimensions:?}");
+    assert_eq!(dimensions[0]["Name"], "QueueName");
+    assert_eq!(
+        get_att(&dimensions[0]["Value"]),
+        Some((dead_letters, "QueueName"))
+    );
+    assert_eq!(alarm["Statistic"], "Maximum");
+    assert_eq!(number(&alarm["Period"]), 300);
+    assert_eq!(number(&alarm["EvaluationPeriods"]), 1);
+    assert_eq!(number(&alarm["Threshold"]), 1);
+    assert_eq!(alarm["ComparisonOperator"], "GreaterThanOrEqualToThreshold");
+    assert_eq!(alarm["TreatMissingData"], "notBreaching");
+}
+
+#[test]
+fn the_build_failure_rate_alarm_divides_the_workers_failures_by_its_builds() {
+    let alarm = alarm("BuildFailureRateAlarm");
+    let queries = alarm["Metrics"].as_array().expect("metric math (Metrics)");
+    let mut ids = BTreeMap::new();
+    let mut returned = Vec::new();
+    for query in queries {
+        let id = query["Id"].as_str().expect("an Id");
+        if let Some(stat) = query.get("MetricStat") {
+            let metric = &stat["Metric"];
+            assert_eq!(metric["Namespace"], metrics::NAMESPACE, "{id}");
+            assert_eq!(
+                metric["Dimensions"],
+                json!([{ "Name": metrics::SERVICE_DIMENSION, "Value": metrics::SERVICE_WORKER }]),
+                "{id}: the worker's metrics"
+            );
+            assert_eq!(stat["Stat"], "Sum", "{id}");
+            assert_eq!(number(&stat["Period"]), 900, "{id}");
+            let name = metric["MetricName"].as_str().expect("a MetricName");
+            assert!(ids.insert(name, id).is_none(), "{name} twice");
+        }
+        // ReturnData is true unless set to false.
+        if query["ReturnData"] != false {
+            returned.push(query);
+        }
+    }
+    assert_eq!(
+        ids.keys().copied().collect::<BTreeSet<_>>(),
+        BTreeSet::from([metrics::BUILDS, metrics::BUILD_FAILURES])
+    );
+    assert_eq!(returned.len(), 1, "the alarm watches one expression");
+    let expression = returned[0]["Expression"]
+        .as_str()
+        .expect("the alarm watches an Expression");
+    let compact: String = expression.split_whitespace().collect();
+    let (builds, failures) = (ids[metrics::BUILDS], ids[metrics::BUILD_FAILURES]);
+    assert!(
+        compact.starts_with(&format!("IF({builds}>0,")),
+        "a rate only when there were builds: {expression}"
+    );
+    assert!(
+        compact.contains(failures) && compact.contains(&format!("/{builds},")),
+        "failures / builds: {expression}"
+    );
+
+    assert_eq!(
+        alarm["Threshold"],
+        json!({ "Ref": "BuildFailureRateThreshold" })
+    );
+    let threshold = parameter("BuildFailureRateThreshold");
+    assert_eq!(threshold["Type"], "Number");
+    assert_eq!(threshold["Default"].as_f64(), Some(0.5));
+    assert_eq!(threshold["MinValue"].as_f64(), Some(0.0));
+    assert_eq!(threshold["MaxValue"].as_f64(), Some(1.0), "a fraction");
+    assert_eq!(alarm["ComparisonOperator"], "GreaterThanThreshold");
+    assert_eq!(alarm["TreatMissingData"], "notBreaching");
+}
+
+#[test]
+fn the_function_errors_alarm_watches_the_registry_function() {
+    let (function, _) = only_resource("AWS::Serverless::Function");
+    let alarm = alarm("FunctionErrorsAlarm");
+    assert_eq!(alarm["Namespace"], "AWS/Lambda");
+    assert_eq!(alarm["MetricName"], "Errors");
+    assert_eq!(
+        alarm["Dimensions"],
+        json!([{ "Name": "FunctionName", "Value": { "Ref": function } }])
+    );
+    assert_eq!(alarm["Statistic"], "Sum");
+    assert_eq!(number(&alarm["Period"]), 300);
+    assert_eq!(number(&alarm["EvaluationPeriods"]), 2);
+    if !alarm["DatapointsToAlarm"].is_null() {
+        assert_eq!(number(&alarm["DatapointsToAlarm"]), 2, "both periods");
+    }
+    assert_eq!(number(&alarm["Threshold"]), 1);
+    assert_eq!(alarm["ComparisonOperator"], "GreaterThanOrEqualToThreshold");
+    assert_eq!(alarm["TreatMissingData"], "notBreaching");
+}
+
+/// A `Fn::Sub` string with each `${name}` replaced by `<name>`, and the
+/// names; each must be a parameter, a resource (or its attribute), a
+/// pseudo parameter or one of the Sub's own variables.
+fn sub_with_placeholders(sub: &Value) -> (String, Vec<String>) {
+    let (text, variables) = match sub {
+        Value::String(text) => (text.as_str(), None),
+        Value::Array(parts) => (
+            parts[0].as_str().expect("the Sub's string"),
+            parts[1].as_object(),
+        ),
+        other => panic!("Fn::Sub of {other}"),
+    };
+    let mut out = String::new();
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        rest = &rest[start + 2..];
+        if let Some(literal) = rest.strip_prefix('!') {
+            // `${!x}` is the literal `${x}`.
+            out.push_str("${");
+            rest = literal;
+            continue;
+        }
+        let end = rest.find('}').expect("an unclosed ${");
+        let name = &rest[..end];
+        let known = variables.is_some_and(|v| v.contains_key(name))
+            || name.starts_with("AWS::")
+            || !template()["Parameters"][name].is_null()
+            || !template()["Resources"][name.split('.').next().unwrap()].is_null();
+        assert!(known, "${{{name}}} names nothing in {TEMPLATE}");
+        out.push_str(&format!("<{name}>"));
+        names.push(name.to_string());
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    (out, names)
+}
+
+/// One metric a dashboard graph shows.
+#[derive(Debug)]
+struct Shown {
+    namespace: String,
+    name: String,
+    dimensions: BTreeMap<String, String>,
+    stat: Option<String>,
+}
+
+/// The metrics of a dashboard's graphs, and their math expressions.
+fn dashboard_metrics(body: &Value) -> (Vec<Shown>, Vec<String>) {
+    let mut shown = Vec::new();
+    let mut expressions = Vec::new();
+    for widget in body["widgets"].as_array().expect("widgets") {
+        if widget["type"] != "metric" {
+            continue;
+        }
+        let properties = &widget["properties"];
+        assert_eq!(
+            properties["region"], "<AWS::Region>",
+            "every graph shows the stack's region: {widget}"
+        );
+        let mut previous: Vec<String> = Vec::new();
+        for row in properties["metrics"].as_array().expect("metrics") {
+            let row = row.as_array().expect("a metric row is an array");
+            let options = row.last().and_then(Value::as_object);
+            if let Some(expression) = options.and_then(|o| o.get("expression")) {
+                expressions.push(expression.as_str().expect("an expression").to_string());
+                continue;
+            }
+            // Strings, "." meaning the one above, then maybe the options.
+            let mut parts: Vec<String> = Vec::new();
+            for (i, part) in row.iter().take_while(|p| p.is_string()).enumerate() {
+                let part = part.as_str().unwrap();
+                parts.push(if part == "." {
+                    previous[i].clone()
+                } else {
+                    part.to_string()
+                });
+            }
+            assert!(parts.len() >= 2 && parts.len().is_multiple_of(2), "{row:?}");
+            let dimensions = parts[2..]
+                .chunks(2)
+                .map(|pair| (pair[0].clone(), pair[1].clone()))
+                .collect();
+            let stat = options
+                .and_then(|o| o.get("stat"))
+                .or(properties.get("stat"))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            shown.push(Shown {
+                namespace: parts[0].clone(),
+                name: parts[1].clone(),
+                dimensions,
+                stat,
+            });
+            previous = parts;
+        }
+    }
+    (shown, expressions)
+}
+
+/// The values of `key="value"` in a search expression.
+fn search_terms<'a>(expression: &'a str, key: &str) -> Vec<&'a str> {
+    let key = format!("{key}=\"");
+    expression
+        .split(key.as_str())
+        .skip(1)
+        .map(|rest| &rest[..rest.find('"').expect("a closing quote")])
+        .collect()
+}
+
+#[test]
+fn the_dashboard_shows_the_metrics_the_code_writes_and_no_others() {
+    let (dashboard, dashboard_resource) = only_resource("AWS::CloudWatch::Dashboard");
+    let properties = &dashboard_resource["Properties"];
+    let (name, _) = sub_with_placeholders(&properties["DashboardName"]["Fn::Sub"]);
+    // Dashboards are global to the account: the region keeps two stacks of
+    // one name apart.
+    assert_eq!(name, "<AWS::StackName>-<AWS::Region>");
+    let (body, _) = sub_with_placeholders(&properties["DashboardBody"]["Fn::Sub"]);
+    let body: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{dashboard}'s body is not JSON after substitution: {e}"));
+
+    // Every widget on the 24-column grid, none over another.
+    let widgets = body["widgets"].as_array().expect("widgets");
+    let boxes: Vec<[u64; 4]> = widgets
+        .iter()
+        .map(|w| ["x", "y", "width", "height"].map(|k| number(&w[k])))
+        .collect();
+    for (i, [x, y, w, h]) in boxes.iter().enumerate() {
+        assert!(x + w <= 24, "{}", widgets[i]);
+        for [x2, y2, w2, h2] in &boxes[i + 1..] {
+            let apart = x + w <= *x2 || x2 + w2 <= *x || y + h <= *y2 || y2 + h2 <= *y;
+            assert!(apart, "{} overlaps another widget", widgets[i]);
+        }
+    }
+
+    let (shown, expressions) = dashboard_metrics(&body);
+    let mut nixery = BTreeSet::new();
+    for metric in &shown {
+        if metric.namespace != metrics::NAMESPACE {
+            continue;
+        }
+        let service = service_of(&metric.name).unwrap_or_else(|| {
+            panic!(
+                "the dashboard shows {}, which nixery::metrics does not name",
+                metric.name
+            )
+        });
+        assert_eq!(
+            metric.dimensions,
+            BTreeMap::from([(metrics::SERVICE_DIMENSION.to_string(), service.to_string())]),
+            "{metric:?}"
+        );
+        nixery.insert(metric.name.as_str());
+    }
+    // Searches (errors by code) name metrics and dimensions too.
+    let mut by_code = false;
+    for expression in &expressions {
+        let Some(schema) = expression
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(schema, _)| schema)
+        else {
+            continue;
+        };
+        let mut schema = schema.split(',').map(str::trim);
+        if schema.next() != Some(metrics::NAMESPACE) {
+            continue;
+        }
+        let dimensions: BTreeSet<&str> = schema.collect();
+        for dimension in &dimensions {
+            assert!(
+                [metrics::SERVICE_DIMENSION, metrics::ERROR_CODE_DIMENSION].contains(dimension),
+                "{expression}: no metric has the dimension {dimension}"
+            );
+        }
+        let names = search_terms(expression, "MetricName");
+        assert!(!names.is_empty(), "{expression}: name the metric");
+        for name in names {
+            let service = service_of(name)
+                .unwrap_or_else(|| panic!("{expression}: nixery::metrics does not name {name}"));
+            assert_eq!(
+                search_terms(expression, metrics::SERVICE_DIMENSION),
+                [service],
+                "{expression}"
+            );
+            if dimensions.contains(metrics::ERROR_CODE_DIMENSION) {
+                assert_eq!(name, metrics::ERRORS, "only Errors has an ErrorCode");
+                by_code = true;
+            }
+            nixery.insert(name);
+        }
+    }
+    assert!(by_code, "the dashboard shows errors by code");
+    let written: BTreeSet<&str> = FUNCTION_METRICS
+        .iter()
+        .chain(WORKER_METRICS)
+        .copied()
+        .collect();
+    assert_eq!(
+        nixery, written,
+        "the dashboard shows every metric the code writes"
+    );
+
+    let stats_of = |namespace: &str, name: &str| -> BTreeSet<&str> {
+        shown
+            .iter()
+            .filter(|m| m.namespace == namespace && m.name == name)
+            .filter_map(|m| m.stat.as_deref())
+            .collect()
+    };
+    let duration = stats_of(metrics::NAMESPACE, metrics::BUILD_DURATION);
+    for stat in ["p50", "p90", "Maximum"] {
+        assert!(
+            duration.contains(stat),
+            "build duration {stat}: {duration:?}"
+        );
+    }
+
+    // The queues and the function, by the stack's own names.
+    let shows = |namespace: &str, name: &str, dimension: &str, value: &str| {
+        assert!(
+            shown.iter().any(|m| m.namespace == namespace
+                && m.name == name
+                && m.dimensions == BTreeMap::from([(dimension.to_string(), value.to_string())])),
+            "the dashboard does not show {namespace} {name} of {value}"
+        );
+    };
+    let depth = "ApproximateNumberOfMessagesVisible";
+    shows("AWS/SQS", depth, "QueueName", "<BuildQueue.QueueName>");
+    shows(
+        "AWS/SQS",
+        depth,
+        "QueueName",
+        "<BuildDeadLetterQueue.QueueName>",
+    );
+    let (function, _) = only_resource("AWS::Serverless::Function");
+    for name in ["Duration", "Errors", "Throttles"] {
+        shows("AWS/Lambda", name, "FunctionName", &format!("<{function}>"));
+    }
+
+    // The alarms that call for a person, at the top.
+    let alarms: Vec<String> = MONITORING_ALARMS
+        .iter()
+        .map(|a| format!("<{a}.Arn>"))
+        .collect();
+    assert!(
+        widgets
+            .iter()
+            .any(|w| w["type"] == "alarm" && w["properties"]["alarms"] == json!(alarms)),
+        "an alarm widget with {alarms:?}"
+    );
+
+    // And the stack says where it is.
+    let url = template()["Outputs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|o| o["Value"]["Fn::Sub"].as_str())
+        .find(|v| v.contains(&format!("${{{dashboard}}}")))
+        .expect("an Output with the dashboard's URL");
+    assert!(
+        url.starts_with("https://")
+            && url.contains("/cloudwatch/home?region=${AWS::Region}#dashboards"),
+        "{url}"
+    );
 }
 
 // --- Nix: the worker image -------------------------------------------------------
