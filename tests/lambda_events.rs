@@ -19,6 +19,7 @@ use nixery::config::{Cli, Mode};
 use nixery::dispatch::in_process::InProcess;
 use nixery::dispatch::single_flight::SingleFlight;
 use nixery::images::Images;
+use nixery::metrics::Metrics;
 use nixery::registry::{router, AppState};
 use nixery::source::Sources;
 use nixery::storage::S3Storage;
@@ -85,15 +86,17 @@ async fn function_url_and_api_gateway_events() {
         Arc::new(SingleFlight::new(Arc::new(InProcess::new(
             builder,
             storage.clone(),
+            Arc::new(Metrics::new(None)),
         )))),
         Arc::new(Sources::new(defaults.source, defaults.tag_ttl)),
         defaults.images,
     );
-    let state = AppState {
-        images: Arc::new(images),
+    let state = AppState::new(
+        Arc::new(images),
         storage,
-        auth: None,
-    };
+        None,
+        Arc::new(Metrics::new(None)),
+    );
 
     // GET manifest by tag, with containerd's ?ns= query.
     let get = invoke(&state, &event("function-url-get-manifest.json")).await;

@@ -163,7 +163,7 @@ async fn an_image_sharing_layers_uploads_only_new_ones() {
 }
 
 #[tokio::test]
-async fn the_landing_page_shows_how_to_pull_and_recent_builds() {
+async fn the_landing_page_shows_how_to_pull_and_links_to_the_builds() {
     let server = Server::start();
     assert_eq!(digest(&server, "shell/hello", "latest").await.0, 200);
     assert_eq!(digest(&server, "nosuchpackage", "latest").await.0, 404);
@@ -187,14 +187,27 @@ async fn the_landing_page_shows_how_to_pull_and_recent_builds() {
         page.contains(&fixture_pkgs().canonicalize().unwrap().display().to_string()),
         "the source is not shown"
     );
-    assert!(
-        page.contains("bashInteractive/coreutils/hello/moreutils/nano:latest"),
-        "no recent build: {page}"
-    );
-    assert!(
-        page.contains("unknown packages: nosuchpackage"),
-        "no recent error: {page}"
-    );
+    assert!(page.contains("href=\"/builds\""), "{page}");
+    // What it links to lists the build and the failure.
+    let builds: serde_json::Value = reqwest::get(server.url("/api/builds"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let outcome = |name: &str| {
+        let found = builds["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name);
+        let found = found.unwrap_or_else(|| panic!("{name} is not listed: {builds}"));
+        (found["state"].clone(), found["error"].clone())
+    };
+    assert_eq!(outcome("shell/hello").0, "done");
+    let (state, error) = outcome("nosuchpackage");
+    assert_eq!(state, "failed");
+    assert_eq!(error, "unknown packages: nosuchpackage");
 }
 
 #[tokio::test]

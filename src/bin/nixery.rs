@@ -19,6 +19,7 @@ use nixery::dispatch::sqs::{sqs_client, QueueGit, SqsDispatch, SqsQueue};
 use nixery::dispatch::worker::Worker;
 use nixery::dispatch::Dispatch;
 use nixery::images::Images;
+use nixery::metrics::Metrics;
 use nixery::registry::auth::{Auth, Scope};
 use nixery::registry::{self, AppState};
 use nixery::source::Sources;
@@ -109,6 +110,11 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
         .remembering_failures(config.failure_ttl)
         .allowing(config.allowed_refs.clone())
         .checking_nixpkgs_at(config.nixpkgs_api.clone());
+    // In Lambda, counts go to CloudWatch through the log; locally, to
+    // `/metrics`.
+    let metrics = Arc::new(Metrics::new(
+        in_lambda.then_some(nixery::metrics::SERVICE_FUNCTION),
+    ));
     let dispatch: Arc<dyn Dispatch> = match &config.builds {
         BuildMode::Sqs { queue, timings } => {
             let sqs = sqs_client(queue.endpoint.as_deref()).await;
@@ -133,6 +139,7 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
             Arc::new(SingleFlight::new(Arc::new(InProcess::new(
                 builder,
                 storage.clone(),
+                metrics.clone(),
             ))))
         }
     };
@@ -142,11 +149,7 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
         None => None,
         Some((file, scope)) => Some(Arc::new(auth(file, *scope, &config.storage).await?)),
     };
-    let state = AppState {
-        images: Arc::new(images),
-        storage,
-        auth,
-    };
+    let state = AppState::new(Arc::new(images), storage, auth, metrics);
     if in_lambda {
         tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
         return lambda_http::run(registry::router(state))

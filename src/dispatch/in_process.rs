@@ -16,20 +16,23 @@ use tracing::Instrument;
 use super::status::{self, BuildStatus};
 use super::{Dispatch, DispatchError};
 use crate::builder::{build_span, BuildRequest, Builder, StepProgress};
+use crate::metrics::Metrics;
 use crate::storage::records::ImageRecord;
 use crate::storage::Storage;
 
 pub struct InProcess {
     builder: Builder,
     storage: Arc<dyn Storage>,
+    metrics: Arc<Metrics>,
     heartbeat: Duration,
 }
 
 impl InProcess {
-    pub fn new(builder: Builder, storage: Arc<dyn Storage>) -> InProcess {
+    pub fn new(builder: Builder, storage: Arc<dyn Storage>, metrics: Arc<Metrics>) -> InProcess {
         InProcess {
             builder,
             storage,
+            metrics,
             heartbeat: Duration::from_secs(status::DEFAULT_HEARTBEAT_SECS),
         }
     }
@@ -46,7 +49,7 @@ impl InProcess {
         let reporting = status::keep_fresh(
             &*self.storage,
             key,
-            running.clone(),
+            &mut running,
             progress_rx,
             self.heartbeat,
         );
@@ -56,9 +59,17 @@ impl InProcess {
         };
         running.info.progress = Some(progress_tx.borrow().clone()).filter(|p| !p.step.is_empty());
         let (ended, result) = match outcome {
-            Ok(built) => (Ok(built.stats), Ok(built.record)),
+            Ok(built) => {
+                if let Some(stats) = &built.stats {
+                    self.metrics.build_ended(Ok(stats));
+                }
+                (Ok(built.stats), Ok(built.record))
+            }
             Err(error) => match error.failure() {
-                Some(failure) => (Err(failure), Err(DispatchError::from(error))),
+                Some(failure) => {
+                    self.metrics.build_ended(Err(()));
+                    (Err(failure), Err(DispatchError::from(error)))
+                }
                 // Nothing to remember: the next pull builds it again.
                 None => {
                     let error = DispatchError::from(error);

@@ -140,12 +140,12 @@ pub fn unix_now_ms() -> u64 {
 /// Keeps a build's status fresh while it runs: written at once when its
 /// progress changes (at most once a [`MIN_WRITE_INTERVAL`]) and every
 /// `heartbeat` regardless, never over a later attempt's ([`write_own`]).
-/// `status` is the build's status so far. Never returns: dropped when the
-/// build ends.
+/// `status` is the build's status so far, kept up to date here. Never
+/// returns: dropped when the build ends.
 pub async fn keep_fresh(
     storage: &dyn Storage,
     key: &str,
-    mut status: BuildStatus,
+    status: &mut BuildStatus,
     mut progress: watch::Receiver<StepProgress>,
     heartbeat: Duration,
 ) -> Infallible {
@@ -158,7 +158,7 @@ pub async fn keep_fresh(
             status.info.progress = Some(now);
         }
         status.heartbeat = unix_now();
-        match write_own(storage, key, &status).await {
+        match write_own(storage, key, status).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!(
@@ -224,6 +224,50 @@ pub async fn write_own(
         Err(RecordError::Storage(error)) => Err(error),
         _ => write(storage, image_key, status).await.map(|()| true),
     }
+}
+
+/// The statuses written last (at most `limit`), newest first, with their
+/// image keys. Claims are left out, and so are statuses that cannot be
+/// read (logged). Garbage collection removes statuses a day old, so the
+/// listing stays about a day's builds long.
+pub async fn recent(
+    storage: &dyn Storage,
+    limit: usize,
+) -> Result<Vec<(String, BuildStatus)>, StorageError> {
+    use futures_util::StreamExt;
+    let mut listed = storage.list("builds/").await?;
+    listed.retain(|o| image_key_of(&o.key).is_some());
+    listed.sort_by(|a, b| b.modified.cmp(&a.modified).then(a.key.cmp(&b.key)));
+    listed.truncate(limit);
+    let read = futures_util::stream::iter(listed)
+        .map(|object| async move {
+            let key = image_key_of(&object.key).unwrap_or_default().to_string();
+            (read(storage, &key).await, key)
+        })
+        .buffered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let mut found = Vec::with_capacity(read.len());
+    for (status, key) in read {
+        match status {
+            Ok(Some(status)) => found.push((key, status)),
+            Ok(None) => {}
+            Err(RecordError::Storage(error)) => return Err(error),
+            Err(error) => tracing::warn!(image = key, %error, "a build status cannot be read"),
+        }
+    }
+    Ok(found)
+}
+
+/// The image key of `builds/<image-key>` (not of a claim).
+fn image_key_of(key: &str) -> Option<&str> {
+    let image_key = key.strip_prefix("builds/")?;
+    is_image_key(image_key).then_some(image_key)
+}
+
+/// Whether `text` is an image key: 64 lowercase hex digits.
+pub fn is_image_key(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// What a puller waiting for an image should do now.

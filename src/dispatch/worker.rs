@@ -19,6 +19,7 @@ use tracing::Instrument;
 use super::sqs::{git_answer_key, GitAnswer, GitMessage, QueueMessage, LONG_POLL_SECS};
 use super::status::{self, BuildStatus, State};
 use crate::builder::{build_span, Builder, StepProgress};
+use crate::metrics::Metrics;
 use crate::source::{GitLookup, GitResolver, LocalGit};
 use crate::storage::records::{self, unix_now as now};
 use crate::storage::Storage;
@@ -32,6 +33,8 @@ pub struct Worker {
     heartbeat: Duration,
     /// Answers git lookups for registries without git.
     git: LocalGit,
+    /// Builds, written to the log in embedded metric format.
+    metrics: Metrics,
 }
 
 impl Worker {
@@ -49,6 +52,7 @@ impl Worker {
             queue_url: queue_url.into(),
             heartbeat,
             git: LocalGit::default(),
+            metrics: Metrics::new(Some(crate::metrics::SERVICE_WORKER)),
         }
     }
 
@@ -185,7 +189,7 @@ impl Worker {
         let (progress_tx, progress_rx) = watch::channel(StepProgress::default());
         let heartbeat = self.heartbeat_task(
             key,
-            running.clone(),
+            &mut running,
             progress_rx,
             receipt.to_string(),
             hidden_for,
@@ -199,12 +203,18 @@ impl Worker {
         running.info.progress = Some(progress).filter(|p| !p.step.is_empty());
 
         let outcome = match outcome {
-            Ok(built) => Ok(built.stats),
+            Ok(built) => {
+                if let Some(stats) = &built.stats {
+                    self.metrics.build_ended(Ok(stats));
+                }
+                Ok(built.stats)
+            }
             Err(error) => match error.failure() {
                 Some(failure) => {
                     if error.is_internal() {
                         tracing::error!(image = key, %error, "build failed");
                     }
+                    self.metrics.build_ended(Err(()));
                     Err(failure)
                 }
                 None => {
@@ -229,6 +239,7 @@ impl Worker {
                 }
             },
         };
+        self.metrics.flush();
         let done = running.ended(outcome);
         match status::write_own(&*self.storage, key, &done).await {
             Ok(true) => {}
@@ -263,7 +274,7 @@ impl Worker {
     async fn heartbeat_task(
         &self,
         key: &str,
-        running: BuildStatus,
+        running: &mut BuildStatus,
         progress: watch::Receiver<StepProgress>,
         receipt: String,
         hidden_for: i32,

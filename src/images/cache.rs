@@ -153,6 +153,7 @@ mod tests {
             bytes: Bytes::from(text.to_string()),
             digest: format!("sha256:{text}"),
             media_type: "m".to_string(),
+            cached: false,
         }
     }
 

@@ -18,7 +18,6 @@
 //! Manifest handlers call this and nothing below it (blobs, which are
 //! content-addressed and never built, are read from storage directly).
 
-pub mod activity;
 pub mod cache;
 
 use std::sync::Arc;
@@ -35,7 +34,6 @@ use crate::oci::name::ImageSpec;
 use crate::source::{SourceError, Sources};
 use crate::storage::records::{self, unix_now, ImageRecord, RecordError};
 use crate::storage::{self, Storage, StorageError};
-use activity::Activity;
 use cache::{CacheLimits, ManifestCache};
 
 /// The most blob digests remembered (about 100 bytes each).
@@ -50,6 +48,8 @@ pub struct Served {
     pub bytes: Bytes,
     pub digest: String,
     pub media_type: String,
+    /// Answered from this process's cache, without storage.
+    pub cached: bool,
 }
 
 /// Why a pull got no manifest.
@@ -57,8 +57,13 @@ pub struct Served {
 pub enum ImageError {
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error(transparent)]
-    Build(#[from] DispatchError),
+    /// The build of the image with this key did not give it.
+    #[error("{error}")]
+    Build {
+        image_key: String,
+        #[source]
+        error: DispatchError,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -124,9 +129,10 @@ pub fn not_before(moving: bool, ttl: Duration, now: u64) -> u64 {
 }
 
 pub struct Images {
-    /// Digests of the blobs the manifests this instance served refer to:
-    /// they exist, so a blob request for one needs no storage call.
-    known_blobs: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Digests of the blobs the manifests this instance served refer to,
+    /// with their sizes: they exist, so a blob request for one needs no
+    /// storage call.
+    known_blobs: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Manifests served lately, by image record key or manifest key.
     cache: ManifestCache,
     /// Image key -> the day (Unix days) this process last wrote its
@@ -136,7 +142,6 @@ pub struct Images {
     dispatch: Arc<dyn Dispatch>,
     sources: Arc<Sources>,
     settings: ImageSettings,
-    activity: Activity,
 }
 
 impl Images {
@@ -154,7 +159,6 @@ impl Images {
             dispatch,
             sources,
             settings,
-            activity: Activity::default(),
         }
     }
 
@@ -188,7 +192,10 @@ impl Images {
         let key = storage::image_key(&image_key);
         if let Some(served) = self.cache.get(&key, request.not_before, Instant::now()) {
             self.mark_served(&image_key);
-            return Ok(served);
+            return Ok(Served {
+                cached: true,
+                ..served
+            });
         }
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
         let record = match stored {
@@ -196,16 +203,13 @@ impl Images {
             _ if !may_build => return Err(ImageError::NeedsCredentials),
             stale => {
                 tracing::info!(image = %request.image_key, spec = %spec, stale = stale.is_some(), "building");
-                match self.dispatch.build(request).await {
-                    Ok(record) => {
-                        self.activity.built(spec, &record);
-                        record
-                    }
-                    Err(error) => {
-                        self.activity.failed(spec, &error.to_string());
-                        return Err(error.into());
-                    }
-                }
+                self.dispatch
+                    .build(request)
+                    .await
+                    .map_err(|error| ImageError::Build {
+                        image_key: image_key.clone(),
+                        error,
+                    })?
             }
         };
         let served = self
@@ -257,6 +261,7 @@ impl Images {
             bytes,
             digest: digest.to_string(),
             media_type: media_type.to_string(),
+            cached: false,
         }))
     }
 
@@ -294,22 +299,19 @@ impl Images {
         if known.len() >= KNOWN_BLOBS_MAX {
             known.clear();
         }
-        known.insert(manifest.config.digest);
-        known.extend(manifest.layers.into_iter().map(|l| l.digest));
+        known.insert(manifest.config.digest, manifest.config.size);
+        known.extend(manifest.layers.into_iter().map(|l| (l.digest, l.size)));
     }
 
-    /// Whether a blob is referred to by a manifest this instance served
-    /// (and so exists: an image record is written after its blobs).
-    pub fn blob_known(&self, digest: &str) -> bool {
+    /// The size of a blob a manifest this instance served refers to (it
+    /// exists then: an image record is written after its blobs); `None`
+    /// for any other blob.
+    pub fn known_blob_size(&self, digest: &str) -> Option<u64> {
         self.known_blobs
             .lock()
             .expect("never poisoned")
-            .contains(digest)
-    }
-
-    /// Recent builds and errors of this instance.
-    pub fn activity(&self) -> &Activity {
-        &self.activity
+            .get(digest)
+            .copied()
     }
 
     pub fn sources(&self) -> &Sources {

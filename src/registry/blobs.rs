@@ -35,12 +35,12 @@ pub(super) async fn get(
         // A URL is handed out without asking storage; a digest that no
         // served manifest names is checked first, so that a missing blob
         // gets this registry's 404, not the store's.
-        Download::Url(_)
-            if !state.images.blob_known(reference) && state.storage.head(&key).await?.is_none() =>
-        {
-            Err(unknown())
-        }
         Download::Url(url) => {
+            let size = match state.images.known_blob_size(reference) {
+                Some(size) => size,
+                None => state.storage.head(&key).await?.ok_or_else(unknown)?,
+            };
+            state.metrics.blob_sent(size, true);
             let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
             let headers = response.headers_mut();
             if let Ok(location) = HeaderValue::from_str(&url) {
@@ -54,14 +54,17 @@ pub(super) async fn get(
         }
         // Reads as large as the blob, up to 256 KiB: a small blob goes out
         // in one piece, with no large buffer to allocate.
-        Download::Stream { size, body } => Ok(blob_response(
-            Body::from_stream(ReaderStream::with_capacity(
-                body,
-                size.clamp(1, 256 * 1024) as usize,
-            )),
-            size,
-            reference,
-        )),
+        Download::Stream { size, body } => {
+            state.metrics.blob_sent(size, false);
+            Ok(blob_response(
+                Body::from_stream(ReaderStream::with_capacity(
+                    body,
+                    size.clamp(1, 256 * 1024) as usize,
+                )),
+                size,
+                reference,
+            ))
+        }
     }
 }
 

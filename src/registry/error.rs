@@ -38,6 +38,14 @@ pub enum RegistryError {
     NoRoute { path: String },
     #[error("authentication required: {reason}")]
     Unauthorized { reason: &'static str },
+    #[error("no build of image {key} is known")]
+    BuildUnknown { key: String },
+    /// A build that gave no image, with where its status can be watched.
+    #[error("{error}")]
+    Build {
+        error: DispatchError,
+        status_url: String,
+    },
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
@@ -92,6 +100,21 @@ impl RegistryError {
                 self.to_string(),
                 Value::Null,
             ),
+            BuildUnknown { key } => (
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                self.to_string(),
+                json!({ "key": key }),
+            ),
+            Build { error, status_url } => {
+                let (status, code, message, mut detail) = build_parts(error);
+                if detail.is_null() {
+                    detail = json!({});
+                }
+                detail["status_url"] = json!(status_url);
+                let message = format!("{message}; build status: {status_url}");
+                (status, code, message, detail)
+            }
             Image(e) => image_parts(e),
             Storage(_) => unavailable("storage"),
         }
@@ -144,7 +167,7 @@ fn image_parts(error: &ImageError) -> (StatusCode, &'static str, String, Value) 
             "a stored record is damaged; the registry log has the details".to_string(),
             Value::Null,
         ),
-        ImageError::Build(e) => build_parts(e),
+        ImageError::Build { error, .. } => build_parts(error),
     }
 }
 
@@ -189,6 +212,11 @@ fn unavailable(service: &str) -> (StatusCode, &'static str, String, Value) {
     )
 }
 
+/// The error code of an error response, for the request's log line and
+/// metrics (in the response's extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
         let (status, code, message, detail) = self.parts();
@@ -202,6 +230,7 @@ impl IntoResponse for RegistryError {
         let body = serde_json::to_vec(&json!({ "errors": [error] }))
             .expect("error bodies always serialise");
         let mut response = (status, body).into_response();
+        response.extensions_mut().insert(ErrorCode(code));
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

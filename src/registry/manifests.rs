@@ -10,17 +10,20 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::{json_response, AppState, RegistryError, DIGEST_HEADER};
-use crate::images::Served;
+use crate::images::{ImageError, Served};
 use crate::oci::digest;
 use crate::oci::manifest::MEDIA_TYPE_MANIFEST;
 use crate::oci::name::{self, ImageSpec, NameError};
 
+/// `base_url`: this registry as the client reached it, for the build
+/// status URL an unfinished or failed build's error gives.
 pub(super) async fn get(
     state: &AppState,
     name: &str,
     reference: &str,
     head: bool,
     may_build: bool,
+    base_url: &str,
 ) -> Result<Response, RegistryError> {
     name::validate_name(name).map_err(RegistryError::NameInvalid)?;
     let served = if reference.contains(':') {
@@ -35,10 +38,19 @@ pub(super) async fn get(
             | NameError::TooManyPackages { .. }
             | NameError::NoPackages { .. } => RegistryError::NameInvalid(e),
         })?;
-        state
+        let served = state
             .images
             .get_or_build(&spec, reference, may_build)
-            .await?
+            .await
+            .map_err(|e| match e {
+                ImageError::Build { image_key, error } => RegistryError::Build {
+                    error,
+                    status_url: format!("{base_url}/builds/{image_key}"),
+                },
+                e => RegistryError::Image(e),
+            })?;
+        state.metrics.manifest_cache(served.cached);
+        served
     };
     Ok(manifest_response(served, head))
 }

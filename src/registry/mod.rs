@@ -8,7 +8,8 @@
 //! | `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>` | a layer or config (bytes, or a redirect to them) |
 //! | `GET /v2/<name>/tags/list` | the tags that can be pulled |
 //! | anything that writes | 405 `UNSUPPORTED` |
-//! | `GET /` | a landing page: how to pull, the source, recent builds and errors |
+//! | `GET /` | a landing page: how to pull, the source, builds in progress |
+//! | `GET /builds`, `/api/builds` (and `/<image-key>`) | build status ([`builds`]) |
 //!
 //! Repository names contain slashes, so requests under `/v2/` are routed by
 //! splitting the path from the right (`.../manifests/<reference>`); query
@@ -17,9 +18,11 @@
 
 pub mod auth;
 mod blobs;
+pub mod builds;
 pub mod error;
 mod landing;
 mod manifests;
+mod pages;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -35,12 +38,14 @@ use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::images::Images;
+use crate::metrics::Metrics;
 use crate::storage::Storage;
 pub use error::RegistryError;
 
 pub const API_VERSION_HEADER: HeaderName =
     HeaderName::from_static("docker-distribution-api-version");
 pub const DIGEST_HEADER: HeaderName = HeaderName::from_static("docker-content-digest");
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What every request handler shares; built once per process.
 #[derive(Clone)]
@@ -51,12 +56,71 @@ pub struct AppState {
     pub storage: Arc<dyn Storage>,
     /// Credentials, on a private instance.
     pub auth: Option<Arc<auth::Auth>>,
+    /// Build status, as every instance wrote it.
+    pub builds: Arc<builds::Board>,
+    /// This process's counters (shared with its builds, in local mode).
+    pub metrics: Arc<Metrics>,
+    /// Names requests outside Lambda (which names them itself).
+    request_ids: Arc<RequestIds>,
+}
+
+impl AppState {
+    pub fn new(
+        images: Arc<Images>,
+        storage: Arc<dyn Storage>,
+        auth: Option<Arc<auth::Auth>>,
+        metrics: Arc<Metrics>,
+    ) -> AppState {
+        let stale_after = std::time::Duration::from_secs(
+            crate::dispatch::status::DEFAULT_HEARTBEAT_SECS
+                * crate::dispatch::status::STALE_HEARTBEATS,
+        );
+        AppState {
+            builds: Arc::new(builds::Board::new(storage.clone(), stale_after)),
+            images,
+            storage,
+            auth,
+            metrics,
+            request_ids: Arc::new(RequestIds::default()),
+        }
+    }
+}
+
+/// Request ids of this process: a prefix from its start and a count.
+struct RequestIds {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> RequestIds {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        RequestIds {
+            prefix: format!("{:x}{:x}", started.as_secs(), std::process::id()),
+            next: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+}
+
+impl RequestIds {
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n}", self.prefix)
+    }
 }
 
 /// The whole registry API.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(landing::page))
+        .route("/builds", get(builds::page_list))
+        .route("/builds/{key}", get(builds::page_one))
+        .route("/builds.js", get(builds::script))
+        .route("/api/builds", get(builds::api_list))
+        .route("/api/builds/{key}", get(builds::api_one))
+        .route("/metrics", get(metrics))
         .route("/v2", get(base))
         .route("/v2/", get(base))
         .route("/v2/{*rest}", any(v2))
@@ -66,7 +130,10 @@ pub fn router(state: AppState) -> Router {
             }
         })
         .layer(middleware::from_fn_with_state(state.clone(), auth::check))
-        .layer(middleware::from_fn(common_headers))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            common_headers,
+        ))
         .with_state(state)
 }
 
@@ -117,18 +184,47 @@ async fn v2(
     let (name, kind) = front.rsplit_once('/').ok_or_else(no_route)?;
     let may_build = auth::may_build(&state, req.extensions().get::<auth::Caller>());
     match kind {
-        "manifests" => manifests::get(&state, name, reference, head, may_build).await,
+        "manifests" => {
+            let base_url = pages::base_url(req.headers());
+            manifests::get(&state, name, reference, head, may_build, &base_url).await
+        }
         "blobs" => blobs::get(&state, name, reference, head).await,
         _ => Err(no_route()),
     }
 }
 
-/// Headers on every response, and one log line per request.
-async fn common_headers(req: Request, next: Next) -> Response {
+/// `GET /metrics`: this process's counters in Prometheus text format, on
+/// the local server (in Lambda, where each instance counts apart, they go
+/// to CloudWatch instead).
+async fn metrics(State(state): State<AppState>) -> Result<Response, RegistryError> {
+    if state.metrics.writes_emf() {
+        return Err(RegistryError::NoRoute {
+            path: "/metrics".to_string(),
+        });
+    }
+    let mut response = state.metrics.prometheus_text().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    Ok(response)
+}
+
+/// Headers on every response, one log line per request, and every line
+/// logged while answering it in a span with the request's id (Lambda's
+/// own, in Lambda), which the response states as `X-Request-Id`.
+async fn common_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    use lambda_http::RequestExt;
+    use tracing::Instrument;
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let mut response = next.run(req).await;
+    let id = req
+        .lambda_context_ref()
+        .map(|context| context.request_id.clone())
+        .unwrap_or_else(|| state.request_ids.next());
+    let span = tracing::info_span!("request", id = %id);
+    let mut response = next.run(req).instrument(span.clone()).await;
     response
         .headers_mut()
         .insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
@@ -141,13 +237,23 @@ async fn common_headers(req: Request, next: Next) -> Response {
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
-    tracing::info!(
-        %method,
-        path,
-        status = response.status().as_u16(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    let status = response.status().as_u16();
+    let code = response.extensions().get::<error::ErrorCode>().map(|c| c.0);
+    span.in_scope(|| {
+        tracing::info!(
+            %method,
+            path,
+            status,
+            code,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        )
+    });
+    state.metrics.request(status, code);
+    state.metrics.flush();
     response
 }
 

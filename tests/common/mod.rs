@@ -264,3 +264,20 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
     check()
 }
+
+/// The DOM of `url` after its scripts ran, from headless Chromium (its
+/// timers run on virtual time: a few seconds of the page's life).
+pub fn browser_dom(url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    run(Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=3000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(url))
+}
