@@ -224,3 +224,111 @@ async fn a_hostile_status_record_stays_text_on_the_page() {
         .unwrap();
     assert!(csp.contains("script-src 'self'"), "{csp}");
 }
+
+/// The value of a Prometheus sample line (`name{labels} value`).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn the_local_server_counts_in_prometheus_format_and_names_each_request() {
+    let server = Server::start();
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    let mut manifest = Value::Null;
+    for _ in 0..2 {
+        let response = client
+            .get(server.url("/v2/hello/manifests/latest"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+        manifest = response.json().await.unwrap();
+    }
+    let config = &manifest["config"];
+    let blob = client
+        .get(server.url(&format!(
+            "/v2/hello/blobs/{}",
+            config["digest"].as_str().unwrap()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blob.status(), 200);
+    blob.bytes().await.unwrap();
+    let missing = client
+        .get(server.url("/v2/nosuchpackage/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    let response = client.get(server.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = response.text().await.unwrap();
+    assert!(sample(&text, "nixery_requests_total{status=\"200\"}") >= 3.0);
+    assert_eq!(
+        sample(&text, "nixery_errors_total{code=\"MANIFEST_UNKNOWN\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "nixery_manifest_cache_total{result=\"hit\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "nixery_manifest_cache_total{result=\"miss\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "nixery_bytes_served_total"),
+        config["size"].as_f64().unwrap()
+    );
+    assert_eq!(sample(&text, "nixery_builds_total{outcome=\"done\"}"), 1.0);
+    assert_eq!(
+        sample(&text, "nixery_builds_total{outcome=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(sample(&text, "nixery_build_duration_seconds_count"), 1.0);
+    assert!(sample(&text, "nixery_layers_total{kind=\"new\"}") >= 1.0);
+
+    // Each request has its own id, on its log line and on every line
+    // logged while answering it (the build's too, with the image key).
+    assert_ne!(ids[0], ids[1]);
+    let log = server.log();
+    for id in &ids {
+        let tagged: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("request{{id={id}}}")))
+            .collect();
+        assert!(
+            tagged
+                .iter()
+                .any(|l| l.contains("path=\"/v2/hello/manifests/latest\"")),
+            "{log}"
+        );
+    }
+    // (The build of `nosuchpackage` fails at its first step.)
+    let steps: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("build step") && !l.contains("build step failed"))
+        .collect();
+    assert!(steps.len() >= 6, "{log}");
+    assert!(
+        steps
+            .iter()
+            .all(|l| l.contains(&format!("request{{id={}}}:build{{image=", ids[0]))),
+        "{steps:#?}"
+    );
+}

@@ -186,4 +186,41 @@ fn skopeo_and_containerd_pull_from_the_function() {
             .count();
         assert!(gets >= 2, "layer {hex} was fetched from S3 {gets} times");
     }
+
+    // Every request's log line carries Lambda's request id ...
+    let requests: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("nixery::registry: request "))
+        .collect();
+    assert!(!requests.is_empty(), "{output}");
+    assert!(
+        requests.iter().all(|l| l.contains("request{id=")),
+        "{requests:#?}"
+    );
+    // ... and each invocation wrote its counts in embedded metric format.
+    let metrics: Vec<serde_json::Value> = output
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("\"_aws\":"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let total = |name: &str| -> u64 {
+        metrics
+            .iter()
+            .filter(|m| {
+                m["Service"] == nixery::metrics::SERVICE_FUNCTION && m.get("ErrorCode").is_none()
+            })
+            .filter_map(|m| m[name].as_u64())
+            .sum()
+    };
+    assert!(
+        total(nixery::metrics::REQUESTS) as usize >= requests.len(),
+        "{metrics:#?}"
+    );
+    assert!(total(nixery::metrics::BYTES_REDIRECTED) > 0, "{metrics:#?}");
+    assert!(
+        metrics
+            .iter()
+            .all(|m| m["_aws"]["CloudWatchMetrics"][0]["Namespace"] == nixery::metrics::NAMESPACE),
+        "{metrics:#?}"
+    );
 }

@@ -92,9 +92,10 @@ impl Cluster {
         command
             .arg("worker")
             .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        command.stderr(std::fs::File::create(&log).unwrap());
+            .stdin(Stdio::null());
+        // Metrics (stdout) and the log (stderr) in one file, as CloudWatch has them.
+        let file = std::fs::File::create(&log).unwrap();
+        command.stdout(file.try_clone().unwrap()).stderr(file);
         for (k, v) in &self.env {
             command.env(k, v);
         }
@@ -276,7 +277,7 @@ async fn a_worker_killed_mid_build_leaves_nothing_and_another_finishes() {
     let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
     // Killed while Nix is building.
     let second = cluster
-        .kill_at_step(&registry, "shell/slow", "realise")
+        .kill_at_step(&registry, "shell/slow", "realising")
         .await;
     assert!(second.builds_started() >= 1);
     // And the image runs.
@@ -318,7 +319,7 @@ async fn a_worker_killed_while_packing_leaves_nothing_and_another_finishes() {
     let cluster = Cluster::start(&[]).await;
     let registry = cluster.registry(&[("NIXERY_BUILD_TIMEOUT", "300")]);
     // Killed while it packs and uploads the 50 MB layer.
-    cluster.kill_at_step(&registry, "big", "pack").await;
+    cluster.kill_at_step(&registry, "big", "packing").await;
 }
 
 #[tokio::test]
@@ -383,6 +384,18 @@ async fn a_build_longer_than_the_timeout_goes_on_and_the_next_pull_finds_it() {
         message.contains("still being built") && message.contains("pull again"),
         "{message}"
     );
+    // The error says where to watch the build, and there it runs, as the
+    // worker reports it.
+    let status_url = body["errors"][0]["detail"]["status_url"].as_str().unwrap();
+    let key = status_url.rsplit('/').next().unwrap().to_string();
+    assert!(message.ends_with(status_url), "{message}");
+    let (status, _, build) = get(&registry, &format!("/api/builds/{key}")).await;
+    assert_eq!(status, StatusCode::OK, "{build}");
+    assert!(
+        matches!(build["state"].as_str(), Some("queued" | "running")),
+        "{build}"
+    );
+    assert_eq!(build["name"], "slow");
 
     let mut found = false;
     for _ in 0..60 {
@@ -393,6 +406,30 @@ async fn a_build_longer_than_the_timeout_goes_on_and_the_next_pull_finds_it() {
     }
     assert!(found, "the build never finished:\n{}", worker.log());
     assert_eq!(worker.builds_started(), 1);
+    let (_, _, build) = get(&registry, &format!("/api/builds/{key}")).await;
+    assert_eq!(build["state"], "done", "{build}");
+
+    // Every line of the build names its image; its counts are in the log
+    // in embedded metric format.
+    let log = worker.log();
+    let build_lines: Vec<&str> = log.lines().filter(|l| l.contains("build step")).collect();
+    assert!(build_lines.len() >= 5, "{log}");
+    assert!(
+        build_lines
+            .iter()
+            .all(|l| l.contains(&format!("build{{image={key}}}"))),
+        "{build_lines:#?}"
+    );
+    let emf: Vec<Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("\"_aws\":"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(emf.len(), 1, "{log}");
+    assert_eq!(emf[0]["Service"], nixery::metrics::SERVICE_WORKER);
+    assert_eq!(emf[0][nixery::metrics::BUILDS], 1, "{}", emf[0]);
+    assert_eq!(emf[0][nixery::metrics::BUILD_FAILURES], 0);
+    assert!(emf[0][nixery::metrics::BUILD_DURATION][0].as_u64().unwrap() >= 6000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,7 +453,7 @@ async fn a_build_whose_workers_keep_dying_ends_failed_and_in_the_dead_letter_que
             cluster
                 .statuses()
                 .iter()
-                .any(|s| s["attempt"] == attempt && s["step"] == "realise")
+                .any(|s| s["attempt"] == attempt && s["step"] == "realising")
         });
         assert!(
             running,

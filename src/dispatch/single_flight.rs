@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::{Dispatch, DispatchError};
 use crate::builder::{BuildError, BuildRequest};
@@ -47,15 +48,21 @@ impl Dispatch for SingleFlight {
                     in_flight.insert(request.image_key.clone(), rx.clone());
                     let inner = self.inner.clone();
                     let map = self.in_flight.clone();
+                    // In the span of the request that started it: its log
+                    // lines name that request.
+                    let span = tracing::Span::current();
                     tokio::spawn(async move {
                         let key = request.image_key.clone();
                         // The call runs on a task of its own so that even a
                         // panic in it ends as an error for the waiters.
-                        let result =
-                            match tokio::spawn(async move { inner.build(request).await }).await {
-                                Ok(result) => result,
-                                Err(e) => Err(task_failed(e.to_string())),
-                            };
+                        let result = match tokio::spawn(
+                            async move { inner.build(request).await }.instrument(span),
+                        )
+                        .await
+                        {
+                            Ok(result) => result,
+                            Err(e) => Err(task_failed(e.to_string())),
+                        };
                         // Forget the call before announcing it: a later
                         // request then finds the record in storage.
                         map.lock()
