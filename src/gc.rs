@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::oci::digest::hex_of;
-use crate::oci::manifest::Manifest;
+use crate::oci::manifest::{ImageIndex, Manifest, MEDIA_TYPE_INDEX};
 use crate::storage::records::{self, ImageRecord, LayerRecord, RecordError};
 use crate::storage::{digest_of_key, Listed, Storage, StorageError};
 
@@ -84,6 +84,7 @@ pub async fn collect(
         .collect();
     let mut live_images = HashSet::new();
     let mut live_manifests = HashSet::new();
+    let mut live_indexes = Vec::new();
     let images = storage.list("images/").await?;
     report.scanned += images.len() + markers.len();
     for image in images {
@@ -99,6 +100,9 @@ pub async fn collect(
         match records::read::<ImageRecord>(storage, &image.key).await {
             Ok(Some(record)) => {
                 live_manifests.insert(hex_of(&record.manifest_digest).to_string());
+                if record.media_type == MEDIA_TYPE_INDEX {
+                    live_indexes.push(record.manifest_digest.clone());
+                }
             }
             Ok(None) => continue,
             Err(RecordError::Unreadable { .. }) => report.unreadable.push(image.key.clone()),
@@ -112,6 +116,24 @@ pub async fn collect(
             .filter(|(name, marker)| !live_images.contains(name) && !young(marker))
             .map(|(_, marker)| marker),
     );
+
+    // A live index keeps the manifests it lists, whether or not their own
+    // images were pulled lately.
+    for digest in live_indexes {
+        let key = crate::storage::manifest_key(hex_of(&digest));
+        let Some(bytes) = storage.get(&key).await? else {
+            continue;
+        };
+        match serde_json::from_slice::<ImageIndex>(&bytes) {
+            Ok(index) => live_manifests.extend(
+                index
+                    .manifests
+                    .iter()
+                    .map(|m| hex_of(&m.digest).to_string()),
+            ),
+            Err(_) => report.unreadable.push(key),
+        }
+    }
 
     // Manifests, and the blobs the live ones name.
     let mut live_blobs = HashSet::new();
@@ -131,6 +153,8 @@ pub async fn collect(
                 live_blobs.insert(hex_of(&parsed.config.digest).to_string());
                 live_blobs.extend(parsed.layers.iter().map(|l| hex_of(&l.digest).to_string()));
             }
+            // An index names manifests only (followed above).
+            Err(_) if serde_json::from_slice::<ImageIndex>(&bytes).is_ok() => {}
             Err(_) => report.unreadable.push(manifest.key.clone()),
         }
     }

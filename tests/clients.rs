@@ -134,3 +134,92 @@ fn zstd_images_pull_and_run_with_containerd_podman_and_skopeo() {
 
     podman_pulls_and_runs_hello(&image);
 }
+
+/// The OCI index a tag answers with two platforms, from skopeo's copy.
+fn index_of(layout: &std::path::Path) -> serde_json::Value {
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = top["manifests"][0]["digest"].as_str().unwrap();
+    let blob = layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    serde_json::from_slice(&std::fs::read(blob).unwrap()).unwrap()
+}
+
+#[test]
+fn a_multi_platform_image_copies_whole_and_pulls_by_platform() {
+    let dir = tempfile::tempdir().unwrap();
+    let platforms = [("NIXERY_PLATFORMS", "amd64,arm64")];
+    let server = Server::start_with(&dir.path().join("storage"), &platforms);
+
+    // skopeo --all: the index and both platforms' images, every blob checked.
+    let layout = dir.path().join("oci");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--all",
+        "--src-tls-verify=false",
+        &format!("docker://{}/shell/hello:latest", server.addr),
+        &format!("oci:{}:img", layout.display()),
+    ]));
+    let index = index_of(&layout);
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let manifests = index["manifests"].as_array().unwrap();
+    let arches: Vec<&str> = manifests
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(arches, ["amd64", "arm64"]);
+    for entry in manifests {
+        assert_eq!(entry["platform"]["os"], "linux");
+        let hex = entry["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+                .unwrap();
+        let config_hex = manifest["config"]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(layout.join("blobs/sha256").join(config_hex)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["architecture"], entry["platform"]["architecture"]);
+    }
+
+    // containerd takes the platform it is asked for, and runs the amd64 one.
+    let containerd = Containerd::start();
+    let image = format!("{}/shell/hello:latest", server.addr);
+    for platform in ["linux/arm64", "linux/amd64"] {
+        run(containerd
+            .pull_command()
+            .args(["--platform", platform])
+            .arg(&image));
+    }
+    let flags = containerd.run_flags();
+    let out = run(containerd
+        .ctr()
+        .arg("run")
+        .args(&flags)
+        .args([&image, "multi-hello", "hello"]));
+    assert_eq!(out, "Hello, world!\n");
+
+    // A second registry on empty storage gives the same index, byte for byte.
+    let other = Server::start_with(&dir.path().join("storage2"), &platforms);
+    let again = dir.path().join("oci2");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--all",
+        "--src-tls-verify=false",
+        &format!("docker://{}/shell/hello:latest", other.addr),
+        &format!("oci:{}:img", again.display()),
+    ]));
+    assert_eq!(index_of(&again), index);
+}

@@ -427,3 +427,79 @@ async fn arm64_images_are_separate_and_say_so() {
     assert_eq!(config["architecture"], "arm64");
     assert_eq!(server.builds_started(), 2);
 }
+
+#[tokio::test]
+async fn several_platforms_give_an_index_unless_the_client_takes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PLATFORMS", "amd64,arm64")],
+    );
+    let c = client();
+    let get = |accept: Option<&'static str>, path: String| {
+        let mut request = c.get(server.url(&path));
+        if let Some(accept) = accept {
+            request = request.header("accept", accept);
+        }
+        request.send()
+    };
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    let index = get(Some(INDEX), "/v2/hello/manifests/latest".into())
+        .await
+        .unwrap();
+    assert_eq!(index.status(), 200, "{}", server.log());
+    assert_eq!(header(&index, "content-type").as_deref(), Some(INDEX));
+    let digest = header(&index, "docker-content-digest").unwrap();
+    let body = index.bytes().await.unwrap();
+    assert_eq!(format!("sha256:{:x}", Sha256::digest(&body)), digest);
+    let parsed: Value = serde_json::from_slice(&body).unwrap();
+    let entries = parsed["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+
+    // By digest, with its own type; HEAD agrees.
+    let by_digest = get(None, format!("/v2/hello/manifests/{digest}"))
+        .await
+        .unwrap();
+    assert_eq!(header(&by_digest, "content-type").as_deref(), Some(INDEX));
+    assert_eq!(by_digest.bytes().await.unwrap(), body);
+    let head = c
+        .head(server.url("/v2/hello/manifests/latest"))
+        .header("accept", INDEX)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&head, "docker-content-digest").unwrap(), digest);
+
+    // A client that takes single manifests only gets the first platform's.
+    let single = get(Some(OCI_MANIFEST), "/v2/hello/manifests/latest".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&single, "content-type").as_deref(),
+        Some(OCI_MANIFEST)
+    );
+    assert_eq!(
+        header(&single, "docker-content-digest").unwrap(),
+        entries[0]["digest"].as_str().unwrap()
+    );
+    // Docker's list type counts as an index; so does no Accept at all.
+    let docker = get(
+        Some("application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json"),
+        "/v2/hello/manifests/latest".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(header(&docker, "docker-content-digest").unwrap(), digest);
+
+    // `arm64/` still means arm64 alone.
+    let arm = get(Some(INDEX), "/v2/arm64/hello/manifests/latest".into())
+        .await
+        .unwrap();
+    assert_eq!(header(&arm, "content-type").as_deref(), Some(OCI_MANIFEST));
+    assert_eq!(
+        header(&arm, "docker-content-digest").unwrap(),
+        entries[1]["digest"].as_str().unwrap()
+    );
+    // Two builds in all: one per platform.
+    assert_eq!(server.builds_started(), 2);
+}

@@ -15,11 +15,12 @@ use nixery::config::{
 };
 use nixery::dispatch::in_process::InProcess;
 use nixery::dispatch::single_flight::SingleFlight;
-use nixery::dispatch::sqs::{sqs_client, QueueGit, SqsDispatch, SqsQueue};
+use nixery::dispatch::sqs::{sqs_client, BySystem, QueueGit, SqsDispatch, SqsQueue};
 use nixery::dispatch::worker::Worker;
 use nixery::dispatch::Dispatch;
 use nixery::images::Images;
 use nixery::metrics::Metrics;
+use nixery::oci::name::Arch;
 use nixery::registry::auth::{Auth, Scope};
 use nixery::registry::{self, AppState};
 use nixery::source::Sources;
@@ -116,9 +117,20 @@ async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
         in_lambda.then_some(nixery::metrics::SERVICE_FUNCTION),
     ));
     let dispatch: Arc<dyn Dispatch> = match &config.builds {
-        BuildMode::Sqs { queue, timings } => {
+        BuildMode::Sqs {
+            queue,
+            arm64_queue,
+            timings,
+        } => {
             let sqs = sqs_client(queue.endpoint.as_deref()).await;
-            let queue = Arc::new(SqsQueue::new(sqs, queue.url.clone()));
+            let mut queues = BySystem::new(Arc::new(SqsQueue::new(sqs.clone(), queue.url.clone())));
+            if let Some(url) = arm64_queue {
+                queues = queues.with(
+                    Arch::Arm64.nix_system(),
+                    Arc::new(SqsQueue::new(sqs, url.clone())),
+                );
+            }
+            let queue = Arc::new(queues);
             // Where builds run on workers, so do git lookups: the function
             // (the Lambda runtime) has no git.
             sources = sources.resolving_git_with(Arc::new(QueueGit::new(

@@ -35,6 +35,7 @@ use crate::builder::BuildLimits;
 use crate::dispatch::sqs::Timings;
 use crate::images::cache::CacheLimits;
 use crate::images::ImageSettings;
+use crate::oci::name::Arch;
 use crate::source::{AllowedRefs, PackageSource};
 use crate::storage::StorageConfig;
 
@@ -323,7 +324,19 @@ pub struct ImageArgs {
     #[arg(long, env = "NIXERY_CACHE_SIZE", value_name = "NIXERY_CACHE_SIZE", hide_env = true, default_value_t = 64 << 20,
           value_parser = clap::value_parser!(u64).range(0..=MAX_CACHE_SIZE))]
     pub cache_size: u64,
+    /// Platforms every image is built for (amd64, arm64; comma
+    /// separated). With more than one, a tag answers an OCI image index
+    /// of one manifest per platform (the first platform's manifest for
+    /// clients that take no index); a leading `arm64` in a name still
+    /// means that platform alone.
+    #[arg(long, env = "NIXERY_PLATFORMS", value_name = "NIXERY_PLATFORMS", hide_env = true, default_value = "amd64",
+          value_parser = platforms)]
+    pub platforms: Platforms,
 }
+
+/// The platforms of `NIXERY_PLATFORMS`, in order, each once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platforms(pub Vec<Arch>);
 
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Nix")]
@@ -383,6 +396,16 @@ pub struct DispatchArgs {
     #[arg(long, env = "NIXERY_FAILURE_TTL", value_name = "NIXERY_FAILURE_TTL", hide_env = true, default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub failure_ttl: u64,
+    /// The queue of the arm64 workers (`sqs` builder): aarch64-linux
+    /// builds go there, so that no build needs emulation; unset, they go
+    /// to `NIXERY_QUEUE_URL` with the rest.
+    #[arg(
+        long,
+        env = "NIXERY_ARM64_QUEUE_URL",
+        value_name = "NIXERY_ARM64_QUEUE_URL",
+        hide_env = true
+    )]
+    pub arm64_queue_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -479,6 +502,8 @@ pub enum BuildMode {
     /// On workers, through a queue.
     Sqs {
         queue: QueueConfig,
+        /// Where aarch64-linux builds go instead, if anywhere.
+        arm64_queue: Option<String>,
         timings: Timings,
     },
 }
@@ -572,6 +597,7 @@ impl ServeArgs {
                 queue: self
                     .queue
                     .config("the sqs builder sends builds to this queue")?,
+                arm64_queue: self.dispatch.arm64_queue_url.clone(),
                 timings: Timings {
                     build_timeout: Duration::from_secs(self.dispatch.build_timeout),
                     heartbeat: Duration::from_secs(self.queue.heartbeat_seconds),
@@ -600,6 +626,7 @@ impl ServeArgs {
                 layer_budget: self.image.layer_budget as usize,
                 implicit_packages: self.image.implicit_packages.0,
                 compression: self.image.compression,
+                platforms: self.image.platforms.0,
                 cache: CacheLimits {
                     ttl: Duration::from_secs(self.image.cache_ttl),
                     max_bytes: self.image.cache_size as usize,
@@ -851,6 +878,21 @@ fn compression(value: &str) -> Result<Compression, String> {
     value.parse()
 }
 
+fn platforms(value: &str) -> Result<Platforms, String> {
+    let mut found: Vec<Arch> = Vec::new();
+    for name in value.split([' ', ',']).filter(|p| !p.is_empty()) {
+        let arch: Arch = name.parse()?;
+        if found.contains(&arch) {
+            return Err(format!("{name} is listed twice"));
+        }
+        found.push(arch);
+    }
+    if found.is_empty() {
+        return Err("no platform given (amd64, arm64)".to_string());
+    }
+    Ok(Platforms(found))
+}
+
 fn package_list(value: &str) -> Result<PackageList, String> {
     value
         .split([' ', ','])
@@ -942,7 +984,7 @@ mod tests {
                 presign_ttl: Duration::from_secs(3600),
             }
         );
-        let BuildMode::Sqs { queue, timings } = config.builds else {
+        let BuildMode::Sqs { queue, timings, .. } = config.builds else {
             panic!("not the sqs builder");
         };
         assert_eq!(queue.url, "http://q/1/builds");
@@ -1075,7 +1117,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 35, "{vars:?}");
+        assert_eq!(vars.len(), 37, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

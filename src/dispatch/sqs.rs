@@ -186,6 +186,45 @@ pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
+/// Build requests to the queue of their system's workers (aarch64-linux
+/// builds to arm64 workers), everything else to the default queue.
+#[derive(Debug)]
+pub struct BySystem {
+    default: Arc<dyn Queue>,
+    systems: Vec<(String, Arc<dyn Queue>)>,
+}
+
+impl BySystem {
+    pub fn new(default: Arc<dyn Queue>) -> BySystem {
+        BySystem {
+            default,
+            systems: Vec::new(),
+        }
+    }
+
+    /// Sends builds for `system` to `queue`.
+    pub fn with(mut self, system: &str, queue: Arc<dyn Queue>) -> BySystem {
+        self.systems.push((system.to_string(), queue));
+        self
+    }
+}
+
+#[async_trait]
+impl Queue for BySystem {
+    async fn send_body(&self, body: String) -> Result<(), DispatchError> {
+        self.default.send_body(body).await
+    }
+
+    async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError> {
+        let queue = self
+            .systems
+            .iter()
+            .find(|(system, _)| *system == message.request.system)
+            .map_or(&self.default, |(_, queue)| queue);
+        queue.send(message).await
+    }
+}
+
 /// An SQS queue.
 #[derive(Debug)]
 pub struct SqsQueue {

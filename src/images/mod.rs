@@ -28,9 +28,11 @@ use bytes::Bytes;
 use crate::builder::compress::Compression;
 use crate::builder::BuildRequest;
 use crate::dispatch::{Dispatch, DispatchError};
-use crate::oci::digest::{hex_of, sha256_digest};
-use crate::oci::manifest::MEDIA_TYPE_MANIFEST;
-use crate::oci::name::ImageSpec;
+use crate::oci::digest::{hex_of, sha256_digest, sha256_hex};
+use crate::oci::manifest::{
+    media_type_of, Descriptor, ImageIndex, Platform, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST,
+};
+use crate::oci::name::{Arch, ImageSpec};
 use crate::source::{SourceError, Sources};
 use crate::storage::records::{self, unix_now, ImageRecord, RecordError};
 use crate::storage::{self, Storage, StorageError};
@@ -95,6 +97,9 @@ pub struct ImageSettings {
     pub implicit_packages: Vec<String>,
     /// How layers are compressed.
     pub compression: Compression,
+    /// The platforms a name without `arm64` is built for; more than one
+    /// gives an image index.
+    pub platforms: Vec<Arch>,
     /// How long, and within how much memory, served manifests are kept.
     pub cache: CacheLimits,
 }
@@ -106,12 +111,26 @@ impl Default for ImageSettings {
             layer_budget: 94,
             implicit_packages: vec!["cacert".to_string(), "iana-etc".to_string()],
             compression: Compression::Gzip,
+            platforms: vec![Arch::Amd64],
             cache: CacheLimits {
                 ttl: Duration::from_secs(3600),
                 max_bytes: 64 << 20,
             },
         }
     }
+}
+
+/// The key of the index of some platforms' images: a hash of their keys,
+/// in order.
+fn index_key(requests: &[BuildRequest]) -> String {
+    let keys: Vec<&str> = requests.iter().map(|r| r.image_key.as_str()).collect();
+    sha256_hex(serde_json::json!({ "index": keys }).to_string().as_bytes())
+}
+
+/// What an index record says its architecture is: its platforms.
+fn images_architectures(platforms: &[Arch]) -> String {
+    let names: Vec<&str> = platforms.iter().map(|a| a.oci_name()).collect();
+    names.join(",")
 }
 
 /// The freshness policy, in one pure function: the oldest build time
@@ -163,12 +182,16 @@ impl Images {
     }
 
     /// The manifest for `spec` at `tag`: stored and current, or built now
-    /// if `may_build` (the caller's permission).
+    /// if `may_build` (the caller's permission). A name served for several
+    /// platforms gives an image index of one manifest per platform, or, to
+    /// a client that takes no index (`accepts_index` false), the first
+    /// platform's manifest.
     pub async fn get_or_build(
         &self,
         spec: &ImageSpec,
         tag: &str,
         may_build: bool,
+        accepts_index: bool,
     ) -> Result<Served, ImageError> {
         // Resolving a tag may ask the repository: only callers who may
         // build may make it do so.
@@ -180,29 +203,45 @@ impl Images {
                 None => return Err(ImageError::NeedsCredentials),
             }
         };
-        let request = BuildRequest::new(
-            spec,
-            &resolved,
-            self.settings.layer_budget,
-            &self.settings.implicit_packages,
-            self.settings.compression,
-            not_before(resolved.moving, self.sources.ttl(), unix_now()),
-        );
+        let not_before = not_before(resolved.moving, self.sources.ttl(), unix_now());
+        let platforms = if spec.arch_given {
+            vec![spec.arch]
+        } else {
+            self.settings.platforms.clone()
+        };
+        let requests: Vec<BuildRequest> = platforms
+            .iter()
+            .map(|&arch| {
+                BuildRequest::new(
+                    &spec.for_arch(arch),
+                    &resolved,
+                    self.settings.layer_budget,
+                    &self.settings.implicit_packages,
+                    self.settings.compression,
+                    not_before,
+                )
+            })
+            .collect();
+        match requests.as_slice() {
+            [one] => self.image(one.clone(), may_build).await,
+            [first, ..] if !accepts_index => self.image(first.clone(), may_build).await,
+            _ => self.index(spec, requests, may_build).await,
+        }
+    }
+
+    /// The manifest of one image: from the cache, from storage, or built.
+    async fn image(&self, request: BuildRequest, may_build: bool) -> Result<Served, ImageError> {
         let image_key = request.image_key.clone();
         let key = storage::image_key(&image_key);
-        if let Some(served) = self.cache.get(&key, request.not_before, Instant::now()) {
-            self.mark_served(&image_key);
-            return Ok(Served {
-                cached: true,
-                ..served
-            });
+        if let Some(served) = self.cached(&image_key, request.not_before) {
+            return Ok(served);
         }
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
         let record = match stored {
             Some(record) if record.is_current(request.not_before) => record,
             _ if !may_build => return Err(ImageError::NeedsCredentials),
             stale => {
-                tracing::info!(image = %request.image_key, spec = %spec, stale = stale.is_some(), "building");
+                tracing::info!(image = %image_key, name = %request.name, system = %request.system, stale = stale.is_some(), "building");
                 self.dispatch
                     .build(request)
                     .await
@@ -212,15 +251,101 @@ impl Images {
                     })?
             }
         };
+        self.serve_record(&image_key, record).await
+    }
+
+    /// The index of the images of `requests` (one per platform, in the
+    /// order of `NIXERY_PLATFORMS`). It is kept like an image: its bytes
+    /// under `manifests/`, and an image record (`images/<index-key>`)
+    /// that names it, written after the images it lists exist, which
+    /// garbage collection follows to them.
+    async fn index(
+        &self,
+        spec: &ImageSpec,
+        requests: Vec<BuildRequest>,
+        may_build: bool,
+    ) -> Result<Served, ImageError> {
+        let not_before = requests[0].not_before;
+        let index_key = index_key(&requests);
+        if let Some(served) = self.cached(&index_key, not_before) {
+            return Ok(served);
+        }
+        let key = storage::image_key(&index_key);
+        if let Some(record) = records::read::<ImageRecord>(&*self.storage, &key).await? {
+            if record.is_current(not_before) {
+                return self.serve_record(&index_key, record).await;
+            }
+        }
+        let platforms: Vec<Platform> = requests
+            .iter()
+            .map(|r| Platform::linux(&r.architecture))
+            .collect();
+        let images = futures_util::future::try_join_all(
+            requests
+                .into_iter()
+                .map(|request| self.image(request, may_build)),
+        )
+        .await?;
+        let manifests = images
+            .iter()
+            .zip(platforms)
+            .map(|(image, platform)| Descriptor {
+                platform: Some(platform),
+                ..Descriptor::of(&image.media_type, &image.bytes)
+            })
+            .collect();
+        let bytes = ImageIndex::new(manifests).to_bytes();
+        let digest = sha256_digest(&bytes);
+        self.storage
+            .put(
+                &storage::manifest_key(hex_of(&digest)),
+                Bytes::from(bytes.clone()),
+            )
+            .await?;
+        let record = ImageRecord {
+            manifest_digest: digest,
+            media_type: MEDIA_TYPE_INDEX.to_string(),
+            size: bytes.len() as u64,
+            packages: spec.packages.iter().cloned().collect(),
+            architecture: images_architectures(&self.settings.platforms),
+            built_at: unix_now(),
+        };
+        records::write(&*self.storage, &key, &record).await?;
+        tracing::info!(index = %index_key, digest = %record.manifest_digest, name = %spec.name, "image index stored");
+        self.serve_record(&index_key, record).await
+    }
+
+    /// A cached answer for an image (or index) key, noted as served.
+    fn cached(&self, image_key: &str, not_before: u64) -> Option<Served> {
+        let key = storage::image_key(image_key);
+        let served = self.cache.get(&key, not_before, Instant::now())?;
+        self.mark_served(image_key);
+        Some(Served {
+            cached: true,
+            ..served
+        })
+    }
+
+    /// The manifest (or index) an image record names, checked, cached and
+    /// noted as served.
+    async fn serve_record(
+        &self,
+        image_key: &str,
+        record: ImageRecord,
+    ) -> Result<Served, ImageError> {
         let served = self
             .manifest(&record.manifest_digest, &record.media_type)
             .await?
             .ok_or_else(|| ImageError::ManifestUnknown {
                 reference: record.manifest_digest.clone(),
             })?;
-        self.cache
-            .insert(&key, Some(record), kept(&served), Instant::now());
-        self.mark_served(&image_key);
+        self.cache.insert(
+            &storage::image_key(image_key),
+            Some(record),
+            kept(&served),
+            Instant::now(),
+        );
+        self.mark_served(image_key);
         Ok(served)
     }
 
@@ -240,7 +365,8 @@ impl Images {
         Ok(served)
     }
 
-    /// Reads a manifest and checks it against its digest.
+    /// Reads a manifest (or index) and checks it against its digest; its
+    /// media type is what it states, else `media_type`.
     async fn manifest(&self, digest: &str, media_type: &str) -> Result<Option<Served>, ImageError> {
         let Some(bytes) = self
             .storage
@@ -257,10 +383,11 @@ impl Images {
             });
         }
         self.remember_blobs(&bytes);
+        let media_type = media_type_of(&bytes).unwrap_or_else(|| media_type.to_string());
         Ok(Some(Served {
             bytes,
             digest: digest.to_string(),
-            media_type: media_type.to_string(),
+            media_type,
             cached: false,
         }))
     }

@@ -23,14 +23,26 @@ pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// An image index (image-spec `image-index.md`): one manifest per platform.
+pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker's name for an index, which Docker clients ask for.
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// A content descriptor (image-spec `descriptor.md`).
+/// A content descriptor (image-spec `descriptor.md`). The optional fields
+/// are left out when empty, so descriptors without them keep their bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     pub media_type: String,
     pub digest: String,
     pub size: u64,
+    /// The platform of a manifest in an index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Platform>,
+    /// The artifact type of a manifest in a referrers index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
 }
 
 impl Descriptor {
@@ -40,8 +52,60 @@ impl Descriptor {
             media_type: media_type.to_string(),
             digest: sha256_digest(bytes),
             size: bytes.len() as u64,
+            platform: None,
+            artifact_type: None,
         }
     }
+}
+
+/// `os` and `architecture` of an image (image-index `platform`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+impl Platform {
+    pub fn linux(architecture: &str) -> Platform {
+        Platform {
+            architecture: architecture.to_string(),
+            os: "linux".to_string(),
+        }
+    }
+}
+
+/// An image index: the manifests of one image for several platforms, or
+/// the artifacts that refer to a manifest (the referrers API's answer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIndex {
+    pub schema_version: u32,
+    pub media_type: String,
+    pub manifests: Vec<Descriptor>,
+}
+
+impl ImageIndex {
+    pub fn new(manifests: Vec<Descriptor>) -> ImageIndex {
+        ImageIndex {
+            schema_version: 2,
+            media_type: MEDIA_TYPE_INDEX.to_string(),
+            manifests,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an index always serialises")
+    }
+}
+
+/// The media type a stored manifest or index states (its `mediaType`).
+pub fn media_type_of(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Typed {
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Typed>(bytes).ok()?.media_type
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,8 +113,14 @@ impl Descriptor {
 pub struct Manifest {
     pub schema_version: u32,
     pub media_type: String,
+    /// What an artifact manifest holds (an SBOM, ...); none for images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
+    /// The manifest an artifact is about (the referrers API lists it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Descriptor>,
 }
 
 impl Manifest {
@@ -58,8 +128,10 @@ impl Manifest {
         Manifest {
             schema_version: 2,
             media_type: MEDIA_TYPE_MANIFEST.to_string(),
+            artifact_type: None,
             config,
             layers,
+            subject: None,
         }
     }
 

@@ -60,6 +60,19 @@ impl Arch {
     }
 }
 
+impl std::str::FromStr for Arch {
+    type Err = String;
+
+    /// `amd64` or `arm64`, as OCI names them.
+    fn from_str(name: &str) -> Result<Arch, String> {
+        match name {
+            "amd64" => Ok(Arch::Amd64),
+            "arm64" => Ok(Arch::Arm64),
+            other => Err(format!("{other:?} is not a platform (amd64 or arm64)")),
+        }
+    }
+}
+
 /// What is wrong with a repository name or tag.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -88,6 +101,9 @@ pub struct ImageSpec {
     pub arch: Arch,
     /// The tag as given; how it selects a package source is the source's business.
     pub tag: String,
+    /// Whether the name chose the architecture (a leading `arm64`): such
+    /// an image is for that platform only, whatever the registry serves.
+    pub arch_given: bool,
 }
 
 impl PartialEq for ImageSpec {
@@ -133,7 +149,16 @@ impl ImageSpec {
             packages,
             arch,
             tag: tag.to_string(),
+            arch_given: arch == Arch::Arm64,
         })
+    }
+
+    /// The same image for another platform.
+    pub fn for_arch(&self, arch: Arch) -> ImageSpec {
+        ImageSpec {
+            arch,
+            ..self.clone()
+        }
     }
 }
 

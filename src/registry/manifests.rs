@@ -6,24 +6,25 @@
 //! ([`crate::images`]); this module only speaks HTTP.
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use super::pages::base_url;
 use super::{json_response, AppState, RegistryError, DIGEST_HEADER};
 use crate::images::{ImageError, Served};
 use crate::oci::digest;
-use crate::oci::manifest::MEDIA_TYPE_MANIFEST;
+use crate::oci::manifest::{MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST};
 use crate::oci::name::{self, ImageSpec, NameError};
 
-/// `base_url`: this registry as the client reached it, for the build
-/// status URL an unfinished or failed build's error gives.
+/// `headers`: the client's, for the host it reached (the build status URL
+/// an unfinished or failed build's error gives) and the types it accepts.
 pub(super) async fn get(
     state: &AppState,
     name: &str,
     reference: &str,
     head: bool,
     may_build: bool,
-    base_url: &str,
+    headers: &HeaderMap,
 ) -> Result<Response, RegistryError> {
     name::validate_name(name).map_err(RegistryError::NameInvalid)?;
     let served = if reference.contains(':') {
@@ -40,12 +41,12 @@ pub(super) async fn get(
         })?;
         let served = state
             .images
-            .get_or_build(&spec, reference, may_build)
+            .get_or_build(&spec, reference, may_build, accepts_index(headers))
             .await
             .map_err(|e| match e {
                 ImageError::Build { image_key, error } => RegistryError::Build {
                     error,
-                    status_url: format!("{base_url}/builds/{image_key}"),
+                    status_url: format!("{}/builds/{image_key}", base_url(headers)),
                 },
                 e => RegistryError::Image(e),
             })?;
@@ -53,6 +54,21 @@ pub(super) async fn get(
         served
     };
     Ok(manifest_response(served, head))
+}
+
+/// Whether the client takes an image index: it names an index type (OCI's
+/// or Docker's), `*/*`, or no type at all.
+fn accepts_index(headers: &HeaderMap) -> bool {
+    let mut types = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.split(';').next().unwrap_or_default().trim())
+        .filter(|t| !t.is_empty())
+        .peekable();
+    types.peek().is_none()
+        || types.any(|t| matches!(t, MEDIA_TYPE_INDEX | MEDIA_TYPE_DOCKER_LIST | "*/*"))
 }
 
 fn manifest_response(served: Served, head: bool) -> Response {

@@ -185,8 +185,7 @@ async fn v2(
     let may_build = auth::may_build(&state, req.extensions().get::<auth::Caller>());
     match kind {
         "manifests" => {
-            let base_url = pages::base_url(req.headers());
-            manifests::get(&state, name, reference, head, may_build, &base_url).await
+            manifests::get(&state, name, reference, head, may_build, req.headers()).await
         }
         "blobs" => blobs::get(&state, name, reference, head).await,
         _ => Err(no_route()),
