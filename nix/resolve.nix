@@ -19,8 +19,17 @@
 # Nix code. The result, printed as JSON, is
 #
 #   { "packages": [ { "name": "hello", "drvPath": "/nix/store/...drv",
-#                     "outputs": [ "out" ], "paths": [ "/nix/store/...-hello" ] } ],
+#                     "outputs": [ "out" ], "paths": [ "/nix/store/...-hello" ],
+#                     "meta": { "pname": "hello", "version": "2.12.1",
+#                               "license": [ "GPL-3.0-or-later" ],
+#                               "homepage": "https://...", "description": "..." } } ],
 #     "unknown":  [ "names that are not packages" ] }
+#
+# `meta` is what the package set says about a package without building it
+# (for the image's SBOM): each field is null (or an empty list) when the
+# package does not say, says it with another type, or throws. `license`
+# holds only SPDX identifiers (`meta.license.spdxId`, of one license or of
+# each in a list); licenses without one are left out.
 #
 # Implicit packages the set lacks are left out silently; requested ones are
 # listed in "unknown". Evaluating `drvPath` with --read-write-mode writes the
@@ -75,14 +84,60 @@ let
     in
       if found.success && isDerivation found.value then found.value else null;
 
+  # The value of `x`, or null if evaluating it throws. Everything below is
+  # printed with --strict, so a throw left in any field would fail the
+  # whole request: meta is informative, and a package with a broken one
+  # (nixpkgs marks removed or insecure packages with throws) still
+  # resolves. tryEval catches only `throw` and `assert`, so each value is
+  # also type-checked before it is looked into or returned.
+  try = x: let r = builtins.tryEval x; in if r.success then r.value else null;
+
+  stringOr = x: if builtins.isString x then x else null;
+
+  metaOf = drv:
+    let m = try (drv.meta or { }); in if builtins.isAttrs m then m else { };
+
+  # meta.license is one license or a list of them (attrsets as in
+  # nixpkgs' lib.licenses, or free-form strings, which are no SPDX ids).
+  spdxIds = license:
+    let
+      one = element:
+        let l = try element; in
+        if builtins.isAttrs l then stringOr (try (l.spdxId or null)) else null;
+      all = if builtins.isAttrs license then [ license ]
+        else if builtins.isList license then license
+        else [ ];
+    in
+      builtins.filter (id: id != null) (map one all);
+
+  # A string, or the first element of a list that is one (nixpkgs allows
+  # a list of homepages).
+  firstString = x:
+    if builtins.isList x then
+      (if builtins.length x > 0 then stringOr (try (builtins.head x)) else null)
+    else stringOr x;
+
+  describeMeta = drv:
+    let
+      m = metaOf drv;
+      field = name: try (m.${name} or null);
+    in {
+      pname = stringOr (try (drv.pname or null));
+      version = stringOr (try (drv.version or null));
+      license = spdxIds (field "license");
+      homepage = firstString (field "homepage");
+      description = stringOr (field "description");
+    };
+
   outputsOf = drv:
-    drv.meta.outputsToInstall or [ (drv.outputName or "out") ];
+    (metaOf drv).outputsToInstall or [ (drv.outputName or "out") ];
 
   describe = r: rec {
     inherit (r) name;
     drvPath = r.drv.drvPath;
     outputs = outputsOf r.drv;
     paths = map (o: r.drv.${o}.outPath) outputs;
+    meta = describeMeta r.drv;
   };
 
   resolve = names: map (name: { inherit name; drv = lookup name; }) names;

@@ -26,6 +26,7 @@ pub mod nix;
 pub mod pack;
 pub mod popularity;
 pub mod progress;
+pub mod sbom;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -718,6 +719,8 @@ impl Builder {
                 media_type: l.media_type,
                 digest: l.digest,
                 size: l.size,
+                platform: None,
+                artifact_type: None,
             })
             .collect();
         let config =

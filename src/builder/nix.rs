@@ -113,6 +113,27 @@ pub struct ResolvedPackage {
     pub outputs: Vec<String>,
     /// Store paths of `outputs`, in the same order.
     pub paths: Vec<String>,
+    /// What the package set says about the package, for the SBOM. Absent
+    /// from the output of an older resolver (or a hand-written one), so
+    /// defaulted rather than required.
+    #[serde(default)]
+    pub meta: PackageMeta,
+}
+
+/// A package's `pname`, `version` and `meta` fields as `nix/resolve.nix`
+/// reads them without building anything: informative only, and written by
+/// the package set's author, so never used as a path, option or code.
+/// A field the package does not set (or sets to something else, or that
+/// throws) is `None`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PackageMeta {
+    pub pname: Option<String>,
+    pub version: Option<String>,
+    /// SPDX license identifiers (`meta.license.spdxId`, of each license).
+    pub license: Vec<String>,
+    pub homepage: Option<String>,
+    pub description: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -593,6 +614,46 @@ mod tests {
             a["/nix/store/a-x"].references,
             vec!["/nix/store/b-y".to_string()]
         );
+    }
+
+    #[test]
+    fn resolve_output_parses_with_and_without_meta() {
+        let json = br#"{"packages":[
+            {"name":"hello","drvPath":"/nix/store/yvk3jvafqy8dyj6y3dbddjn7brw8w4i4-hello-2.12.1.drv",
+             "outputs":["out"],"paths":["/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-hello-2.12.1"],
+             "meta":{"pname":"hello","version":"2.12.1","license":["GPL-3.0-or-later"],
+                     "homepage":"https://www.gnu.org/software/hello/","description":"Prints"}},
+            {"name":"jq","drvPath":"/nix/store/yvk3jvafqy8dyj6y3dbddjn7brw8w4i4-jq-1.6.drv",
+             "outputs":["out"],"paths":["/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-jq-1.6"],
+             "meta":{"pname":null,"version":null,"license":[],"homepage":null,"description":null}},
+            {"name":"old","drvPath":"/nix/store/yvk3jvafqy8dyj6y3dbddjn7brw8w4i4-old.drv",
+             "outputs":["out"],"paths":["/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-old"]},
+            {"name":"partial","drvPath":"/nix/store/yvk3jvafqy8dyj6y3dbddjn7brw8w4i4-p.drv",
+             "outputs":["out"],"paths":["/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-p"],
+             "meta":{"version":"1"}}],
+            "unknown":["nope"]}"#;
+        let resolved: Resolved = serde_json::from_slice(json).unwrap();
+        let meta: Vec<&PackageMeta> = resolved.packages.iter().map(|p| &p.meta).collect();
+        assert_eq!(
+            meta[0],
+            &PackageMeta {
+                pname: Some("hello".into()),
+                version: Some("2.12.1".into()),
+                license: vec!["GPL-3.0-or-later".into()],
+                homepage: Some("https://www.gnu.org/software/hello/".into()),
+                description: Some("Prints".into()),
+            }
+        );
+        assert_eq!(meta[1], &PackageMeta::default());
+        assert_eq!(meta[2], &PackageMeta::default());
+        assert_eq!(
+            meta[3],
+            &PackageMeta {
+                version: Some("1".into()),
+                ..PackageMeta::default()
+            }
+        );
+        assert_eq!(resolved.unknown, vec!["nope".to_string()]);
     }
 
     #[test]
