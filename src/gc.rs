@@ -100,6 +100,10 @@ pub async fn collect(
         match records::read::<ImageRecord>(storage, &image.key).await {
             Ok(Some(record)) => {
                 live_manifests.insert(hex_of(&record.manifest_digest).to_string());
+                // Its SBOM goes with it.
+                if let Some(sbom) = &record.sbom {
+                    live_manifests.insert(hex_of(sbom).to_string());
+                }
                 if record.media_type == MEDIA_TYPE_INDEX {
                     live_indexes.push(record.manifest_digest.clone());
                 }
@@ -134,6 +138,14 @@ pub async fn collect(
             Err(_) => report.unreadable.push(key),
         }
     }
+
+    // Referrers indexes go with the manifest they are about.
+    let referrers = storage.list("referrers/").await?;
+    report.scanned += referrers.len();
+    doomed.extend(referrers.into_iter().filter(|r| {
+        let subject = r.key.trim_start_matches("referrers/");
+        !live_manifests.contains(subject) && !young(r)
+    }));
 
     // Manifests, and the blobs the live ones name.
     let mut live_blobs = HashSet::new();

@@ -95,6 +95,7 @@ async fn image(storage: &dyn Storage, name: &str, layers: &[&str]) -> Vec<String
         packages: vec![name.to_string()],
         architecture: "amd64".to_string(),
         built_at: unix_now() - 40 * DAY,
+        sbom: None,
     };
     let record_key = storage::image_key(name);
     records::write(storage, &record_key, &record).await.unwrap();

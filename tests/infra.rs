@@ -15,8 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use nixery::config::variables;
+use nixery::config::{variables, Cli, Command as CliCommand};
 use nixery::metrics;
+use nixery::oci::name::Arch;
 use serde_json::{json, Value};
 
 const TEMPLATE: &str = "infra/template.yaml";
@@ -76,6 +77,16 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     ("NIXERY_LAYER_BUDGET", SetOn::Function, "part of the image key; the request carries it"),
     ("NIXERY_IMPLICIT_PACKAGES", SetOn::Function, "part of the image key; the request carries it"),
     ("NIXERY_COMPRESSION", SetOn::Function, "part of the image key; the request carries it"),
+    (
+        "NIXERY_PLATFORMS",
+        SetOn::Function,
+        "the function answers a tag with one image or an index of one per platform, and sends one build per platform",
+    ),
+    (
+        "NIXERY_ARM64_QUEUE_URL",
+        SetOn::Function,
+        "the function sends aarch64-linux builds to the arm64 workers' queue, when the stack has arm64 workers; they read it as their NIXERY_QUEUE_URL",
+    ),
     (
         "NIXERY_CACHE_TTL",
         SetOn::Neither,
@@ -480,6 +491,15 @@ fn exactly_one_package_source_is_set() {
     assert!(!env.contains_key("NIXERY_PKGS_PATH"));
 }
 
+/// The queues workers take builds from: those with a dead-letter queue.
+fn build_queues() -> Vec<&'static str> {
+    resources_of_type("AWS::SQS::Queue")
+        .into_iter()
+        .filter(|(_, q)| !q["Properties"]["RedrivePolicy"].is_null())
+        .map(|(name, _)| name)
+        .collect()
+}
+
 #[test]
 fn timeouts_fit_together() {
     let (_, function) = only_resource("AWS::Serverless::Function");
@@ -505,14 +525,15 @@ fn timeouts_fit_together() {
     // commands of NIX_TIMEOUT each, then packing), for every allowed value.
     let worker = worker_env();
     assert_eq!(worker["NIX_TIMEOUT"].value, json!({ "Ref": "NixTimeout" }));
-    let (_, queue) = resources_of_type("AWS::SQS::Queue")
-        .into_iter()
-        .find(|(_, q)| !q["Properties"]["RedrivePolicy"].is_null())
-        .expect("a build queue with a dead-letter queue");
-    assert_eq!(
-        queue["Properties"]["VisibilityTimeout"],
-        json!({ "Fn::FindInMap": ["NixTimeouts", { "Ref": "NixTimeout" }, "VisibilityTimeout"] })
-    );
+    let build_queues = build_queues();
+    assert!(build_queues.contains(&"BuildQueue"), "{build_queues:?}");
+    for name in build_queues {
+        assert_eq!(
+            resource(name)["Properties"]["VisibilityTimeout"],
+            json!({ "Fn::FindInMap": ["NixTimeouts", { "Ref": "NixTimeout" }, "VisibilityTimeout"] }),
+            "{name}"
+        );
+    }
     let nix_timeout = parameter("NixTimeout");
     let allowed = nix_timeout["AllowedValues"]
         .as_array()
@@ -684,6 +705,8 @@ const MONITORING_ALARMS: &[&str] = &[
     "BuildFailureRateAlarm",
     "FunctionErrorsAlarm",
 ];
+/// And those of the arm64 workers, which exist only with them.
+const ARM64_MONITORING_ALARMS: &[&str] = &["Arm64DeadLetterAlarm"];
 
 /// What the function and the worker write (src/metrics.rs), by service.
 const FUNCTION_METRICS: &[&str] = &[
@@ -746,31 +769,85 @@ fn condition_value(v: &Value, given: &[(&str, &str)]) -> String {
     }
 }
 
+/// Whether a condition expression (of a condition, or of a rule) holds for
+/// these parameter values.
+fn expression_holds(v: &Value, given: &[(&str, &str)]) -> bool {
+    let (function, arg) = v
+        .as_object()
+        .and_then(|o| o.iter().next())
+        .unwrap_or_else(|| panic!("a condition function, not {v}"));
+    let args = || {
+        arg.as_array()
+            .expect("the arguments of a condition function")
+    };
+    match function.as_str() {
+        "Condition" => condition_holds(arg.as_str().expect("a condition name"), given),
+        "Fn::Not" => !expression_holds(&args()[0], given),
+        "Fn::And" => args().iter().all(|a| expression_holds(a, given)),
+        "Fn::Or" => args().iter().any(|a| expression_holds(a, given)),
+        "Fn::Equals" => condition_value(&args()[0], given) == condition_value(&args()[1], given),
+        other => panic!("{other} in a condition"),
+    }
+}
+
 /// Whether a condition of the template holds for these parameter values.
 fn condition_holds(name: &str, given: &[(&str, &str)]) -> bool {
-    fn holds(v: &Value, given: &[(&str, &str)]) -> bool {
-        let (function, arg) = v
-            .as_object()
-            .and_then(|o| o.iter().next())
-            .unwrap_or_else(|| panic!("a condition function, not {v}"));
-        let args = || {
-            arg.as_array()
-                .expect("the arguments of a condition function")
-        };
-        match function.as_str() {
-            "Condition" => condition_holds(arg.as_str().expect("a condition name"), given),
-            "Fn::Not" => !holds(&args()[0], given),
-            "Fn::And" => args().iter().all(|a| holds(a, given)),
-            "Fn::Or" => args().iter().any(|a| holds(a, given)),
-            "Fn::Equals" => {
-                condition_value(&args()[0], given) == condition_value(&args()[1], given)
-            }
-            other => panic!("{other} in a condition"),
-        }
-    }
     let condition = &template()["Conditions"][name];
     assert!(!condition.is_null(), "{TEMPLATE} has no condition {name}");
-    holds(condition, given)
+    expression_holds(condition, given)
+}
+
+/// A value as deployed with these parameter values: each `Fn::If` replaced
+/// by the branch its condition picks, `AWS::NoValue` (in a list or a map)
+/// left out; `None` if the value itself is `AWS::NoValue`.
+fn resolve_ifs(v: &Value, given: &[(&str, &str)]) -> Option<Value> {
+    if let Some([condition, yes, no]) = v.get("Fn::If").and_then(Value::as_array).map(Vec::as_slice)
+    {
+        let condition = condition.as_str().expect("a condition name");
+        return resolve_ifs(
+            if condition_holds(condition, given) {
+                yes
+            } else {
+                no
+            },
+            given,
+        );
+    }
+    match v {
+        _ if is_no_value(v) => None,
+        Value::Array(items) => Some(Value::Array(
+            items.iter().filter_map(|i| resolve_ifs(i, given)).collect(),
+        )),
+        Value::Object(map) => Some(Value::Object(
+            map.iter()
+                .filter_map(|(k, i)| resolve_ifs(i, given).map(|i| (k.clone(), i)))
+                .collect(),
+        )),
+        other => Some(other.clone()),
+    }
+}
+
+/// The rules whose assertions fail for these parameter values (the stack
+/// would not deploy).
+fn failing_rules(given: &[(&str, &str)]) -> Vec<&'static str> {
+    let rules = template()["Rules"]
+        .as_object()
+        .expect("the template has Rules");
+    rules
+        .iter()
+        .filter(|(_, rule)| {
+            rule.get("RuleCondition")
+                .is_none_or(|condition| expression_holds(condition, given))
+        })
+        .filter(|(_, rule)| {
+            rule["Assertions"]
+                .as_array()
+                .expect("a rule's Assertions")
+                .iter()
+                .any(|a| !expression_holds(&a["Assert"], given))
+        })
+        .map(|(name, _)| name.as_str())
+        .collect()
 }
 
 #[test]
@@ -799,7 +876,7 @@ fn alarms_notify_the_alarm_email_only_when_one_is_given() {
         assert_eq!(subscription["Condition"], condition, "{name}");
     }
 
-    for name in MONITORING_ALARMS {
+    for name in MONITORING_ALARMS.iter().chain(ARM64_MONITORING_ALARMS) {
         assert_eq!(
             alarm(name)["AlarmActions"],
             json!({ "Fn::If": [condition, [{ "Ref": topic }], { "Ref": "AWS::NoValue" }] }),
@@ -815,7 +892,7 @@ fn alarms_notify_the_alarm_email_only_when_one_is_given() {
             (20..=1024).contains(&description.len()),
             "{name}: {description:?}"
         );
-        if MONITORING_ALARMS.contains(&name) {
+        if MONITORING_ALARMS.contains(&name) || ARM64_MONITORING_ALARMS.contains(&name) {
             assert!(
                 description.contains("logs") || description.contains("queue"),
                 "{name} says where to look: {description:?}"
@@ -824,33 +901,63 @@ fn alarms_notify_the_alarm_email_only_when_one_is_given() {
     }
 }
 
+/// The dead-letter queue of a build queue.
+fn dead_letter_queue(queue: &str) -> &'static str {
+    let (dead_letters, attribute) =
+        get_att(&resource(queue)["Properties"]["RedrivePolicy"]["deadLetterTargetArn"])
+            .unwrap_or_else(|| panic!("{queue}: the dead-letter target is a queue of the stack"));
+    assert_eq!(attribute, "Arn", "{queue}");
+    assert_eq!(resource(dead_letters)["Type"], "AWS::SQS::Queue", "{queue}");
+    assert!(
+        resource(dead_letters)["Properties"]["RedrivePolicy"].is_null(),
+        "{dead_letters} keeps what it gets"
+    );
+    dead_letters
+}
+
 #[test]
 fn the_dead_letter_alarm_watches_the_build_queues_dead_letter_queue() {
-    let (_, queue) = resources_of_type("AWS::SQS::Queue")
-        .into_iter()
-        .find(|(_, q)| !q["Properties"]["RedrivePolicy"].is_null())
-        .expect("a build queue with a dead-letter queue");
-    let (dead_letters, attribute) =
-        get_att(&queue["Properties"]["RedrivePolicy"]["deadLetterTargetArn"])
-            .expect("the dead-letter target is a queue of the stack");
-    assert_eq!(attribute, "Arn");
-
-    let alarm = alarm("DeadLetterAlarm");
-    assert_eq!(alarm["Namespace"], "AWS/SQS");
-    assert_eq!(alarm["MetricName"], "ApproximateNumberOfMessagesVisible");
-    let dimensions = alarm["Dimensions"].as_array().expect("Dimensions");
-    assert_eq!(dimensions.len(), 1, "{dimensions:?}");
-    assert_eq!(dimensions[0]["Name"], "QueueName");
+    // Each build queue's dead letters have an alarm, under the condition
+    // the queue exists on.
+    let pairs = [
+        ("BuildQueue", "DeadLetterAlarm"),
+        ("Arm64BuildQueue", "Arm64DeadLetterAlarm"),
+    ];
     assert_eq!(
-        get_att(&dimensions[0]["Value"]),
-        Some((dead_letters, "QueueName"))
+        build_queues().into_iter().collect::<BTreeSet<_>>(),
+        pairs.iter().map(|(queue, _)| *queue).collect(),
+        "every build queue has a dead-letter alarm"
     );
-    assert_eq!(alarm["Statistic"], "Maximum");
-    assert_eq!(number(&alarm["Period"]), 300);
-    assert_eq!(number(&alarm["EvaluationPeriods"]), 1);
-    assert_eq!(number(&alarm["Threshold"]), 1);
-    assert_eq!(alarm["ComparisonOperator"], "GreaterThanOrEqualToThreshold");
-    assert_eq!(alarm["TreatMissingData"], "notBreaching");
+    for (queue, name) in pairs {
+        let dead_letters = dead_letter_queue(queue);
+        assert_eq!(
+            resource(dead_letters)["Condition"],
+            resource(queue)["Condition"],
+            "{dead_letters} exists with {queue}"
+        );
+        assert_eq!(
+            resource(name)["Condition"],
+            resource(queue)["Condition"],
+            "{name}"
+        );
+        let alarm = alarm(name);
+        assert_eq!(alarm["Namespace"], "AWS/SQS");
+        assert_eq!(alarm["MetricName"], "ApproximateNumberOfMessagesVisible");
+        let dimensions = alarm["Dimensions"].as_array().expect("Dimensions");
+        assert_eq!(dimensions.len(), 1, "{dimensions:?}");
+        assert_eq!(dimensions[0]["Name"], "QueueName");
+        assert_eq!(
+            get_att(&dimensions[0]["Value"]),
+            Some((dead_letters, "QueueName")),
+            "{name}"
+        );
+        assert_eq!(alarm["Statistic"], "Maximum");
+        assert_eq!(number(&alarm["Period"]), 300);
+        assert_eq!(number(&alarm["EvaluationPeriods"]), 1);
+        assert_eq!(number(&alarm["Threshold"]), 1);
+        assert_eq!(alarm["ComparisonOperator"], "GreaterThanOrEqualToThreshold");
+        assert_eq!(alarm["TreatMissingData"], "notBreaching");
+    }
 }
 
 #[test]
@@ -934,8 +1041,10 @@ fn the_function_errors_alarm_watches_the_registry_function() {
 
 /// A `Fn::Sub` string with each `${name}` replaced by `<name>`, and the
 /// names; each must be a parameter, a resource (or its attribute), a
-/// pseudo parameter or one of the Sub's own variables.
-fn sub_with_placeholders(sub: &Value) -> (String, Vec<String>) {
+/// pseudo parameter or one of the Sub's own variables. A variable whose
+/// value is a string, or a `Fn::Sub`, after the `Fn::If`s are decided by
+/// the `given` parameter values, is put in place (itself substituted so).
+fn sub_with_placeholders(sub: &Value, given: &[(&str, &str)]) -> (String, Vec<String>) {
     let (text, variables) = match sub {
         Value::String(text) => (text.as_str(), None),
         Value::Array(parts) => (
@@ -958,14 +1067,31 @@ fn sub_with_placeholders(sub: &Value) -> (String, Vec<String>) {
         }
         let end = rest.find('}').expect("an unclosed ${");
         let name = &rest[..end];
-        let known = variables.is_some_and(|v| v.contains_key(name))
+        rest = &rest[end + 1..];
+        let variable = variables.and_then(|v| v.get(name)).map(|v| {
+            resolve_ifs(v, given)
+                .unwrap_or_else(|| panic!("${{{name}}}: AWS::NoValue is no Sub variable"))
+        });
+        match &variable {
+            Some(Value::String(text)) => {
+                out.push_str(text);
+                continue;
+            }
+            Some(inner) if inner.get("Fn::Sub").is_some() => {
+                let (text, inner_names) = sub_with_placeholders(&inner["Fn::Sub"], given);
+                out.push_str(&text);
+                names.extend(inner_names);
+                continue;
+            }
+            _ => {}
+        }
+        let known = variable.is_some()
             || name.starts_with("AWS::")
             || !template()["Parameters"][name].is_null()
             || !template()["Resources"][name.split('.').next().unwrap()].is_null();
         assert!(known, "${{{name}}} names nothing in {TEMPLATE}");
         out.push_str(&format!("<{name}>"));
         names.push(name.to_string());
-        rest = &rest[end + 1..];
     }
     out.push_str(rest);
     (out, names)
@@ -1047,144 +1173,176 @@ fn search_terms<'a>(expression: &'a str, key: &str) -> Vec<&'a str> {
 fn the_dashboard_shows_the_metrics_the_code_writes_and_no_others() {
     let (dashboard, dashboard_resource) = only_resource("AWS::CloudWatch::Dashboard");
     let properties = &dashboard_resource["Properties"];
-    let (name, _) = sub_with_placeholders(&properties["DashboardName"]["Fn::Sub"]);
+    let (name, _) = sub_with_placeholders(&properties["DashboardName"]["Fn::Sub"], &[]);
     // Dashboards are global to the account: the region keeps two stacks of
     // one name apart.
     assert_eq!(name, "<AWS::StackName>-<AWS::Region>");
-    let (body, _) = sub_with_placeholders(&properties["DashboardBody"]["Fn::Sub"]);
-    let body: Value = serde_json::from_str(&body)
-        .unwrap_or_else(|e| panic!("{dashboard}'s body is not JSON after substitution: {e}"));
-
-    // Every widget on the 24-column grid, none over another.
-    let widgets = body["widgets"].as_array().expect("widgets");
-    let boxes: Vec<[u64; 4]> = widgets
-        .iter()
-        .map(|w| ["x", "y", "width", "height"].map(|k| number(&w[k])))
-        .collect();
-    for (i, [x, y, w, h]) in boxes.iter().enumerate() {
-        assert!(x + w <= 24, "{}", widgets[i]);
-        for [x2, y2, w2, h2] in &boxes[i + 1..] {
-            let apart = x + w <= *x2 || x2 + w2 <= *x || y + h <= *y2 || y2 + h2 <= *y;
-            assert!(apart, "{} overlaps another widget", widgets[i]);
-        }
-    }
-
-    let (shown, expressions) = dashboard_metrics(&body);
-    let mut nixery = BTreeSet::new();
-    for metric in &shown {
-        if metric.namespace != metrics::NAMESPACE {
-            continue;
-        }
-        let service = service_of(&metric.name).unwrap_or_else(|| {
+    for (given, arm64) in [(&[][..], false), (WITH_ARM64_WORKERS, true)] {
+        let (body, _) = sub_with_placeholders(&properties["DashboardBody"]["Fn::Sub"], given);
+        let body: Value = serde_json::from_str(&body).unwrap_or_else(|e| {
             panic!(
-                "the dashboard shows {}, which nixery::metrics does not name",
-                metric.name
+                "{dashboard}'s body is not JSON after substitution (arm64 workers: {arm64}): {e}"
             )
         });
-        assert_eq!(
-            metric.dimensions,
-            BTreeMap::from([(metrics::SERVICE_DIMENSION.to_string(), service.to_string())]),
-            "{metric:?}"
-        );
-        nixery.insert(metric.name.as_str());
-    }
-    // Searches (errors by code) name metrics and dimensions too.
-    let mut by_code = false;
-    for expression in &expressions {
-        let Some(schema) = expression
-            .split_once('{')
-            .and_then(|(_, rest)| rest.split_once('}'))
-            .map(|(schema, _)| schema)
-        else {
-            continue;
-        };
-        let mut schema = schema.split(',').map(str::trim);
-        if schema.next() != Some(metrics::NAMESPACE) {
-            continue;
-        }
-        let dimensions: BTreeSet<&str> = schema.collect();
-        for dimension in &dimensions {
-            assert!(
-                [metrics::SERVICE_DIMENSION, metrics::ERROR_CODE_DIMENSION].contains(dimension),
-                "{expression}: no metric has the dimension {dimension}"
-            );
-        }
-        let names = search_terms(expression, "MetricName");
-        assert!(!names.is_empty(), "{expression}: name the metric");
-        for name in names {
-            let service = service_of(name)
-                .unwrap_or_else(|| panic!("{expression}: nixery::metrics does not name {name}"));
-            assert_eq!(
-                search_terms(expression, metrics::SERVICE_DIMENSION),
-                [service],
-                "{expression}"
-            );
-            if dimensions.contains(metrics::ERROR_CODE_DIMENSION) {
-                assert_eq!(name, metrics::ERRORS, "only Errors has an ErrorCode");
-                by_code = true;
+
+        // Every widget on the 24-column grid, none over another.
+        let widgets = body["widgets"].as_array().expect("widgets");
+        let boxes: Vec<[u64; 4]> = widgets
+            .iter()
+            .map(|w| ["x", "y", "width", "height"].map(|k| number(&w[k])))
+            .collect();
+        for (i, [x, y, w, h]) in boxes.iter().enumerate() {
+            assert!(x + w <= 24, "{}", widgets[i]);
+            for [x2, y2, w2, h2] in &boxes[i + 1..] {
+                let apart = x + w <= *x2 || x2 + w2 <= *x || y + h <= *y2 || y2 + h2 <= *y;
+                assert!(apart, "{} overlaps another widget", widgets[i]);
             }
-            nixery.insert(name);
         }
-    }
-    assert!(by_code, "the dashboard shows errors by code");
-    let written: BTreeSet<&str> = FUNCTION_METRICS
-        .iter()
-        .chain(WORKER_METRICS)
-        .copied()
-        .collect();
-    assert_eq!(
-        nixery, written,
-        "the dashboard shows every metric the code writes"
-    );
 
-    let stats_of = |namespace: &str, name: &str| -> BTreeSet<&str> {
-        shown
+        let (shown, expressions) = dashboard_metrics(&body);
+        let mut nixery = BTreeSet::new();
+        for metric in &shown {
+            if metric.namespace != metrics::NAMESPACE {
+                continue;
+            }
+            let service = service_of(&metric.name).unwrap_or_else(|| {
+                panic!(
+                    "the dashboard shows {}, which nixery::metrics does not name",
+                    metric.name
+                )
+            });
+            assert_eq!(
+                metric.dimensions,
+                BTreeMap::from([(metrics::SERVICE_DIMENSION.to_string(), service.to_string())]),
+                "{metric:?}"
+            );
+            nixery.insert(metric.name.as_str());
+        }
+        // Searches (errors by code) name metrics and dimensions too.
+        let mut by_code = false;
+        for expression in &expressions {
+            let Some(schema) = expression
+                .split_once('{')
+                .and_then(|(_, rest)| rest.split_once('}'))
+                .map(|(schema, _)| schema)
+            else {
+                continue;
+            };
+            let mut schema = schema.split(',').map(str::trim);
+            if schema.next() != Some(metrics::NAMESPACE) {
+                continue;
+            }
+            let dimensions: BTreeSet<&str> = schema.collect();
+            for dimension in &dimensions {
+                assert!(
+                    [metrics::SERVICE_DIMENSION, metrics::ERROR_CODE_DIMENSION].contains(dimension),
+                    "{expression}: no metric has the dimension {dimension}"
+                );
+            }
+            let names = search_terms(expression, "MetricName");
+            assert!(!names.is_empty(), "{expression}: name the metric");
+            for name in names {
+                let service = service_of(name).unwrap_or_else(|| {
+                    panic!("{expression}: nixery::metrics does not name {name}")
+                });
+                assert_eq!(
+                    search_terms(expression, metrics::SERVICE_DIMENSION),
+                    [service],
+                    "{expression}"
+                );
+                if dimensions.contains(metrics::ERROR_CODE_DIMENSION) {
+                    assert_eq!(name, metrics::ERRORS, "only Errors has an ErrorCode");
+                    by_code = true;
+                }
+                nixery.insert(name);
+            }
+        }
+        assert!(by_code, "the dashboard shows errors by code");
+        let written: BTreeSet<&str> = FUNCTION_METRICS
             .iter()
-            .filter(|m| m.namespace == namespace && m.name == name)
-            .filter_map(|m| m.stat.as_deref())
-            .collect()
-    };
-    let duration = stats_of(metrics::NAMESPACE, metrics::BUILD_DURATION);
-    for stat in ["p50", "p90", "Maximum"] {
+            .chain(WORKER_METRICS)
+            .copied()
+            .collect();
+        assert_eq!(
+            nixery, written,
+            "the dashboard shows every metric the code writes"
+        );
+
+        let stats_of = |namespace: &str, name: &str| -> BTreeSet<&str> {
+            shown
+                .iter()
+                .filter(|m| m.namespace == namespace && m.name == name)
+                .filter_map(|m| m.stat.as_deref())
+                .collect()
+        };
+        let duration = stats_of(metrics::NAMESPACE, metrics::BUILD_DURATION);
+        for stat in ["p50", "p90", "Maximum"] {
+            assert!(
+                duration.contains(stat),
+                "build duration {stat}: {duration:?}"
+            );
+        }
+
+        // The queues and the function, by the stack's own names.
+        let shows = |namespace: &str, name: &str, dimension: &str, value: &str| {
+            assert!(
+                shown.iter().any(|m| m.namespace == namespace
+                    && m.name == name
+                    && m.dimensions
+                        == BTreeMap::from([(dimension.to_string(), value.to_string())])),
+                "the dashboard does not show {namespace} {name} of {value}"
+            );
+        };
+        let depth = "ApproximateNumberOfMessagesVisible";
+        let mut queues = vec!["BuildQueue"];
+        if arm64 {
+            queues.push("Arm64BuildQueue");
+        }
+        for queue in queues {
+            shows(
+                "AWS/SQS",
+                depth,
+                "QueueName",
+                &format!("<{queue}.QueueName>"),
+            );
+            shows(
+                "AWS/SQS",
+                "ApproximateNumberOfMessagesNotVisible",
+                "QueueName",
+                &format!("<{queue}.QueueName>"),
+            );
+            shows(
+                "AWS/SQS",
+                depth,
+                "QueueName",
+                &format!("<{}.QueueName>", dead_letter_queue(queue)),
+            );
+        }
+        if !arm64 {
+            assert!(
+                !body.to_string().contains("Arm64"),
+                "without arm64 workers the dashboard names none of their resources"
+            );
+        }
+        let (function, _) = only_resource("AWS::Serverless::Function");
+        for name in ["Duration", "Errors", "Throttles"] {
+            shows("AWS/Lambda", name, "FunctionName", &format!("<{function}>"));
+        }
+
+        // The alarms that call for a person, at the top.
+        let arm64_alarms = if arm64 { ARM64_MONITORING_ALARMS } else { &[] };
+        let alarms: Vec<String> = MONITORING_ALARMS
+            .iter()
+            .chain(arm64_alarms)
+            .map(|a| format!("<{a}.Arn>"))
+            .collect();
         assert!(
-            duration.contains(stat),
-            "build duration {stat}: {duration:?}"
+            widgets
+                .iter()
+                .any(|w| w["type"] == "alarm" && w["properties"]["alarms"] == json!(alarms)),
+            "an alarm widget with {alarms:?}"
         );
     }
-
-    // The queues and the function, by the stack's own names.
-    let shows = |namespace: &str, name: &str, dimension: &str, value: &str| {
-        assert!(
-            shown.iter().any(|m| m.namespace == namespace
-                && m.name == name
-                && m.dimensions == BTreeMap::from([(dimension.to_string(), value.to_string())])),
-            "the dashboard does not show {namespace} {name} of {value}"
-        );
-    };
-    let depth = "ApproximateNumberOfMessagesVisible";
-    shows("AWS/SQS", depth, "QueueName", "<BuildQueue.QueueName>");
-    shows(
-        "AWS/SQS",
-        depth,
-        "QueueName",
-        "<BuildDeadLetterQueue.QueueName>",
-    );
-    let (function, _) = only_resource("AWS::Serverless::Function");
-    for name in ["Duration", "Errors", "Throttles"] {
-        shows("AWS/Lambda", name, "FunctionName", &format!("<{function}>"));
-    }
-
-    // The alarms that call for a person, at the top.
-    let alarms: Vec<String> = MONITORING_ALARMS
-        .iter()
-        .map(|a| format!("<{a}.Arn>"))
-        .collect();
-    assert!(
-        widgets
-            .iter()
-            .any(|w| w["type"] == "alarm" && w["properties"]["alarms"] == json!(alarms)),
-        "an alarm widget with {alarms:?}"
-    );
 
     // And the stack says where it is.
     let url = template()["Outputs"]
@@ -1198,6 +1356,368 @@ fn the_dashboard_shows_the_metrics_the_code_writes_and_no_others() {
         url.starts_with("https://")
             && url.contains("/cloudwatch/home?region=${AWS::Region}#dashboards"),
         "{url}"
+    );
+}
+
+// --- platforms and the arm64 workers ---------------------------------------------
+
+/// Parameter values that give the stack arm64 workers.
+const WITH_ARM64_WORKERS: &[(&str, &str)] = &[(
+    "Arm64WorkerImageUri",
+    "123456789012.dkr.ecr.us-east-1.amazonaws.com/nixery-worker:arm64",
+)];
+
+/// The condition every resource of the arm64 workers exists on.
+const ARM64_CONDITION: &str = "HasArm64Workers";
+
+/// The arm64 workers' resources, each with the x86_64 one it mirrors.
+const ARM64_TWINS: &[(&str, &str)] = &[
+    ("Arm64BuildDeadLetterQueue", "BuildDeadLetterQueue"),
+    ("Arm64BuildQueue", "BuildQueue"),
+    ("Arm64WorkerTaskDefinition", "WorkerTaskDefinition"),
+    ("Arm64WorkerService", "WorkerService"),
+    ("Arm64WorkerScalableTarget", "WorkerScalableTarget"),
+    ("Arm64WorkerScaleOutPolicy", "WorkerScaleOutPolicy"),
+    ("Arm64WorkerScaleInPolicy", "WorkerScaleInPolicy"),
+    ("Arm64BuildsWaitingAlarm", "BuildsWaitingAlarm"),
+    ("Arm64WorkersIdleAlarm", "WorkersIdleAlarm"),
+    ("Arm64DeadLetterAlarm", "DeadLetterAlarm"),
+];
+
+/// Where an arm64 resource may differ from its twin (JSON pointers), beyond
+/// naming the arm64 resources where the twin names the x86_64 ones.
+const ARM64_DIFFERENCES: &[(&str, &str)] = &[
+    ("Arm64WorkerTaskDefinition", "/Properties/Family"),
+    (
+        "Arm64WorkerTaskDefinition",
+        "/Properties/RuntimePlatform/CpuArchitecture",
+    ),
+    (
+        "Arm64WorkerTaskDefinition",
+        "/Properties/ContainerDefinitions/0/Image",
+    ),
+    (
+        "Arm64WorkerTaskDefinition",
+        "/Properties/ContainerDefinitions/0/LogConfiguration/Options/awslogs-stream-prefix",
+    ),
+    // Fargate Spot runs no ARM64 tasks.
+    (
+        "Arm64WorkerService",
+        "/Properties/CapacityProviderStrategy/0/CapacityProvider",
+    ),
+    ("Arm64WorkerScaleOutPolicy", "/Properties/PolicyName"),
+    ("Arm64WorkerScaleInPolicy", "/Properties/PolicyName"),
+    ("Arm64BuildsWaitingAlarm", "/Properties/AlarmDescription"),
+    ("Arm64WorkersIdleAlarm", "/Properties/AlarmDescription"),
+    ("Arm64DeadLetterAlarm", "/Properties/AlarmDescription"),
+];
+
+/// A value with every arm64 resource's name replaced by its twin's (in
+/// `Ref`, `Fn::GetAtt` and `Fn::Sub` alike).
+fn as_twin(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(
+            ARM64_TWINS
+                .iter()
+                .fold(s.clone(), |s, (arm64, x86)| s.replace(arm64, x86)),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(as_twin).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), as_twin(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn the_platforms_the_template_allows_are_ones_the_code_accepts() {
+    let platforms = parameter("Platforms");
+    assert_eq!(
+        platforms["Default"], "amd64",
+        "amd64 images only, as before"
+    );
+    let allowed: Vec<&str> = platforms["AllowedValues"]
+        .as_array()
+        .expect("Platforms has AllowedValues")
+        .iter()
+        .map(|v| v.as_str().expect("a string"))
+        .collect();
+    assert_eq!(allowed, ["amd64", "amd64,arm64", "arm64"]);
+    for value in allowed {
+        let cli = <Cli as clap::Parser>::try_parse_from(["nixery", "serve", "--platforms", value])
+            .unwrap_or_else(|e| panic!("Platforms={value}: the code refuses it: {e}"));
+        let Some(CliCommand::Serve(args)) = cli.command else {
+            panic!("not serve");
+        };
+        let parsed = &args.image.platforms.0;
+        let want: Vec<Arch> = value
+            .split(',')
+            .map(|p| {
+                if p == "amd64" {
+                    Arch::Amd64
+                } else {
+                    Arch::Arm64
+                }
+            })
+            .collect();
+        assert_eq!(parsed, &want, "Platforms={value}");
+    }
+    assert_eq!(
+        function_env().get("NIXERY_PLATFORMS"),
+        Some(&Setting {
+            value: json!({ "Ref": "Platforms" }),
+            condition: None,
+        })
+    );
+}
+
+#[test]
+fn arm64_workers_exist_exactly_when_an_arm64_image_is_given() {
+    let image = parameter("Arm64WorkerImageUri");
+    assert_eq!(image["Type"], "String");
+    assert_eq!(image["Default"], "", "no arm64 workers unless asked for");
+    assert!(!condition_holds(ARM64_CONDITION, &[]));
+    assert!(condition_holds(ARM64_CONDITION, WITH_ARM64_WORKERS));
+
+    let resources = template()["Resources"].as_object().unwrap();
+    let twins: BTreeSet<&str> = ARM64_TWINS.iter().map(|(arm64, _)| *arm64).collect();
+    let conditional: BTreeSet<&str> = resources
+        .iter()
+        .filter(|(_, r)| r["Condition"] == ARM64_CONDITION)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(conditional, twins, "the resources of the arm64 workers");
+    let named: BTreeSet<&str> = resources
+        .keys()
+        .map(String::as_str)
+        .filter(|name| name.starts_with("Arm64"))
+        .collect();
+    assert_eq!(named, twins);
+
+    // Their outputs, likewise.
+    for (name, output) in template()["Outputs"].as_object().unwrap() {
+        if output.to_string().contains("Arm64") {
+            assert_eq!(output["Condition"], ARM64_CONDITION, "{name}");
+        }
+    }
+}
+
+#[test]
+fn the_arm64_workers_mirror_the_x86_64_workers() {
+    for (arm64, x86) in ARM64_TWINS {
+        let mut mirrored = as_twin(resource(arm64));
+        let twin = resource(x86);
+        assert!(twin["Condition"].is_null(), "{x86} always exists");
+        assert_eq!(
+            mirrored
+                .as_object_mut()
+                .unwrap()
+                .remove("Condition")
+                .as_ref()
+                .and_then(Value::as_str),
+            Some(ARM64_CONDITION),
+            "{arm64}"
+        );
+        for (_, pointer) in ARM64_DIFFERENCES.iter().filter(|(name, _)| name == arm64) {
+            let theirs = twin
+                .pointer(pointer)
+                .unwrap_or_else(|| panic!("{x86} has no {pointer}"));
+            let ours = mirrored
+                .pointer_mut(pointer)
+                .unwrap_or_else(|| panic!("{arm64} has no {pointer}"));
+            assert_ne!(
+                ours, theirs,
+                "{arm64}{pointer} is the same as {x86}'s: not a difference"
+            );
+            *ours = theirs.clone();
+        }
+        assert_eq!(
+            &mirrored, twin,
+            "{arm64} differs from {x86} beyond ARM64_DIFFERENCES: change both, or list the difference"
+        );
+    }
+}
+
+#[test]
+fn the_arm64_workers_run_on_graviton_and_take_builds_from_their_own_queue() {
+    let task = resource("Arm64WorkerTaskDefinition");
+    assert_eq!(task["Condition"], ARM64_CONDITION);
+    let properties = &task["Properties"];
+    assert_eq!(
+        properties["RuntimePlatform"],
+        json!({ "CpuArchitecture": "ARM64", "OperatingSystemFamily": "LINUX" })
+    );
+    assert_eq!(properties["RequiresCompatibilities"], json!(["FARGATE"]));
+    assert_eq!(
+        properties["ContainerDefinitions"][0]["Image"],
+        json!({ "Ref": "Arm64WorkerImageUri" })
+    );
+    let service = &resource("Arm64WorkerService")["Properties"];
+    assert_eq!(
+        service["TaskDefinition"],
+        json!({ "Ref": "Arm64WorkerTaskDefinition" })
+    );
+    assert_eq!(
+        service["CapacityProviderStrategy"],
+        json!([{ "CapacityProvider": "FARGATE", "Weight": 1 }]),
+        "Fargate Spot runs no ARM64 tasks"
+    );
+
+    // The arm64 workers read their queue, and the function sends arm64
+    // builds to that same queue, exactly when it exists.
+    let env = task_env("Arm64WorkerTaskDefinition");
+    let queue = env["NIXERY_QUEUE_URL"].value["Ref"]
+        .as_str()
+        .expect("NIXERY_QUEUE_URL is a queue of the stack");
+    assert_eq!(env["NIXERY_QUEUE_URL"].condition, None);
+    assert_eq!(queue, "Arm64BuildQueue");
+    assert_eq!(resource(queue)["Type"], "AWS::SQS::Queue");
+    assert_eq!(resource(queue)["Condition"], ARM64_CONDITION);
+    assert_eq!(
+        function_env().get("NIXERY_ARM64_QUEUE_URL"),
+        Some(&Setting {
+            value: json!({ "Ref": queue }),
+            condition: Some((ARM64_CONDITION.to_string(), true)),
+        }),
+        "the function sends aarch64-linux builds to the arm64 workers' queue, and only when there is one"
+    );
+    assert_eq!(
+        worker_env()["NIXERY_QUEUE_URL"].value,
+        json!({ "Ref": "BuildQueue" }),
+        "the x86_64 workers keep the other queue"
+    );
+
+    // With a dead-letter queue of its own, as the x86_64 queue has.
+    let dead_letters = dead_letter_queue(queue);
+    assert_ne!(dead_letters, dead_letter_queue("BuildQueue"));
+    assert_eq!(resource(dead_letters)["Condition"], ARM64_CONDITION);
+    assert_eq!(
+        resource(queue)["Properties"]["RedrivePolicy"]["maxReceiveCount"],
+        json!({ "Ref": "MaxReceiveCount" })
+    );
+}
+
+/// Whether a role allows an action on the `Arn` of a resource of the
+/// stack, when deployed with these parameter values.
+fn allows(role: &str, action: &str, target: &str, given: &[(&str, &str)]) -> bool {
+    statements(role).iter().any(|statement| {
+        let Some(statement) = resolve_ifs(statement, given) else {
+            return false;
+        };
+        let resources = match &statement["Resource"] {
+            Value::Array(items) => items.clone(),
+            one => vec![one.clone()],
+        };
+        statement["Effect"] == "Allow"
+            && actions(&statement).contains(&action)
+            && resources
+                .iter()
+                .any(|r| get_att(r) == Some((target, "Arn")))
+    })
+}
+
+/// The role a resource's property names by its `Arn`.
+fn role_of(resource_name: &str, property: &str) -> &'static str {
+    match get_att(&resource(resource_name)["Properties"][property]) {
+        Some((role, "Arn")) => role,
+        other => panic!("{resource_name}.{property} is not a role of the stack: {other:?}"),
+    }
+}
+
+#[test]
+fn the_worker_role_takes_and_the_function_sends_arm64_builds_only_with_arm64_workers() {
+    let worker_role = role_of("Arm64WorkerTaskDefinition", "TaskRoleArn");
+    assert_eq!(
+        worker_role,
+        role_of("WorkerTaskDefinition", "TaskRoleArn"),
+        "the arm64 workers share the x86_64 workers' role"
+    );
+    let (function, _) = only_resource("AWS::Serverless::Function");
+    let function_role = role_of(function, "Role");
+    let take = [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueAttributes",
+    ];
+    for (given, arm64) in [(&[][..], false), (WITH_ARM64_WORKERS, true)] {
+        for action in take {
+            assert!(allows(worker_role, action, "BuildQueue", given), "{action}");
+            assert_eq!(
+                allows(worker_role, action, "Arm64BuildQueue", given),
+                arm64,
+                "{worker_role}: {action} on Arm64BuildQueue (arm64 workers: {arm64})"
+            );
+            assert!(
+                !allows(function_role, action, "Arm64BuildQueue", given),
+                "{function_role} only sends"
+            );
+        }
+        assert!(allows(
+            function_role,
+            "sqs:SendMessage",
+            "BuildQueue",
+            given
+        ));
+        assert_eq!(
+            allows(function_role, "sqs:SendMessage", "Arm64BuildQueue", given),
+            arm64,
+            "{function_role}: sqs:SendMessage on Arm64BuildQueue (arm64 workers: {arm64})"
+        );
+        assert!(!allows(
+            worker_role,
+            "sqs:SendMessage",
+            "Arm64BuildQueue",
+            given
+        ));
+    }
+    // Without arm64 workers no policy names their queue at all (it would
+    // not deploy: the queue does not exist).
+    for role in [worker_role, function_role] {
+        let resolved = resolve_ifs(resource(role), &[]).unwrap().to_string();
+        assert!(!resolved.contains("Arm64"), "{role}: {resolved}");
+    }
+}
+
+#[test]
+fn rules_allow_arm64_images_without_arm64_workers() {
+    // Platforms with arm64 and no arm64 workers deploys: the x86_64
+    // workers download aarch64-linux packages from the binary cache
+    // (docs/deploy.md says what that cannot build).
+    let platforms: Vec<&str> = parameter("Platforms")["AllowedValues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for value in platforms {
+        assert_eq!(
+            failing_rules(&[("Platforms", value)]),
+            Vec::<&str>::new(),
+            "{value}"
+        );
+        let with_workers: Vec<(&str, &str)> = WITH_ARM64_WORKERS
+            .iter()
+            .copied()
+            .chain([("Platforms", value)])
+            .collect();
+        assert_eq!(
+            failing_rules(&with_workers),
+            Vec::<&str>::new(),
+            "{value} with arm64 workers"
+        );
+    }
+    // arm64 workers are beside x86_64 ones, not instead of them.
+    let arm64_only: Vec<(&str, &str)> = WITH_ARM64_WORKERS
+        .iter()
+        .copied()
+        .chain([("WorkerArchitecture", "ARM64")])
+        .collect();
+    assert_eq!(failing_rules(&arm64_only), ["Arm64WorkersBesideX86Workers"]);
+    assert_eq!(
+        failing_rules(&[("WorkerArchitecture", "ARM64")]),
+        Vec::<&str>::new(),
+        "ARM64 workers alone are still fine"
     );
 }
 

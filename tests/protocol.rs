@@ -267,14 +267,17 @@ async fn client_mistakes_get_spec_errors() {
     }
 
     // Unknown endpoints.
-    for path in [
-        "/v2/_catalog",
-        "/v2/hello/referrers/latest",
-        "/nothing-here",
-    ] {
+    for path in ["/v2/_catalog", "/v2/hello/tags/other", "/nothing-here"] {
         let r = c.get(server.url(path)).send().await.unwrap();
         expect_error(r, StatusCode::NOT_FOUND, "UNSUPPORTED").await;
     }
+    // Referrers are listed by digest only.
+    let r = c
+        .get(server.url("/v2/hello/referrers/latest"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, StatusCode::BAD_REQUEST, "DIGEST_INVALID").await;
     assert_eq!(
         server.builds_started(),
         0,

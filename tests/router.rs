@@ -104,6 +104,7 @@ async fn store_image(storage: &MemoryStorage, request: &BuildRequest) -> ImageRe
         packages: request.packages.clone(),
         architecture: request.architecture.clone(),
         built_at: unix_now(),
+        sbom: None,
     };
     records::write(storage, &storage::image_key(&request.image_key), &record)
         .await

@@ -363,3 +363,98 @@ in {
     assert_eq!(fine.homepage.as_deref(), Some("https://example.org/fine"));
     assert_eq!(fine.description.as_deref(), Some("Fine"));
 }
+
+/// What the registry answers at `path`, as JSON, with its content type.
+async fn get_json(server: &common::Server, path: &str) -> (String, serde_json::Value) {
+    let response = reqwest::get(server.url(path)).await.unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (content_type, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn every_image_s_sbom_is_found_through_the_referrers_api() {
+    let server = common::Server::start();
+    let response = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let image = response.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    let (content_type, index) =
+        get_json(&server, &format!("/v2/shell/hello/referrers/{image}")).await;
+    assert_eq!(content_type, "application/vnd.oci.image.index.v1+json");
+    let listed = index["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{index}");
+    assert_eq!(listed[0]["artifactType"], nixery::builder::sbom::MEDIA_TYPE);
+
+    // The artifact manifest names the image as its subject, and the SBOM.
+    let artifact = listed[0]["digest"].as_str().unwrap();
+    let (_, manifest) = get_json(&server, &format!("/v2/shell/hello/manifests/{artifact}")).await;
+    assert_eq!(manifest["subject"]["digest"], image.as_str());
+    assert_eq!(manifest["artifactType"], nixery::builder::sbom::MEDIA_TYPE);
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.empty.v1+json"
+    );
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let document = reqwest::get(server.url(&format!("/v2/shell/hello/blobs/{layer}")))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    validate(&write(dir.path(), &document)).unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&document).unwrap();
+    assert!(
+        parsed["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "hello" && p["versionInfo"] == "2.12.1"),
+        "{parsed}"
+    );
+
+    // Filtered by artifact type, which the answer says.
+    let filtered = reqwest::get(server.url(&format!(
+        "/v2/shell/hello/referrers/{image}?artifactType=application%2Fspdx%2Bjson"
+    )))
+    .await
+    .unwrap();
+    assert_eq!(filtered.headers()["oci-filters-applied"], "artifactType");
+    let filtered: serde_json::Value = filtered.json().await.unwrap();
+    assert_eq!(filtered["manifests"].as_array().unwrap().len(), 1);
+    let (_, other) = get_json(
+        &server,
+        &format!("/v2/shell/hello/referrers/{image}?artifactType=application/vnd.example"),
+    )
+    .await;
+    assert_eq!(other["manifests"], serde_json::json!([]));
+
+    // A manifest nothing refers to has an empty list; a bad digest is a
+    // registry error.
+    let (_, none) = get_json(&server, &format!("/v2/shell/hello/referrers/{artifact}")).await;
+    assert_eq!(none["manifests"], serde_json::json!([]));
+    let bad = reqwest::get(server.url("/v2/shell/hello/referrers/sha256:nothex"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    // skopeo reads the artifact like any manifest, and checks its blobs.
+    let copy = dir.path().join("artifact");
+    common::skopeo_copy(
+        &server,
+        &format!("shell/hello@{artifact}"),
+        &format!("dir:{}", copy.display()),
+    );
+    let copied: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(copied["subject"]["digest"], image.as_str());
+}

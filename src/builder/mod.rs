@@ -562,7 +562,7 @@ impl Builder {
                 image,
                 progress,
                 "commit",
-                self.commit(request, layers, config),
+                self.commit(request, layers, config, &outputs.packages, &closure),
             )
             .await?;
         Ok((record, stats))
@@ -705,12 +705,16 @@ impl Builder {
         Ok((record, config))
     }
 
-    /// `commit`: the config blob, the manifest, then the image record.
+    /// `commit`: the config blob, the manifest, the SBOM (an artifact
+    /// whose subject is the manifest, listed in the manifest's referrers),
+    /// then the image record.
     async fn commit(
         &self,
         request: &BuildRequest,
         layers: Vec<LayerRecord>,
         custom: CustomConfig,
+        roots: &[nix::ResolvedPackage],
+        closure: &Closure,
     ) -> Result<ImageRecord, BuildError> {
         let diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
         let descriptors = layers
@@ -746,13 +750,33 @@ impl Builder {
             },
         )
         .await?;
+        let built_at = unix_now();
+        let subject = Descriptor {
+            media_type: manifest::MEDIA_TYPE_MANIFEST.to_string(),
+            digest: manifest_digest.clone(),
+            size,
+            platform: None,
+            artifact_type: None,
+        };
+        let document = sbom::spdx(&sbom::SbomInput {
+            image_name: &request.name,
+            image_key: &request.image_key,
+            manifest_digest: &manifest_digest,
+            created: built_at,
+            roots,
+            closure,
+        });
+        let sbom = self
+            .store_artifact(subject, sbom::MEDIA_TYPE, document)
+            .await?;
         let record = ImageRecord {
             manifest_digest,
             media_type: manifest::MEDIA_TYPE_MANIFEST.to_string(),
             size,
             packages: request.packages.clone(),
             architecture: request.architecture.clone(),
-            built_at: unix_now(),
+            built_at,
+            sbom: Some(sbom),
         };
         records::write(
             &*self.storage,
@@ -761,6 +785,55 @@ impl Builder {
         )
         .await?;
         Ok(record)
+    }
+
+    /// An artifact about `subject` (its SBOM): the document as a blob, the
+    /// empty config, an artifact manifest naming both and the subject,
+    /// and the subject's referrers index listing it. The manifest's digest.
+    async fn store_artifact(
+        &self,
+        subject: Descriptor,
+        artifact_type: &str,
+        document: Vec<u8>,
+    ) -> Result<String, BuildError> {
+        let empty = Bytes::from_static(manifest::EMPTY_JSON);
+        let config = Descriptor::of(manifest::MEDIA_TYPE_EMPTY, &empty);
+        let layer = Descriptor::of(artifact_type, &document);
+        for (descriptor, bytes) in [(&config, empty), (&layer, Bytes::from(document))] {
+            let key = storage::blob_key(hex_of(&descriptor.digest));
+            let digest = descriptor.digest.clone();
+            self.store_blob(&key, Blob::Bytes { digest, bytes }).await?;
+        }
+        let subject_hex = hex_of(&subject.digest).to_string();
+        let artifact = Manifest {
+            artifact_type: Some(artifact_type.to_string()),
+            subject: Some(subject),
+            ..Manifest::new(config, vec![layer])
+        }
+        .to_bytes();
+        let digest = sha256_digest(&artifact);
+        let listed = Descriptor {
+            artifact_type: Some(artifact_type.to_string()),
+            ..Descriptor::of(manifest::MEDIA_TYPE_MANIFEST, &artifact)
+        };
+        self.store_blob(
+            &storage::manifest_key(hex_of(&digest)),
+            Blob::Bytes {
+                digest: digest.clone(),
+                bytes: Bytes::from(artifact),
+            },
+        )
+        .await?;
+        // The newest build's artifact is the one listed: a rebuild of an
+        // image (the same manifest) describes it anew.
+        let referrers = manifest::ImageIndex::new(vec![listed]).to_bytes();
+        self.storage
+            .put(
+                &storage::referrers_key(&subject_hex),
+                Bytes::from(referrers),
+            )
+            .await?;
+        Ok(digest)
     }
 
     /// One layer under `key`: its record if the blob is still there, else

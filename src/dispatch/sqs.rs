@@ -594,6 +594,7 @@ mod tests {
             packages: vec!["hello".into()],
             architecture: "amd64".into(),
             built_at: now(),
+            sbom: None,
         }
     }
 

@@ -165,6 +165,7 @@ mod tests {
             packages: vec!["hello".to_string()],
             architecture: "amd64".to_string(),
             built_at,
+            sbom: None,
         }
     }
 

@@ -309,6 +309,7 @@ impl Images {
             packages: spec.packages.iter().cloned().collect(),
             architecture: images_architectures(&self.settings.platforms),
             built_at: unix_now(),
+            sbom: None,
         };
         records::write(&*self.storage, &key, &record).await?;
         tracing::info!(index = %index_key, digest = %record.manifest_digest, name = %spec.name, "image index stored");

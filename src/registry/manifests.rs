@@ -6,15 +6,18 @@
 //! ([`crate::images`]); this module only speaks HTTP.
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::pages::base_url;
 use super::{json_response, AppState, RegistryError, DIGEST_HEADER};
 use crate::images::{ImageError, Served};
 use crate::oci::digest;
-use crate::oci::manifest::{MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST};
+use crate::oci::manifest::{
+    ImageIndex, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST,
+};
 use crate::oci::name::{self, ImageSpec, NameError};
+use crate::storage;
 
 /// `headers`: the client's, for the host it reached (the build status URL
 /// an unfinished or failed build's error gives) and the types it accepts.
@@ -90,6 +93,45 @@ fn manifest_response(served: Served, head: bool) -> Response {
         headers.insert(DIGEST_HEADER, value);
     }
     response
+}
+
+/// `GET /v2/<name>/referrers/<digest>` (distribution spec 1.1, "Listing
+/// Referrers"): an image index of the artifact manifests whose subject is
+/// that manifest (its SBOM), empty if none; `?artifactType=` filters it,
+/// which `OCI-Filters-Applied` says.
+pub(super) async fn referrers(
+    state: &AppState,
+    name: &str,
+    reference: &str,
+    query: Option<&str>,
+) -> Result<Response, RegistryError> {
+    name::validate_name(name).map_err(RegistryError::NameInvalid)?;
+    let hex = digest::parse(reference)?;
+    let stored = state.storage.get(&storage::referrers_key(hex)).await?;
+    let mut index = stored
+        .and_then(|bytes| serde_json::from_slice::<ImageIndex>(&bytes).ok())
+        .unwrap_or_else(|| ImageIndex::new(vec![]));
+    let wanted = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == "artifactType")
+        .map(|(_, value)| value.into_owned());
+    if let Some(wanted) = &wanted {
+        index
+            .manifests
+            .retain(|m| m.artifact_type.as_deref() == Some(wanted.as_str()));
+    }
+    let mut response = json_response(index.to_bytes());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(MEDIA_TYPE_INDEX),
+    );
+    if wanted.is_some() {
+        headers.insert(
+            HeaderName::from_static("oci-filters-applied"),
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok(response)
 }
 
 /// Every name can be pulled as `latest`; other tags select a package

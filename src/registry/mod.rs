@@ -7,6 +7,7 @@
 //! | `GET`/`HEAD /v2/<name>/manifests/sha256:<hex>` | a stored manifest |
 //! | `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>` | a layer or config (bytes, or a redirect to them) |
 //! | `GET /v2/<name>/tags/list` | the tags that can be pulled |
+//! | `GET /v2/<name>/referrers/sha256:<hex>` | the artifacts about a manifest (its SBOM), as an index |
 //! | anything that writes | 405 `UNSUPPORTED` |
 //! | `GET /` | a landing page: how to pull, the source, builds in progress |
 //! | `GET /builds`, `/api/builds` (and `/<image-key>`) | build status ([`builds`]) |
@@ -188,6 +189,9 @@ async fn v2(
             manifests::get(&state, name, reference, head, may_build, req.headers()).await
         }
         "blobs" => blobs::get(&state, name, reference, head).await,
+        "referrers" if !head => {
+            manifests::referrers(&state, name, reference, req.uri().query()).await
+        }
         _ => Err(no_route()),
     }
 }

@@ -228,6 +228,11 @@ pub fn manifest_key(hex: &str) -> String {
 }
 
 /// `layers/<layer-key>`
+/// `referrers/<hex>`: the referrers index of a manifest (its artifacts).
+pub fn referrers_key(hex: &str) -> String {
+    format!("referrers/{hex}")
+}
+
 pub fn layer_key(key: &str) -> String {
     format!("layers/{key}")
 }

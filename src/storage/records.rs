@@ -29,6 +29,10 @@ pub struct ImageRecord {
     pub architecture: String,
     /// Unix seconds; only in the record, never in the image.
     pub built_at: u64,
+    /// The digest of the image's SBOM artifact manifest, which garbage
+    /// collection keeps with it (none for indexes and older images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<String>,
 }
 
 /// Whether something made at `at` (Unix seconds) is recent enough for a
@@ -112,6 +116,7 @@ mod tests {
             packages: vec![],
             architecture: "amd64".into(),
             built_at: 100,
+            sbom: None,
         };
         assert!(record.is_current(0));
         assert!(record.is_current(100));
