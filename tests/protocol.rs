@@ -506,3 +506,69 @@ async fn several_platforms_give_an_index_unless_the_client_takes_none() {
     // Two builds in all: one per platform.
     assert_eq!(server.builds_started(), 2);
 }
+
+#[tokio::test]
+async fn declared_images_are_pulled_by_name_with_their_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("images.json");
+    std::fs::write(
+        &file,
+        r#"{"images": {
+            "team/api-base": {"packages": ["shell", "hello"], "config": {
+                "Cmd": ["hello"], "Entrypoint": ["/bin/env"], "Env": ["GREETING=hi"],
+                "WorkingDir": "/srv", "User": "1000:1000",
+                "ExposedPorts": {"8080/tcp": {}}, "Labels": {"team": "api"}}},
+            "hello": {"packages": ["bashInteractive"]}}}"#,
+    )
+    .unwrap();
+    let file_url = format!("file://{}", file.display());
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_IMAGES", file_url.as_str())],
+    );
+    let c = client();
+    let response = c
+        .get(server.url("/v2/team/api-base/manifests/v1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", server.log());
+    let manifest: Value = response.json().await.unwrap();
+    let config = image_config(&server, "team/api-base", &manifest).await;
+    let run = &config["config"];
+    assert_eq!(run["Cmd"], serde_json::json!(["hello"]));
+    assert_eq!(run["Entrypoint"], serde_json::json!(["/bin/env"]));
+    assert_eq!(run["WorkingDir"], "/srv");
+    assert_eq!(run["User"], "1000:1000");
+    assert_eq!(run["ExposedPorts"], serde_json::json!({"8080/tcp": {}}));
+    assert_eq!(run["Labels"]["team"], "api");
+    let env: Vec<&str> = run["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"GREETING=hi"), "{env:?}");
+    assert!(env.iter().any(|v| v.starts_with("PATH=")), "{env:?}");
+
+    // A declared name wins over the package of the same name.
+    let hello = c
+        .get(server.url("/v2/hello/manifests/latest"))
+        .send()
+        .await
+        .unwrap();
+    let manifest: Value = hello.json().await.unwrap();
+    let config = image_config(&server, "hello", &manifest).await;
+    let log = server.log();
+    assert!(log.contains("name=hello"), "{log}");
+    assert!(
+        config["config"]["Cmd"] != serde_json::json!(["hello"]),
+        "{config}"
+    );
+    // The declared one was built from bashInteractive alone.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("build started") && l.contains("packages=[\"bashInteractive\"")),
+        "{log}"
+    );
+}

@@ -154,3 +154,40 @@ fn help_lists_every_setting_with_its_variable() {
         format!("nixery {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn an_invalid_declared_image_stops_the_start_naming_image_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_pkgs();
+    let storage = dir.path().join("storage");
+    let file = dir.path().join("images.json");
+    for (declaration, says) in [
+        (
+            r#"{"images": {"team/api": {"packages": ["hello"], "config": {"WorkingDir": "srv"}}}}"#,
+            r#"image "team/api": config.WorkingDir: "srv" is not an absolute path"#,
+        ),
+        (
+            r#"{"images": {"team/api": {"packages": ["hello"], "config": {"Cmdd": ["x"]}}}}"#,
+            "image \"team/api\": declaration: unknown field `Cmdd`",
+        ),
+        (
+            r#"{"images": {"Team": {"packages": ["hello"]}}}"#,
+            "image \"Team\": name",
+        ),
+    ] {
+        std::fs::write(&file, declaration).unwrap();
+        let error = start_error(&[
+            ("STORAGE_PATH", storage.to_str().unwrap()),
+            ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
+            ("NIXERY_IMAGES", file.to_str().unwrap()),
+        ]);
+        assert!(error.contains("NIXERY_IMAGES"), "{error}");
+        assert!(error.contains(says), "{error}");
+    }
+    let missing = start_error(&[
+        ("STORAGE_PATH", storage.to_str().unwrap()),
+        ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
+        ("NIXERY_IMAGES", "/nonexistent/images.json"),
+    ]);
+    assert!(missing.contains("NIXERY_IMAGES"), "{missing}");
+}

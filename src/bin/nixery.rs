@@ -18,6 +18,7 @@ use nixery::dispatch::single_flight::SingleFlight;
 use nixery::dispatch::sqs::{sqs_client, BySystem, QueueGit, SqsDispatch, SqsQueue};
 use nixery::dispatch::worker::Worker;
 use nixery::dispatch::Dispatch;
+use nixery::images::declared::Declarations;
 use nixery::images::Images;
 use nixery::metrics::Metrics;
 use nixery::oci::name::Arch;
@@ -103,7 +104,18 @@ async fn collect_garbage(config: GcConfig) -> anyhow::Result<()> {
 }
 
 /// The registry: under the Lambda runtime, or on a local port.
-async fn serve(config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
+async fn serve(mut config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
+    if let Some(file) = &config.declared_images {
+        let bytes = read_file_or_url(file, &config.storage)
+            .await
+            .context("loading the declared images (NIXERY_IMAGES)")?;
+        config.images.declared = Declarations::parse(&bytes)
+            .with_context(|| format!("NIXERY_IMAGES={file} is not valid"))?;
+        tracing::info!(
+            images = config.images.declared.len(),
+            "declared images loaded"
+        );
+    }
     let storage = storage::open(&config.storage)
         .await
         .context("opening storage")?;
@@ -215,13 +227,9 @@ async fn builder(
 
 /// The htpasswd file of a private registry.
 async fn auth(file: &str, scope: AuthScope, storage: &StorageConfig) -> anyhow::Result<Auth> {
-    let bytes = if file.contains("://") {
-        nixery::fetch::fetch(file, storage.s3_endpoint())
-            .await
-            .context("loading the htpasswd file (NIXERY_HTPASSWD)")?
-    } else {
-        std::fs::read(file).with_context(|| format!("reading NIXERY_HTPASSWD={file}"))?
-    };
+    let bytes = read_file_or_url(file, storage)
+        .await
+        .context("loading the htpasswd file (NIXERY_HTPASSWD)")?;
     let scope = match scope {
         AuthScope::Build => Scope::Build,
         AuthScope::All => Scope::All,
@@ -233,6 +241,15 @@ async fn auth(file: &str, scope: AuthScope, storage: &StorageConfig) -> anyhow::
 }
 
 /// Builds each package and counts references over their closures.
+/// A file by path, or by `file://`, `https://` or `s3://` URL.
+async fn read_file_or_url(file: &str, storage: &StorageConfig) -> anyhow::Result<Vec<u8>> {
+    if file.contains("://") {
+        Ok(nixery::fetch::fetch(file, storage.s3_endpoint()).await?)
+    } else {
+        std::fs::read(file).with_context(|| format!("reading {file}"))
+    }
+}
+
 async fn compute_popularity(config: PopularityConfig) -> anyhow::Result<Popularity> {
     let nix = Nix::new(config.nix.timeout);
     let sources = Sources::new(config.source, config.tag_ttl);

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::oci::digest::{hex_of, sha256_digest, sha256_hex};
-use crate::oci::manifest::{self, Descriptor, ImageConfig, Manifest};
+use crate::oci::manifest::{self, ConfigOverrides, Descriptor, ImageConfig, Manifest};
 use crate::oci::name::{Arch, ImageSpec};
 use crate::source::Resolved as ResolvedSource;
 use crate::storage::records::{self, unix_now, ImageRecord, LayerRecord, RecordError};
@@ -84,6 +84,9 @@ pub struct BuildRequest {
     pub name: String,
     #[serde(default)]
     pub tag: String,
+    /// What a declared image sets in its config; part of its key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigOverrides>,
 }
 
 impl BuildRequest {
@@ -99,7 +102,7 @@ impl BuildRequest {
         not_before: u64,
     ) -> BuildRequest {
         let packages: Vec<String> = spec.packages.iter().cloned().collect();
-        let image_key = image_key(
+        let mut image_key = image_key(
             &packages,
             spec.arch,
             &source.arg,
@@ -107,6 +110,10 @@ impl BuildRequest {
             implicit,
             compression,
         );
+        if let Some(config) = &spec.config {
+            let declared = serde_json::json!({ "image": image_key, "config": config });
+            image_key = sha256_hex(declared.to_string().as_bytes());
+        }
         BuildRequest {
             image_key,
             packages,
@@ -119,6 +126,7 @@ impl BuildRequest {
             compression,
             name: spec.name.clone(),
             tag: spec.tag.clone(),
+            config: spec.config.clone(),
         }
     }
 }
@@ -727,8 +735,12 @@ impl Builder {
                 artifact_type: None,
             })
             .collect();
-        let config =
-            ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd).to_bytes();
+        let config = ImageConfig::new(&request.architecture, diff_ids, custom.env, custom.cmd);
+        let config = match &request.config {
+            Some(overrides) => config.with(overrides),
+            None => config,
+        }
+        .to_bytes();
         let config_descriptor = Descriptor::of(manifest::MEDIA_TYPE_CONFIG, &config);
         let config_key = storage::blob_key(hex_of(&config_descriptor.digest));
         self.store_blob(

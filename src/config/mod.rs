@@ -332,6 +332,17 @@ pub struct ImageArgs {
     #[arg(long, env = "NIXERY_PLATFORMS", value_name = "NIXERY_PLATFORMS", hide_env = true, default_value = "amd64",
           value_parser = platforms)]
     pub platforms: Platforms,
+    /// Declared images: a JSON file (a path, `file://` or `s3://` URL)
+    /// naming images with their packages and config (`Cmd`, `Entrypoint`,
+    /// `Env`, `WorkingDir`, `User`, `ExposedPorts`, `Labels`); a declared
+    /// name wins over reading it as a package list.
+    #[arg(
+        long,
+        env = "NIXERY_IMAGES",
+        value_name = "NIXERY_IMAGES",
+        hide_env = true
+    )]
+    pub images: Option<String>,
 }
 
 /// The platforms of `NIXERY_PLATFORMS`, in order, each once.
@@ -491,6 +502,8 @@ pub struct ServeConfig {
     pub failure_ttl: Duration,
     pub storage: StorageConfig,
     pub images: ImageSettings,
+    /// Where the declared images are (`NIXERY_IMAGES`), if anywhere.
+    pub declared_images: Option<String>,
     pub builds: BuildMode,
 }
 
@@ -627,11 +640,14 @@ impl ServeArgs {
                 implicit_packages: self.image.implicit_packages.0,
                 compression: self.image.compression,
                 platforms: self.image.platforms.0,
+                // Read by the binary at start (`NIXERY_IMAGES`).
+                declared: Default::default(),
                 cache: CacheLimits {
                     ttl: Duration::from_secs(self.image.cache_ttl),
                     max_bytes: self.image.cache_size as usize,
                 },
             },
+            declared_images: self.image.images.clone(),
             builds,
         })
     }
@@ -1117,7 +1133,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 37, "{vars:?}");
+        assert_eq!(vars.len(), 38, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

@@ -568,6 +568,7 @@ mod tests {
             compression: Default::default(),
             name: "hello".into(),
             tag: "latest".into(),
+            config: None,
         }
     }
 

@@ -19,6 +19,7 @@
 //! content-addressed and never built, are read from storage directly).
 
 pub mod cache;
+pub mod declared;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ use crate::source::{SourceError, Sources};
 use crate::storage::records::{self, unix_now, ImageRecord, RecordError};
 use crate::storage::{self, Storage, StorageError};
 use cache::{CacheLimits, ManifestCache};
+use declared::Declarations;
 
 /// The most blob digests remembered (about 100 bytes each).
 const KNOWN_BLOBS_MAX: usize = 100_000;
@@ -100,6 +102,8 @@ pub struct ImageSettings {
     /// The platforms a name without `arm64` is built for; more than one
     /// gives an image index.
     pub platforms: Vec<Arch>,
+    /// Images declared by name (`NIXERY_IMAGES`).
+    pub declared: Declarations,
     /// How long, and within how much memory, served manifests are kept.
     pub cache: CacheLimits,
 }
@@ -112,6 +116,7 @@ impl Default for ImageSettings {
             implicit_packages: vec!["cacert".to_string(), "iana-etc".to_string()],
             compression: Compression::Gzip,
             platforms: vec![Arch::Amd64],
+            declared: Declarations::default(),
             cache: CacheLimits {
                 ttl: Duration::from_secs(3600),
                 max_bytes: 64 << 20,

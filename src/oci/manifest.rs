@@ -15,6 +15,8 @@
 //! assert!(String::from_utf8(manifest.to_bytes()).unwrap().contains("\"schemaVersion\":2"));
 //! ```
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::digest::sha256_digest;
@@ -154,12 +156,120 @@ pub struct ImageConfig {
     pub history: Vec<History>,
 }
 
+/// How the image runs (image-spec `config.md`, `config`). Fields left
+/// empty are left out, so images without them keep their bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunConfig {
     #[serde(rename = "Env")]
     pub env: Vec<String>,
     #[serde(rename = "Cmd", skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(
+        rename = "WorkingDir",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub working_dir: Option<String>,
+    #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(
+        rename = "ExposedPorts",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub exposed_ports: BTreeMap<String, Empty>,
+    #[serde(rename = "Labels", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `{}`: the value of each exposed port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// What a declared image sets in its config, over what the build finds
+/// (the fields of [`RunConfig`] people set; see `images::declared`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigOverrides {
+    #[serde(rename = "Cmd", default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(
+        rename = "Entrypoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub entrypoint: Option<Vec<String>>,
+    /// `KEY=value`, over the build's own (`PATH`, certificates).
+    #[serde(rename = "Env", default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    #[serde(
+        rename = "WorkingDir",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub working_dir: Option<String>,
+    #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `port/tcp`, `port/udp` or `port/sctp` (a bare port means tcp).
+    #[serde(
+        rename = "ExposedPorts",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub exposed_ports: BTreeMap<String, Empty>,
+    #[serde(rename = "Labels", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ConfigOverrides {
+    /// What the image spec requires of each field: the field and why not.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        for var in &self.env {
+            let name = var
+                .split_once('=')
+                .map(|(name, _)| name)
+                .unwrap_or_default();
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(("Env", format!("{var:?} is not KEY=value")));
+            }
+        }
+        if let Some(dir) = &self.working_dir {
+            if !dir.starts_with('/') {
+                return Err(("WorkingDir", format!("{dir:?} is not an absolute path")));
+            }
+        }
+        if let Some(user) = &self.user {
+            if user.is_empty() || user.contains(|c: char| c.is_whitespace() || c.is_control()) {
+                return Err((
+                    "User",
+                    format!("{user:?} is not a user (name, uid, or user:group)"),
+                ));
+            }
+        }
+        for port in self.exposed_ports.keys() {
+            let (number, protocol) = port.split_once('/').unwrap_or((port, "tcp"));
+            let number_ok = number.parse::<u16>().is_ok_and(|n| n > 0);
+            if !number_ok || !matches!(protocol, "tcp" | "udp" | "sctp") {
+                return Err((
+                    "ExposedPorts",
+                    format!("{port:?} is not port/tcp, port/udp or port/sctp"),
+                ));
+            }
+        }
+        for list in [&self.cmd, &self.entrypoint].into_iter().flatten() {
+            if list.iter().any(|arg| arg.contains('\0')) {
+                return Err(("Cmd", "arguments cannot hold NUL".to_string()));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,13 +300,43 @@ impl ImageConfig {
         ImageConfig {
             architecture: architecture.to_string(),
             os: "linux".to_string(),
-            config: RunConfig { env, cmd },
+            config: RunConfig {
+                env,
+                cmd,
+                entrypoint: None,
+                working_dir: None,
+                user: None,
+                exposed_ports: BTreeMap::new(),
+                labels: BTreeMap::new(),
+            },
             rootfs: RootFs {
                 kind: "layers".to_string(),
                 diff_ids,
             },
             history,
         }
+    }
+
+    /// The config with what a declared image sets: its `Env` over the
+    /// build's (a variable set in both takes the declared value), and its
+    /// other fields as given.
+    pub fn with(mut self, overrides: &ConfigOverrides) -> ImageConfig {
+        let run = &mut self.config;
+        for var in &overrides.env {
+            let name = var.split_once('=').map_or(var.as_str(), |(name, _)| name);
+            run.env
+                .retain(|old| old.split_once('=').map_or(old.as_str(), |(n, _)| n) != name);
+            run.env.push(var.clone());
+        }
+        if overrides.cmd.is_some() {
+            run.cmd.clone_from(&overrides.cmd);
+        }
+        run.entrypoint.clone_from(&overrides.entrypoint);
+        run.working_dir.clone_from(&overrides.working_dir);
+        run.user.clone_from(&overrides.user);
+        run.exposed_ports.clone_from(&overrides.exposed_ports);
+        run.labels.clone_from(&overrides.labels);
+        self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

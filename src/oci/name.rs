@@ -23,6 +23,8 @@
 //! This module does no I/O.
 
 use std::collections::BTreeSet;
+
+use super::manifest::ConfigOverrides;
 use std::fmt;
 
 /// The longest repository name accepted, in bytes (Docker's own limit).
@@ -104,11 +106,14 @@ pub struct ImageSpec {
     /// Whether the name chose the architecture (a leading `arm64`): such
     /// an image is for that platform only, whatever the registry serves.
     pub arch_given: bool,
+    /// What a declared image sets in its config (none for package lists).
+    pub config: Option<ConfigOverrides>,
 }
 
 impl PartialEq for ImageSpec {
     fn eq(&self, other: &ImageSpec) -> bool {
-        (&self.packages, self.arch, &self.tag) == (&other.packages, other.arch, &other.tag)
+        (&self.packages, self.arch, &self.tag, &self.config)
+            == (&other.packages, other.arch, &other.tag, &other.config)
     }
 }
 
@@ -150,6 +155,7 @@ impl ImageSpec {
             arch,
             tag: tag.to_string(),
             arch_given: arch == Arch::Arm64,
+            config: None,
         })
     }
 

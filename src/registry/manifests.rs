@@ -34,7 +34,14 @@ pub(super) async fn get(
         digest::parse(reference)?;
         state.images.by_digest(reference).await?
     } else {
-        let spec = ImageSpec::parse(name, reference).map_err(|e| match e {
+        let spec = match state.images.settings().declared.get(name) {
+            Some(declared) => {
+                name::validate_tag(reference).map_err(RegistryError::TagInvalid)?;
+                Ok(declared.spec(name, reference))
+            }
+            None => ImageSpec::parse(name, reference),
+        };
+        let spec = spec.map_err(|e| match e {
             NameError::BadTag { .. } => RegistryError::TagInvalid(e),
             NameError::Empty
             | NameError::TooLong { .. }
