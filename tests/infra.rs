@@ -109,6 +109,7 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     ("NIXERY_MIN_FREE", SetOn::Worker, "the worker's Nix store is a cache it collects before running out of disk"),
     ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
     ("NIXERY_HTPASSWD", SetOn::Function, "the function answers requests, so it checks credentials"),
+    ("NIXERY_IMAGES", SetOn::Function, "the function answers pulls, so it reads the declared images"),
     ("NIXERY_AUTH_SCOPE", SetOn::Function, "the function answers requests, so it checks credentials"),
     (
         "NIXERY_MAX_BUILDS",
@@ -646,7 +647,7 @@ fn the_worker_cannot_overwrite_a_blob_or_delete_outside_staging() {
 }
 
 #[test]
-fn the_function_writes_only_build_status_and_served_markers() {
+fn the_function_writes_only_build_status_served_markers_and_indexes() {
     let (_, function) = only_resource("AWS::Serverless::Function");
     let role = function["Properties"]["Role"]["Fn::GetAtt"][0]
         .as_str()
@@ -657,6 +658,14 @@ fn the_function_writes_only_build_status_and_served_markers() {
             assert!(!action.contains('*'), "{role}: wildcard action {action}");
             match action {
                 "s3:GetObject" | "s3:ListBucket" | "sqs:SendMessage" | "logs:CreateLogStream" | "logs:PutLogEvents" => {}
+                "s3:PutObject" if statement["Sid"] == "ComposeIndexes" => {
+                    // Index manifests: created, never replaced.
+                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/manifests/*" }));
+                    assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
+                }
+                "s3:PutObject" if statement["Sid"] == "RecordIndexes" => {
+                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/images/*" }));
+                }
                 "s3:PutObject" => assert_eq!(
                     statement["Resource"],
                     json!([
@@ -803,15 +812,8 @@ fn condition_holds(name: &str, given: &[(&str, &str)]) -> bool {
 fn resolve_ifs(v: &Value, given: &[(&str, &str)]) -> Option<Value> {
     if let Some([condition, yes, no]) = v.get("Fn::If").and_then(Value::as_array).map(Vec::as_slice)
     {
-        let condition = condition.as_str().expect("a condition name");
-        return resolve_ifs(
-            if condition_holds(condition, given) {
-                yes
-            } else {
-                no
-            },
-            given,
-        );
+        let holds = condition_holds(condition.as_str().expect("a condition name"), given);
+        return resolve_ifs(if holds { yes } else { no }, given);
     }
     match v {
         _ if is_no_value(v) => None,
@@ -1177,171 +1179,9 @@ fn the_dashboard_shows_the_metrics_the_code_writes_and_no_others() {
     // Dashboards are global to the account: the region keeps two stacks of
     // one name apart.
     assert_eq!(name, "<AWS::StackName>-<AWS::Region>");
+    // With and without the arm64 workers' alarm and queues.
     for (given, arm64) in [(&[][..], false), (WITH_ARM64_WORKERS, true)] {
-        let (body, _) = sub_with_placeholders(&properties["DashboardBody"]["Fn::Sub"], given);
-        let body: Value = serde_json::from_str(&body).unwrap_or_else(|e| {
-            panic!(
-                "{dashboard}'s body is not JSON after substitution (arm64 workers: {arm64}): {e}"
-            )
-        });
-
-        // Every widget on the 24-column grid, none over another.
-        let widgets = body["widgets"].as_array().expect("widgets");
-        let boxes: Vec<[u64; 4]> = widgets
-            .iter()
-            .map(|w| ["x", "y", "width", "height"].map(|k| number(&w[k])))
-            .collect();
-        for (i, [x, y, w, h]) in boxes.iter().enumerate() {
-            assert!(x + w <= 24, "{}", widgets[i]);
-            for [x2, y2, w2, h2] in &boxes[i + 1..] {
-                let apart = x + w <= *x2 || x2 + w2 <= *x || y + h <= *y2 || y2 + h2 <= *y;
-                assert!(apart, "{} overlaps another widget", widgets[i]);
-            }
-        }
-
-        let (shown, expressions) = dashboard_metrics(&body);
-        let mut nixery = BTreeSet::new();
-        for metric in &shown {
-            if metric.namespace != metrics::NAMESPACE {
-                continue;
-            }
-            let service = service_of(&metric.name).unwrap_or_else(|| {
-                panic!(
-                    "the dashboard shows {}, which nixery::metrics does not name",
-                    metric.name
-                )
-            });
-            assert_eq!(
-                metric.dimensions,
-                BTreeMap::from([(metrics::SERVICE_DIMENSION.to_string(), service.to_string())]),
-                "{metric:?}"
-            );
-            nixery.insert(metric.name.as_str());
-        }
-        // Searches (errors by code) name metrics and dimensions too.
-        let mut by_code = false;
-        for expression in &expressions {
-            let Some(schema) = expression
-                .split_once('{')
-                .and_then(|(_, rest)| rest.split_once('}'))
-                .map(|(schema, _)| schema)
-            else {
-                continue;
-            };
-            let mut schema = schema.split(',').map(str::trim);
-            if schema.next() != Some(metrics::NAMESPACE) {
-                continue;
-            }
-            let dimensions: BTreeSet<&str> = schema.collect();
-            for dimension in &dimensions {
-                assert!(
-                    [metrics::SERVICE_DIMENSION, metrics::ERROR_CODE_DIMENSION].contains(dimension),
-                    "{expression}: no metric has the dimension {dimension}"
-                );
-            }
-            let names = search_terms(expression, "MetricName");
-            assert!(!names.is_empty(), "{expression}: name the metric");
-            for name in names {
-                let service = service_of(name).unwrap_or_else(|| {
-                    panic!("{expression}: nixery::metrics does not name {name}")
-                });
-                assert_eq!(
-                    search_terms(expression, metrics::SERVICE_DIMENSION),
-                    [service],
-                    "{expression}"
-                );
-                if dimensions.contains(metrics::ERROR_CODE_DIMENSION) {
-                    assert_eq!(name, metrics::ERRORS, "only Errors has an ErrorCode");
-                    by_code = true;
-                }
-                nixery.insert(name);
-            }
-        }
-        assert!(by_code, "the dashboard shows errors by code");
-        let written: BTreeSet<&str> = FUNCTION_METRICS
-            .iter()
-            .chain(WORKER_METRICS)
-            .copied()
-            .collect();
-        assert_eq!(
-            nixery, written,
-            "the dashboard shows every metric the code writes"
-        );
-
-        let stats_of = |namespace: &str, name: &str| -> BTreeSet<&str> {
-            shown
-                .iter()
-                .filter(|m| m.namespace == namespace && m.name == name)
-                .filter_map(|m| m.stat.as_deref())
-                .collect()
-        };
-        let duration = stats_of(metrics::NAMESPACE, metrics::BUILD_DURATION);
-        for stat in ["p50", "p90", "Maximum"] {
-            assert!(
-                duration.contains(stat),
-                "build duration {stat}: {duration:?}"
-            );
-        }
-
-        // The queues and the function, by the stack's own names.
-        let shows = |namespace: &str, name: &str, dimension: &str, value: &str| {
-            assert!(
-                shown.iter().any(|m| m.namespace == namespace
-                    && m.name == name
-                    && m.dimensions
-                        == BTreeMap::from([(dimension.to_string(), value.to_string())])),
-                "the dashboard does not show {namespace} {name} of {value}"
-            );
-        };
-        let depth = "ApproximateNumberOfMessagesVisible";
-        let mut queues = vec!["BuildQueue"];
-        if arm64 {
-            queues.push("Arm64BuildQueue");
-        }
-        for queue in queues {
-            shows(
-                "AWS/SQS",
-                depth,
-                "QueueName",
-                &format!("<{queue}.QueueName>"),
-            );
-            shows(
-                "AWS/SQS",
-                "ApproximateNumberOfMessagesNotVisible",
-                "QueueName",
-                &format!("<{queue}.QueueName>"),
-            );
-            shows(
-                "AWS/SQS",
-                depth,
-                "QueueName",
-                &format!("<{}.QueueName>", dead_letter_queue(queue)),
-            );
-        }
-        if !arm64 {
-            assert!(
-                !body.to_string().contains("Arm64"),
-                "without arm64 workers the dashboard names none of their resources"
-            );
-        }
-        let (function, _) = only_resource("AWS::Serverless::Function");
-        for name in ["Duration", "Errors", "Throttles"] {
-            shows("AWS/Lambda", name, "FunctionName", &format!("<{function}>"));
-        }
-
-        // The alarms that call for a person, at the top.
-        let arm64_alarms = if arm64 { ARM64_MONITORING_ALARMS } else { &[] };
-        let alarms: Vec<String> = MONITORING_ALARMS
-            .iter()
-            .chain(arm64_alarms)
-            .map(|a| format!("<{a}.Arn>"))
-            .collect();
-        assert!(
-            widgets
-                .iter()
-                .any(|w| w["type"] == "alarm" && w["properties"]["alarms"] == json!(alarms)),
-            "an alarm widget with {alarms:?}"
-        );
+        check_dashboard_body(dashboard, &properties["DashboardBody"], given, arm64);
     }
 
     // And the stack says where it is.
@@ -1356,6 +1196,172 @@ fn the_dashboard_shows_the_metrics_the_code_writes_and_no_others() {
         url.starts_with("https://")
             && url.contains("/cloudwatch/home?region=${AWS::Region}#dashboards"),
         "{url}"
+    );
+}
+
+/// The dashboard's body (a `Fn::Sub`) as deployed with these parameter
+/// values, with (`arm64`) or without arm64 workers: valid JSON, widgets on
+/// the grid, and the metrics, queues and alarms it must show.
+fn check_dashboard_body(dashboard: &str, body: &Value, given: &[(&str, &str)], arm64: bool) {
+    let (body, _) = sub_with_placeholders(&body["Fn::Sub"], given);
+    let body: Value = serde_json::from_str(&body).unwrap_or_else(|e| {
+        panic!("{dashboard}'s body is not JSON after substitution (arm64 workers: {arm64}): {e}")
+    });
+
+    // Every widget on the 24-column grid, none over another.
+    let widgets = body["widgets"].as_array().expect("widgets");
+    let boxes: Vec<[u64; 4]> = widgets
+        .iter()
+        .map(|w| ["x", "y", "width", "height"].map(|k| number(&w[k])))
+        .collect();
+    for (i, [x, y, w, h]) in boxes.iter().enumerate() {
+        assert!(x + w <= 24, "{}", widgets[i]);
+        for [x2, y2, w2, h2] in &boxes[i + 1..] {
+            let apart = x + w <= *x2 || x2 + w2 <= *x || y + h <= *y2 || y2 + h2 <= *y;
+            assert!(apart, "{} overlaps another widget", widgets[i]);
+        }
+    }
+
+    let (shown, expressions) = dashboard_metrics(&body);
+    let mut nixery = BTreeSet::new();
+    for metric in &shown {
+        if metric.namespace != metrics::NAMESPACE {
+            continue;
+        }
+        let service = service_of(&metric.name).unwrap_or_else(|| {
+            panic!(
+                "the dashboard shows {}, which nixery::metrics does not name",
+                metric.name
+            )
+        });
+        assert_eq!(
+            metric.dimensions,
+            BTreeMap::from([(metrics::SERVICE_DIMENSION.to_string(), service.to_string())]),
+            "{metric:?}"
+        );
+        nixery.insert(metric.name.as_str());
+    }
+    // Searches (errors by code) name metrics and dimensions too.
+    let mut by_code = false;
+    for expression in &expressions {
+        let Some(schema) = expression
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(schema, _)| schema)
+        else {
+            continue;
+        };
+        let mut schema = schema.split(',').map(str::trim);
+        if schema.next() != Some(metrics::NAMESPACE) {
+            continue;
+        }
+        let dimensions: BTreeSet<&str> = schema.collect();
+        for dimension in &dimensions {
+            assert!(
+                [metrics::SERVICE_DIMENSION, metrics::ERROR_CODE_DIMENSION].contains(dimension),
+                "{expression}: no metric has the dimension {dimension}"
+            );
+        }
+        let names = search_terms(expression, "MetricName");
+        assert!(!names.is_empty(), "{expression}: name the metric");
+        for name in names {
+            let service = service_of(name)
+                .unwrap_or_else(|| panic!("{expression}: nixery::metrics does not name {name}"));
+            assert_eq!(
+                search_terms(expression, metrics::SERVICE_DIMENSION),
+                [service],
+                "{expression}"
+            );
+            if dimensions.contains(metrics::ERROR_CODE_DIMENSION) {
+                assert_eq!(name, metrics::ERRORS, "only Errors has an ErrorCode");
+                by_code = true;
+            }
+            nixery.insert(name);
+        }
+    }
+    assert!(by_code, "the dashboard shows errors by code");
+    let written: BTreeSet<&str> = FUNCTION_METRICS
+        .iter()
+        .chain(WORKER_METRICS)
+        .copied()
+        .collect();
+    assert_eq!(
+        nixery, written,
+        "the dashboard shows every metric the code writes"
+    );
+
+    let stats_of = |namespace: &str, name: &str| -> BTreeSet<&str> {
+        shown
+            .iter()
+            .filter(|m| m.namespace == namespace && m.name == name)
+            .filter_map(|m| m.stat.as_deref())
+            .collect()
+    };
+    let duration = stats_of(metrics::NAMESPACE, metrics::BUILD_DURATION);
+    for stat in ["p50", "p90", "Maximum"] {
+        assert!(
+            duration.contains(stat),
+            "build duration {stat}: {duration:?}"
+        );
+    }
+
+    // The queues and the function, by the stack's own names.
+    let shows = |namespace: &str, name: &str, dimension: &str, value: &str| {
+        assert!(
+            shown.iter().any(|m| m.namespace == namespace
+                && m.name == name
+                && m.dimensions == BTreeMap::from([(dimension.to_string(), value.to_string())])),
+            "the dashboard does not show {namespace} {name} of {value}"
+        );
+    };
+    let depth = "ApproximateNumberOfMessagesVisible";
+    let mut queues = vec!["BuildQueue"];
+    if arm64 {
+        queues.push("Arm64BuildQueue");
+    }
+    for queue in queues {
+        shows(
+            "AWS/SQS",
+            depth,
+            "QueueName",
+            &format!("<{queue}.QueueName>"),
+        );
+        shows(
+            "AWS/SQS",
+            "ApproximateNumberOfMessagesNotVisible",
+            "QueueName",
+            &format!("<{queue}.QueueName>"),
+        );
+        shows(
+            "AWS/SQS",
+            depth,
+            "QueueName",
+            &format!("<{}.QueueName>", dead_letter_queue(queue)),
+        );
+    }
+    if !arm64 {
+        assert!(
+            !body.to_string().contains("Arm64"),
+            "without arm64 workers the dashboard names none of their resources"
+        );
+    }
+    let (function, _) = only_resource("AWS::Serverless::Function");
+    for name in ["Duration", "Errors", "Throttles"] {
+        shows("AWS/Lambda", name, "FunctionName", &format!("<{function}>"));
+    }
+
+    // The alarms that call for a person, at the top.
+    let arm64_alarms = if arm64 { ARM64_MONITORING_ALARMS } else { &[] };
+    let alarms: Vec<String> = MONITORING_ALARMS
+        .iter()
+        .chain(arm64_alarms)
+        .map(|a| format!("<{a}.Arn>"))
+        .collect();
+    assert!(
+        widgets
+            .iter()
+            .any(|w| w["type"] == "alarm" && w["properties"]["alarms"] == json!(alarms)),
+        "an alarm widget with {alarms:?}"
     );
 }
 
@@ -1719,6 +1725,172 @@ fn rules_allow_arm64_images_without_arm64_workers() {
         Vec::<&str>::new(),
         "ARM64 workers alone are still fine"
     );
+}
+
+// --- the deployment guide ----------------------------------------------------------
+
+/// A row of docs/deploy.md's settings table.
+struct GuideRow {
+    /// The parameters it is about.
+    parameters: Vec<String>,
+    /// The variables it says they set, with the side (`function`,
+    /// `worker`, `both`, `gc`).
+    sets: Vec<(String, String)>,
+}
+
+/// The rows of docs/deploy.md's settings table.
+fn documented_parameters() -> Vec<GuideRow> {
+    let guide = std::fs::read_to_string(repo().join("docs/deploy.md")).unwrap();
+    let mut lines = guide
+        .lines()
+        .skip_while(|l| !l.starts_with("| parameter | default | sets | meaning |"));
+    assert!(
+        lines.next().is_some(),
+        "docs/deploy.md has no settings table (| parameter | default | sets | meaning |)"
+    );
+    lines
+        .skip(1) // |---|---|
+        .take_while(|l| l.starts_with('|'))
+        .map(|row| {
+            let cells: Vec<&str> = row
+                .trim()
+                .trim_matches('|')
+                .split('|')
+                .map(str::trim)
+                .collect();
+            assert_eq!(cells.len(), 4, "docs/deploy.md: {row}");
+            // `A`, or `A` / `B`, or `A`, `B`, `C`: the odd pieces between backticks.
+            let quoted = |cell: &str| -> Vec<String> {
+                cell.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect()
+            };
+            let sets = cell_pairs(cells[2])
+                .unwrap_or_else(|| panic!("docs/deploy.md: `VARIABLE` (side) in {row}"));
+            GuideRow {
+                parameters: quoted(cells[0]),
+                sets,
+            }
+        })
+        .collect()
+}
+
+/// `` `VAR` (side) `` pairs of a cell; None if the cell has anything else.
+fn cell_pairs(cell: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut rest = cell.trim();
+    while !rest.is_empty() {
+        let after = rest.strip_prefix('`')?;
+        let (var, after) = after.split_once('`')?;
+        let after = after.trim_start().strip_prefix('(')?;
+        let (side, after) = after.split_once(')')?;
+        pairs.push((var.to_string(), side.to_string()));
+        rest = after.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(pairs)
+}
+
+/// Whether a setting's value names a parameter, or the setting is there
+/// only when a condition on the parameter holds (a parameter that turns a
+/// feature on): what the parameter's row must list.
+fn set_from(setting: &Setting, parameter: &str) -> bool {
+    let reference = json!({ "Ref": parameter }).to_string();
+    setting.value.to_string().contains(&reference)
+        || matches!(&setting.condition, Some((condition, true))
+            if template()["Conditions"][condition].to_string().contains(&reference))
+}
+
+/// Whether a setting's value, or the condition it is set under, names a
+/// parameter.
+fn depends_on(setting: &Setting, parameter: &str) -> bool {
+    let reference = json!({ "Ref": parameter }).to_string();
+    set_from(setting, parameter)
+        || setting.condition.as_ref().is_some_and(|(condition, _)| {
+            template()["Conditions"][condition]
+                .to_string()
+                .contains(&reference)
+        })
+}
+
+#[test]
+fn the_deploy_guide_lists_every_parameter_and_what_it_sets() {
+    let rows = documented_parameters();
+    let mut documented = BTreeSet::new();
+    for row in &rows {
+        let names = &row.parameters;
+        assert!(
+            !names.is_empty(),
+            "a row of docs/deploy.md's table names no parameter"
+        );
+        for name in names {
+            assert!(
+                documented.insert(name.as_str()),
+                "docs/deploy.md lists {name} twice"
+            );
+        }
+    }
+    let parameters: BTreeSet<&str> = template()["Parameters"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        documented, parameters,
+        "docs/deploy.md's settings table and the template's parameters"
+    );
+
+    let sides = [
+        ("function", function_env()),
+        ("worker", worker_env()),
+        ("gc", gc_env()),
+    ];
+    let env_of = |side: &str| &sides.iter().find(|(s, _)| *s == side).unwrap().1;
+    for row in &rows {
+        let (names, sets) = (&row.parameters, &row.sets);
+        // What the guide says is set, is, from one of the row's parameters.
+        for (var, side) in sets {
+            let on: Vec<&str> = match side.as_str() {
+                "both" => vec!["function", "worker"],
+                one @ ("function" | "worker" | "gc") => vec![one],
+                other => panic!("docs/deploy.md: {var} ({other}): function, worker, both or gc"),
+            };
+            for side in on {
+                let setting = env_of(side)
+                    .get(var)
+                    .unwrap_or_else(|| panic!("docs/deploy.md: {names:?} set {var} on the {side}, but the template does not"));
+                assert!(
+                    names.iter().any(|name| depends_on(setting, name)),
+                    "docs/deploy.md: {var} on the {side} does not come from {names:?}: {setting:?}"
+                );
+            }
+        }
+        // And every variable a parameter sets is in its row.
+        for name in names {
+            let on = |side: &str| {
+                env_of(side)
+                    .iter()
+                    .filter(|(_, setting)| set_from(setting, name))
+                    .map(|(var, _)| var.clone())
+                    .collect::<BTreeSet<String>>()
+            };
+            let (function, worker, gc) = (on("function"), on("worker"), on("gc"));
+            for var in function.iter().chain(&worker).chain(&gc) {
+                let side = match (function.contains(var), worker.contains(var)) {
+                    (true, true) => "both",
+                    (true, false) => "function",
+                    (false, true) => "worker",
+                    (false, false) => "gc",
+                };
+                assert!(
+                    sets.contains(&(var.clone(), side.to_string())),
+                    "docs/deploy.md: the row of {name} does not say it sets `{var}` ({side})"
+                );
+            }
+        }
+    }
 }
 
 // --- Nix: the worker image -------------------------------------------------------
