@@ -206,6 +206,16 @@ async fn a_hostile_status_record_stays_text_on_the_page() {
     std::fs::write(dir.join(&key), hostile.to_string()).unwrap();
     // A damaged one beside it is left out, not an error.
     std::fs::write(dir.join("c".repeat(64)), b"{half").unwrap();
+    // Both listed as asked for lately; and a note that names no build.
+    let notes = dir.join("recent");
+    std::fs::create_dir_all(&notes).unwrap();
+    for name in [
+        format!("0000000000001-{key}"),
+        format!("0000000000002-{}", "c".repeat(64)),
+        "0000000000003-not-a-key".into(),
+    ] {
+        std::fs::write(notes.join(name), b"{}").unwrap();
+    }
 
     let listed = builds_of(&server, "<img src=x onerror=\"document.title='owned'\">").await;
     assert_eq!(listed.len(), 1);

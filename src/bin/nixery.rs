@@ -173,7 +173,10 @@ async fn serve(mut config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
         None => None,
         Some((file, scope)) => Some(Arc::new(auth(file, *scope, &config.storage).await?)),
     };
-    let state = AppState::new(Arc::new(images), storage, auth, metrics);
+    let mut state = AppState::new(Arc::new(images), storage, auth, metrics);
+    if let BuildMode::Sqs { timings, .. } = &config.builds {
+        state = state.with_heartbeat(timings.heartbeat);
+    }
     if in_lambda {
         tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
         return lambda_http::run(registry::router(state))

@@ -45,6 +45,7 @@ impl InProcess {
             _ => 1,
         };
         let mut running = BuildStatus::queued(&request, attempt);
+        status::note_queued(&*self.storage, key).await;
         let (progress_tx, progress_rx) = watch::channel(StepProgress::default());
         let reporting = status::keep_fresh(
             &*self.storage,

@@ -301,6 +301,7 @@ impl SqsDispatch {
         status::write(&*self.storage, key, &queued)
             .await
             .map_err(storage_error)?;
+        status::note_queued(&*self.storage, key).await;
         self.queue
             .send(&QueueMessage {
                 request: request.clone(),

@@ -68,7 +68,7 @@ pub struct BuildStatus {
 /// build pages and `/api/builds`): no decision depends on it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildInfo {
-    /// The name and tag the image was first asked for as.
+    /// The name and tag of the pull that started this attempt.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -137,9 +137,9 @@ pub fn unix_now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Keeps a build's status fresh while it runs: written at once when its
-/// progress changes (at most once a [`MIN_WRITE_INTERVAL`]) and every
-/// `heartbeat` regardless, never over a later attempt's ([`write_own`]).
+/// Keeps a build's status fresh while it runs: written when its progress
+/// changes (at most once a [`MIN_WRITE_INTERVAL`], so within a second of
+/// a change) and every `heartbeat` regardless, never over a later attempt's ([`write_own`]).
 /// `status` is the build's status so far, kept up to date here. Never
 /// returns: dropped when the build ends.
 pub async fn keep_fresh(
@@ -226,24 +226,48 @@ pub async fn write_own(
     }
 }
 
-/// The statuses written last (at most `limit`), newest first, with their
-/// image keys. Claims are left out, and so are statuses that cannot be
-/// read (logged). Garbage collection removes statuses a day old, so the
-/// listing stays about a day's builds long.
+/// Where [`note_queued`] writes: keys that sort newest first.
+const RECENT_PREFIX: &str = "builds/recent/";
+
+/// Notes that a build of `image_key` was just asked for, under a key that
+/// sorts newest first (`builds/recent/<9999999999999 - ms>-<image-key>`),
+/// so that [`recent`] finds the latest builds with one bounded listing,
+/// however many statuses there are. Garbage collection removes old notes
+/// with the statuses. A failed note is logged: it only hides the build
+/// from the lists.
+pub async fn note_queued(storage: &dyn Storage, image_key: &str) {
+    let inverted = 9_999_999_999_999u64.saturating_sub(unix_now_ms());
+    let key = format!("{RECENT_PREFIX}{inverted:013}-{image_key}");
+    if let Err(error) = storage.put(&key, bytes::Bytes::from_static(b"{}")).await {
+        tracing::warn!(%error, "noting a build for the build lists failed");
+    }
+}
+
+/// The statuses of the builds asked for last (at most `limit`, each
+/// once), newest first, with their image keys: one listing of at most
+/// four times `limit` notes ([`note_queued`]), then the statuses. Those
+/// that cannot be read are left out (logged).
 pub async fn recent(
     storage: &dyn Storage,
     limit: usize,
 ) -> Result<Vec<(String, BuildStatus)>, StorageError> {
     use futures_util::StreamExt;
-    let mut listed = storage.list("builds/").await?;
-    listed.retain(|o| image_key_of(&o.key).is_some());
-    listed.sort_by(|a, b| b.modified.cmp(&a.modified).then(a.key.cmp(&b.key)));
-    listed.truncate(limit);
-    let read = futures_util::stream::iter(listed)
-        .map(|object| async move {
-            let key = image_key_of(&object.key).unwrap_or_default().to_string();
-            (read(storage, &key).await, key)
-        })
+    let notes = storage.list_first(RECENT_PREFIX, limit * 4).await?;
+    let mut keys: Vec<String> = Vec::with_capacity(limit);
+    for note in notes {
+        let name = note.key.trim_start_matches(RECENT_PREFIX);
+        let Some((_, key)) = name.split_once('-') else {
+            continue;
+        };
+        if is_image_key(key) && !keys.iter().any(|k| k == key) {
+            keys.push(key.to_string());
+        }
+        if keys.len() == limit {
+            break;
+        }
+    }
+    let read = futures_util::stream::iter(keys)
+        .map(|key| async move { (read(storage, &key).await, key) })
         .buffered(8)
         .collect::<Vec<_>>()
         .await;
@@ -257,12 +281,6 @@ pub async fn recent(
         }
     }
     Ok(found)
-}
-
-/// The image key of `builds/<image-key>` (not of a claim).
-fn image_key_of(key: &str) -> Option<&str> {
-    let image_key = key.strip_prefix("builds/")?;
-    is_image_key(image_key).then_some(image_key)
 }
 
 /// Whether `text` is an image key: 64 lowercase hex digits.

@@ -301,8 +301,10 @@ impl Images {
             .collect();
         let bytes = ImageIndex::new(manifests).to_bytes();
         let digest = sha256_digest(&bytes);
+        // Content-addressed: one stored already is these bytes (and the
+        // function may only create manifests, never replace them).
         self.storage
-            .put(
+            .put_if_absent(
                 &storage::manifest_key(hex_of(&digest)),
                 Bytes::from(bytes.clone()),
             )

@@ -242,6 +242,8 @@ impl IntoResponse for RegistryError {
                 HeaderValue::from_static(concat!("Basic realm=\"", "nixery", "\"")),
             );
         }
+        // An error is about this moment (and may name the host asked).
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }

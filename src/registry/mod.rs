@@ -66,6 +66,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The status pages judge a build whose status has not changed for
+    /// six of these as lost (the dispatcher's rule): the workers'
+    /// heartbeat, when it is not the default.
+    pub fn with_heartbeat(mut self, heartbeat: std::time::Duration) -> AppState {
+        let stale_after = heartbeat * crate::dispatch::status::STALE_HEARTBEATS as u32;
+        self.builds = Arc::new(builds::Board::new(self.storage.clone(), stale_after));
+        self
+    }
+
     pub fn new(
         images: Arc<Images>,
         storage: Arc<dyn Storage>,
@@ -243,6 +252,11 @@ async fn common_headers(State(state): State<AppState>, req: Request, next: Next)
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
+    // No answer is ever to be read as another type than it says.
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     let status = response.status().as_u16();
     let code = response.extensions().get::<error::ErrorCode>().map(|c| c.0);
     span.in_scope(|| {

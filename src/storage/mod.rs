@@ -134,6 +134,15 @@ pub trait Storage: Send + Sync + 'static {
     /// `blobs/`: a valid key followed by `/`), in no particular order.
     async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError>;
 
+    /// The first `max` objects under `prefix` in key order: on S3, one
+    /// request however many there are.
+    async fn list_first(&self, prefix: &str, max: usize) -> Result<Vec<Listed>, StorageError> {
+        let mut listed = self.list(prefix).await?;
+        listed.sort_by(|a, b| a.key.cmp(&b.key));
+        listed.truncate(max);
+        Ok(listed)
+    }
+
     /// Deletes an object; an absent one is not an error.
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 

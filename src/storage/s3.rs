@@ -531,6 +531,32 @@ impl Storage for S3Storage {
             .map(|head| head.last_modified().map_or(0, |t| t.secs().max(0) as u64)))
     }
 
+    async fn list_first(&self, prefix: &str, max: usize) -> Result<Vec<Listed>, StorageError> {
+        check_prefix(prefix)?;
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}{prefix}", self.prefix))
+            .max_keys(max.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| s3_error(prefix, "ListObjectsV2", e))?;
+        Ok(page
+            .contents()
+            .iter()
+            .filter_map(|object| {
+                let key = object.key()?.strip_prefix(self.prefix.as_str())?;
+                Some(Listed {
+                    key: key.to_string(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    modified: object.last_modified().map_or(0, |t| t.secs().max(0) as u64),
+                })
+            })
+            .take(max)
+            .collect())
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StorageError> {
         let full = self.full(key)?;
         self.client
