@@ -167,6 +167,16 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
     assert!(modified >= started, "{modified}");
     assert_eq!(storage.modified("images/none").await.unwrap(), None);
     assert!(storage.list("nothing/").await.unwrap().is_empty());
+    // The first few in key order: what the build lists read.
+    let first: Vec<String> = storage
+        .list_first("blobs/", 2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    assert_eq!(first, expected[..2]);
+    assert!(storage.list_first("nothing/", 5).await.unwrap().is_empty());
     storage.delete("blobs/sha256/small").await.unwrap();
     assert!(storage.head("blobs/sha256/small").await.unwrap().is_none());
     storage.delete("blobs/sha256/small").await.unwrap();
