@@ -4,7 +4,9 @@
 //! **Mark.** An image is live if it was served (its `served/<image-key>`
 //! marker, written at most once a day per process) or built within
 //! `unused_for`; a live image's record names its manifest, which names its
-//! config and layers. Anything written within `grace` is live too, with
+//! config and layers, and its SBOM artifact; a live index's record names
+//! the index, which names the platforms' manifests. Anything written
+//! within `grace` is live too, with
 //! what it names: a build under way writes its blobs, layer records and
 //! manifest before its image record, and a build that reuses an object
 //! rewrites it or its layer record first (see `Builder::store_layer`), so
@@ -12,8 +14,9 @@
 //! relies on.
 //!
 //! **Sweep.** Expired image records go first (and with them their
-//! markers), then manifests, layer records and blobs nothing live names,
-//! then leftovers of `staging/`, `builds/` and `sources/`: everything only
+//! markers), then referrers indexes of manifests no longer live, then
+//! manifests, layer records and blobs nothing live names, then leftovers
+//! of `staging/`, `builds/` and `sources/`: everything only
 //! once older than `grace`. Right before each delete the object is looked
 //! at again (and, for a blob, the layer records that name it): one a build
 //! rewrote since the listing, to rely on it, is kept. A dry run deletes
