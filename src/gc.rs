@@ -13,6 +13,9 @@
 //! a grace longer than the longest build keeps everything a running build
 //! relies on.
 //!
+//! Index records (`indexes/`) are image records too. A live manifest's
+//! referrers index keeps what it lists.
+//!
 //! **Sweep.** Expired image records go first (and with them their
 //! markers), then referrers indexes of manifests no longer live, then
 //! manifests, layer records and blobs nothing live names, then leftovers
@@ -88,10 +91,16 @@ pub async fn collect(
     let mut live_images = HashSet::new();
     let mut live_manifests = HashSet::new();
     let mut live_indexes = Vec::new();
-    let images = storage.list("images/").await?;
+    // Image records, and the records of multi-platform indexes.
+    let mut images = storage.list("images/").await?;
+    images.extend(storage.list("indexes/").await?);
     report.scanned += images.len() + markers.len();
     for image in images {
-        let name = image.key.trim_start_matches("images/").to_string();
+        let name = image
+            .key
+            .trim_start_matches("images/")
+            .trim_start_matches("indexes/")
+            .to_string();
         let used = markers
             .get(&name)
             .map_or(image.modified, |m| m.modified.max(image.modified));
@@ -142,13 +151,31 @@ pub async fn collect(
         }
     }
 
-    // Referrers indexes go with the manifest they are about.
+    // Referrers indexes go with the manifest they are about, and keep
+    // what they list (a live manifest's SBOM, whichever build made it).
     let referrers = storage.list("referrers/").await?;
     report.scanned += referrers.len();
-    doomed.extend(referrers.into_iter().filter(|r| {
-        let subject = r.key.trim_start_matches("referrers/");
-        !live_manifests.contains(subject) && !young(r)
-    }));
+    for listed in referrers {
+        let subject = listed.key.trim_start_matches("referrers/");
+        if !live_manifests.contains(subject) {
+            if !young(&listed) {
+                doomed.push(listed);
+            }
+            continue;
+        }
+        let Some(bytes) = storage.get(&listed.key).await? else {
+            continue;
+        };
+        match serde_json::from_slice::<ImageIndex>(&bytes) {
+            Ok(index) => live_manifests.extend(
+                index
+                    .manifests
+                    .iter()
+                    .map(|m| hex_of(&m.digest).to_string()),
+            ),
+            Err(_) => report.unreadable.push(listed.key.clone()),
+        }
+    }
 
     // Manifests, and the blobs the live ones name.
     let mut live_blobs = HashSet::new();

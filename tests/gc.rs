@@ -1,6 +1,8 @@
 //! `nixery gc` on the filesystem and on S3 (s3s-fs): a storage with images
-//! used and unused, objects shared between them, a build under way, a
-//! layer a build is reusing, leftovers and a damaged record. Objects are
+//! used and unused, objects shared between them, SBOMs and their
+//! referrers, a multi-platform index whose platforms' own records expired,
+//! a build under way, a layer a build is reusing, leftovers and a damaged
+//! record. Objects are
 //! aged by setting their files' modification times (s3s-fs reports a
 //! file's as the object's). A dry run deletes nothing; a real run deletes
 //! exactly the garbage; afterwards every image record's objects are there
@@ -16,7 +18,10 @@ use bytes::Bytes;
 use common::s3::{S3Server, BUCKET};
 use nixery::gc::{collect, served_key, GcSettings};
 use nixery::oci::digest::{hex_of, sha256_digest};
-use nixery::oci::manifest::{Descriptor, Manifest, MEDIA_TYPE_CONFIG, MEDIA_TYPE_LAYER_GZIP};
+use nixery::oci::manifest::{
+    Descriptor, ImageIndex, Manifest, Platform, MEDIA_TYPE_CONFIG, MEDIA_TYPE_EMPTY,
+    MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST,
+};
 use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
 use nixery::storage::{self, Check, Download, FsStorage, Listed, S3Storage, Storage, StorageError};
 
@@ -103,6 +108,44 @@ async fn image(storage: &dyn Storage, name: &str, layers: &[&str]) -> Vec<String
     keys
 }
 
+/// An SBOM of the image whose keys are `image` (record last), as a build
+/// stores it: document, empty config, artifact manifest, the referrers
+/// index; the record names it. The keys written.
+async fn sbom(storage: &dyn Storage, image: &[String]) -> Vec<String> {
+    let record_key = image.last().unwrap();
+    let mut record: ImageRecord = records::read(storage, record_key).await.unwrap().unwrap();
+    let document = format!("{{\"spdx of\":\"{record_key}\"}}");
+    let mut keys = vec![blob(storage, &document).await, blob(storage, "{}").await];
+    let artifact = Manifest {
+        artifact_type: Some("application/spdx+json".into()),
+        subject: Some(Descriptor {
+            media_type: MEDIA_TYPE_MANIFEST.into(),
+            digest: record.manifest_digest.clone(),
+            size: record.size,
+            platform: None,
+            artifact_type: None,
+        }),
+        ..Manifest::new(
+            Descriptor::of(MEDIA_TYPE_EMPTY, b"{}"),
+            vec![Descriptor::of("application/spdx+json", document.as_bytes())],
+        )
+    }
+    .to_bytes();
+    let digest = sha256_digest(&artifact);
+    let artifact_key = storage::manifest_key(hex_of(&digest));
+    put(storage, &artifact_key, &artifact).await;
+    let referrers_key = storage::referrers_key(hex_of(&record.manifest_digest));
+    let index = ImageIndex::new(vec![Descriptor {
+        artifact_type: Some("application/spdx+json".into()),
+        ..Descriptor::of(MEDIA_TYPE_MANIFEST, &artifact)
+    }]);
+    put(storage, &referrers_key, &index.to_bytes()).await;
+    record.sbom = Some(digest);
+    records::write(storage, record_key, &record).await.unwrap();
+    keys.extend([artifact_key, referrers_key]);
+    keys
+}
+
 async fn keys(storage: &dyn Storage) -> BTreeSet<String> {
     let mut all = BTreeSet::new();
     for dir in [
@@ -110,6 +153,8 @@ async fn keys(storage: &dyn Storage) -> BTreeSet<String> {
         "manifests/",
         "layers/",
         "images/",
+        "indexes/",
+        "referrers/",
         "served/",
         "staging/",
         "builds/",
@@ -120,19 +165,50 @@ async fn keys(storage: &dyn Storage) -> BTreeSet<String> {
     all
 }
 
+/// The manifest `digest` names, checked against it.
+async fn manifest_of(storage: &dyn Storage, digest: &str, whose: &str) -> Vec<u8> {
+    let bytes = storage
+        .get(&storage::manifest_key(hex_of(digest)))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("{whose}: manifest {digest} gone"));
+    assert_eq!(sha256_digest(&bytes), digest);
+    bytes.to_vec()
+}
+
 /// After a collection: every image record's manifest and blobs are there
-/// and match their digests.
+/// and match their digests; so is every manifest an index record lists,
+/// and every artifact a referrers index lists.
 async fn nothing_lost(storage: &dyn Storage) {
+    for index in storage.list("indexes/").await.unwrap() {
+        let record: ImageRecord = records::read(storage, &index.key).await.unwrap().unwrap();
+        let bytes = manifest_of(storage, &record.manifest_digest, &index.key).await;
+        let listed: ImageIndex = serde_json::from_slice(&bytes).unwrap();
+        for entry in listed.manifests {
+            let manifest = manifest_of(storage, &entry.digest, &index.key).await;
+            let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
+            for descriptor in manifest.layers.iter().chain([&manifest.config]) {
+                let key = storage::blob_key(hex_of(&descriptor.digest));
+                assert!(
+                    storage.head(&key).await.unwrap().is_some(),
+                    "{}: {key} gone",
+                    index.key
+                );
+            }
+        }
+    }
+    for referrers in storage.list("referrers/").await.unwrap() {
+        let bytes = storage.get(&referrers.key).await.unwrap().unwrap();
+        let listed: ImageIndex = serde_json::from_slice(&bytes).unwrap();
+        for entry in listed.manifests {
+            manifest_of(storage, &entry.digest, &referrers.key).await;
+        }
+    }
     for image in storage.list("images/").await.unwrap() {
         let Ok(Some(record)) = records::read::<ImageRecord>(storage, &image.key).await else {
             continue;
         };
-        let manifest = storage
-            .get(&storage::manifest_key(hex_of(&record.manifest_digest)))
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("{}: manifest gone", image.key));
-        assert_eq!(sha256_digest(&manifest), record.manifest_digest);
+        let manifest = manifest_of(storage, &record.manifest_digest, &image.key).await;
         let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
         for descriptor in manifest.layers.iter().chain([&manifest.config]) {
             let bytes = storage
@@ -154,10 +230,65 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
     let unused = image(storage, "unused", &["shared", "unused-only"]).await;
     put(storage, &served_key("used"), b"{}").await;
     put(storage, &served_key("unused"), b"{}").await;
-    for key in used.iter().chain(&unused) {
+    let unused_sbom = sbom(storage, &unused).await;
+    let used_sbom = sbom(storage, &used).await;
+    for key in used.iter().chain(&unused).chain(&used_sbom) {
+        files.age(key, old);
+    }
+    // The SBOM's empty config is shared with the used image's SBOM.
+    let empty = storage::blob_key(hex_of(&sha256_digest(b"{}")));
+    for key in unused_sbom.iter().filter(|k| **k != empty) {
         files.age(key, old);
     }
     files.age(&served_key("unused"), old);
+
+    // A multi-platform index pulled today, whose platforms' own records
+    // nobody pulled for 40 days: the records go, the index keeps the
+    // platforms' manifests, blobs and SBOMs.
+    let mut platforms = Vec::new();
+    let mut descriptors = Vec::new();
+    for name in ["multi-amd64", "multi-arm64"] {
+        let keys = image(storage, name, &[name]).await;
+        let sbom_keys = sbom(storage, &keys).await;
+        let record: ImageRecord = records::read(storage, keys.last().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        let manifest = storage
+            .get(&storage::manifest_key(hex_of(&record.manifest_digest)))
+            .await
+            .unwrap()
+            .unwrap();
+        descriptors.push(Descriptor {
+            platform: Some(Platform::linux(&name[6..])),
+            ..Descriptor::of(MEDIA_TYPE_MANIFEST, &manifest)
+        });
+        for key in keys.iter().chain(&sbom_keys).filter(|k| **k != empty) {
+            files.age(key, old);
+        }
+        platforms.push(keys.last().unwrap().clone());
+    }
+    let index = ImageIndex::new(descriptors).to_bytes();
+    let index_digest = sha256_digest(&index);
+    let index_manifest = storage::manifest_key(hex_of(&index_digest));
+    put(storage, &index_manifest, &index).await;
+    let index_record = storage::index_record_key("multi");
+    let record = ImageRecord {
+        manifest_digest: index_digest,
+        media_type: MEDIA_TYPE_INDEX.into(),
+        size: index.len() as u64,
+        packages: vec!["multi".into()],
+        architecture: "amd64,arm64".into(),
+        built_at: unix_now() - 40 * DAY,
+        sbom: None,
+    };
+    records::write(storage, &index_record, &record)
+        .await
+        .unwrap();
+    put(storage, &served_key("multi"), b"{}").await;
+    for key in [&index_manifest, &index_record] {
+        files.age(key, old);
+    }
 
     // A build under way: its layer and manifest are written, its record
     // is not yet.
@@ -209,7 +340,9 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
     let shared = storage::blob_key(hex_of(&sha256_digest(b"shared")));
     unused
         .into_iter()
+        .chain(unused_sbom.into_iter().filter(|k| *k != empty))
         .filter(|k| *k != shared && *k != storage::layer_key("layer-shared"))
+        .chain(platforms)
         .chain([
             served_key("unused"),
             "staging/put-old".to_string(),
@@ -230,7 +363,7 @@ async fn collects_exactly_the_garbage(storage: &dyn Storage, files: &Files) {
     let would: BTreeSet<String> = dry.deleted.iter().map(|o| o.key.clone()).collect();
     assert_eq!(would, expected, "the dry run's list");
     assert_eq!(keys(storage).await, before, "a dry run deleted something");
-    assert_eq!(dry.images_expired, 1);
+    assert_eq!(dry.images_expired, 3);
     assert_eq!(dry.unreadable, [storage::image_key("damaged")]);
 
     let real = collect(storage, &settings(false), unix_now())

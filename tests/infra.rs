@@ -598,9 +598,14 @@ fn statements(role: &str) -> Vec<&'static Value> {
     let policies = template()["Resources"][role]["Properties"]["Policies"]
         .as_array()
         .unwrap_or_else(|| panic!("{role} has inline Policies"));
+    // A statement under a condition counts as if the condition held.
     policies
         .iter()
         .flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap())
+        .flat_map(|s| match s["Fn::If"].as_array() {
+            Some(branches) => branches[1..].iter().filter(|b| !is_no_value(b)).collect(),
+            None => vec![s],
+        })
         .collect()
 }
 
@@ -664,7 +669,7 @@ fn the_function_writes_only_build_status_served_markers_and_indexes() {
                     assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
                 }
                 "s3:PutObject" if statement["Sid"] == "RecordIndexes" => {
-                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/images/*" }));
+                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/indexes/*" }));
                 }
                 "s3:PutObject" => assert_eq!(
                     statement["Resource"],

@@ -27,7 +27,8 @@
 //!
 //! Everything is derived from the input: the creation time is the image's
 //! build time, not the clock, and packages and relationships come out
-//! sorted by store path, so the same image always has the same bytes.
+//! sorted by store path, so the same input always gives the same bytes
+//! (a rebuild of an image, at another time, gives a new document).
 //! Package sets are code from outside, so everything they said (names,
 //! meta) is only ever data in the document: serde escapes it, SPDX ids are
 //! made of the store path's hash and name with anything outside the id
@@ -78,6 +79,7 @@ use serde::Serialize;
 
 use super::nix::{is_store_path, Closure, PackageMeta, ResolvedPackage};
 use crate::oci::digest::sha256_hex;
+use crate::storage::records::rfc3339;
 
 /// The media type of the document ([`spdx`]'s bytes).
 pub const MEDIA_TYPE: &str = "application/spdx+json";
@@ -471,28 +473,6 @@ fn uri_segment(s: &str) -> String {
         }
     }
     out
-}
-
-/// RFC 3339 in UTC, `1970-01-01T00:00:00Z`, from Unix seconds
-/// (civil-from-days, proleptic Gregorian).
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]

@@ -130,12 +130,7 @@ impl BuildStatus {
 /// The least time between two status writes of one build.
 const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Unix milliseconds now.
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::storage::records::unix_now_ms;
 
 /// Keeps a build's status fresh while it runs: written when its progress
 /// changes (at most once a [`MIN_WRITE_INTERVAL`], so within a second of

@@ -154,6 +154,7 @@ mod tests {
             digest: format!("sha256:{text}"),
             media_type: "m".to_string(),
             cached: false,
+            built_at: 0,
         }
     }
 

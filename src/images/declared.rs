@@ -24,6 +24,8 @@ use crate::oci::name::{validate_name, Arch, ImageSpec, SHELL_PACKAGES};
 
 /// Most packages in one declared image, as in a name.
 const MAX_PACKAGES: usize = 64;
+/// The largest declarations file read.
+const MAX_FILE: usize = 1 << 20;
 
 /// What is wrong with a declarations file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +88,12 @@ struct ImageFormat {
 impl Declarations {
     /// Parses and checks a declarations file.
     pub fn parse(bytes: &[u8]) -> Result<Declarations, DeclarationError> {
+        if bytes.len() > MAX_FILE {
+            return Err(DeclarationError::File(format!(
+                "{} bytes; the limit is {MAX_FILE}",
+                bytes.len()
+            )));
+        }
         let file: FileFormat =
             serde_json::from_slice(bytes).map_err(|e| DeclarationError::File(e.to_string()))?;
         let mut images = BTreeMap::new();
@@ -99,10 +107,13 @@ impl Declarations {
             let format: ImageFormat =
                 serde_json::from_value(value).map_err(|e| error("declaration", e.to_string()))?;
             let (packages, arch) = packages(&format.packages).map_err(|r| error("packages", r))?;
-            format
-                .config
-                .check()
-                .map_err(|(field, reason)| error(&format!("config.{field}"), reason))?;
+            format.config.check().map_err(|(field, reason)| {
+                let field = match field {
+                    "config" => "config".to_string(),
+                    field => format!("config.{field}"),
+                };
+                error(&field, reason)
+            })?;
             images.insert(
                 name,
                 Declared {
@@ -238,6 +249,18 @@ mod tests {
                 r#"image "a": config.User:"#,
             ),
             (
+                r#"{"images": {"a": {"packages": ["hello"], "config": {"ExposedPorts": {"+80/tcp": {}}}}}}"#,
+                r#"image "a": config.ExposedPorts:"#,
+            ),
+            (
+                r#"{"images": {"a": {"packages": ["hello"], "config": {"Env": ["A=\u001b[2J"]}}}}"#,
+                r#"image "a": config.Env: control"#,
+            ),
+            (
+                r#"{"images": {"a": {"packages": ["hello"], "config": {"Labels": {"k": "v\u0000"}}}}}"#,
+                r#"image "a": config.Labels: control"#,
+            ),
+            (
                 r#"{"images": {"a": {"packages": ["hello"], "config": {"Cmd": "bash"}}}}"#,
                 r#"image "a": declaration:"#,
             ),
@@ -250,5 +273,13 @@ mod tests {
                 .to_string();
             assert!(error.starts_with(says), "{file}: {error}");
         }
+        let huge = format!(
+            r#"{{"images": {{"a": {{"packages": ["hello"], "config": {{"Labels": {{"k": "{}"}}}}}}}}}}"#,
+            "x".repeat(20_000)
+        );
+        let error = Declarations::parse(huge.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with(r#"image "a": config: "#), "{error}");
     }
 }

@@ -54,6 +54,8 @@ pub struct Served {
     pub media_type: String,
     /// Answered from this process's cache, without storage.
     pub cached: bool,
+    /// When the image (or index) was built, in Unix seconds (0: unknown).
+    pub built_at: u64,
 }
 
 /// Why a pull got no manifest.
@@ -238,7 +240,7 @@ impl Images {
     async fn image(&self, request: BuildRequest, may_build: bool) -> Result<Served, ImageError> {
         let image_key = request.image_key.clone();
         let key = storage::image_key(&image_key);
-        if let Some(served) = self.cached(&image_key, request.not_before) {
+        if let Some(served) = self.cached(&key, &image_key, request.not_before) {
             return Ok(served);
         }
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
@@ -256,14 +258,14 @@ impl Images {
                     })?
             }
         };
-        self.serve_record(&image_key, record).await
+        self.serve_record(&key, &image_key, record).await
     }
 
     /// The index of the images of `requests` (one per platform, in the
     /// order of `NIXERY_PLATFORMS`). It is kept like an image: its bytes
-    /// under `manifests/`, and an image record (`images/<index-key>`)
-    /// that names it, written after the images it lists exist, which
-    /// garbage collection follows to them.
+    /// under `manifests/`, and a record (`indexes/<index-key>`) that names
+    /// it, written after the images it lists exist, which garbage
+    /// collection follows to them. It is as old as its oldest image.
     async fn index(
         &self,
         spec: &ImageSpec,
@@ -272,13 +274,13 @@ impl Images {
     ) -> Result<Served, ImageError> {
         let not_before = requests[0].not_before;
         let index_key = index_key(&requests);
-        if let Some(served) = self.cached(&index_key, not_before) {
+        let key = storage::index_record_key(&index_key);
+        if let Some(served) = self.cached(&key, &index_key, not_before) {
             return Ok(served);
         }
-        let key = storage::image_key(&index_key);
         if let Some(record) = records::read::<ImageRecord>(&*self.storage, &key).await? {
             if record.is_current(not_before) {
-                return self.serve_record(&index_key, record).await;
+                return self.serve_record(&key, &index_key, record).await;
             }
         }
         let platforms: Vec<Platform> = requests
@@ -315,18 +317,18 @@ impl Images {
             size: bytes.len() as u64,
             packages: spec.packages.iter().cloned().collect(),
             architecture: images_architectures(&self.settings.platforms),
-            built_at: unix_now(),
+            built_at: images.iter().map(|i| i.built_at).min().unwrap_or(0),
             sbom: None,
         };
         records::write(&*self.storage, &key, &record).await?;
         tracing::info!(index = %index_key, digest = %record.manifest_digest, name = %spec.name, "image index stored");
-        self.serve_record(&index_key, record).await
+        self.serve_record(&key, &index_key, record).await
     }
 
-    /// A cached answer for an image (or index) key, noted as served.
-    fn cached(&self, image_key: &str, not_before: u64) -> Option<Served> {
-        let key = storage::image_key(image_key);
-        let served = self.cache.get(&key, not_before, Instant::now())?;
+    /// A cached answer for an image (or index) record, noted as served
+    /// under `image_key`.
+    fn cached(&self, record_key: &str, image_key: &str, not_before: u64) -> Option<Served> {
+        let served = self.cache.get(record_key, not_before, Instant::now())?;
         self.mark_served(image_key);
         Some(Served {
             cached: true,
@@ -338,6 +340,7 @@ impl Images {
     /// noted as served.
     async fn serve_record(
         &self,
+        record_key: &str,
         image_key: &str,
         record: ImageRecord,
     ) -> Result<Served, ImageError> {
@@ -347,12 +350,12 @@ impl Images {
             .ok_or_else(|| ImageError::ManifestUnknown {
                 reference: record.manifest_digest.clone(),
             })?;
-        self.cache.insert(
-            &storage::image_key(image_key),
-            Some(record),
-            kept(&served),
-            Instant::now(),
-        );
+        let served = Served {
+            built_at: record.built_at,
+            ..served
+        };
+        self.cache
+            .insert(record_key, Some(record), kept(&served), Instant::now());
         self.mark_served(image_key);
         Ok(served)
     }
@@ -397,6 +400,7 @@ impl Images {
             digest: digest.to_string(),
             media_type,
             cached: false,
+            built_at: 0,
         }))
     }
 

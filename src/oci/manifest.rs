@@ -229,8 +229,35 @@ pub struct ConfigOverrides {
 }
 
 impl ConfigOverrides {
+    /// The most bytes a declared config takes: it travels in every build
+    /// request (an SQS message holds 256 KiB).
+    pub const MAX_BYTES: usize = 16 * 1024;
+
     /// What the image spec requires of each field: the field and why not.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let size = serde_json::to_vec(self).map_or(usize::MAX, |b| b.len());
+        if size > Self::MAX_BYTES {
+            return Err((
+                "config",
+                format!("{size} bytes; the limit is {}", Self::MAX_BYTES),
+            ));
+        }
+        // Text for a runtime, never a terminal's control sequences.
+        let fields = [
+            ("Cmd", self.cmd.iter().flatten().collect::<Vec<_>>()),
+            ("Entrypoint", self.entrypoint.iter().flatten().collect()),
+            ("Env", self.env.iter().collect()),
+            ("WorkingDir", self.working_dir.iter().collect()),
+            (
+                "Labels",
+                self.labels.iter().flat_map(|(k, v)| [k, v]).collect(),
+            ),
+        ];
+        for (field, texts) in fields {
+            if texts.iter().any(|t| t.contains(|c: char| c.is_control())) {
+                return Err((field, "control characters are not allowed".to_string()));
+            }
+        }
         for var in &self.env {
             let name = var
                 .split_once('=')
@@ -255,17 +282,13 @@ impl ConfigOverrides {
         }
         for port in self.exposed_ports.keys() {
             let (number, protocol) = port.split_once('/').unwrap_or((port, "tcp"));
-            let number_ok = number.parse::<u16>().is_ok_and(|n| n > 0);
+            let digits = !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit());
+            let number_ok = digits && number.parse::<u16>().is_ok_and(|n| n > 0);
             if !number_ok || !matches!(protocol, "tcp" | "udp" | "sctp") {
                 return Err((
                     "ExposedPorts",
                     format!("{port:?} is not port/tcp, port/udp or port/sctp"),
                 ));
-            }
-        }
-        for list in [&self.cmd, &self.entrypoint].into_iter().flatten() {
-            if list.iter().any(|arg| arg.contains('\0')) {
-                return Err(("Cmd", "arguments cannot hold NUL".to_string()));
             }
         }
         Ok(())

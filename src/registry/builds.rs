@@ -23,9 +23,10 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::pages::{esc, format_rfc3339, html_response};
+use super::pages::{esc, html_response};
 use super::{json_response, AppState, RegistryError};
 use crate::dispatch::status::{self, unix_now_ms, BuildStatus, State as BuildState};
+use crate::storage::records::rfc3339;
 use crate::storage::{Storage, StorageError};
 
 /// The most builds listed.
@@ -119,7 +120,7 @@ impl BuildView {
             done: progress.done.filter(|_| live),
             total: progress.total.filter(|_| live),
             bytes: progress.bytes.filter(|_| live),
-            started_at: started.map(|ms| format_rfc3339(ms / 1000)),
+            started_at: started.map(|ms| rfc3339(ms / 1000)),
             elapsed_ms,
             error,
             log: progress.log,

@@ -96,6 +96,8 @@ fn manifest_response(served: Served, head: bool) -> Response {
             .unwrap_or(HeaderValue::from_static(MEDIA_TYPE_MANIFEST)),
     );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    // A tag answers an index or one manifest, by what the client accepts.
+    headers.insert(header::VARY, HeaderValue::from_static("accept"));
     if let Ok(value) = HeaderValue::from_str(&served.digest) {
         headers.insert(DIGEST_HEADER, value);
     }

@@ -62,32 +62,6 @@ pub fn base_url(headers: &HeaderMap) -> String {
     format!("{scheme}://{host}")
 }
 
-/// `YYYY-MM-DD`, `HH:MM:SS` from Unix seconds (civil-from-days, proleptic
-/// Gregorian).
-fn civil(secs: u64) -> (String, String) {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (
-        format!("{year:04}-{month:02}-{day:02}"),
-        format!("{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60),
-    )
-}
-
-/// RFC 3339 in UTC: `2026-11-28T04:30:00Z`.
-pub fn format_rfc3339(secs: u64) -> String {
-    let (date, time) = civil(secs);
-    format!("{date}T{time}Z")
-}
-
 /// A whole HTML document around `body` (already escaped).
 pub fn html_response(title: &str, body: &str) -> Response {
     let page = format!(
@@ -114,10 +88,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn times_hosts_and_escaping() {
-        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(format_rfc3339(1_795_840_200), "2026-11-28T04:30:00Z");
-        assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    fn hosts_and_escaping() {
         assert_eq!(esc("<a href='x'>&"), "&lt;a href=&#39;x&#39;&gt;&amp;");
         let mut headers = HeaderMap::new();
         assert_eq!(base_url(&headers), "");

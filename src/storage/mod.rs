@@ -9,7 +9,10 @@
 //! | `manifests/sha256/<hex>` | manifest bytes, exactly as served | after its blobs |
 //! | `layers/<layer-key>` | layer record: digest, diff_id, size, media type | after the layer blob |
 //! | `images/<image-key>` | image record: manifest digest, media type, source, build time | last: the commit point |
+//! | `indexes/<index-key>` | record of a multi-platform index (like an image record) | by the registry, after the images it lists |
+//! | `referrers/<hex>` | the referrers index of a manifest: its SBOM artifact | by the build, before the image record |
 //! | `builds/<image-key>` | build status | while building |
+//! | `builds/recent/<inverted-ms>-<image-key>` | that a build was asked for (newest sort first) | when it is queued |
 //! | `served/<image-key>` | that the image was pulled (for `nixery gc`) | at most once a day per process |
 //! | `sources/<lookup-hash>` | a worker's answer to a git lookup (for a registry without git) | by the worker |
 //! | `staging/...` | uploads in flight | anything left here is garbage |
@@ -249,6 +252,13 @@ pub fn layer_key(key: &str) -> String {
 /// `images/<image-key>`
 pub fn image_key(key: &str) -> String {
     format!("images/{key}")
+}
+
+/// `indexes/<index-key>`: the record of a multi-platform index, apart from
+/// images so that writing one (the registry does) can never replace an
+/// image record (only builders write those).
+pub fn index_record_key(key: &str) -> String {
+    format!("indexes/{key}")
 }
 
 /// The hex digest a content-addressed key names (`blobs/sha256/<hex>`,
