@@ -36,6 +36,29 @@ use crate::oci::manifest::{ImageIndex, Manifest, MEDIA_TYPE_INDEX};
 use crate::storage::records::{self, ImageRecord, LayerRecord, RecordError};
 use crate::storage::{digest_of_key, Listed, Storage, StorageError};
 
+/// The manifests (as hex) the index stored under `key` lists: none if it
+/// is gone, and none, reported, if it is not an index.
+async fn listed_in(
+    storage: &dyn Storage,
+    key: &str,
+    report: &mut Report,
+) -> Result<Vec<String>, StorageError> {
+    let Some(bytes) = storage.get(key).await? else {
+        return Ok(Vec::new());
+    };
+    match serde_json::from_slice::<ImageIndex>(&bytes) {
+        Ok(index) => Ok(index
+            .manifests
+            .iter()
+            .map(|m| hex_of(&m.digest).to_string())
+            .collect()),
+        Err(_) => {
+            report.unreadable.push(key.to_string());
+            Ok(Vec::new())
+        }
+    }
+}
+
 /// Where `served/` markers live: one per image, rewritten when served.
 pub fn served_key(image_key: &str) -> String {
     format!("served/{image_key}")
@@ -137,18 +160,7 @@ pub async fn collect(
     // images were pulled lately.
     for digest in live_indexes {
         let key = crate::storage::manifest_key(hex_of(&digest));
-        let Some(bytes) = storage.get(&key).await? else {
-            continue;
-        };
-        match serde_json::from_slice::<ImageIndex>(&bytes) {
-            Ok(index) => live_manifests.extend(
-                index
-                    .manifests
-                    .iter()
-                    .map(|m| hex_of(&m.digest).to_string()),
-            ),
-            Err(_) => report.unreadable.push(key),
-        }
+        live_manifests.extend(listed_in(storage, &key, &mut report).await?);
     }
 
     // Referrers indexes go with the manifest they are about, and keep
@@ -163,18 +175,7 @@ pub async fn collect(
             }
             continue;
         }
-        let Some(bytes) = storage.get(&listed.key).await? else {
-            continue;
-        };
-        match serde_json::from_slice::<ImageIndex>(&bytes) {
-            Ok(index) => live_manifests.extend(
-                index
-                    .manifests
-                    .iter()
-                    .map(|m| hex_of(&m.digest).to_string()),
-            ),
-            Err(_) => report.unreadable.push(listed.key.clone()),
-        }
+        live_manifests.extend(listed_in(storage, &listed.key, &mut report).await?);
     }
 
     // Manifests, and the blobs the live ones name.
