@@ -342,3 +342,39 @@ async fn the_local_server_counts_in_prometheus_format_and_names_each_request() {
         "{steps:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_public_url_names_the_registry_whatever_the_host_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PUBLIC_URL", "https://registry.example.org/")],
+    );
+    let client = reqwest::Client::new();
+    let failed = client
+        .get(server.url("/v2/failing/manifests/latest"))
+        .header("x-forwarded-host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    let body: Value = failed.json().await.unwrap();
+    let status_url = body["errors"][0]["detail"]["status_url"].as_str().unwrap();
+    assert!(
+        status_url.starts_with("https://registry.example.org/builds/"),
+        "{body}"
+    );
+    let landing = client
+        .get(server.url("/"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        landing.contains("docker pull registry.example.org/shell/curl/jq"),
+        "{landing}"
+    );
+    assert!(!landing.contains("evil"), "{landing}");
+}

@@ -110,6 +110,7 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
     ("NIXERY_HTPASSWD", SetOn::Function, "the function answers requests, so it checks credentials"),
     ("NIXERY_IMAGES", SetOn::Function, "the function answers pulls, so it reads the declared images"),
+    ("NIXERY_PUBLIC_URL", SetOn::Function, "the custom domain, which CloudFront does not pass on as Host"),
     ("NIXERY_AUTH_SCOPE", SetOn::Function, "the function answers requests, so it checks credentials"),
     (
         "NIXERY_MAX_BUILDS",

@@ -177,6 +177,9 @@ async fn serve(mut config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
     if let BuildMode::Sqs { timings, .. } = &config.builds {
         state = state.with_heartbeat(timings.heartbeat);
     }
+    if let Some(url) = &config.public_url {
+        state = state.with_public_url(url);
+    }
     if in_lambda {
         tracing::info!(source = ?config.source, storage = ?config.storage, "registry started in Lambda");
         return lambda_http::run(registry::router(state))

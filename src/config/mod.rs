@@ -196,6 +196,13 @@ pub struct ListenArgs {
         hide_env = true
     )]
     pub listen: Option<SocketAddr>,
+    /// How clients reach this registry (`https://registry.example.org`),
+    /// for the pull commands and build status URLs it gives; unset, the
+    /// request's Host (or X-Forwarded-Host) says. Set it behind a proxy or
+    /// CDN that sends its own Host.
+    #[arg(long, env = "NIXERY_PUBLIC_URL", value_name = "NIXERY_PUBLIC_URL", hide_env = true,
+          value_parser = public_url)]
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -492,6 +499,8 @@ pub struct GcConfig {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// How clients reach this registry, when the request cannot say.
+    pub public_url: Option<String>,
     /// Where the htpasswd file is, and what it guards.
     pub auth: Option<(String, AuthScope)>,
     pub source: PackageSource,
@@ -624,6 +633,7 @@ impl ServeArgs {
         };
         Ok(ServeConfig {
             listen,
+            public_url: self.listen.public_url.clone(),
             auth: self
                 .auth
                 .htpasswd
@@ -828,6 +838,22 @@ fn package_set_dir(value: &str) -> Result<PathBuf, String> {
         return Err("the directory has no default.nix".to_string());
     }
     path.canonicalize().map_err(|e| e.to_string())
+}
+
+/// `scheme://host[:port]`, nothing after (a trailing `/` is dropped).
+fn public_url(value: &str) -> Result<String, String> {
+    let url = http_url(value)?;
+    let url = url.trim_end_matches('/');
+    let (_, authority) = url.split_once("://").unwrap_or_default();
+    let plain = !authority.is_empty()
+        && authority
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+    if plain {
+        Ok(url.to_string())
+    } else {
+        Err("must be scheme://host or scheme://host:port, with no path".to_string())
+    }
 }
 
 fn http_url(value: &str) -> Result<String, String> {
@@ -1133,7 +1159,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 38, "{vars:?}");
+        assert_eq!(vars.len(), 39, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

@@ -12,7 +12,11 @@ use super::pages::{esc, host, html_response};
 use super::AppState;
 
 pub(super) async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let host = host(&headers).unwrap_or_else(|| "<this-host>".to_string());
+    let base = state.base_url(&headers);
+    let host = match base.split_once("://") {
+        Some((_, host)) => host.to_string(),
+        None => host(&headers).unwrap_or_else(|| "<this-host>".to_string()),
+    };
     let mut out = String::new();
     out.push_str("<h1>nixery</h1>");
     out.push_str("<p>A container registry that builds images on demand with Nix. The image name is the package list: ");

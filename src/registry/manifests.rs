@@ -9,7 +9,6 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::pages::base_url;
 use super::{json_response, AppState, RegistryError, DIGEST_HEADER};
 use crate::images::{ImageError, Served};
 use crate::oci::digest;
@@ -56,7 +55,7 @@ pub(super) async fn get(
             .map_err(|e| match e {
                 ImageError::Build { image_key, error } => RegistryError::Build {
                     error,
-                    status_url: format!("{}/builds/{image_key}", base_url(headers)),
+                    status_url: format!("{}/builds/{image_key}", state.base_url(headers)),
                 },
                 e => RegistryError::Image(e),
             })?;

@@ -63,9 +63,27 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Names requests outside Lambda (which names them itself).
     request_ids: Arc<RequestIds>,
+    /// How clients reach this registry, if the operator said
+    /// (`NIXERY_PUBLIC_URL`); else each request's Host says.
+    public_url: Option<Arc<str>>,
 }
 
 impl AppState {
+    /// Pull commands and status URLs name `url`, whatever Host a
+    /// request came with.
+    pub fn with_public_url(mut self, url: &str) -> AppState {
+        self.public_url = Some(Arc::from(url));
+        self
+    }
+
+    /// `scheme://host` of this registry for a client that sent `headers`.
+    pub(crate) fn base_url(&self, headers: &axum::http::HeaderMap) -> String {
+        match &self.public_url {
+            Some(url) => url.to_string(),
+            None => pages::base_url(headers),
+        }
+    }
+
     /// The status pages judge a build whose status has not changed for
     /// six of these as lost (the dispatcher's rule): the workers'
     /// heartbeat, when it is not the default.
@@ -92,6 +110,7 @@ impl AppState {
             auth,
             metrics,
             request_ids: Arc::new(RequestIds::default()),
+            public_url: None,
         }
     }
 }
