@@ -42,7 +42,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde_json::{json, Map, Value};
 
-use crate::builder::BuildStats;
+use crate::builder::{BuildError, BuildStats, Built};
 
 /// The most build durations one EMF line carries (CloudWatch takes 100
 /// values per metric in one line).
@@ -228,6 +228,19 @@ impl Metrics {
         self.emf.is_some()
     }
 
+    /// A build's result, as a dispatcher got it: counted when it built an
+    /// image or failed for good (a transient failure, retried, is neither;
+    /// an image found stored already was no build).
+    pub fn build_outcome(&self, outcome: &Result<Built, BuildError>) {
+        match outcome {
+            Ok(Built {
+                stats: Some(stats), ..
+            }) => self.build_ended(Ok(stats)),
+            Err(error) if error.failure().is_some() => self.build_ended(Err(())),
+            Ok(_) | Err(_) => {}
+        }
+    }
+
     /// Everything, in Prometheus (OpenMetrics) text format.
     pub fn prometheus_text(&self) -> String {
         let mut text = String::new();
@@ -243,7 +256,7 @@ impl Metrics {
             return;
         };
         let taken = std::mem::take(&mut *pending.lock().expect("never poisoned"));
-        if let Some(line) = emf_line(service, &taken, crate::dispatch::status::unix_now_ms()) {
+        if let Some(line) = emf_line(service, &taken, crate::storage::records::unix_now_ms()) {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");

@@ -58,19 +58,12 @@ impl InProcess {
             outcome = self.builder.build(&request, Some(&progress_tx)) => outcome,
             never = reporting => match never {},
         };
-        running.info.progress = Some(progress_tx.borrow().clone()).filter(|p| !p.step.is_empty());
+        running.last_progress(&progress_tx.borrow());
+        self.metrics.build_outcome(&outcome);
         let (ended, result) = match outcome {
-            Ok(built) => {
-                if let Some(stats) = &built.stats {
-                    self.metrics.build_ended(Ok(stats));
-                }
-                (Ok(built.stats), Ok(built.record))
-            }
+            Ok(built) => (Ok(built.stats), Ok(built.record)),
             Err(error) => match error.failure() {
-                Some(failure) => {
-                    self.metrics.build_ended(Err(()));
-                    (Err(failure), Err(DispatchError::from(error)))
-                }
+                Some(failure) => (Err(failure), Err(DispatchError::from(error))),
                 // Nothing to remember: the next pull builds it again.
                 None => {
                     let error = DispatchError::from(error);

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 pub use crate::builder::Failure;
 use crate::builder::{BuildRequest, BuildStats, StepProgress};
-use crate::storage::records::{self, unix_now, RecordError};
+use crate::storage::records::{self, unix_now, unix_now_ms, RecordError};
 use crate::storage::{Storage, StorageError};
 
 /// How often a build's status is refreshed, by default.
@@ -106,6 +106,14 @@ impl BuildStatus {
         }
     }
 
+    /// Takes the build's last progress: a change within the write interval
+    /// may not have been written yet.
+    pub fn last_progress(&mut self, progress: &StepProgress) {
+        if !progress.step.is_empty() {
+            self.info.progress = Some(progress.clone());
+        }
+    }
+
     /// The status of the build once it ended: done, with what it did, or
     /// failed, with why and how far it got.
     pub fn ended(self, outcome: Result<Option<BuildStats>, Failure>) -> BuildStatus {
@@ -129,8 +137,6 @@ impl BuildStatus {
 
 /// The least time between two status writes of one build.
 const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
-
-pub use crate::storage::records::unix_now_ms;
 
 /// Keeps a build's status fresh while it runs: written when its progress
 /// changes (at most once a [`MIN_WRITE_INTERVAL`], so within a second of

@@ -199,22 +199,16 @@ impl Worker {
             never = heartbeat => match never {},
         };
         // Where it got to, kept with a failure.
-        let progress = progress_tx.borrow().clone();
-        running.info.progress = Some(progress).filter(|p| !p.step.is_empty());
+        running.last_progress(&progress_tx.borrow());
+        self.metrics.build_outcome(&outcome);
 
         let outcome = match outcome {
-            Ok(built) => {
-                if let Some(stats) = &built.stats {
-                    self.metrics.build_ended(Ok(stats));
-                }
-                Ok(built.stats)
-            }
+            Ok(built) => Ok(built.stats),
             Err(error) => match error.failure() {
                 Some(failure) => {
                     if error.is_internal() {
                         tracing::error!(image = key, %error, "build failed");
                     }
-                    self.metrics.build_ended(Err(()));
                     Err(failure)
                 }
                 None => {

@@ -25,8 +25,8 @@ use serde::Serialize;
 
 use super::pages::{esc, html_response};
 use super::{json_response, AppState, RegistryError};
-use crate::dispatch::status::{self, unix_now_ms, BuildStatus, State as BuildState};
-use crate::storage::records::rfc3339;
+use crate::dispatch::status::{self, BuildStatus, State as BuildState};
+use crate::storage::records::{rfc3339, unix_now_ms};
 use crate::storage::{Storage, StorageError};
 
 /// The most builds listed.
