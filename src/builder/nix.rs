@@ -597,6 +597,25 @@ fn parse_path_info(json: &[u8]) -> Result<Closure, String> {
     Ok(closure)
 }
 
+/// A closure of `(path, references)` edges, for the tests of what reads
+/// closures.
+#[cfg(test)]
+pub(crate) fn test_closure(edges: &[(&str, &[&str])]) -> Closure {
+    edges
+        .iter()
+        .map(|(path, refs)| {
+            let references = refs.iter().map(|r| r.to_string()).collect();
+            (
+                path.to_string(),
+                PathInfo {
+                    nar_size: 1,
+                    references,
+                },
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

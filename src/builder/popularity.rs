@@ -165,20 +165,7 @@ mod tests {
         format!("/nix/store/{hash}-{name}")
     }
 
-    fn closure(entries: &[(&str, &[&str])]) -> Closure {
-        entries
-            .iter()
-            .map(|(p, refs)| {
-                (
-                    p.to_string(),
-                    PathInfo {
-                        nar_size: 1,
-                        references: refs.iter().map(|r| r.to_string()).collect(),
-                    },
-                )
-            })
-            .collect()
-    }
+    use crate::builder::nix::test_closure as closure;
 
     #[test]
     fn names_drop_directory_and_hash_only() {

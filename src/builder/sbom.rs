@@ -478,7 +478,6 @@ fn uri_segment(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builder::nix::PathInfo;
     use proptest::prelude::*;
 
     const HELLO: &str = "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-hello-2.12.1";
@@ -487,20 +486,7 @@ mod tests {
     const MULTI: &str = "/nix/store/9gwwjb5jlf4z6l8w96rdgl1mflvh97v1-libmulti-1.0";
     const MULTI_DEV: &str = "/nix/store/43g6w52n7238vcsi001ci4vqwy54nkfv-libmulti-1.0-dev";
 
-    fn closure(edges: &[(&str, &[&str])]) -> Closure {
-        edges
-            .iter()
-            .map(|(path, refs)| {
-                (
-                    path.to_string(),
-                    PathInfo {
-                        nar_size: 100,
-                        references: refs.iter().map(|r| r.to_string()).collect(),
-                    },
-                )
-            })
-            .collect()
-    }
+    use crate::builder::nix::test_closure as closure;
 
     fn root(name: &str, outputs: &[(&str, &str)], meta: PackageMeta) -> ResolvedPackage {
         ResolvedPackage {
