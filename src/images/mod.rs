@@ -211,7 +211,8 @@ impl Images {
             }
         };
         let not_before = not_before(resolved.moving, self.sources.ttl(), unix_now());
-        let platforms = if spec.arch_given {
+        // Never none: the name's own platform when nothing else is set.
+        let platforms = if spec.arch_given || self.settings.platforms.is_empty() {
             vec![spec.arch]
         } else {
             self.settings.platforms.clone()
@@ -229,11 +230,12 @@ impl Images {
                 )
             })
             .collect();
-        match requests.as_slice() {
-            [one] => self.image(one.clone(), may_build).await,
-            [first, ..] if !accepts_index => self.image(first.clone(), may_build).await,
-            _ => self.index(spec, requests, may_build).await,
+        if requests.len() > 1 && accepts_index {
+            return self.index(spec, requests, may_build).await;
         }
+        // One platform, or a client that takes no index: the first's image.
+        let first = requests.into_iter().next().expect("at least one platform");
+        self.image(first, may_build).await
     }
 
     /// The manifest of one image: from the cache, from storage, or built.
