@@ -1,6 +1,8 @@
 //! Private instances: an htpasswd file guards building (`build` scope) or
 //! everything (`all`), and the real clients log in: skopeo `--creds`,
 //! containerd's `ctr --user`, and `podman login`.
+// The integration tier: needs real Nix and skopeo (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

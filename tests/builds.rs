@@ -1,6 +1,8 @@
 //! Build status: what a build shows while it runs and after, in a real
 //! browser and as JSON, on every instance that shares the storage, and
 //! where a pull's error points to.
+// The integration tier: needs real Nix and headless Chromium (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

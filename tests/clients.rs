@@ -1,6 +1,8 @@
 //! The clients a Kubernetes node and a workstation use: containerd's `ctr`
 //! (HEAD by tag, then GET by digest) and podman pull and run what
 //! `nixery serve` builds, with gzip layers and with zstd ones.
+// The integration tier: needs real Nix, containerd, podman and skopeo (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

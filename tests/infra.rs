@@ -6,6 +6,8 @@
 //! Needs cfn-lint and aws-sam-cli (`.ci/setup --test` installs them with pip;
 //! the template is read with cfn-lint's own YAML decoder, which understands
 //! `!Ref`, `!Sub` and friends) and Nix. No AWS account or network.
+// The integration tier: needs cfn-lint, aws-sam-cli and Nix (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

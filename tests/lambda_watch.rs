@@ -1,6 +1,8 @@
 //! The registry as a Lambda function under `cargo lambda watch` (the local
 //! Lambda emulator), on S3 storage: skopeo and containerd pull through it,
 //! every blob GET to the function is a 307, and the bytes come from S3.
+// The integration tier: needs cargo lambda, real Nix, skopeo and containerd (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

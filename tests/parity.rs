@@ -1,6 +1,8 @@
 //! What Nixery users rely on: package sources selected by tag (a git
 //! repository here), layer reuse between images, popularity data, and the
 //! landing page.
+// The integration tier: needs real Nix and git (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The registry API as clients see it: headers, bodies and every error case,
 //! against a running `nixery serve` building from the fixture package set.
+// The integration tier: needs real Nix (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! End to end with real pull clients: skopeo copies what `nixery serve`
 //! builds, umoci unpacks it, and the image runs in a chroot.
+// The integration tier: needs real Nix, skopeo and umoci (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The registry on S3 storage: manifests from the registry, blobs by 307
 //! redirect to presigned URLs that the S3 server itself answers.
+// The integration tier: needs real Nix and skopeo (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

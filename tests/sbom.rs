@@ -13,6 +13,8 @@
 //!
 //! Both are installed by `.ci/setup --test`. A broken document must fail
 //! them, or passing would mean nothing: one test checks that too.
+// The integration tier: needs real Nix and the SPDX validators (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! reach outside themselves, revisions that only a pull request holds,
 //! images over the size limit, and more builds than the limit allows. Real
 //! Nix (sandboxed, as build users), real storage, the real registry.
+// The integration tier: needs real Nix and git (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 

@@ -5,7 +5,6 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{fixture_pkgs, Server};
 
 fn start_error(env: &[(&str, &str)]) -> String {
     let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
@@ -24,7 +23,8 @@ fn start_error(env: &[(&str, &str)]) -> String {
 
 #[test]
 fn bad_settings_stop_the_start_naming_the_variable() {
-    let pkgs = fixture_pkgs();
+    // Checked at start only: a directory with a default.nix, never built.
+    let pkgs = common::repo().join("tests/fixtures/pkgs");
     let pkgs = pkgs.to_str().unwrap();
     let storage = tempfile::tempdir().unwrap();
     let storage = storage.path().to_str().unwrap();
@@ -80,9 +80,10 @@ fn bad_settings_stop_the_start_naming_the_variable() {
 }
 
 #[tokio::test]
+#[cfg(feature = "integration")]
 async fn the_layer_budget_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start_with(&dir.path().join("storage"), &[("NIXERY_LAYER_BUDGET", "2")]);
+    let server = common::Server::start_with(&dir.path().join("storage"), &[("NIXERY_LAYER_BUDGET", "2")]);
     let manifest: serde_json::Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
         .await
         .unwrap()
@@ -158,7 +159,7 @@ fn help_lists_every_setting_with_its_variable() {
 #[test]
 fn an_invalid_declared_image_stops_the_start_naming_image_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let pkgs = fixture_pkgs();
+    let pkgs = common::repo().join("tests/fixtures/pkgs");
     let storage = dir.path().join("storage");
     let file = dir.path().join("images.json");
     for (declaration, says) in [

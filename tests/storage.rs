@@ -307,6 +307,7 @@ async fn s3_backend() {
 }
 
 #[tokio::test]
+#[cfg(feature = "integration")] // curl as the client
 async fn s3_presigned_urls_are_checked_by_the_server() {
     let server = S3Server::start();
     let scratch = tempfile::tempdir().unwrap();

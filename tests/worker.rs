@@ -1,6 +1,8 @@
 //! Builds on workers: the registry (local server mode, S3 storage, SQS
 //! dispatch) hands builds to `nixery worker` processes through a real
 //! SQS-protocol server (moto) and waits for them in storage.
+// The integration tier: needs real Nix and moto (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 
