@@ -33,36 +33,9 @@ use std::time::Duration;
 
 use crate::oci::digest::hex_of;
 use crate::oci::manifest::{ImageIndex, Manifest, MEDIA_TYPE_INDEX};
+use crate::storage::keys::{ManifestKey, Parsed, Prefix};
 use crate::storage::records::{self, ImageRecord, LayerRecord, RecordError};
-use crate::storage::{digest_of_key, Listed, Storage, StorageError};
-
-/// The manifests (as hex) the index stored under `key` lists: none if it
-/// is gone, and none, reported, if it is not an index.
-async fn listed_in(
-    storage: &dyn Storage,
-    key: &str,
-    report: &mut Report,
-) -> Result<Vec<String>, StorageError> {
-    let Some(bytes) = storage.get(key).await? else {
-        return Ok(Vec::new());
-    };
-    match serde_json::from_slice::<ImageIndex>(&bytes) {
-        Ok(index) => Ok(index
-            .manifests
-            .iter()
-            .map(|m| hex_of(&m.digest).to_string())
-            .collect()),
-        Err(_) => {
-            report.unreadable.push(key.to_string());
-            Ok(Vec::new())
-        }
-    }
-}
-
-/// Where `served/` markers live: one per image, rewritten when served.
-pub fn served_key(image_key: &str) -> String {
-    format!("served/{image_key}")
-}
+use crate::storage::{Listed, Storage, StorageError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GcSettings {
@@ -94,188 +67,294 @@ impl Report {
     }
 }
 
-/// One collection at time `now` (Unix seconds).
+/// One collection at time `now` (Unix seconds): the passes, in order.
 pub async fn collect(
     storage: &dyn Storage,
     settings: &GcSettings,
     now: u64,
 ) -> Result<Report, StorageError> {
-    let young = |o: &Listed| now.saturating_sub(o.modified) < settings.grace.as_secs();
-    let mut report = Report::default();
-    let mut doomed: Vec<Listed> = Vec::new();
+    let mut gc = Collection {
+        storage,
+        settings,
+        now,
+        report: Report::default(),
+        doomed: Vec::new(),
+        live_manifests: HashSet::new(),
+        live_indexes: Vec::new(),
+        live_blobs: HashSet::new(),
+        named_by: HashMap::new(),
+    };
+    gc.images().await?;
+    gc.indexes().await?;
+    gc.referrers().await?;
+    gc.manifests().await?;
+    gc.layers().await?;
+    gc.blobs().await?;
+    gc.leftovers().await?;
+    gc.sweep().await?;
+    Ok(gc.report)
+}
 
-    // Images: used recently, or expired.
-    let markers: HashMap<String, Listed> = storage
-        .list("served/")
-        .await?
-        .into_iter()
-        .map(|o| (o.key.trim_start_matches("served/").to_string(), o))
-        .collect();
-    let mut live_images = HashSet::new();
-    let mut live_manifests = HashSet::new();
-    let mut live_indexes = Vec::new();
-    // Image records, and the records of multi-platform indexes.
-    let mut images = storage.list("images/").await?;
-    images.extend(storage.list("indexes/").await?);
-    report.scanned += images.len() + markers.len();
-    for image in images {
-        let name = image
-            .key
-            .trim_start_matches("images/")
-            .trim_start_matches("indexes/")
-            .to_string();
-        let used = markers
-            .get(&name)
-            .map_or(image.modified, |m| m.modified.max(image.modified));
-        if now.saturating_sub(used) >= settings.unused_for.as_secs() && !young(&image) {
-            report.images_expired += 1;
-            doomed.push(image);
-            continue;
-        }
-        match records::read::<ImageRecord>(storage, &image.key).await {
-            Ok(Some(record)) => {
-                live_manifests.insert(hex_of(&record.manifest_digest).to_string());
-                // Its SBOM goes with it.
-                if let Some(sbom) = &record.sbom {
-                    live_manifests.insert(hex_of(sbom).to_string());
-                }
-                if record.media_type == MEDIA_TYPE_INDEX {
-                    live_indexes.push(record.manifest_digest.clone());
-                }
-            }
-            Ok(None) => continue,
-            Err(RecordError::Unreadable { .. }) => report.unreadable.push(image.key.clone()),
-            Err(RecordError::Storage(e)) => return Err(e),
-        }
-        live_images.insert(name);
+/// A collection under way: what is live so far, and what is doomed.
+struct Collection<'a> {
+    storage: &'a dyn Storage,
+    settings: &'a GcSettings,
+    now: u64,
+    report: Report,
+    doomed: Vec<Listed>,
+    /// Manifests (hex) that live images, indexes and referrers name.
+    live_manifests: HashSet<String>,
+    /// Digests of live indexes, whose manifests they keep.
+    live_indexes: Vec<String>,
+    /// Blobs (hex) that live manifests and young layer records name.
+    live_blobs: HashSet<String>,
+    /// Blob hex -> the layer records that name it.
+    named_by: HashMap<String, Vec<String>>,
+}
+
+impl Collection<'_> {
+    /// Whether an object was written within the grace period.
+    fn young(&self, object: &Listed) -> bool {
+        self.fresh(object.modified)
     }
-    doomed.extend(
-        markers
+
+    fn fresh(&self, modified: u64) -> bool {
+        self.now.saturating_sub(modified) < self.settings.grace.as_secs()
+    }
+
+    async fn list(&mut self, prefix: Prefix) -> Result<Vec<Listed>, StorageError> {
+        let listed = self.storage.list(prefix.as_str()).await?;
+        self.report.scanned += listed.len();
+        Ok(listed)
+    }
+
+    /// Image and index records: used recently (served or built), or
+    /// expired, with their `served/` markers.
+    async fn images(&mut self) -> Result<(), StorageError> {
+        let markers: HashMap<String, Listed> = self
+            .list(Prefix::Served)
+            .await?
             .into_iter()
-            .filter(|(name, marker)| !live_images.contains(name) && !young(marker))
-            .map(|(_, marker)| marker),
-    );
-
-    // A live index keeps the manifests it lists, whether or not their own
-    // images were pulled lately.
-    for digest in live_indexes {
-        let key = crate::storage::manifest_key(hex_of(&digest));
-        live_manifests.extend(listed_in(storage, &key, &mut report).await?);
-    }
-
-    // Referrers indexes go with the manifest they are about, and keep
-    // what they list (a live manifest's SBOM, whichever build made it).
-    let referrers = storage.list("referrers/").await?;
-    report.scanned += referrers.len();
-    for listed in referrers {
-        let subject = listed.key.trim_start_matches("referrers/");
-        if !live_manifests.contains(subject) {
-            if !young(&listed) {
-                doomed.push(listed);
-            }
-            continue;
-        }
-        live_manifests.extend(listed_in(storage, &listed.key, &mut report).await?);
-    }
-
-    // Manifests, and the blobs the live ones name.
-    let mut live_blobs = HashSet::new();
-    let manifests = storage.list("manifests/").await?;
-    report.scanned += manifests.len();
-    for manifest in manifests {
-        let digest = digest_of_key(&manifest.key).unwrap_or_default();
-        if !live_manifests.contains(digest) && !young(&manifest) {
-            doomed.push(manifest);
-            continue;
-        }
-        let Some(bytes) = storage.get(&manifest.key).await? else {
-            continue;
-        };
-        match serde_json::from_slice::<Manifest>(&bytes) {
-            Ok(parsed) => {
-                live_blobs.insert(hex_of(&parsed.config.digest).to_string());
-                live_blobs.extend(parsed.layers.iter().map(|l| hex_of(&l.digest).to_string()));
-            }
-            // An index names manifests only (followed above).
-            Err(_) if serde_json::from_slice::<ImageIndex>(&bytes).is_ok() => {}
-            Err(_) => report.unreadable.push(manifest.key.clone()),
-        }
-    }
-
-    // Layer records: a young one keeps its blob (a build is using it); an
-    // old one goes with its blob when nothing live names that.
-    let layers = storage.list("layers/").await?;
-    report.scanned += layers.len();
-    let mut old_layers = Vec::new();
-    // Blob hex -> the layer records that name it.
-    let mut named_by: HashMap<String, Vec<String>> = HashMap::new();
-    for layer in layers {
-        let record = match records::read::<LayerRecord>(storage, &layer.key).await {
-            Ok(Some(record)) => record,
-            Ok(None) => continue,
-            Err(RecordError::Unreadable { .. }) => {
-                // Unusable by any build: collected once old.
-                if !young(&layer) {
-                    doomed.push(layer);
-                }
-                continue;
-            }
-            Err(RecordError::Storage(e)) => return Err(e),
-        };
-        named_by
-            .entry(hex_of(&record.digest).to_string())
-            .or_default()
-            .push(layer.key.clone());
-        if young(&layer) {
-            live_blobs.insert(hex_of(&record.digest).to_string());
-        } else {
-            old_layers.push((layer, hex_of(&record.digest).to_string()));
-        }
-    }
-    doomed.extend(
-        old_layers
-            .into_iter()
-            .filter(|(_, blob)| !live_blobs.contains(blob))
-            .map(|(layer, _)| layer),
-    );
-
-    let blobs = storage.list("blobs/").await?;
-    report.scanned += blobs.len();
-    doomed.extend(blobs.into_iter().filter(|blob| {
-        let digest = digest_of_key(&blob.key).unwrap_or_default();
-        !live_blobs.contains(digest) && !young(blob)
-    }));
-
-    // Uploads in flight, build statuses and claims, git answers: all
-    // rewritten while in use, so old ones are leftovers.
-    for dir in ["staging/", "builds/", "sources/"] {
-        let found = storage.list(dir).await?;
-        report.scanned += found.len();
-        doomed.extend(found.into_iter().filter(|o| !young(o)));
-    }
-
-    let fresh = |modified: u64| now.saturating_sub(modified) < settings.grace.as_secs();
-    for object in doomed {
-        if !settings.dry_run {
-            let Some(modified) = storage.modified(&object.key).await? else {
-                continue; // gone already
+            .filter_map(|o| match Parsed::of(&o.key) {
+                Some(Parsed::Served(name)) => Some((name, o)),
+                _ => None,
+            })
+            .collect();
+        let mut images = self.list(Prefix::Images).await?;
+        images.extend(self.list(Prefix::Indexes).await?);
+        let mut live_images = HashSet::new();
+        for image in images {
+            let name = match Parsed::of(&image.key) {
+                Some(Parsed::ImageRecord(key)) => key.to_string(),
+                Some(Parsed::IndexRecord(key)) => key.to_string(),
+                _ => continue,
             };
-            let mut rewritten = fresh(modified);
-            if !rewritten && object.key.starts_with("blobs/") {
-                let digest = digest_of_key(&object.key).unwrap_or_default();
-                for record in named_by.get(digest).into_iter().flatten() {
-                    rewritten |= storage.modified(record).await?.is_some_and(fresh);
-                }
-            }
-            if rewritten {
-                report.rescued.push(object.key);
+            let used = markers
+                .get(&name)
+                .map_or(image.modified, |m| m.modified.max(image.modified));
+            let unused = self.now.saturating_sub(used) >= self.settings.unused_for.as_secs();
+            if unused && !self.young(&image) {
+                self.report.images_expired += 1;
+                self.doomed.push(image);
                 continue;
             }
-            storage.delete(&object.key).await?;
+            match records::read::<ImageRecord>(self.storage, &image.key).await {
+                Ok(Some(record)) => {
+                    self.live_manifests
+                        .insert(hex_of(&record.manifest_digest).to_string());
+                    // Its SBOM goes with it.
+                    if let Some(sbom) = &record.sbom {
+                        self.live_manifests.insert(hex_of(sbom).to_string());
+                    }
+                    if record.media_type == MEDIA_TYPE_INDEX {
+                        self.live_indexes.push(record.manifest_digest.clone());
+                    }
+                }
+                Ok(None) => continue,
+                Err(RecordError::Unreadable { .. }) => {
+                    self.report.unreadable.push(image.key.clone())
+                }
+                Err(RecordError::Storage(e)) => return Err(e),
+            }
+            live_images.insert(name);
         }
-        report.deleted.push(object);
+        for (name, marker) in markers {
+            if !live_images.contains(&name) && !self.young(&marker) {
+                self.doomed.push(marker);
+            }
+        }
+        Ok(())
     }
-    Ok(report)
+
+    /// A live index keeps the manifests it lists, whether or not their own
+    /// images were pulled lately.
+    async fn indexes(&mut self) -> Result<(), StorageError> {
+        for digest in std::mem::take(&mut self.live_indexes) {
+            let listed = self.listed_in(&ManifestKey::of_digest(&digest)).await?;
+            self.live_manifests.extend(listed);
+        }
+        Ok(())
+    }
+
+    /// Referrers indexes go with the manifest they are about, and keep
+    /// what they list (a live manifest's SBOM, whichever build made it).
+    async fn referrers(&mut self) -> Result<(), StorageError> {
+        for listed in self.list(Prefix::Referrers).await? {
+            let Some(Parsed::Referrers(subject)) = Parsed::of(&listed.key) else {
+                continue;
+            };
+            if !self.live_manifests.contains(&subject) {
+                if !self.young(&listed) {
+                    self.doomed.push(listed);
+                }
+                continue;
+            }
+            let named = self.listed_in(&listed.key).await?;
+            self.live_manifests.extend(named);
+        }
+        Ok(())
+    }
+
+    /// Manifests, and the blobs the live ones name.
+    async fn manifests(&mut self) -> Result<(), StorageError> {
+        for manifest in self.list(Prefix::Manifests).await? {
+            let digest = match Parsed::of(&manifest.key) {
+                Some(Parsed::Manifest(hex)) => hex,
+                _ => String::new(),
+            };
+            if !self.live_manifests.contains(&digest) && !self.young(&manifest) {
+                self.doomed.push(manifest);
+                continue;
+            }
+            let Some(bytes) = self.storage.get(&manifest.key).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<Manifest>(&bytes) {
+                Ok(parsed) => {
+                    self.live_blobs
+                        .insert(hex_of(&parsed.config.digest).to_string());
+                    self.live_blobs
+                        .extend(parsed.layers.iter().map(|l| hex_of(&l.digest).to_string()));
+                }
+                // An index names manifests only (followed above).
+                Err(_) if serde_json::from_slice::<ImageIndex>(&bytes).is_ok() => {}
+                Err(_) => self.report.unreadable.push(manifest.key.clone()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer records: a young one keeps its blob (a build is using it); an
+    /// old one goes with its blob when nothing live names that.
+    async fn layers(&mut self) -> Result<(), StorageError> {
+        let mut old_layers = Vec::new();
+        for layer in self.list(Prefix::Layers).await? {
+            let record = match records::read::<LayerRecord>(self.storage, &layer.key).await {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(RecordError::Unreadable { .. }) => {
+                    // Unusable by any build: collected once old.
+                    if !self.young(&layer) {
+                        self.doomed.push(layer);
+                    }
+                    continue;
+                }
+                Err(RecordError::Storage(e)) => return Err(e),
+            };
+            let blob = hex_of(&record.digest).to_string();
+            self.named_by
+                .entry(blob.clone())
+                .or_default()
+                .push(layer.key.clone());
+            if self.young(&layer) {
+                self.live_blobs.insert(blob);
+            } else {
+                old_layers.push((layer, blob));
+            }
+        }
+        for (layer, blob) in old_layers {
+            if !self.live_blobs.contains(&blob) {
+                self.doomed.push(layer);
+            }
+        }
+        Ok(())
+    }
+
+    /// Blobs nothing live names.
+    async fn blobs(&mut self) -> Result<(), StorageError> {
+        for blob in self.list(Prefix::Blobs).await? {
+            let live = match Parsed::of(&blob.key) {
+                Some(Parsed::Blob(hex)) => self.live_blobs.contains(&hex),
+                _ => false,
+            };
+            if !live && !self.young(&blob) {
+                self.doomed.push(blob);
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads in flight, build statuses and claims, git answers: all
+    /// rewritten while in use, so old ones are leftovers.
+    async fn leftovers(&mut self) -> Result<(), StorageError> {
+        for prefix in [Prefix::Staging, Prefix::Builds, Prefix::Sources] {
+            for object in self.list(prefix).await? {
+                if !self.young(&object) {
+                    self.doomed.push(object);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes what was doomed, each looked at again right before: one a
+    /// build rewrote since the listing (or, for a blob, whose layer record
+    /// it rewrote) is kept.
+    async fn sweep(&mut self) -> Result<(), StorageError> {
+        for object in std::mem::take(&mut self.doomed) {
+            if !self.settings.dry_run {
+                let Some(modified) = self.storage.modified(&object.key).await? else {
+                    continue; // gone already
+                };
+                let mut rewritten = self.fresh(modified);
+                if let (false, Some(Parsed::Blob(hex))) = (rewritten, Parsed::of(&object.key)) {
+                    for record in self.named_by.get(&hex).into_iter().flatten() {
+                        rewritten |= self
+                            .storage
+                            .modified(record)
+                            .await?
+                            .is_some_and(|m| self.fresh(m));
+                    }
+                }
+                if rewritten {
+                    self.report.rescued.push(object.key);
+                    continue;
+                }
+                self.storage.delete(&object.key).await?;
+            }
+            self.report.deleted.push(object);
+        }
+        Ok(())
+    }
+
+    /// The manifests (as hex) the index stored under `key` lists: none if
+    /// it is gone, and none, reported, if it is not an index.
+    async fn listed_in(&mut self, key: &str) -> Result<Vec<String>, StorageError> {
+        let Some(bytes) = self.storage.get(key).await? else {
+            return Ok(Vec::new());
+        };
+        match serde_json::from_slice::<ImageIndex>(&bytes) {
+            Ok(index) => Ok(index
+                .manifests
+                .iter()
+                .map(|m| hex_of(&m.digest).to_string())
+                .collect()),
+            Err(_) => {
+                self.report.unreadable.push(key.to_string());
+                Ok(Vec::new())
+            }
+        }
+    }
 }
 
 /// Parses a duration: a number with a unit (`30d`, `12h`, `90m`, `45s`) or

@@ -12,12 +12,14 @@
 //!     -> dispatch  (where a build runs: in process, or workers over SQS)
 //!       -> builder   (one build: Nix, layers, packing, customisation)
 //!         -> storage   (the bucket or directory; records)
+//! app     (the object graph, built once from the configuration)
 //! gc      (`nixery gc`: what storage still needs, and the rest deleted)
 //! oci     (names, manifests, digests: pure, used by all)
 //! source  (what a tag means for the package source)
 //! config  (the command line and settings; only the binary reads it)
 //! ```
 
+pub mod app;
 pub mod aws;
 pub mod builder;
 pub mod config;

@@ -16,16 +16,44 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::s3::{S3Server, BUCKET};
-use nixery::gc::{collect, served_key, GcSettings};
+use nixery::gc::{collect, GcSettings};
 use nixery::oci::digest::{hex_of, sha256_digest};
 use nixery::oci::manifest::{
     Descriptor, ImageIndex, Manifest, Platform, MEDIA_TYPE_CONFIG, MEDIA_TYPE_EMPTY,
     MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST,
 };
+use nixery::storage::keys::{
+    BlobKey, ImageKey, ImageRecordKey, IndexKey, IndexRecordKey, LayerKey, LayerRecordKey,
+    ManifestKey, ReferrersKey, ServedKey,
+};
 use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
-use nixery::storage::{self, Check, Download, FsStorage, Listed, S3Storage, Storage, StorageError};
+use nixery::storage::{Check, Download, FsStorage, Listed, S3Storage, Storage, StorageError};
 
 const DAY: u64 = 86_400;
+
+// Keys of the layout for readable names: each name stands for the
+// identity that is its hash.
+fn image_key(name: &str) -> String {
+    ImageRecordKey::of(&ImageKey::hash_of(name.as_bytes())).to_string()
+}
+fn index_record_key(name: &str) -> String {
+    IndexRecordKey::of(&IndexKey::hash_of(name.as_bytes())).to_string()
+}
+fn served_key(name: &str) -> String {
+    ServedKey::of(ImageKey::hash_of(name.as_bytes()).as_str()).to_string()
+}
+fn layer_key(name: &str) -> String {
+    LayerRecordKey::of(&LayerKey::hash_of(name.as_bytes())).to_string()
+}
+fn blob_key(hex: &str) -> String {
+    BlobKey::of(hex).to_string()
+}
+fn manifest_key(hex: &str) -> String {
+    ManifestKey::of(hex).to_string()
+}
+fn referrers_key(hex: &str) -> String {
+    ReferrersKey::of(hex).to_string()
+}
 
 fn settings(dry_run: bool) -> GcSettings {
     GcSettings {
@@ -58,7 +86,7 @@ async fn put(storage: &dyn Storage, key: &str, bytes: &[u8]) {
 
 /// A blob; its key.
 async fn blob(storage: &dyn Storage, content: &str) -> String {
-    let key = storage::blob_key(hex_of(&sha256_digest(content.as_bytes())));
+    let key = blob_key(hex_of(&sha256_digest(content.as_bytes())));
     put(storage, &key, content.as_bytes()).await;
     key
 }
@@ -71,7 +99,7 @@ async fn image(storage: &dyn Storage, name: &str, layers: &[&str]) -> Vec<String
     for content in layers {
         keys.push(blob(storage, content).await);
         let descriptor = Descriptor::of(MEDIA_TYPE_LAYER_GZIP, content.as_bytes());
-        let record_key = storage::layer_key(&format!("layer-{content}"));
+        let record_key = layer_key(&format!("layer-{content}"));
         let record = LayerRecord {
             digest: descriptor.digest.clone(),
             diff_id: descriptor.digest.clone(),
@@ -90,7 +118,7 @@ async fn image(storage: &dyn Storage, name: &str, layers: &[&str]) -> Vec<String
     )
     .to_bytes();
     let digest = sha256_digest(&manifest);
-    let manifest_key = storage::manifest_key(hex_of(&digest));
+    let manifest_key = manifest_key(hex_of(&digest));
     put(storage, &manifest_key, &manifest).await;
     keys.push(manifest_key);
     let record = ImageRecord {
@@ -102,7 +130,7 @@ async fn image(storage: &dyn Storage, name: &str, layers: &[&str]) -> Vec<String
         built_at: unix_now() - 40 * DAY,
         sbom: None,
     };
-    let record_key = storage::image_key(name);
+    let record_key = image_key(name);
     records::write(storage, &record_key, &record).await.unwrap();
     keys.push(record_key);
     keys
@@ -132,9 +160,9 @@ async fn sbom(storage: &dyn Storage, image: &[String]) -> Vec<String> {
     }
     .to_bytes();
     let digest = sha256_digest(&artifact);
-    let artifact_key = storage::manifest_key(hex_of(&digest));
+    let artifact_key = manifest_key(hex_of(&digest));
     put(storage, &artifact_key, &artifact).await;
-    let referrers_key = storage::referrers_key(hex_of(&record.manifest_digest));
+    let referrers_key = referrers_key(hex_of(&record.manifest_digest));
     let index = ImageIndex::new(vec![Descriptor {
         artifact_type: Some("application/spdx+json".into()),
         ..Descriptor::of(MEDIA_TYPE_MANIFEST, &artifact)
@@ -168,7 +196,7 @@ async fn keys(storage: &dyn Storage) -> BTreeSet<String> {
 /// The manifest `digest` names, checked against it.
 async fn manifest_of(storage: &dyn Storage, digest: &str, whose: &str) -> Vec<u8> {
     let bytes = storage
-        .get(&storage::manifest_key(hex_of(digest)))
+        .get(&manifest_key(hex_of(digest)))
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("{whose}: manifest {digest} gone"));
@@ -188,7 +216,7 @@ async fn nothing_lost(storage: &dyn Storage) {
             let manifest = manifest_of(storage, &entry.digest, &index.key).await;
             let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
             for descriptor in manifest.layers.iter().chain([&manifest.config]) {
-                let key = storage::blob_key(hex_of(&descriptor.digest));
+                let key = blob_key(hex_of(&descriptor.digest));
                 assert!(
                     storage.head(&key).await.unwrap().is_some(),
                     "{}: {key} gone",
@@ -212,7 +240,7 @@ async fn nothing_lost(storage: &dyn Storage) {
         let manifest: Manifest = serde_json::from_slice(&manifest).unwrap();
         for descriptor in manifest.layers.iter().chain([&manifest.config]) {
             let bytes = storage
-                .get(&storage::blob_key(hex_of(&descriptor.digest)))
+                .get(&blob_key(hex_of(&descriptor.digest)))
                 .await
                 .unwrap()
                 .unwrap_or_else(|| panic!("{}: blob {} gone", image.key, descriptor.digest));
@@ -236,7 +264,7 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
         files.age(key, old);
     }
     // The SBOM's empty config is shared with the used image's SBOM.
-    let empty = storage::blob_key(hex_of(&sha256_digest(b"{}")));
+    let empty = blob_key(hex_of(&sha256_digest(b"{}")));
     for key in unused_sbom.iter().filter(|k| **k != empty) {
         files.age(key, old);
     }
@@ -255,7 +283,7 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
             .unwrap()
             .unwrap();
         let manifest = storage
-            .get(&storage::manifest_key(hex_of(&record.manifest_digest)))
+            .get(&manifest_key(hex_of(&record.manifest_digest)))
             .await
             .unwrap()
             .unwrap();
@@ -270,9 +298,9 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
     }
     let index = ImageIndex::new(descriptors).to_bytes();
     let index_digest = sha256_digest(&index);
-    let index_manifest = storage::manifest_key(hex_of(&index_digest));
+    let index_manifest = manifest_key(hex_of(&index_digest));
     put(storage, &index_manifest, &index).await;
-    let index_record = storage::index_record_key("multi");
+    let index_record = index_record_key("multi");
     let record = ImageRecord {
         manifest_digest: index_digest,
         media_type: MEDIA_TYPE_INDEX.into(),
@@ -293,15 +321,12 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
     // A build under way: its layer and manifest are written, its record
     // is not yet.
     let building = image(storage, "building", &["in-flight"]).await;
-    storage
-        .delete(&storage::image_key("building"))
-        .await
-        .unwrap();
+    storage.delete(&image_key("building")).await.unwrap();
     // A build reusing an old layer nothing names any more: it rewrote the
     // layer's record a moment ago.
     let reused_blob = blob(storage, "reused").await;
     files.age(&reused_blob, old);
-    let reused_record = storage::layer_key("layer-reused");
+    let reused_record = layer_key("layer-reused");
     records::write(
         storage,
         &reused_record,
@@ -333,15 +358,15 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
     files.age(&orphan_young, 3600);
 
     // A damaged record of a recent image: kept, reported.
-    put(storage, &storage::image_key("damaged"), b"{not json").await;
-    files.age(&storage::image_key("damaged"), DAY);
+    put(storage, &image_key("damaged"), b"{not json").await;
+    files.age(&image_key("damaged"), DAY);
 
     let _ = (building, orphan_young);
-    let shared = storage::blob_key(hex_of(&sha256_digest(b"shared")));
+    let shared = blob_key(hex_of(&sha256_digest(b"shared")));
     unused
         .into_iter()
         .chain(unused_sbom.into_iter().filter(|k| *k != empty))
-        .filter(|k| *k != shared && *k != storage::layer_key("layer-shared"))
+        .filter(|k| *k != shared && *k != layer_key("layer-shared"))
         .chain(platforms)
         .chain([
             served_key("unused"),
@@ -364,7 +389,7 @@ async fn collects_exactly_the_garbage(storage: &dyn Storage, files: &Files) {
     assert_eq!(would, expected, "the dry run's list");
     assert_eq!(keys(storage).await, before, "a dry run deleted something");
     assert_eq!(dry.images_expired, 3);
-    assert_eq!(dry.unreadable, [storage::image_key("damaged")]);
+    assert_eq!(dry.unreadable, [image_key("damaged")]);
 
     let real = collect(storage, &settings(false), unix_now())
         .await
@@ -512,8 +537,8 @@ async fn what_a_build_reuses_after_the_listing_is_kept() {
     let expected = scenario(&storage, &files).await;
     // A build of another image reuses the unused image's own layer (its
     // record rewritten) and its manifest, right after the listing.
-    let layer_record = storage::layer_key("layer-unused-only");
-    let layer_blob = storage::blob_key(hex_of(&sha256_digest(b"unused-only")));
+    let layer_record = layer_key("layer-unused-only");
+    let layer_blob = blob_key(hex_of(&sha256_digest(b"unused-only")));
     let manifest = expected
         .iter()
         .find(|k| k.starts_with("manifests/"))

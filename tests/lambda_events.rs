@@ -1,6 +1,8 @@
 //! The Lambda entry: real Function URL and API Gateway v2 event JSON through
 //! lambda_http's adapter and the registry router, on S3 storage, as the
 //! Lambda runtime would deliver them.
+// The integration tier: needs real Nix (`.ci/test` turns it on).
+#![cfg(feature = "integration")]
 
 mod common;
 
@@ -12,16 +14,9 @@ use common::{fixture_pkgs, Server};
 use lambda_http::request::LambdaRequest;
 use lambda_http::tower::Service;
 use lambda_http::{Adapter, Context, LambdaEvent};
-use nixery::builder::nix::Nix;
-use nixery::builder::popularity::Popularity;
-use nixery::builder::Builder;
+use nixery::app::{App, Parts};
 use nixery::config::{Cli, Mode};
-use nixery::dispatch::in_process::InProcess;
-use nixery::dispatch::single_flight::SingleFlight;
-use nixery::images::Images;
-use nixery::metrics::Metrics;
 use nixery::registry::{router, AppState};
-use nixery::source::Sources;
 use nixery::storage::S3Storage;
 use serde_json::Value;
 
@@ -76,27 +71,11 @@ async fn function_url_and_api_gateway_events() {
     let Mode::Serve(defaults) = cli.mode(false).unwrap() else {
         panic!("not the registry's settings");
     };
-    let builder = Builder::new(
-        Nix::new(Duration::from_secs(60)),
-        storage.clone(),
-        Arc::new(Popularity::none()),
-    );
-    let images = Images::new(
-        storage.clone(),
-        Arc::new(SingleFlight::new(Arc::new(InProcess::new(
-            builder,
-            storage.clone(),
-            Arc::new(Metrics::new(None)),
-        )))),
-        Arc::new(Sources::new(defaults.source, defaults.tag_ttl)),
-        defaults.images,
-    );
-    let state = AppState::new(
-        Arc::new(images),
-        storage,
-        None,
-        Arc::new(Metrics::new(None)),
-    );
+    let parts = Parts {
+        storage: Some(storage),
+        ..Parts::default()
+    };
+    let state = App::with(&defaults, false, parts).await.unwrap().state;
 
     // GET manifest by tag, with containerd's ?ns= query.
     let get = invoke(&state, &event("function-url-get-manifest.json")).await;

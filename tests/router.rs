@@ -16,18 +16,19 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
-use nixery::builder::{BuildRequest, Failure};
+use nixery::app::{App, Parts};
+use nixery::builder::{BuildRequest, Failure, Step};
 use nixery::dispatch::single_flight::SingleFlight;
 use nixery::dispatch::{Dispatch, DispatchError, Service};
 use nixery::images::cache::CacheLimits;
-use nixery::images::{ImageSettings, Images};
-use nixery::metrics::Metrics;
-use nixery::oci::digest::{hex_of, sha256_digest};
+use nixery::images::ImageSettings;
+use nixery::oci::digest::sha256_digest;
 use nixery::oci::manifest::{Descriptor, ImageConfig, Manifest, MEDIA_TYPE_CONFIG};
 use nixery::registry::{router, AppState};
-use nixery::source::{PackageSource, Sources};
+use nixery::source::PackageSource;
+use nixery::storage::keys::{BlobKey, ImageRecordKey, ManifestKey};
 use nixery::storage::records::{self, unix_now, ImageRecord};
-use nixery::storage::{self, MemoryStorage, Storage};
+use nixery::storage::{MemoryStorage, Storage};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -67,7 +68,7 @@ async fn store_image(storage: &MemoryStorage, request: &BuildRequest) -> ImageRe
     let layer = Descriptor::of("application/vnd.oci.image.layer.v1.tar+gzip", LAYER);
     storage
         .put(
-            &storage::blob_key(hex_of(&layer.digest)),
+            &BlobKey::of_digest(&layer.digest),
             Bytes::from_static(LAYER),
         )
         .await
@@ -82,7 +83,7 @@ async fn store_image(storage: &MemoryStorage, request: &BuildRequest) -> ImageRe
     let config_descriptor = Descriptor::of(MEDIA_TYPE_CONFIG, &config);
     storage
         .put(
-            &storage::blob_key(hex_of(&config_descriptor.digest)),
+            &BlobKey::of_digest(&config_descriptor.digest),
             Bytes::from(config),
         )
         .await
@@ -91,10 +92,7 @@ async fn store_image(storage: &MemoryStorage, request: &BuildRequest) -> ImageRe
     let digest = sha256_digest(&manifest);
     let size = manifest.len() as u64;
     storage
-        .put(
-            &storage::manifest_key(hex_of(&digest)),
-            Bytes::from(manifest),
-        )
+        .put(&ManifestKey::of_digest(&digest), Bytes::from(manifest))
         .await
         .unwrap();
     let record = ImageRecord {
@@ -106,7 +104,7 @@ async fn store_image(storage: &MemoryStorage, request: &BuildRequest) -> ImageRe
         built_at: unix_now(),
         sbom: None,
     };
-    records::write(storage, &storage::image_key(&request.image_key), &record)
+    records::write(storage, &ImageRecordKey::of(&request.image_key()), &record)
         .await
         .unwrap();
     record
@@ -119,26 +117,26 @@ struct Registry {
 }
 
 impl Registry {
-    fn new() -> Registry {
-        Registry::with(ImageSettings {
-            implicit_packages: vec![],
-            ..ImageSettings::default()
-        })
+    async fn new() -> Registry {
+        Registry::with(|_| {}).await
     }
 
     /// A registry that reads storage on every pull.
-    fn uncached() -> Registry {
-        Registry::with(ImageSettings {
-            implicit_packages: vec![],
-            cache: CacheLimits {
+    async fn uncached() -> Registry {
+        Registry::with(|images| {
+            images.cache = CacheLimits {
                 ttl: Duration::ZERO,
                 max_bytes: 0,
-            },
-            ..ImageSettings::default()
+            }
         })
+        .await
     }
 
-    fn with(settings: ImageSettings) -> Registry {
+    /// The registry as configured by default (with a package set at
+    /// `/pkgs` whose images expire after an hour, and no implicit
+    /// packages), its settings changed by
+    /// `change`, on memory storage and the test dispatch.
+    async fn with(change: impl FnOnce(&mut ImageSettings)) -> Registry {
         let storage = Arc::new(MemoryStorage::new());
         let dispatch = Arc::new(TestDispatch {
             storage: storage.clone(),
@@ -146,23 +144,18 @@ impl Registry {
             builds: AtomicUsize::new(0),
             gate: tokio::sync::RwLock::new(()),
         });
-        let sources = Sources::new(
-            PackageSource::Path("/pkgs".into()),
-            Duration::from_secs(3600),
-        );
-        let images = Images::new(
-            storage.clone(),
-            Arc::new(SingleFlight::new(dispatch.clone())),
-            Arc::new(sources),
-            settings,
-        );
+        let mut config = nixery::config::defaults();
+        config.source = PackageSource::Path("/pkgs".into());
+        config.tag_ttl = Duration::from_secs(3600);
+        config.images.implicit_packages = vec![];
+        change(&mut config.images);
+        let parts = Parts {
+            storage: Some(storage.clone()),
+            dispatch: Some(Arc::new(SingleFlight::new(dispatch.clone()))),
+        };
+        let app = App::with(&config, false, parts).await.unwrap();
         Registry {
-            state: AppState::new(
-                Arc::new(images),
-                storage.clone(),
-                None,
-                Arc::new(Metrics::new(None)),
-            ),
+            state: app.state,
             storage,
             dispatch,
         }
@@ -215,7 +208,7 @@ fn error(response: &Response, body: &[u8]) -> (String, String, Value) {
 
 #[tokio::test]
 async fn base_endpoint_answers_with_the_api_version() {
-    let registry = Registry::new();
+    let registry = Registry::new().await;
     for uri in ["/v2/", "/v2"] {
         let (response, body) = registry.get(uri).await;
         assert_eq!(response.status(), StatusCode::OK);
@@ -229,7 +222,7 @@ async fn base_endpoint_answers_with_the_api_version() {
 
 #[tokio::test]
 async fn head_and_get_agree_and_share_one_build() {
-    let registry = Registry::new();
+    let registry = Registry::new().await;
     let uri = "/v2/shell/hello/manifests/latest";
     let (head, head_body) = registry.send(Method::HEAD, uri).await;
     let (get, body) = registry.get(&format!("{uri}?ns=docker.io")).await;
@@ -280,7 +273,7 @@ async fn head_and_get_agree_and_share_one_build() {
 
 #[tokio::test]
 async fn many_concurrent_pulls_start_one_build() {
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(Registry::new().await);
     let hold = registry.dispatch.gate.write().await;
     let pulls: Vec<_> = (0..20)
         .map(|i| {
@@ -319,7 +312,7 @@ async fn many_concurrent_pulls_start_one_build() {
 
 #[tokio::test]
 async fn client_mistakes_are_4xx_in_the_spec_format_and_build_nothing() {
-    let registry = Registry::new();
+    let registry = Registry::new().await;
     let digest = format!("sha256:{}", "0".repeat(64));
     let cases: Vec<(Method, String, StatusCode, &str)> = vec![
         (
@@ -445,11 +438,11 @@ async fn build_failures_map_to_one_status_each_without_internal_details() {
         ),
         (
             DispatchError::StillBuilding {
-                step: Some("realise".into()),
+                step: Some(Step::Realising),
             },
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",
-            "still being built (at step realise)",
+            "still being built (at step realising)",
         ),
         (
             DispatchError::Unavailable {
@@ -471,7 +464,7 @@ async fn build_failures_map_to_one_status_each_without_internal_details() {
         ),
     ];
     for (failure, status, code, says) in cases {
-        let registry = Registry::new();
+        let registry = Registry::new().await;
         registry.fail_with(failure.clone());
         let (response, body) = registry.get("/v2/nosuchpkg/manifests/latest").await;
         assert_eq!(response.status(), status, "{failure:?}");
@@ -510,11 +503,11 @@ async fn build_failures_map_to_one_status_each_without_internal_details() {
 
 #[tokio::test]
 async fn a_corrupted_manifest_is_never_served() {
-    let registry = Registry::uncached();
+    let registry = Registry::uncached().await;
     let (first, body) = registry.get("/v2/hello/manifests/latest").await;
     assert_eq!(first.status(), StatusCode::OK);
     let digest = header(&first, "docker-content-digest").to_string();
-    let key = storage::manifest_key(hex_of(&digest));
+    let key = ManifestKey::of_digest(&digest);
     let mut tampered = body.to_vec();
     tampered[0] ^= 1;
     registry
@@ -541,7 +534,7 @@ async fn a_corrupted_manifest_is_never_served() {
 
 #[tokio::test]
 async fn stale_images_of_a_moving_source_are_rebuilt() {
-    let registry = Registry::uncached();
+    let registry = Registry::uncached().await;
     let (first, _) = registry.get("/v2/hello/manifests/latest").await;
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(registry.builds(), 1);
@@ -570,7 +563,7 @@ async fn stale_images_of_a_moving_source_are_rebuilt() {
 
 #[tokio::test]
 async fn a_warm_instance_answers_repeated_pulls_without_storage() {
-    let registry = Registry::new();
+    let registry = Registry::new().await;
     let (first, body) = registry.get("/v2/hello/manifests/latest").await;
     assert_eq!(first.status(), StatusCode::OK);
     let digest = header(&first, "docker-content-digest").to_string();
@@ -616,7 +609,7 @@ async fn a_warm_instance_answers_repeated_pulls_without_storage() {
     // What was cached had been checked: a manifest damaged in storage
     // afterwards does not reach clients from memory either, since memory
     // holds the bytes that matched their digest.
-    let key = storage::manifest_key(hex_of(&digest));
+    let key = ManifestKey::of_digest(&digest);
     registry
         .storage
         .put(&key, Bytes::from_static(b"{}"))
@@ -669,7 +662,7 @@ mod fuzz {
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                let registry = Registry::new();
+                let registry = Registry::new().await;
                 let method = if head { Method::HEAD } else { Method::GET };
                 let (response, body) = registry.send(method.clone(), &uri).await;
                 let status = response.status();

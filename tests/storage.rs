@@ -387,7 +387,12 @@ fn a_writer_killed_at_any_point_leaves_no_partial_object() {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Kill it at a different point of its writes each round.
+        // Kill it at a different point of its writes each round, once it
+        // has started writing (a loaded machine starts it slowly).
+        common::wait_until(Duration::from_secs(30), || {
+            std::fs::read_dir(root.path().join("staging")).is_ok_and(|mut d| d.next().is_some())
+                || root.path().join("blobs/sha256").exists()
+        });
         std::thread::sleep(Duration::from_millis(150 + round * 37));
         child.kill().unwrap();
         child.wait().unwrap();

@@ -66,6 +66,7 @@ use sha2::{Digest, Sha256};
 
 use super::nix::Closure;
 use super::popularity::Popularity;
+use crate::storage::keys::LayerKey;
 
 /// A path whose closure is larger than this (in bytes of NAR) gets a layer
 /// candidate of its own. Nixery's threshold.
@@ -85,15 +86,16 @@ pub struct Layer {
 impl Layer {
     /// The layer's storage key: what its bytes depend on (its paths and how
     /// it is compressed), hashed. Equal keys mean reusable layers.
-    pub fn key(&self, compression: &str) -> String {
+    pub fn key(&self, compression: &str) -> LayerKey {
         let mut hash = Sha256::new();
-        hash.update(b"nixery-layer-v1\0");
+        // v2: entries normalised as a NAR has them (see `pack`).
+        hash.update(b"nixery-layer-v2\0");
         hash.update(compression.as_bytes());
         for path in &self.paths {
             hash.update(b"\0");
             hash.update(path.as_bytes());
         }
-        hex::encode(hash.finalize())
+        LayerKey::parse(&hex::encode(hash.finalize())).expect("a sha256 is a layer key")
     }
 }
 

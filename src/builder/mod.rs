@@ -1,158 +1,81 @@
-//! One build: from a [`BuildRequest`] to a stored, servable image, wherever
-//! Nix is (this process in local mode, a worker in AWS).
+//! One build: from a [`BuildRequest`] to a stored, servable image, with
+//! store paths from a [`StorePaths`] source (the local Nix, in this
+//! process or on a worker; or a binary cache, in the function).
 //!
-//! A build is a short sequence of named steps, each timed and logged by one
-//! helper ([`Builder::step`]) and reported to whoever watches its progress:
+//! A build is a short sequence of steps, each timed and logged by one
+//! helper ([`Builder::step`]) and reported, as a [`Step`], to whoever
+//! watches its progress:
 //!
-//! | step | what | module |
+//! | step (Nix / binary cache) | what | module |
 //! |---|---|---|
-//! | `resolve` | evaluate the package set: which packages exist, their outputs | [`nix`] |
-//! | `realise` | build (or find) the outputs in the Nix store | [`nix`] |
-//! | `group` | read the closure and group it into layers | [`nix`], [`layers`] |
-//! | `pack` | pack and store each layer not stored yet, several at a time | [`pack`] |
-//! | `customise` | the customisation layer (`/bin`, `/etc`, `/tmp`, ...) | [`customisation`] |
-//! | `commit` | config, manifest, and last the image record | [`crate::oci::manifest`] |
+//! | `evaluating` / `resolving` | which packages exist, their outputs | [`store`] |
+//! | `realising` / — | build (or find) the outputs in the Nix store | [`store`], [`nix`] |
+//! | `grouping` / `resolving` | read the closure and group it into layers | [`store`], [`layers`] |
+//! | `packing` / `fetching` | write and store each layer not stored yet, several at a time | [`objects`], [`pack`] |
+//! | `customising` | the customisation layer (`/bin`, `/etc`, `/tmp`, ...) | [`customisation`] |
+//! | `uploading` | config, manifest, SBOM, and last the image record | [`objects`], [`crate::oci::manifest`] |
 //!
-//! Every blob reaches storage through [`Builder::store_blob`], and every
-//! layer (the customisation layer too) through [`Builder::store_layer`], so
-//! reuse, scratch-file clean-up and layer records work the same for all.
-//! The image record `images/<image-key>` is written last: a build that stops
-//! anywhere before that leaves no visible image, only reusable layers.
+//! Every object reaches storage through [`objects::Objects`], so reuse,
+//! checks and layer records work the same for all. The image record
+//! `images/<image-key>` is written last: a build that stops anywhere
+//! before that leaves no visible image, only reusable layers.
+//!
+//! | file | holds |
+//! |---|---|
+//! | `request.rs` | what a build is asked for, and its image key |
+//! | `error.rs` | why a build failed, and the one verdict on it |
+//! | `step.rs`, `progress.rs` | the steps and how far a build is |
+//! | `store.rs` | where store paths come from (the seam) |
+//! | `objects.rs` | how blobs, layers and artifacts reach storage |
+//! | `nix.rs`, `layers.rs`, `pack.rs`, `compress.rs`, `customisation.rs`, `popularity.rs`, `sbom.rs` | the parts |
 
 pub mod compress;
 pub mod customisation;
+mod error;
 pub mod layers;
 pub mod nix;
+pub mod objects;
 pub mod pack;
 pub mod popularity;
 pub mod progress;
+mod request;
 pub mod sbom;
+mod step;
+pub mod store;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::oci::digest::{hex_of, sha256_digest, sha256_hex};
-use crate::oci::manifest::{self, ConfigOverrides, Descriptor, ImageConfig, Manifest};
-use crate::oci::name::{Arch, ImageSpec};
-use crate::source::Resolved as ResolvedSource;
-use crate::storage::records::{self, unix_now, ImageRecord, LayerRecord, RecordError};
-use crate::storage::{self, Check, Storage, StorageError};
+use crate::oci::manifest::{self, Descriptor, ImageConfig, Manifest};
+use crate::storage::keys::{ImageRecordKey, LayerKey};
+use crate::storage::records::{self, unix_now, ImageRecord, LayerRecord};
+use crate::storage::Storage;
 use compress::Compression;
-use customisation::{customise, CustomisationError};
+pub use error::{BuildError, Failure, Retry, Verdict};
 use layers::Layer;
-use nix::{Closure, Nix, NixError, ResolveRequest, SourceArg};
-use pack::{PackError, Packed};
+use nix::{Closure, ResolveRequest};
+pub use objects::BuildStats;
+use objects::Objects;
 use popularity::Popularity;
 pub use progress::StepProgress;
+pub use request::{build_span, BuildRequest, IMAGE_FORMAT};
+pub use step::Step;
+use store::{StorePaths, WalkLimits};
 
 /// How often a builder collects its Nix store at most, unless a build
 /// filled the disk.
 const COLLECT_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// The most entries of a customisation layer.
+const MAX_CUSTOM_ENTRIES: usize = 200_000;
 
-/// Bumped whenever the bytes of images built from the same inputs change.
-const IMAGE_FORMAT: u32 = 1;
-
-/// Everything a build needs to know, and the key it is stored under.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuildRequest {
-    pub image_key: String,
-    pub packages: Vec<String>,
-    pub system: String,
-    pub architecture: String,
-    pub source: SourceArg,
-    pub layer_budget: usize,
-    /// Packages added to every image when the package set has them.
-    #[serde(default)]
-    pub implicit: Vec<String>,
-    /// A stored image built before this time (Unix seconds) is stale: its
-    /// source has moved on since. See [`ImageRecord::is_current`].
-    #[serde(default)]
-    pub not_before: u64,
-    /// How the layers are compressed.
-    #[serde(default)]
-    pub compression: Compression,
-    /// The name and tag the image was first asked for as: shown in its
-    /// build status, no part of its key.
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub tag: String,
-    /// What a declared image sets in its config; part of its key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<ConfigOverrides>,
-}
-
-impl BuildRequest {
-    /// The request for an image spec: packages (sorted), architecture, the
-    /// resolved package source, the implicit packages and the compression
-    /// all go into the key.
-    pub fn new(
-        spec: &ImageSpec,
-        source: &ResolvedSource,
-        layer_budget: usize,
-        implicit: &[String],
-        compression: Compression,
-        not_before: u64,
-    ) -> BuildRequest {
-        let packages: Vec<String> = spec.packages.iter().cloned().collect();
-        let mut image_key = image_key(
-            &packages,
-            spec.arch,
-            &source.arg,
-            layer_budget,
-            implicit,
-            compression,
-        );
-        if let Some(config) = &spec.config {
-            let declared = serde_json::json!({ "image": image_key, "config": config });
-            image_key = sha256_hex(declared.to_string().as_bytes());
-        }
-        BuildRequest {
-            image_key,
-            packages,
-            system: spec.arch.nix_system().to_string(),
-            architecture: spec.arch.oci_name().to_string(),
-            source: source.arg.clone(),
-            layer_budget,
-            implicit: implicit.to_vec(),
-            not_before,
-            compression,
-            name: spec.name.clone(),
-            tag: spec.tag.clone(),
-            config: spec.config.clone(),
-        }
-    }
-}
-
-/// The storage key of an image: a hash of everything that decides its bytes.
-pub fn image_key(
-    packages: &[String],
-    arch: Arch,
-    source: &SourceArg,
-    layer_budget: usize,
-    implicit: &[String],
-    compression: Compression,
-) -> String {
-    let canonical = serde_json::json!({
-        "format": IMAGE_FORMAT,
-        "packages": packages,
-        "implicit": implicit,
-        "system": arch.nix_system(),
-        "source": source,
-        "layerBudget": layer_budget,
-        "compression": compression.key(),
-    });
-    sha256_hex(canonical.to_string().as_bytes())
-}
-
-/// What one process may spend on builds.
+/// What one process may spend on builds (the defaults are the settings':
+/// see `crate::config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildLimits {
     /// Builds at once; more wait for a slot.
@@ -164,154 +87,8 @@ pub struct BuildLimits {
     pub min_free: u64,
 }
 
-impl Default for BuildLimits {
-    fn default() -> BuildLimits {
-        BuildLimits {
-            max_builds: 2,
-            max_image_size: 8 << 30,
-            min_free: 0,
-        }
-    }
-}
-
-/// Why a build failed, as the puller is told (and as a worker records it
-/// in the build status for every puller to read).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Failure {
-    #[error("unknown packages: {}", names.join(", "))]
-    UnknownPackages { names: Vec<String> },
-    #[error("building the image failed: {message}")]
-    Build { message: String },
-    #[error("the image would hold {size} bytes of store paths, over this registry's limit of {limit} bytes")]
-    TooLarge { size: u64, limit: u64 },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error("unknown packages: {}", .0.join(", "))]
-    UnknownPackages(Vec<String>),
-    #[error(transparent)]
-    Nix(#[from] NixError),
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Record(#[from] RecordError),
-    #[error(transparent)]
-    Pack(#[from] PackError),
-    #[error(transparent)]
-    Customisation(#[from] CustomisationError),
-    #[error("build task failed: {0}")]
-    Task(String),
-    #[error("the image would hold {size} bytes of store paths, over the limit of {limit} bytes")]
-    TooLarge { size: u64, limit: u64 },
-    /// The disk filled up again right after the store was collected.
-    #[error("the image does not fit in the builder's disk space ({free} bytes free after collecting garbage)")]
-    NoRoom { free: u64 },
-}
-
-impl BuildError {
-    /// The one place a failed build becomes what its pullers are told.
-    /// `None`: the failure is transient (storage went away, the builder's
-    /// disk is full) and the build should be tried again rather than
-    /// remembered as failed.
-    pub fn failure(&self) -> Option<Failure> {
-        let internal = || Failure::Build {
-            message: "an internal error (the build's log has the details)".to_string(),
-        };
-        if self.is_disk_full() {
-            return None;
-        }
-        match self {
-            BuildError::UnknownPackages(names) => Some(Failure::UnknownPackages {
-                names: names.clone(),
-            }),
-            BuildError::TooLarge { size, limit } => Some(Failure::TooLarge {
-                size: *size,
-                limit: *limit,
-            }),
-            BuildError::NoRoom { .. } => Some(Failure::Build {
-                message: self.to_string(),
-            }),
-            BuildError::Nix(NixError::Failed { command, message }) => Some(Failure::Build {
-                // Nix quotes fetchers' URLs, which may carry a token.
-                message: format!("{command}: {}", crate::source::redact_userinfo(message)),
-            }),
-            BuildError::Nix(NixError::Timeout { command, seconds }) => Some(Failure::Build {
-                message: format!("{command} was stopped after {seconds} s"),
-            }),
-            BuildError::Nix(NixError::Spawn { .. } | NixError::Output { .. }) => Some(internal()),
-            BuildError::Nix(NixError::DiskFull { .. }) => None,
-            // A layer no storage call can ever hold: the image's failure.
-            BuildError::Storage(StorageError::TooLarge { .. }) => Some(Failure::Build {
-                message: self.to_string(),
-            }),
-            BuildError::Storage(_) | BuildError::Record(RecordError::Storage(_)) => None,
-            BuildError::Record(RecordError::Unreadable { .. })
-            | BuildError::Pack(_)
-            | BuildError::Customisation(_)
-            | BuildError::Task(_) => Some(internal()),
-        }
-    }
-}
-
-impl BuildError {
-    /// Whether the builder ran out of disk space (in the Nix store or while
-    /// packing): a fault of the machine, never of the image.
-    pub fn is_disk_full(&self) -> bool {
-        let io_full = |e: &std::io::Error| e.kind() == std::io::ErrorKind::StorageFull;
-        match self {
-            BuildError::Nix(NixError::DiskFull { .. }) => true,
-            BuildError::Pack(PackError::Io { source, .. }) => io_full(source),
-            BuildError::Storage(StorageError::Io { source, .. })
-            | BuildError::Record(RecordError::Storage(StorageError::Io { source, .. })) => {
-                io_full(source)
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether this is the server's fault rather than the package set's
-    /// (worth an error in the log, not just a warning).
-    pub fn is_internal(&self) -> bool {
-        matches!(
-            self,
-            BuildError::Nix(NixError::Spawn { .. } | NixError::Output { .. })
-                | BuildError::Record(RecordError::Unreadable { .. })
-                | BuildError::Pack(_)
-                | BuildError::Customisation(_)
-                | BuildError::Task(_)
-        )
-    }
-}
-
 /// Where a build reports how far it is (the build status reads it).
 pub type Progress<'a> = Option<&'a watch::Sender<StepProgress>>;
-
-/// What a finished build did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuildStats {
-    /// From the start of the build (after waiting for a slot) to its record.
-    pub elapsed_ms: u64,
-    pub layers_new: usize,
-    pub layers_reused: usize,
-    /// Bytes of the new layers (compressed): what was uploaded.
-    pub bytes_uploaded: u64,
-    /// Bytes of every layer of the image (compressed).
-    pub bytes_total: u64,
-}
-
-impl BuildStats {
-    fn count(&mut self, record: &LayerRecord, reused: bool) {
-        self.bytes_total += record.size;
-        if reused {
-            self.layers_reused += 1;
-        } else {
-            self.layers_new += 1;
-            self.bytes_uploaded += record.size;
-        }
-    }
-}
 
 /// A build's result: the image, and what building it took (`None`: a
 /// current image was stored already, nothing was built).
@@ -321,24 +98,6 @@ pub struct Built {
     pub stats: Option<BuildStats>,
 }
 
-/// The span every log line of a build is in, so that each names the image.
-pub fn build_span(request: &BuildRequest) -> tracing::Span {
-    tracing::info_span!("build", image = %request.image_key)
-}
-
-/// The name a step shows to people watching a build.
-fn step_label(step: &str) -> &'static str {
-    match step {
-        "resolve" => "evaluating",
-        "realise" => "realising",
-        "group" => "grouping",
-        "pack" => "packing",
-        "customise" => "customising",
-        "commit" => "uploading",
-        _ => "building",
-    }
-}
-
 /// Updates the progress, if anyone watches it.
 fn report(progress: Progress<'_>, update: impl FnOnce(&mut StepProgress)) {
     if let Some(progress) = progress {
@@ -346,18 +105,20 @@ fn report(progress: Progress<'_>, update: impl FnOnce(&mut StepProgress)) {
     }
 }
 
-/// A blob bound for `blobs/sha256/<hex>`.
-enum Blob {
-    /// A packed file in scratch space; consumed by storing it.
-    File { path: PathBuf, packed: Packed },
-    /// Small bytes (an image config, a manifest).
-    Bytes { digest: String, bytes: Bytes },
+/// Sets a build's cancel flag when the build is dropped (its caller gave
+/// up on it), so work on blocking threads stops at its next entry.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
-/// Runs builds with the local Nix, writing to storage.
+/// Runs builds with store paths from one source, writing to storage.
 pub struct Builder {
-    nix: Nix,
-    storage: Arc<dyn Storage>,
+    store: Arc<dyn StorePaths>,
+    objects: Objects,
     popularity: Arc<Popularity>,
     limits: BuildLimits,
     /// One permit per build that may run at once.
@@ -367,24 +128,24 @@ pub struct Builder {
 }
 
 impl Builder {
-    pub fn new(nix: Nix, storage: Arc<dyn Storage>, popularity: Arc<Popularity>) -> Builder {
-        Builder::with_limits(nix, storage, popularity, BuildLimits::default())
-    }
-
-    pub fn with_limits(
-        nix: Nix,
+    pub fn new(
+        store: Arc<dyn StorePaths>,
         storage: Arc<dyn Storage>,
         popularity: Arc<Popularity>,
         limits: BuildLimits,
     ) -> Builder {
         Builder {
-            nix,
-            storage,
+            store,
+            objects: Objects::new(storage),
             popularity,
             slots: tokio::sync::Semaphore::new(limits.max_builds.max(1)),
             last_collection: std::sync::Mutex::new(None),
             limits,
         }
+    }
+
+    pub fn storage(&self) -> &dyn Storage {
+        self.objects.storage()
     }
 
     /// Builds one image, telling `progress` how far it is as it goes; or
@@ -402,11 +163,11 @@ impl Builder {
         if let Some(record) = self.current_record(request).await? {
             return Ok(stored(record));
         }
-        let image = request.image_key.as_str();
+        let image = request.image_key();
         self.make_room(false).await;
         if self.slots.available_permits() == 0 {
             tracing::info!(
-                image,
+                %image,
                 max_builds = self.limits.max_builds,
                 "waiting for a build slot"
             );
@@ -416,23 +177,24 @@ impl Builder {
         if let Some(record) = self.current_record(request).await? {
             return Ok(stored(record));
         }
+        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
         let started = Instant::now();
-        tracing::info!(image, packages = ?request.packages, system = %request.system, "build started");
-        let mut result = self.run(request, progress).await;
+        tracing::info!(%image, packages = ?request.packages, system = %request.system, "build started");
+        let mut result = self.run(request, progress, &cancel.0).await;
         if self.limits.min_free > 0 && result.as_ref().is_err_and(BuildError::is_disk_full) {
             // Room may be had by collecting; if not even then, the image
             // cannot be built here, which is the image's failure.
             tracing::error!(
-                image,
+                %image,
                 "the builder's disk filled up; collecting garbage and trying once more"
             );
             drop(slot);
             self.make_room(true).await;
             let _slot = self.slot().await?;
-            result = self.run(request, progress).await;
+            result = self.run(request, progress, &cancel.0).await;
             if result.as_ref().is_err_and(BuildError::is_disk_full) {
                 result = Err(BuildError::NoRoom {
-                    free: nix::store_free_bytes().unwrap_or(0),
+                    free: self.store.free_bytes().unwrap_or(0),
                 });
             }
         }
@@ -441,7 +203,7 @@ impl Builder {
             Ok((record, mut stats)) => {
                 stats.elapsed_ms = elapsed_ms;
                 tracing::info!(
-                    image,
+                    %image,
                     packages = ?request.packages,
                     manifest = %record.manifest_digest,
                     layers_new = stats.layers_new,
@@ -456,7 +218,7 @@ impl Builder {
                 })
             }
             Err(error) => {
-                tracing::warn!(image, packages = ?request.packages, %error, elapsed_ms, "build failed");
+                tracing::warn!(%image, packages = ?request.packages, %error, elapsed_ms, "build failed");
                 Err(error)
             }
         }
@@ -479,7 +241,12 @@ impl Builder {
     async fn make_room(&self, forced: bool) {
         let min_free = self.limits.min_free;
         let needed = |free| nix::bytes_to_collect(free, min_free);
-        if min_free == 0 || nix::store_free_bytes().map_or(true, |free| needed(free).is_none()) {
+        if min_free == 0
+            || self
+                .store
+                .free_bytes()
+                .is_none_or(|free| needed(free).is_none())
+        {
             return;
         }
         let recently = |last: &Option<Instant>| last.is_some_and(|t| t.elapsed() < COLLECT_EVERY);
@@ -492,7 +259,7 @@ impl Builder {
         };
         *self.last_collection.lock().expect("never poisoned") = Some(Instant::now());
         // Another build may have collected while this one waited.
-        let Some(max_freed) = nix::store_free_bytes().ok().and_then(needed) else {
+        let Some(max_freed) = self.store.free_bytes().and_then(needed) else {
             return;
         };
         let started = Instant::now();
@@ -501,9 +268,9 @@ impl Builder {
             max_freed,
             "the Nix store's disk is low; collecting garbage before the build"
         );
-        match self.nix.collect_garbage(max_freed).await {
+        match self.store.collect_garbage(max_freed).await {
             Ok(()) => tracing::info!(
-                free = nix::store_free_bytes().unwrap_or(0),
+                free = self.store.free_bytes().unwrap_or(0),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "Nix store collected"
             ),
@@ -516,8 +283,8 @@ impl Builder {
         &self,
         request: &BuildRequest,
     ) -> Result<Option<ImageRecord>, BuildError> {
-        let key = storage::image_key(&request.image_key);
-        let record = records::read::<ImageRecord>(&*self.storage, &key).await?;
+        let key = ImageRecordKey::of(&request.image_key());
+        let record = records::read::<ImageRecord>(self.storage(), &key).await?;
         Ok(record.filter(|r| r.is_current(request.not_before)))
     }
 
@@ -526,41 +293,63 @@ impl Builder {
         &self,
         request: &BuildRequest,
         progress: Progress<'_>,
+        cancelled: &Arc<AtomicBool>,
     ) -> Result<(ImageRecord, BuildStats), BuildError> {
-        let image = request.image_key.as_str();
+        let image = request.image_key().to_string();
+        let image = image.as_str();
+        let steps = self.store.steps();
+        let resolve = ResolveRequest {
+            source: request.source.clone(),
+            system: request.system.clone(),
+            packages: request.packages.clone(),
+            implicit: request.implicit.clone(),
+        };
         let outputs = self
-            .step(image, progress, "resolve", self.resolve(request))
+            .step(image, progress, steps.resolve, self.store.resolve(&resolve))
             .await?;
-        self.step(image, progress, "realise", async {
-            let nix_says = |log: &nix::NixLog| report(progress, |p| log.report(p));
-            self.nix
-                .realise(&outputs.packages, nix_says)
-                .await
-                .map(|()| "")
-        })
-        .await?;
+        if let Some(realise) = steps.realise {
+            self.step(image, progress, realise, async {
+                self.store
+                    .realise(&outputs.packages, progress)
+                    .await
+                    .map(|()| "")
+            })
+            .await?;
+        }
         let roots: Vec<String> = outputs
             .packages
             .iter()
             .flat_map(|p| p.paths.iter().cloned())
             .collect();
         let (closure, groups) = self
-            .step(image, progress, "group", self.group(&roots, request))
+            .step(
+                image,
+                progress,
+                steps.closure,
+                self.group(&roots, request, progress),
+            )
             .await?;
         let (mut layers, mut stats) = self
             .step(
                 image,
                 progress,
-                "pack",
-                self.store_layers(image, groups, request.compression, progress),
+                steps.pack,
+                self.store_layers(
+                    image,
+                    groups,
+                    &closure,
+                    request.compression,
+                    progress,
+                    cancelled,
+                ),
             )
             .await?;
         let (custom, config) = self
             .step(
                 image,
                 progress,
-                "customise",
-                self.customise(image, roots, &closure, request.compression),
+                Step::Customising,
+                self.customise(image, roots, &closure, request.compression, cancelled),
             )
             .await?;
         stats.count(&custom, config.reused);
@@ -569,7 +358,7 @@ impl Builder {
             .step(
                 image,
                 progress,
-                "commit",
+                Step::Uploading,
                 self.commit(request, layers, config, &outputs.packages, &closure),
             )
             .await?;
@@ -581,66 +370,51 @@ impl Builder {
         &self,
         image: &str,
         progress: Progress<'_>,
-        name: &'static str,
+        step: Step,
         work: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
-        report(progress, |p| p.start(step_label(name)));
+        report(progress, |p| p.start(step));
         let started = Instant::now();
         let result = work.await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match &result {
             Ok(out) => {
-                tracing::info!(image, step = name, elapsed_ms, detail = %out.summary(), "build step")
+                tracing::info!(image, %step, elapsed_ms, detail = %out.summary(), "build step")
             }
             Err(error) => {
-                tracing::info!(image, step = name, elapsed_ms, %error, "build step failed")
+                tracing::info!(image, %step, elapsed_ms, %error, "build step failed")
             }
         }
         result
     }
 
-    /// `resolve`: which packages exist, and their outputs.
-    async fn resolve(&self, request: &BuildRequest) -> Result<nix::Resolved, BuildError> {
-        let resolved = self
-            .nix
-            .resolve(&ResolveRequest {
-                source: request.source.clone(),
-                system: request.system.clone(),
-                packages: request.packages.clone(),
-                implicit: request.implicit.clone(),
-            })
-            .await?;
-        if !resolved.unknown.is_empty() {
-            return Err(BuildError::UnknownPackages(resolved.unknown));
-        }
-        Ok(resolved)
-    }
-
-    /// `group`: the closure of `roots`, grouped into layers.
+    /// The closure of `roots`, checked against the size limit and grouped
+    /// into layers.
     async fn group(
         &self,
         roots: &[String],
         request: &BuildRequest,
+        progress: Progress<'_>,
     ) -> Result<(Closure, Vec<Layer>), BuildError> {
-        let closure = self.nix.closure(roots).await?;
+        let limit = self.limits.max_image_size;
+        let closure = self.store.closure(roots, limit, progress).await?;
         let size: u64 = closure.values().map(|p| p.nar_size).sum();
-        if size > self.limits.max_image_size {
-            return Err(BuildError::TooLarge {
-                size,
-                limit: self.limits.max_image_size,
-            });
+        if size > limit {
+            return Err(BuildError::TooLarge { size, limit });
         }
         let groups = layers::group(&closure, roots, &self.popularity, request.layer_budget);
         Ok((closure, groups))
     }
 
-    /// `pack`: every layer, as many at a time as there are cores.
+    /// Every layer not stored yet, as many at a time as there are cores.
     async fn store_layers(
         &self,
         image: &str,
         groups: Vec<Layer>,
+        closure: &Closure,
         compression: Compression,
         progress: Progress<'_>,
+        cancelled: &Arc<AtomicBool>,
     ) -> Result<(Vec<LayerRecord>, BuildStats), BuildError> {
         let parallel = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -654,12 +428,11 @@ impl Builder {
             futures_util::stream::iter(groups)
                 .map(|layer| {
                     let key = layer.key(compression.key());
-                    let paths = layer.paths;
+                    let job = self.store.pack(layer.paths, closure);
                     async move {
                         let stored = self
-                            .store_layer(image, key, compression, move |out| {
-                                pack::pack_store_paths(&paths, out, compression)
-                            })
+                            .objects
+                            .store_layer(image, &key, compression, cancelled, job)
                             .await;
                         if let Ok((record, _)) = &stored {
                             report(progress, |p| {
@@ -685,25 +458,30 @@ impl Builder {
         Ok((layers, stats))
     }
 
-    /// `customise`: the customisation layer, and the config it implies.
+    /// The customisation layer, and the config it implies.
     async fn customise(
         &self,
         image: &str,
         roots: Vec<String>,
         closure: &Closure,
         compression: Compression,
+        cancelled: &Arc<AtomicBool>,
     ) -> Result<(LayerRecord, CustomConfig), BuildError> {
         let paths: Vec<String> = closure.keys().cloned().collect();
         let key = customisation_key(&roots, &paths, compression);
+        let size: u64 = closure.values().map(|p| p.nar_size).sum();
+        let limits = WalkLimits {
+            max_entries: MAX_CUSTOM_ENTRIES,
+            max_bytes: self.limits.max_image_size.saturating_sub(size),
+            cancelled: cancelled.clone(),
+        };
         // Reading the outputs is cheap; packing is what reuse saves.
-        let custom = tokio::task::spawn_blocking(move || customise(&roots, &paths))
-            .await
-            .map_err(|e| BuildError::Task(e.to_string()))??;
+        let custom = self.store.customise(roots, closure, limits).await?;
         let tree = custom.tree;
+        let job: objects::Job = Box::new(move |writer| pack::write_tree(writer, &tree));
         let (record, reused) = self
-            .store_layer(image, key, compression, move |out| {
-                pack::pack_tree(&tree, out, compression)
-            })
+            .objects
+            .store_layer(image, &key, compression, cancelled, job)
             .await?;
         let config = CustomConfig {
             env: custom.env,
@@ -713,9 +491,9 @@ impl Builder {
         Ok((record, config))
     }
 
-    /// `commit`: the config blob, the manifest, the SBOM (an artifact
-    /// whose subject is the manifest, listed in the manifest's referrers),
-    /// then the image record.
+    /// The config blob, the manifest, the SBOM (an artifact whose subject
+    /// is the manifest, listed in the manifest's referrers), then the
+    /// image record.
     async fn commit(
         &self,
         request: &BuildRequest,
@@ -742,26 +520,12 @@ impl Builder {
         }
         .to_bytes();
         let config_descriptor = Descriptor::of(manifest::MEDIA_TYPE_CONFIG, &config);
-        let config_key = storage::blob_key(hex_of(&config_descriptor.digest));
-        self.store_blob(
-            &config_key,
-            Blob::Bytes {
-                digest: config_descriptor.digest.clone(),
-                bytes: Bytes::from(config),
-            },
-        )
-        .await?;
+        self.objects
+            .store_small_blob(&config_descriptor.digest, Bytes::from(config))
+            .await?;
         let manifest = Manifest::new(config_descriptor, descriptors).to_bytes();
-        let manifest_digest = sha256_digest(&manifest);
         let size = manifest.len() as u64;
-        self.store_blob(
-            &storage::manifest_key(hex_of(&manifest_digest)),
-            Blob::Bytes {
-                digest: manifest_digest.clone(),
-                bytes: Bytes::from(manifest),
-            },
-        )
-        .await?;
+        let manifest_digest = self.objects.store_manifest(manifest).await?;
         let built_at = unix_now();
         let subject = Descriptor {
             media_type: manifest::MEDIA_TYPE_MANIFEST.to_string(),
@@ -770,15 +534,17 @@ impl Builder {
             platform: None,
             artifact_type: None,
         };
+        let image_key = request.image_key();
         let document = sbom::spdx(&sbom::SbomInput {
             image_name: &request.name,
-            image_key: &request.image_key,
+            image_key: image_key.as_str(),
             manifest_digest: &manifest_digest,
             created: built_at,
             roots,
             closure,
         });
         let sbom = self
+            .objects
             .store_artifact(subject, sbom::MEDIA_TYPE, document)
             .await?;
         let record = ImageRecord {
@@ -790,189 +556,8 @@ impl Builder {
             built_at,
             sbom: Some(sbom),
         };
-        records::write(
-            &*self.storage,
-            &storage::image_key(&request.image_key),
-            &record,
-        )
-        .await?;
+        records::write(self.storage(), &ImageRecordKey::of(&image_key), &record).await?;
         Ok(record)
-    }
-
-    /// An artifact about `subject` (its SBOM): the document as a blob, the
-    /// empty config, an artifact manifest naming both and the subject,
-    /// and the subject's referrers index listing it. The manifest's digest.
-    async fn store_artifact(
-        &self,
-        subject: Descriptor,
-        artifact_type: &str,
-        document: Vec<u8>,
-    ) -> Result<String, BuildError> {
-        let empty = Bytes::from_static(manifest::EMPTY_JSON);
-        let config = Descriptor::of(manifest::MEDIA_TYPE_EMPTY, &empty);
-        let layer = Descriptor::of(artifact_type, &document);
-        for (descriptor, bytes) in [(&config, empty), (&layer, Bytes::from(document))] {
-            let key = storage::blob_key(hex_of(&descriptor.digest));
-            let digest = descriptor.digest.clone();
-            self.store_blob(&key, Blob::Bytes { digest, bytes }).await?;
-        }
-        let subject_hex = hex_of(&subject.digest).to_string();
-        let artifact = Manifest {
-            artifact_type: Some(artifact_type.to_string()),
-            subject: Some(subject),
-            ..Manifest::new(config, vec![layer])
-        }
-        .to_bytes();
-        let digest = sha256_digest(&artifact);
-        let listed = Descriptor {
-            artifact_type: Some(artifact_type.to_string()),
-            ..Descriptor::of(manifest::MEDIA_TYPE_MANIFEST, &artifact)
-        };
-        self.store_blob(
-            &storage::manifest_key(hex_of(&digest)),
-            Blob::Bytes {
-                digest: digest.clone(),
-                bytes: Bytes::from(artifact),
-            },
-        )
-        .await?;
-        // The newest build's artifact is the one listed: a rebuild of an
-        // image (the same manifest) describes it anew.
-        let referrers = manifest::ImageIndex::new(vec![listed]).to_bytes();
-        self.storage
-            .put(
-                &storage::referrers_key(&subject_hex),
-                Bytes::from(referrers),
-            )
-            .await?;
-        Ok(digest)
-    }
-
-    /// One layer under `key`: its record if the blob is still there, else
-    /// `pack` into a scratch file (on a blocking thread), store the blob and
-    /// write the record. `true`: reused. A reused layer's record is written
-    /// again, which tells garbage collection that a build relies on its
-    /// blob (see `crate::gc`).
-    async fn store_layer(
-        &self,
-        image: &str,
-        key: String,
-        compression: Compression,
-        pack: impl FnOnce(&Path) -> Result<Packed, PackError> + Send + 'static,
-    ) -> Result<(LayerRecord, bool), BuildError> {
-        let record_key = storage::layer_key(&key);
-        if let Some(record) = records::read::<LayerRecord>(&*self.storage, &record_key).await? {
-            let blob = storage::blob_key(hex_of(&record.digest));
-            match self
-                .storage
-                .check(&blob, record.size, hex_of(&record.digest))
-                .await?
-            {
-                Check::Good => {
-                    records::write(&*self.storage, &record_key, &record).await?;
-                    return Ok((record, true));
-                }
-                Check::Absent => {}
-                Check::Corrupt => {
-                    tracing::warn!(image, layer = %key, digest = %record.digest, "stored layer is damaged; packing it again");
-                }
-            }
-        }
-        let started = Instant::now();
-        let out = self.scratch_file("layer");
-        let path = out.clone();
-        let packed = tokio::task::spawn_blocking(move || pack(&path))
-            .await
-            .map_err(|e| BuildError::Task(e.to_string()))
-            .and_then(|packed| packed.map_err(BuildError::from));
-        let packed = match packed {
-            Ok(packed) => packed,
-            Err(error) => {
-                let _ = tokio::fs::remove_file(&out).await;
-                return Err(error);
-            }
-        };
-        let record = LayerRecord {
-            digest: packed.digest.clone(),
-            diff_id: packed.diff_id.clone(),
-            size: packed.size,
-            media_type: compression.media_type().to_string(),
-        };
-        tracing::info!(
-            image,
-            step = "pack",
-            layer = %key,
-            digest = %packed.digest,
-            size = packed.size,
-            tar_size = packed.tar_size,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "layer packed"
-        );
-        let blob = storage::blob_key(hex_of(&packed.digest));
-        self.store_blob(&blob, Blob::File { path: out, packed })
-            .await?;
-        records::write(&*self.storage, &record_key, &record).await?;
-        Ok((record, false))
-    }
-
-    /// The one way a content-addressed object (a layer, a config, a
-    /// manifest) reaches storage: kept if the stored object is good,
-    /// created if absent, replaced if found corrupt; never overwritten
-    /// otherwise. `true`: written. A small object found good is written
-    /// again with the same bytes, which tells garbage collection a build
-    /// relies on it (a layer's record does that for the layer).
-    async fn store_blob(&self, key: &str, blob: Blob) -> Result<bool, BuildError> {
-        let (digest, size) = match &blob {
-            Blob::File { packed, .. } => (packed.digest.clone(), packed.size),
-            Blob::Bytes { digest, bytes } => (digest.clone(), bytes.len() as u64),
-        };
-        let small = matches!(blob, Blob::Bytes { .. });
-        // Small objects take the same way as files, so that every write of
-        // a content-addressed key is a conditional one.
-        let path = match blob {
-            Blob::File { path, .. } => path,
-            Blob::Bytes { bytes, .. } => {
-                let path = self.scratch_file("object");
-                if let Err(source) = tokio::fs::write(&path, &bytes).await {
-                    let _ = tokio::fs::remove_file(&path).await;
-                    return Err(StorageError::Io {
-                        key: key.to_string(),
-                        source,
-                    }
-                    .into());
-                }
-                path
-            }
-        };
-        let found = match self.storage.check(key, size, hex_of(&digest)).await {
-            Ok(found) => found,
-            Err(error) => {
-                let _ = tokio::fs::remove_file(&path).await;
-                return Err(error.into());
-            }
-        };
-        // Each consumes the file, whatever the outcome.
-        match found {
-            Check::Good if small => self.storage.replace_file(key, &path).await?,
-            Check::Good => {
-                let _ = tokio::fs::remove_file(&path).await;
-            }
-            Check::Absent => self.storage.put_file(key, &path).await?,
-            Check::Corrupt => {
-                tracing::warn!(%digest, key, "stored object is damaged; writing it again");
-                self.storage.replace_file(key, &path).await?
-            }
-        }
-        Ok(found != Check::Good)
-    }
-
-    /// A fresh path for a file bound for storage.
-    fn scratch_file(&self, what: &str) -> PathBuf {
-        let dir = self
-            .storage
-            .local_staging_dir()
-            .unwrap_or_else(std::env::temp_dir);
-        dir.join(storage::unique_name(what))
     }
 }
 
@@ -985,16 +570,18 @@ struct CustomConfig {
 }
 
 /// The customisation layer's key: everything its bytes depend on (the
-/// requested outputs in order, the closure, the compression).
-fn customisation_key(roots: &[String], closure: &[String], compression: Compression) -> String {
+/// requested outputs in order, the closure, the compression, and the
+/// version of the walk that reads them).
+fn customisation_key(roots: &[String], closure: &[String], compression: Compression) -> LayerKey {
     let canonical = serde_json::json!({
         "layer": "customisation",
         "format": IMAGE_FORMAT,
+        "walk": 2,
         "outputs": roots,
         "closure": closure,
         "compression": compression.key(),
     });
-    sha256_hex(canonical.to_string().as_bytes())
+    LayerKey::hash_of(canonical.to_string().as_bytes())
 }
 
 /// A step's result, in one log field.
@@ -1044,181 +631,6 @@ impl StepSummary for ImageRecord {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_cover_arch_source_and_packages() {
-        let pk = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        /// Everything an image key is made of.
-        #[derive(Clone)]
-        struct Inputs {
-            packages: Vec<String>,
-            arch: Arch,
-            source: SourceArg,
-            budget: usize,
-            implicit: Vec<String>,
-            compression: Compression,
-        }
-        let key = |i: &Inputs| {
-            image_key(
-                &i.packages,
-                i.arch,
-                &i.source,
-                i.budget,
-                &i.implicit,
-                i.compression,
-            )
-        };
-        let commit = |rev: &str| SourceArg::Git {
-            url: "/r".into(),
-            rev: rev.into(),
-            git_ref: None,
-        };
-        let base = Inputs {
-            packages: pk(&["hello"]),
-            arch: Arch::Amd64,
-            source: SourceArg::Path {
-                path: "/pkgs".into(),
-            },
-            budget: 94,
-            implicit: vec![],
-            compression: Compression::Gzip,
-        };
-        assert_eq!(key(&base), key(&base.clone()));
-        let changes = [
-            Inputs {
-                arch: Arch::Arm64,
-                ..base.clone()
-            },
-            Inputs {
-                source: SourceArg::Path {
-                    path: "/other".into(),
-                },
-                ..base.clone()
-            },
-            Inputs {
-                source: commit("a"),
-                ..base.clone()
-            },
-            Inputs {
-                compression: Compression::Zstd,
-                ..base.clone()
-            },
-            Inputs {
-                packages: pk(&["hello", "jq"]),
-                ..base.clone()
-            },
-            Inputs {
-                budget: 10,
-                ..base.clone()
-            },
-            Inputs {
-                implicit: pk(&["cacert"]),
-                ..base.clone()
-            },
-        ];
-        let mut keys: Vec<String> = changes.iter().map(key).collect();
-        keys.push(key(&base));
-        keys.push(key(&Inputs {
-            source: commit("b"),
-            ..base.clone()
-        }));
-        let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
-        assert_eq!(
-            distinct.len(),
-            keys.len(),
-            "two different inputs share a key"
-        );
-    }
-
-    #[test]
-    fn a_full_disk_is_never_remembered_as_the_image_s_failure() {
-        let nix = BuildError::Nix(NixError::DiskFull {
-            command: "nix-store",
-            message: "No space left on device".into(),
-        });
-        assert!(nix.is_disk_full());
-        assert_eq!(nix.failure(), None);
-        let pack = BuildError::Pack(PackError::Io {
-            path: "/tmp/layer".into(),
-            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
-        });
-        assert!(pack.is_disk_full());
-        assert_eq!(pack.failure(), None);
-        let other = BuildError::Pack(PackError::Io {
-            path: "/tmp/layer".into(),
-            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-        });
-        assert!(!other.is_disk_full());
-        assert!(other.failure().is_some());
-        // Full again right after collecting: the image does not fit, and
-        // that is remembered like any failed build.
-        let huge = BuildError::Storage(StorageError::TooLarge {
-            key: "blobs/sha256/x".into(),
-            size: 6 << 40,
-            limit: 5 << 40,
-        });
-        assert!(huge
-            .failure()
-            .unwrap()
-            .to_string()
-            .contains("over the storage's limit"));
-        let no_room = BuildError::NoRoom { free: 1234 };
-        assert!(!no_room.is_disk_full());
-        assert!(no_room
-            .failure()
-            .unwrap()
-            .to_string()
-            .contains("1234 bytes free"));
-    }
-
-    #[test]
-    fn failures_say_what_failed_and_transient_errors_are_not_remembered() {
-        let nix = BuildError::Nix(NixError::Failed {
-            command: "nix-build",
-            message: "builder for hello failed".into(),
-        });
-        assert_eq!(
-            nix.failure().unwrap().to_string(),
-            "building the image failed: nix-build: builder for hello failed"
-        );
-        let unknown = BuildError::UnknownPackages(vec!["nope".into()]);
-        assert_eq!(
-            unknown.failure(),
-            Some(Failure::UnknownPackages {
-                names: vec!["nope".into()]
-            })
-        );
-        let storage = BuildError::Storage(StorageError::InvalidKey { key: "k".into() });
-        assert_eq!(storage.failure(), None);
-        // Internal details stay in the log.
-        let task = BuildError::Task("panicked at src/secret/path.rs".into());
-        assert!(!task.failure().unwrap().to_string().contains("secret"));
-    }
-
-    #[test]
-    fn the_customisation_key_follows_its_inputs() {
-        let key = |roots: &[&str], closure: &[&str], compression| {
-            let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-            customisation_key(&v(roots), &v(closure), compression)
-        };
-        let a = key(&["/nix/store/a"], &["/nix/store/a"], Compression::Gzip);
-        assert_eq!(
-            a,
-            key(&["/nix/store/a"], &["/nix/store/a"], Compression::Gzip)
-        );
-        assert_ne!(
-            a,
-            key(
-                &["/nix/store/a"],
-                &["/nix/store/a", "/nix/store/b"],
-                Compression::Gzip
-            )
-        );
-        assert_ne!(
-            a,
-            key(&["/nix/store/a"], &["/nix/store/a"], Compression::Zstd)
-        );
-    }
-}
+pub(crate) mod fake;
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,15 +1,23 @@
-//! Deterministic layer tarballs: tar -> gzip or zstd -> file, with the
+//! Deterministic layer tarballs: tar -> gzip or zstd -> a sink, with the
 //! sha256 of the tar (the layer's `diff_id`) and of the compressed bytes
 //! (its `digest`) computed in the same single streaming pass. Compression
 //! runs on every core ([`super::compress`]).
 //!
-//! The archive is a function of the files alone: entries in a fixed order
-//! (parents before children, siblings by name bytes), mtime 1 (as in the Nix
-//! store), uid/gid 0 with no user or group names, permissions as on disk.
-//! Directories (empty ones too), symlinks (whatever they point at), hard
-//! links within the layer, long names (GNU long-name records) and non-ASCII
-//! names are kept. Memory does not grow with the layer: files are copied
-//! through fixed buffers.
+//! Every layer is written through one [`LayerWriter`], whatever its
+//! entries come from (a Nix store on disk, a binary cache's NARs, the
+//! customisation layer's tree), so a store path gives the same bytes
+//! whichever way it arrived. The archive is a function of the store
+//! paths' NAR serialisation alone: entries in a fixed order (parents
+//! before children, siblings by name bytes, as in a NAR), mtime 1 (as in
+//! the Nix store), uid/gid 0 with no user or group names, directories
+//! 0555, files 0444 or 0555 (a NAR keeps only whether a file is
+//! executable), symlinks as they are. Directories (empty ones too),
+//! symlinks (whatever they point at), long names (GNU long-name records)
+//! and non-ASCII names are kept. A hard link between two files of a store
+//! path is written as two files: a NAR cannot hold one, so a path built
+//! here and the same path substituted from a cache give the same layer.
+//! Memory does not grow with the layer: files are copied through fixed
+//! buffers.
 //!
 //! ```no_run
 //! use nixery::builder::compress::Compression;
@@ -17,13 +25,15 @@
 //! println!("{} ({} bytes), diff_id {}", packed.digest, packed.size, packed.diff_id);
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -32,6 +42,10 @@ use super::compress::{Compression, Encoder};
 
 /// The modification time of every entry, as in the Nix store.
 pub const MTIME: u64 = 1;
+/// Modes of store path entries, as Nix restores a NAR.
+const DIR_MODE: u32 = 0o555;
+const FILE_MODE: u32 = 0o444;
+const EXECUTABLE_MODE: u32 = 0o555;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
@@ -41,6 +55,12 @@ pub enum PackError {
     Changed { path: PathBuf },
     #[error("packing {path}: not an absolute store path")]
     NotAbsolute { path: PathBuf },
+    /// Where the entries came from failed (a download, a check of it).
+    #[error("packing {path}: {message}")]
+    Source { path: String, message: String },
+    /// The build this layer belongs to is no longer wanted.
+    #[error("packing stopped: the build was cancelled")]
+    Cancelled,
 }
 
 /// What packing a layer produced.
@@ -85,16 +105,6 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-type Sink = Hashing<Encoder<Hashing<BufWriter<File>>>>;
-
-/// Writes one layer: entries go in in the order they are given.
-struct LayerWriter {
-    tar: tar::Builder<Sink>,
-    out: PathBuf,
-    /// (device, inode) of multiply-linked files already written, and where.
-    links: HashMap<(u64, u64), PathBuf>,
-}
-
 fn header(kind: EntryType, mode: u32, size: u64) -> Header {
     let mut h = Header::new_gnu();
     h.set_entry_type(kind);
@@ -106,137 +116,171 @@ fn header(kind: EntryType, mode: u32, size: u64) -> Header {
     h
 }
 
-impl LayerWriter {
-    fn create(out: &Path, compression: Compression) -> Result<LayerWriter, PackError> {
-        let err = |source| PackError::Io {
-            path: out.to_path_buf(),
-            source,
-        };
-        let file = File::create(out).map_err(err)?;
-        let encoder = Encoder::new(
-            Hashing::new(BufWriter::with_capacity(256 * 1024, file)),
-            compression,
-        )
-        .map_err(err)?;
+/// Writes one layer into a sink: entries go in in the order they are
+/// given, and [`LayerWriter::finish`] says what was written.
+pub struct LayerWriter<W: Write> {
+    tar: tar::Builder<Hashing<Encoder<Hashing<W>>>>,
+    /// Set when the build is no longer wanted: the next entry stops it.
+    cancelled: Option<Arc<AtomicBool>>,
+}
+
+/// Where an error of the sink is reported.
+fn sink_error(source: io::Error) -> PackError {
+    PackError::Io {
+        path: PathBuf::from("<layer>"),
+        source,
+    }
+}
+
+impl<W: Write> LayerWriter<W> {
+    pub fn new(sink: W, compression: Compression) -> Result<LayerWriter<W>, PackError> {
+        let encoder = Encoder::new(Hashing::new(sink), compression).map_err(sink_error)?;
         let mut tar = tar::Builder::new(Hashing::new(encoder));
         tar.mode(tar::HeaderMode::Deterministic);
         Ok(LayerWriter {
             tar,
-            out: out.to_path_buf(),
-            links: HashMap::new(),
+            cancelled: None,
         })
     }
 
-    fn io(&self, path: &Path) -> impl FnOnce(io::Error) -> PackError {
+    /// Stops at the next entry once `flag` is set.
+    pub fn cancel_on(&mut self, flag: Arc<AtomicBool>) {
+        self.cancelled = Some(flag);
+    }
+
+    fn go_on(&self) -> Result<(), PackError> {
+        match &self.cancelled {
+            Some(flag) if flag.load(Ordering::Relaxed) => Err(PackError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    fn io(path: &Path) -> impl FnOnce(io::Error) -> PackError {
         let path = path.to_path_buf();
         move |source| PackError::Io { path, source }
     }
 
-    fn dir(&mut self, name: &Path, mode: u32) -> Result<(), PackError> {
+    /// A directory of a store path (mode 0555).
+    pub fn store_dir(&mut self, name: &Path) -> Result<(), PackError> {
+        self.dir(name, DIR_MODE)
+    }
+
+    /// A directory with its own mode (the customisation layer's).
+    pub fn dir(&mut self, name: &Path, mode: u32) -> Result<(), PackError> {
+        self.go_on()?;
         let mut h = header(EntryType::Directory, mode, 0);
         self.tar
             .append_data(&mut h, name, io::empty())
-            .map_err(self.io(name))
+            .map_err(Self::io(name))
     }
 
-    fn symlink(&mut self, name: &Path, target: &Path) -> Result<(), PackError> {
+    pub fn symlink(&mut self, name: &Path, target: &Path) -> Result<(), PackError> {
+        self.go_on()?;
         let mut h = header(EntryType::Symlink, 0o777, 0);
         self.tar
             .append_link(&mut h, name, target)
-            .map_err(self.io(name))
+            .map_err(Self::io(name))
     }
 
-    fn bytes(&mut self, name: &Path, mode: u32, data: &[u8]) -> Result<(), PackError> {
+    /// A small file held in memory, with its own mode.
+    pub fn bytes(&mut self, name: &Path, mode: u32, data: &[u8]) -> Result<(), PackError> {
+        self.go_on()?;
         let mut h = header(EntryType::Regular, mode, data.len() as u64);
         self.tar
             .append_data(&mut h, name, data)
-            .map_err(self.io(name))
+            .map_err(Self::io(name))
     }
 
-    /// A regular file from disk, or a hard link to one written before.
-    fn file(&mut self, name: &Path, disk: &Path, meta: &Metadata) -> Result<(), PackError> {
-        if meta.nlink() > 1 {
-            let id = (meta.dev(), meta.ino());
-            if let Some(first) = self.links.get(&id).cloned() {
-                let mut h = header(EntryType::Link, meta.mode(), 0);
-                return self
-                    .tar
-                    .append_link(&mut h, name, &first)
-                    .map_err(self.io(name));
-            }
-            self.links.insert(id, name.to_path_buf());
-        }
-        let size = meta.len();
-        let file = File::open(disk).map_err(self.io(disk))?;
+    /// A file of a store path: `size` bytes read from `contents` (which
+    /// must give exactly that many).
+    pub fn store_file(
+        &mut self,
+        name: &Path,
+        executable: bool,
+        size: u64,
+        contents: &mut dyn Read,
+    ) -> Result<(), PackError> {
+        self.go_on()?;
+        let mode = if executable {
+            EXECUTABLE_MODE
+        } else {
+            FILE_MODE
+        };
         let mut reader = CountingReader {
-            inner: file.take(size),
+            inner: contents.take(size),
             count: 0,
         };
-        let mut h = header(EntryType::Regular, meta.mode(), size);
+        let mut h = header(EntryType::Regular, mode, size);
         self.tar
             .append_data(&mut h, name, &mut reader)
-            .map_err(self.io(disk))?;
+            .map_err(Self::io(name))?;
         if reader.count != size {
             return Err(PackError::Changed {
-                path: disk.to_path_buf(),
+                path: name.to_path_buf(),
             });
         }
         Ok(())
     }
 
-    /// Everything below a directory on disk, parents first, siblings by name.
-    fn walk(&mut self, disk_root: &Path, name_root: &Path) -> Result<(), PackError> {
+    /// The directories every store path layer starts with.
+    pub fn store_root(&mut self) -> Result<(), PackError> {
+        self.dir(Path::new("nix"), 0o755)?;
+        self.dir(Path::new("nix/store"), 0o755)
+    }
+
+    /// Everything below a store path on disk, parents first, siblings by
+    /// name, normalised as a NAR would have it.
+    pub fn walk(&mut self, disk_root: &Path, name_root: &Path) -> Result<(), PackError> {
         let mut stack: Vec<(PathBuf, PathBuf)> =
             vec![(disk_root.to_path_buf(), name_root.to_path_buf())];
         while let Some((disk, name)) = stack.pop() {
-            let meta = std::fs::symlink_metadata(&disk).map_err(self.io(&disk))?;
+            let meta = std::fs::symlink_metadata(&disk).map_err(Self::io(&disk))?;
             let kind = meta.file_type();
             if kind.is_symlink() {
-                let target = std::fs::read_link(&disk).map_err(self.io(&disk))?;
+                let target = std::fs::read_link(&disk).map_err(Self::io(&disk))?;
                 self.symlink(&name, &target)?;
             } else if kind.is_dir() {
-                self.dir(&name, meta.mode())?;
+                self.store_dir(&name)?;
                 let mut children: Vec<OsString> = std::fs::read_dir(&disk)
-                    .map_err(self.io(&disk))?
+                    .map_err(Self::io(&disk))?
                     .map(|e| e.map(|e| e.file_name()))
                     .collect::<Result<_, _>>()
-                    .map_err(self.io(&disk))?;
+                    .map_err(Self::io(&disk))?;
                 children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
                 // Reversed onto the stack, so they come off in order.
                 for child in children.into_iter().rev() {
                     stack.push((disk.join(&child), name.join(&child)));
                 }
             } else if kind.is_file() {
-                self.file(&name, &disk, &meta)?;
+                let mut file = File::open(&disk).map_err(Self::io(&disk))?;
+                let executable = meta.mode() & 0o100 != 0;
+                self.store_file(&name, executable, meta.len(), &mut file)
+                    .map_err(|e| match e {
+                        PackError::Changed { .. } => PackError::Changed { path: disk.clone() },
+                        other => other,
+                    })?;
             }
             // Sockets, fifos and devices cannot be in a Nix store path.
         }
         Ok(())
     }
 
-    fn finish(self) -> Result<Packed, PackError> {
-        let out = self.out.clone();
-        let err = |source| PackError::Io {
-            path: out.clone(),
-            source,
-        };
-        let tar_sink = self.tar.into_inner().map_err(err)?;
+    /// Ends the archive and the compressed stream; what was written, and
+    /// the sink.
+    pub fn finish(self) -> Result<(Packed, W), PackError> {
+        let tar_sink = self.tar.into_inner().map_err(sink_error)?;
         let diff_id = format!("sha256:{}", hex::encode(tar_sink.hash.finalize()));
         let tar_size = tar_sink.count;
-        let mut compressed = tar_sink.inner.finish().map_err(err)?;
-        compressed.flush().map_err(err)?;
+        let mut compressed = tar_sink.inner.finish().map_err(sink_error)?;
+        compressed.flush().map_err(sink_error)?;
         let digest = format!("sha256:{}", hex::encode(compressed.hash.finalize()));
-        let file = compressed
-            .inner
-            .into_inner()
-            .map_err(|e| err(e.into_error()))?;
-        file.sync_all().map_err(err)?;
-        Ok(Packed {
+        let packed = Packed {
             digest,
             diff_id,
             size: compressed.count,
             tar_size,
-        })
+        };
+        Ok((packed, compressed.inner))
     }
 }
 
@@ -253,19 +297,35 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
-/// Packs whole store paths (`/nix/store/...`) into one layer at `out`,
-/// under `nix/store/` in the archive.
-pub fn pack_store_paths(
-    paths: &[String],
+/// A layer file at `out`: created, written by `write`, flushed to disk.
+pub fn pack_file(
     out: &Path,
     compression: Compression,
+    write: impl FnOnce(&mut LayerWriter<BufWriter<File>>) -> Result<(), PackError>,
 ) -> Result<Packed, PackError> {
+    let err = |source| PackError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let file = File::create(out).map_err(err)?;
+    let mut writer = LayerWriter::new(BufWriter::with_capacity(256 * 1024, file), compression)?;
+    write(&mut writer)?;
+    let (packed, sink) = writer.finish()?;
+    let file = sink.into_inner().map_err(|e| err(e.into_error()))?;
+    file.sync_all().map_err(err)?;
+    Ok(packed)
+}
+
+/// Writes whole store paths (`/nix/store/...`, read from disk) into a
+/// layer, under `nix/store/` in the archive.
+pub fn write_store_paths<W: Write>(
+    writer: &mut LayerWriter<W>,
+    paths: &[String],
+) -> Result<(), PackError> {
     let mut sorted: Vec<&String> = paths.iter().collect();
     sorted.sort();
     sorted.dedup();
-    let mut writer = LayerWriter::create(out, compression)?;
-    writer.dir(Path::new("nix"), 0o755)?;
-    writer.dir(Path::new("nix/store"), 0o755)?;
+    writer.store_root()?;
     for path in sorted {
         let disk = Path::new(path);
         let name = disk.strip_prefix("/").map_err(|_| PackError::NotAbsolute {
@@ -273,7 +333,16 @@ pub fn pack_store_paths(
         })?;
         writer.walk(disk, name)?;
     }
-    writer.finish()
+    Ok(())
+}
+
+/// Packs whole store paths into one layer file at `out`.
+pub fn pack_store_paths(
+    paths: &[String],
+    out: &Path,
+    compression: Compression,
+) -> Result<Packed, PackError> {
+    pack_file(out, compression, |writer| write_store_paths(writer, paths))
 }
 
 /// A file tree held in memory (the customisation layer).
@@ -288,9 +357,8 @@ pub enum Node {
 /// must be present; the map's order is the archive order.
 pub type Tree = BTreeMap<PathBuf, Node>;
 
-/// Packs an in-memory tree into one layer at `out`.
-pub fn pack_tree(tree: &Tree, out: &Path, compression: Compression) -> Result<Packed, PackError> {
-    let mut writer = LayerWriter::create(out, compression)?;
+/// Writes an in-memory tree into a layer.
+pub fn write_tree<W: Write>(writer: &mut LayerWriter<W>, tree: &Tree) -> Result<(), PackError> {
     for (name, node) in tree {
         match node {
             Node::Dir { mode } => writer.dir(name, *mode)?,
@@ -298,7 +366,12 @@ pub fn pack_tree(tree: &Tree, out: &Path, compression: Compression) -> Result<Pa
             Node::File { mode, data } => writer.bytes(name, *mode, data)?,
         }
     }
-    writer.finish()
+    Ok(())
+}
+
+/// Packs an in-memory tree into one layer file at `out`.
+pub fn pack_tree(tree: &Tree, out: &Path, compression: Compression) -> Result<Packed, PackError> {
+    pack_file(out, compression, |writer| write_tree(writer, tree))
 }
 
 #[cfg(test)]
@@ -398,9 +471,18 @@ mod tests {
             std::fs::metadata(copy.join("exec")).unwrap().mode() & 0o7777,
             0o555
         );
+        // A hard link is two files, as a NAR has it; modes are a NAR's.
         assert_eq!(
+            std::fs::read(copy.join("a")).unwrap(),
+            std::fs::read(copy.join("b")).unwrap()
+        );
+        assert_ne!(
             std::fs::metadata(copy.join("a")).unwrap().ino(),
             std::fs::metadata(copy.join("b")).unwrap().ino()
+        );
+        assert_eq!(
+            std::fs::metadata(copy.join("a")).unwrap().mode() & 0o7777,
+            0o444
         );
         assert_eq!(
             std::fs::read_link(copy.join("rel")).unwrap(),
@@ -415,10 +497,10 @@ mod tests {
             src.join(&deep)
         );
 
-        // The archive's own view: a hard link entry, parents before children.
+        // The archive's own view: no hard link entry, parents before children.
         let entries = unpack(&layer);
         let b = entries.iter().find(|e| e.0.ends_with("/b")).unwrap();
-        assert_eq!(b.1, EntryType::Link);
+        assert_eq!(b.1, EntryType::Regular);
         let names: Vec<&String> = entries.iter().map(|e| &e.0).collect();
         for (i, name) in names.iter().enumerate() {
             let parent = Path::new(name.as_str()).parent().unwrap();

@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::step::Step;
+
 /// The most log lines a status keeps (the last ones), and of each line.
 pub const LOG_LINES: usize = 12;
 const LOG_LINE_CHARS: usize = 300;
@@ -17,8 +19,9 @@ const LOG_LINE_CHARS: usize = 300;
 /// What a running build is doing now.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepProgress {
-    /// evaluating, realising, grouping, packing, customising, uploading.
-    pub step: String,
+    /// The step under way (none before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<Step>,
     /// A line for people: what runs now ("building hello-2.12").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
@@ -39,9 +42,9 @@ pub struct StepProgress {
 impl StepProgress {
     /// A step just started: nothing known of it yet but its name (the log
     /// so far stays: it tells what led here).
-    pub fn start(&mut self, step: &str) {
+    pub fn start(&mut self, step: Step) {
         *self = StepProgress {
-            step: step.to_string(),
+            step: Some(step),
             log: std::mem::take(&mut self.log),
             ..StepProgress::default()
         };
@@ -221,9 +224,9 @@ mod tests {
         let mut log = NixLog::default();
         let texts: Vec<Option<String>> = FAILED_BUILD.iter().map(|l| log.line(l)).collect();
         let mut progress = StepProgress::default();
-        progress.start("realising");
+        progress.start(Step::Realising);
         log.report(&mut progress);
-        assert_eq!(progress.step, "realising");
+        assert_eq!(progress.step, Some(Step::Realising));
         assert_eq!(
             progress.detail.as_deref(),
             Some("building b-2.0 (0 of 2 built, 1 of 3 fetched)")

@@ -749,6 +749,26 @@ impl QueueArgs {
     }
 }
 
+/// The registry's settings when none is given but in-memory storage: the
+/// one source of every default, for tests and for the types whose
+/// defaults they are.
+pub fn defaults() -> ServeConfig {
+    let cli = Cli::try_parse_from(["nixery", "serve", "--storage-backend", "memory"])
+        .expect("the defaults parse");
+    match cli.mode(false) {
+        Ok(Mode::Serve(config)) => *config,
+        _ => unreachable!("`serve` gives the registry's settings"),
+    }
+}
+
+/// The build limits when none is set.
+pub fn default_limits() -> BuildLimits {
+    match defaults().builds {
+        BuildMode::Local(nix) => nix.limits,
+        BuildMode::Sqs { .. } => unreachable!("the default builder is local"),
+    }
+}
+
 /// The command definition, with empty variables counted as unset (so that
 /// `NIXERY_PKGS_PATH=` does not conflict with another package source).
 pub fn command() -> clap::Command {

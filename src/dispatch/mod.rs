@@ -10,11 +10,21 @@
 //! shared build status with the claim policy that makes one build per image
 //! across processes.
 //!
-//! Whatever runs the build, a failure reaches the puller as a
-//! [`DispatchError`], made from a [`BuildError`] in one place
-//! ([`DispatchError::from`], through [`BuildError::failure`]).
+//! Whatever runs the build, it runs through [`report::build_reported`],
+//! and a failure reaches the puller as a [`DispatchError`], decided by the
+//! one verdict on a [`BuildError`] ([`BuildError::verdict`]).
+//!
+//! | file | holds |
+//! |---|---|
+//! | `queue.rs` | the queue's messages, its two ends ([`queue::Queue`], [`queue::Inbox`]) and SQS's |
+//! | `git.rs` | git lookups answered by workers, for a registry without git |
+//! | `report.rs` | the one build-and-report flow |
+//! | `status.rs` | build status, claims and the takeover policy |
 
+pub mod git;
 pub mod in_process;
+pub mod queue;
+pub mod report;
 pub mod single_flight;
 pub mod sqs;
 pub mod status;
@@ -24,7 +34,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::builder::{BuildError, BuildRequest, Failure};
+use crate::builder::{BuildError, BuildRequest, Failure, Retry, Step, Verdict};
 use crate::storage::records::ImageRecord;
 
 /// How the image service gets an image built.
@@ -62,7 +72,7 @@ pub enum DispatchError {
     Failed(Failure),
     /// The wait ran out; the build goes on.
     #[error("the image is still being built{}", .step.as_ref().map(|s| format!(" (at step {s})")).unwrap_or_default())]
-    StillBuilding { step: Option<String> },
+    StillBuilding { step: Option<Step> },
     /// A service the build needs failed; trying again may work. `message`
     /// is for the log only: it is not part of the displayed error.
     #[error("the {service} is unavailable")]
@@ -71,21 +81,21 @@ pub enum DispatchError {
 
 impl From<BuildError> for DispatchError {
     fn from(error: BuildError) -> DispatchError {
-        match error.failure() {
-            Some(failure) => {
-                if error.is_internal() {
+        match error.verdict() {
+            Verdict::Failed { failure, internal } => {
+                if internal {
                     tracing::error!(%error, "build failed");
                 }
                 DispatchError::Failed(failure)
             }
-            None if error.is_disk_full() => {
-                tracing::error!(%error, "the builder's disk is full; the build can be tried again once it has room");
+            Verdict::Retry(retry @ (Retry::DiskFull | Retry::Cancelled)) => {
+                tracing::error!(%error, %retry, "the build can be tried again");
                 DispatchError::Unavailable {
                     service: Service::Builder,
                     message: error.to_string(),
                 }
             }
-            None => {
+            Verdict::Retry(Retry::Storage) => {
                 tracing::warn!(%error, "build interrupted by storage");
                 DispatchError::Unavailable {
                     service: Service::Storage,

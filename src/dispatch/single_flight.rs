@@ -15,13 +15,14 @@ use tracing::Instrument;
 
 use super::{Dispatch, DispatchError};
 use crate::builder::{BuildError, BuildRequest};
+use crate::storage::keys::ImageKey;
 use crate::storage::records::ImageRecord;
 
 type Outcome = Option<Result<ImageRecord, DispatchError>>;
 
 pub struct SingleFlight {
     inner: Arc<dyn Dispatch>,
-    in_flight: Arc<Mutex<HashMap<String, watch::Receiver<Outcome>>>>,
+    in_flight: Arc<Mutex<HashMap<ImageKey, watch::Receiver<Outcome>>>>,
 }
 
 impl SingleFlight {
@@ -41,18 +42,18 @@ impl Dispatch for SingleFlight {
                 .in_flight
                 .lock()
                 .expect("the in-flight map is never poisoned");
-            match in_flight.get(&request.image_key) {
+            let key = request.image_key();
+            match in_flight.get(&key) {
                 Some(waiting) => waiting.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    in_flight.insert(request.image_key.clone(), rx.clone());
+                    in_flight.insert(key.clone(), rx.clone());
                     let inner = self.inner.clone();
                     let map = self.in_flight.clone();
                     // In the span of the request that started it: its log
                     // lines name that request.
                     let span = tracing::Span::current();
                     tokio::spawn(async move {
-                        let key = request.image_key.clone();
                         // The call runs on a task of its own so that even a
                         // panic in it ends as an error for the waiters.
                         let result = match tokio::spawn(

@@ -9,251 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::error::DisplayErrorContext;
-use aws_sdk_sqs::Client;
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::queue::{Queue, QueueMessage};
 use super::status::{self, decide, Action, BuildStatus, Claim, State};
-use super::{Dispatch, DispatchError, Service};
-use crate::builder::{BuildError, BuildRequest};
-use crate::oci::digest::sha256_hex;
-use crate::source::{kept_for, GitLookup, GitResolver, SourceArg, SourceError};
+use super::{Dispatch, DispatchError};
+use crate::builder::{BuildError, BuildRequest, Failure, Step};
+use crate::storage::keys::{ImageKey, ImageRecordKey};
 use crate::storage::records::{self, unix_now as now, ImageRecord, RecordError};
-use crate::storage::{self, Storage};
+use crate::storage::Storage;
 
-/// How long one receive waits for a message (SQS's maximum long poll).
-pub(super) const LONG_POLL_SECS: i32 = 20;
 /// The longest pause between two looks at storage while waiting.
 const MAX_POLL: Duration = Duration::from_secs(2);
-
-/// The body of a queue message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueMessage {
-    pub request: BuildRequest,
-    pub attempt: u32,
-}
-
-/// The body of a queue message that asks a worker a git question (for a
-/// registry without `git`, such as the Lambda function).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GitMessage {
-    pub lookup: GitLookup,
-}
-
-/// `sources/<hash of the lookup>`: a worker's answer to a git lookup.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GitAnswer {
-    /// Unix seconds.
-    pub at: u64,
-    pub result: Result<SourceArg, SourceError>,
-}
-
-/// Where the answer to a lookup is stored.
-pub fn git_answer_key(lookup: &GitLookup) -> String {
-    let canonical = serde_json::to_vec(lookup).expect("a lookup always serialises");
-    format!("sources/{}", sha256_hex(&canonical))
-}
-
-/// Git lookups answered by a worker through the queue: the answer is read
-/// from storage (any instance's question fills it for all), asked for when
-/// missing or too old, and waited for.
-pub struct QueueGit {
-    storage: Arc<dyn Storage>,
-    queue: Arc<dyn Queue>,
-    /// How old an answer may be: a name's resolution, and a failure.
-    ttl: Duration,
-    failure_ttl: Duration,
-    /// How long to wait for a worker.
-    wait: Duration,
-}
-
-impl std::fmt::Debug for QueueGit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QueueGit")
-            .field("queue", &self.queue)
-            .field("wait", &self.wait)
-            .finish()
-    }
-}
-
-impl QueueGit {
-    pub fn new(
-        storage: Arc<dyn Storage>,
-        queue: Arc<dyn Queue>,
-        ttl: Duration,
-        failure_ttl: Duration,
-        wait: Duration,
-    ) -> QueueGit {
-        QueueGit {
-            storage,
-            queue,
-            ttl,
-            failure_ttl,
-            wait,
-        }
-    }
-
-    /// The stored answer, if one is recent enough.
-    async fn answered(&self, key: &str) -> Option<Result<SourceArg, SourceError>> {
-        let answer: GitAnswer = match records::read(&*self.storage, key).await {
-            Ok(Some(answer)) => answer,
-            Ok(None) => return None,
-            Err(error) => {
-                tracing::warn!(%error, key, "reading a git lookup's answer failed");
-                return None;
-            }
-        };
-        let keep = kept_for(&answer.result, self.ttl, self.failure_ttl);
-        (answer.at + keep.as_secs() >= now()).then_some(answer.result)
-    }
-}
-
-#[async_trait]
-impl GitResolver for QueueGit {
-    async fn resolve(&self, lookup: &GitLookup) -> Result<SourceArg, SourceError> {
-        let key = git_answer_key(lookup);
-        if let Some(result) = self.answered(&key).await {
-            return result;
-        }
-        let unanswered = |message: String| SourceError::Git {
-            url: lookup.url.clone(),
-            message,
-        };
-        let asked = serde_json::to_string(&GitMessage {
-            lookup: lookup.clone(),
-        })
-        .expect("a lookup always serialises");
-        self.queue
-            .send_body(asked)
-            .await
-            .map_err(|e| unanswered(e.to_string()))?;
-        let asked_at = now();
-        let deadline = Instant::now() + self.wait;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            tokio::time::sleep(pause).await;
-            if let Ok(Some(answer)) = records::read::<GitAnswer>(&*self.storage, &key).await {
-                if answer.at >= asked_at {
-                    return answer.result;
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(unanswered(format!(
-                    "no worker answered within {} s",
-                    self.wait.as_secs()
-                )));
-            }
-            pause = (pause * 2).min(MAX_POLL);
-        }
-    }
-}
-
-/// An SQS client for AWS or for any SQS-compatible endpoint.
-pub async fn sqs_client(endpoint: Option<&str>) -> Client {
-    // Each try lasts longer than the long poll, so a receive is not cut short.
-    Client::new(
-        &crate::aws::sdk_config(endpoint, Duration::from_secs(LONG_POLL_SECS as u64 + 10), 3).await,
-    )
-}
-
-/// An SQS call that failed, for the log; the puller hears "unavailable".
-pub(super) fn queue_error<E, R>(
-    operation: &'static str,
-    error: aws_sdk_sqs::error::SdkError<E, R>,
-) -> DispatchError
-where
-    E: std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    DispatchError::Unavailable {
-        service: Service::Queue,
-        message: format!("{operation}: {}", DisplayErrorContext(&error)),
-    }
-}
-
-/// Where build requests (and git lookups) go.
-#[async_trait]
-pub trait Queue: Send + Sync + std::fmt::Debug + 'static {
-    /// Sends one message body.
-    async fn send_body(&self, body: String) -> Result<(), DispatchError>;
-
-    /// Sends a build request.
-    async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError> {
-        self.send_body(serde_json::to_string(message).expect("a message always serialises"))
-            .await
-    }
-}
-
-/// Build requests to the queue of their system's workers (aarch64-linux
-/// builds to arm64 workers), everything else to the default queue.
-#[derive(Debug)]
-pub struct BySystem {
-    default: Arc<dyn Queue>,
-    systems: Vec<(String, Arc<dyn Queue>)>,
-}
-
-impl BySystem {
-    pub fn new(default: Arc<dyn Queue>) -> BySystem {
-        BySystem {
-            default,
-            systems: Vec::new(),
-        }
-    }
-
-    /// Sends builds for `system` to `queue`.
-    pub fn with(mut self, system: &str, queue: Arc<dyn Queue>) -> BySystem {
-        self.systems.push((system.to_string(), queue));
-        self
-    }
-}
-
-#[async_trait]
-impl Queue for BySystem {
-    async fn send_body(&self, body: String) -> Result<(), DispatchError> {
-        self.default.send_body(body).await
-    }
-
-    async fn send(&self, message: &QueueMessage) -> Result<(), DispatchError> {
-        let queue = self
-            .systems
-            .iter()
-            .find(|(system, _)| *system == message.request.system)
-            .map_or(&self.default, |(_, queue)| queue);
-        queue.send(message).await
-    }
-}
-
-/// An SQS queue.
-#[derive(Debug)]
-pub struct SqsQueue {
-    client: Client,
-    url: String,
-}
-
-impl SqsQueue {
-    pub fn new(client: Client, url: impl Into<String>) -> SqsQueue {
-        SqsQueue {
-            client,
-            url: url.into(),
-        }
-    }
-}
-
-#[async_trait]
-impl Queue for SqsQueue {
-    async fn send_body(&self, body: String) -> Result<(), DispatchError> {
-        self.client
-            .send_message()
-            .queue_url(&self.url)
-            .message_body(body)
-            .send()
-            .await
-            .map_err(|e| queue_error("SendMessage", e))?;
-        Ok(())
-    }
-}
 
 /// Timings of the hand-off between function and workers.
 #[derive(Debug, Clone, Copy)]
@@ -267,11 +34,90 @@ pub struct Timings {
     pub failure_ttl: Duration,
 }
 
+impl Timings {
+    /// How long a build's heartbeat may stay unchanged before its worker
+    /// counts as dead.
+    fn stale_after(&self) -> Duration {
+        self.heartbeat * status::STALE_HEARTBEATS as u32
+    }
+}
+
 /// Dispatches builds to workers through the queue.
 pub struct SqsDispatch {
     storage: Arc<dyn Storage>,
     queue: Arc<dyn Queue>,
     timings: Timings,
+}
+
+/// What one pull's wait for a build has seen so far.
+struct Waiting {
+    deadline: Instant,
+    pause: Duration,
+    /// The step the build was last seen at.
+    step: Option<Step>,
+    last_status: Option<BuildStatus>,
+    /// Since when the status could not be read.
+    unreadable_since: Option<Instant>,
+    /// The running build's (attempt, heartbeat) and when this waiter
+    /// first saw it: a heartbeat is judged by whether it changes, on this
+    /// process's clock, not by the worker's clock.
+    observed: Option<(u32, u64, Instant)>,
+    /// A claim without a status, and since when this waiter has seen it.
+    orphan: Option<(u32, Instant)>,
+}
+
+impl Waiting {
+    fn new(timeout: Duration) -> Waiting {
+        Waiting {
+            deadline: Instant::now() + timeout,
+            pause: Duration::from_millis(100),
+            step: None,
+            last_status: None,
+            unreadable_since: None,
+            observed: None,
+            orphan: None,
+        }
+    }
+
+    /// A status read now, as this waiter judges it (see [`observe`]).
+    fn saw(&mut self, status: Option<BuildStatus>) -> Option<BuildStatus> {
+        self.unreadable_since = None;
+        let status = status.map(|s| observe(s, &mut self.observed));
+        if let Some(status) = &status {
+            self.last_status = Some(status.clone());
+            self.step = status.step.or(self.step);
+        }
+        status
+    }
+
+    /// The status could not be read. A status that stays unreadable for
+    /// as long as a dead worker's heartbeat (its writer died mid-write, on
+    /// a store without atomic writes) counts as that: the last one seen,
+    /// gone silent, so that the next attempt is claimed, which rewrites it.
+    fn unreadable(&mut self, stale_after: Duration) -> Option<BuildStatus> {
+        let since = *self.unreadable_since.get_or_insert_with(Instant::now);
+        let last = self.last_status.as_ref()?;
+        (since.elapsed() >= stale_after).then(|| BuildStatus {
+            heartbeat: 0,
+            ..last.clone()
+        })
+    }
+
+    fn out_of_time(&self) -> bool {
+        Instant::now() >= self.deadline
+    }
+
+    /// Sleeps before the next look, backing off; `false` if the wait is
+    /// over.
+    async fn pause(&mut self) -> bool {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        tokio::time::sleep(self.pause.min(left)).await;
+        self.pause = (self.pause * 2).min(MAX_POLL);
+        true
+    }
 }
 
 impl SqsDispatch {
@@ -285,23 +131,19 @@ impl SqsDispatch {
 
     /// Claims an attempt; `true` if this caller got it and sent the build.
     async fn claim(&self, request: &BuildRequest, attempt: u32) -> Result<bool, DispatchError> {
-        let key = &request.image_key;
-        let claim = Claim { claimed_at: now() };
-        let claim = Bytes::from(serde_json::to_vec(&claim).expect("a claim always serialises"));
+        let key = request.image_key();
         let storage_error = |e| DispatchError::from(BuildError::Storage(e));
-        if !self
-            .storage
-            .put_if_absent(&status::claim_key(key, attempt), claim)
+        if !status::claim(&*self.storage, &key, attempt)
             .await
             .map_err(storage_error)?
         {
             return Ok(false);
         }
         let queued = BuildStatus::queued(request, attempt);
-        status::write(&*self.storage, key, &queued)
+        status::write(&*self.storage, &key, &queued)
             .await
             .map_err(storage_error)?;
-        status::note_queued(&*self.storage, key).await;
+        status::note_queued(&*self.storage, &key).await;
         self.queue
             .send(&QueueMessage {
                 request: request.clone(),
@@ -325,7 +167,8 @@ impl SqsDispatch {
         status: Option<&BuildStatus>,
         orphan: &mut Option<(u32, Instant)>,
     ) -> Result<(), DispatchError> {
-        let stale_after = self.stale_after();
+        let stale_after = self.timings.stale_after();
+        let key = request.image_key();
         let mut attempt = attempt;
         // Each step needs an orphan at least `stale_after` old: the loop
         // ends at the first claim won or still young.
@@ -333,12 +176,7 @@ impl SqsDispatch {
             if status.is_some_and(|s| s.attempt >= attempt) {
                 return Ok(());
             }
-            let claim = match records::read::<Claim>(
-                &*self.storage,
-                &status::claim_key(&request.image_key, attempt),
-            )
-            .await
-            {
+            let claim = match status::read_claim(&*self.storage, &key, attempt).await {
                 Ok(Some(claim)) => claim,
                 // Gone since (collected): claim it again next round.
                 Ok(None) => return Ok(()),
@@ -357,84 +195,68 @@ impl SqsDispatch {
             if age < stale_after {
                 return Ok(());
             }
-            tracing::warn!(image = %request.image_key, attempt, "claim without a status (its writer died or failed); claiming the next attempt");
+            tracing::warn!(image = %key, attempt, "claim without a status (its writer died or failed); claiming the next attempt");
             attempt += 1;
         }
         Ok(())
-    }
-
-    /// How long a build's heartbeat may stay unchanged before its worker
-    /// counts as dead.
-    fn stale_after(&self) -> Duration {
-        self.timings.heartbeat * status::STALE_HEARTBEATS as u32
     }
 
     /// The image record (if current) and the build status, as stored now.
     async fn look(
         &self,
         request: &BuildRequest,
+        key: &ImageKey,
     ) -> Result<(Option<ImageRecord>, Option<BuildStatus>), BuildError> {
-        let key = &request.image_key;
         let record: Option<ImageRecord> =
-            records::read(&*self.storage, &storage::image_key(key)).await?;
+            records::read(&*self.storage, &ImageRecordKey::of(key)).await?;
         let status = status::read(&*self.storage, key).await?;
         Ok((record.filter(|r| r.is_current(request.not_before)), status))
+    }
+
+    /// A build its workers gave up on: said so where every puller looks.
+    async fn abandoned(&self, key: &ImageKey, status: Option<BuildStatus>, failure: &Failure) {
+        let Some(abandoned) = status.filter(|s| s.state != State::Failed) else {
+            return;
+        };
+        tracing::warn!(image = %key, attempt = abandoned.attempt, "build abandoned by its workers; marking it failed");
+        let failed = BuildStatus {
+            state: State::Failed,
+            failure: Some(failure.clone()),
+            heartbeat: now(),
+            ..abandoned
+        };
+        if let Err(error) = status::write(&*self.storage, key, &failed).await {
+            tracing::warn!(image = %key, %error, "recording the abandoned build failed");
+        }
     }
 }
 
 #[async_trait]
 impl Dispatch for SqsDispatch {
     async fn build(&self, request: BuildRequest) -> Result<ImageRecord, DispatchError> {
-        let key = request.image_key.clone();
-        let deadline = Instant::now() + self.timings.build_timeout;
-        let mut pause = Duration::from_millis(100);
-        let mut step = None;
-        let mut last_status: Option<BuildStatus> = None;
-        let mut unreadable_since: Option<Instant> = None;
-        // The running build's (attempt, heartbeat) and when this waiter
-        // first saw it: a heartbeat is judged by whether it changes, on
-        // this process's clock, not by the worker's clock.
-        let mut observed: Option<(u32, u64, Instant)> = None;
-        let mut orphan: Option<(u32, Instant)> = None;
-        let stale_after = self.stale_after();
+        let key = request.image_key();
+        let stale_after = self.timings.stale_after();
+        let mut wait = Waiting::new(self.timings.build_timeout);
         loop {
             // A failed read while waiting (a record caught mid-write, a
-            // storage hiccup) is retried until the deadline. A status that
-            // stays unreadable for as long as a dead worker's heartbeat
-            // (its writer died mid-write, on a store without atomic writes)
-            // counts as that: the next attempt is claimed, which rewrites it.
-            let (record, status) = match self.look(&request).await {
-                Ok((record, status)) => {
-                    unreadable_since = None;
-                    (record, status.map(|s| observe(s, &mut observed)))
-                }
+            // storage hiccup) is retried until the deadline.
+            let (record, status) = match self.look(&request, &key).await {
+                Ok((record, status)) => (record, wait.saw(status)),
                 Err(error) => {
                     tracing::warn!(image = %key, %error, "reading the build's progress failed; trying again");
-                    let since = *unreadable_since.get_or_insert_with(Instant::now);
-                    match &last_status {
-                        Some(last) if since.elapsed() >= stale_after => {
-                            let silent = BuildStatus {
-                                heartbeat: 0,
-                                ..last.clone()
-                            };
-                            (None, Some(silent))
-                        }
-                        _ if Instant::now() >= deadline => return Err(error.into()),
-                        _ => {
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(MAX_POLL);
+                    match wait.unreadable(stale_after) {
+                        Some(silent) => (None, Some(silent)),
+                        None if wait.out_of_time() => return Err(error.into()),
+                        None => {
+                            wait.pause().await;
                             continue;
                         }
                     }
                 }
             };
-            if status.is_some() {
-                last_status = status.clone();
-            }
             if let Some(record) = record {
                 return Ok(record);
             }
-            step = status.as_ref().and_then(|s| s.step.clone()).or(step);
             let action = decide(
                 status.as_ref(),
                 now(),
@@ -444,33 +266,18 @@ impl Dispatch for SqsDispatch {
             );
             match action {
                 Action::Claim(attempt) => {
-                    self.claim_or_adopt(&request, attempt, status.as_ref(), &mut orphan)
+                    self.claim_or_adopt(&request, attempt, status.as_ref(), &mut wait.orphan)
                         .await?;
                 }
                 Action::Wait => {}
                 Action::Fail(failure) => {
-                    if let Some(abandoned) = status.filter(|s| s.state != State::Failed) {
-                        // Given up on here: say so where every puller looks.
-                        tracing::warn!(image = %key, attempt = abandoned.attempt, "build abandoned by its workers; marking it failed");
-                        let failed = BuildStatus {
-                            state: State::Failed,
-                            failure: Some(failure.clone()),
-                            heartbeat: now(),
-                            ..abandoned
-                        };
-                        if let Err(error) = status::write(&*self.storage, &key, &failed).await {
-                            tracing::warn!(image = %key, %error, "recording the abandoned build failed");
-                        }
-                    }
+                    self.abandoned(&key, status, &failure).await;
                     return Err(DispatchError::Failed(failure));
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(DispatchError::StillBuilding { step });
+            if !wait.pause().await {
+                return Err(DispatchError::StillBuilding { step: wait.step });
             }
-            tokio::time::sleep(pause.min(left)).await;
-            pause = (pause * 2).min(MAX_POLL);
         }
     }
 }
@@ -511,8 +318,9 @@ mod tests {
 
     use super::*;
     use crate::builder::nix::SourceArg;
-    use crate::builder::Failure;
+    use crate::storage::keys::{ClaimKey, StatusKey};
     use crate::storage::{Check, Download, Listed, MemoryStorage, StorageError};
+    use bytes::Bytes;
 
     #[derive(Debug, Default)]
     struct Recorded {
@@ -546,17 +354,13 @@ mod tests {
     async fn put_claim(storage: &MemoryStorage, attempt: u32, claimed_at: u64) {
         let claim = serde_json::to_vec(&Claim { claimed_at }).unwrap();
         storage
-            .put_if_absent(
-                &status::claim_key(&request().image_key, attempt),
-                claim.into(),
-            )
+            .put_if_absent(&ClaimKey::of(&request().image_key(), attempt), claim.into())
             .await
             .unwrap();
     }
 
     fn request() -> BuildRequest {
         BuildRequest {
-            image_key: "k".repeat(64),
             packages: vec!["hello".into()],
             system: "x86_64-linux".into(),
             architecture: "amd64".into(),
@@ -605,7 +409,7 @@ mod tests {
     /// move the wall clock, so a counter stands in for its ticking). The
     /// counter only grows, even with tests beating at once: waiters judge a
     /// heartbeat by whether it changed, not by its value.
-    async fn set_status(storage: &MemoryStorage, state: State, step: &str) {
+    async fn set_status(storage: &MemoryStorage, state: State, step: Step) {
         static BEATS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let beat = BEATS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         write_status(storage, state, 1, Some(step), now() + beat).await;
@@ -617,25 +421,25 @@ mod tests {
         storage: &dyn Storage,
         state: State,
         attempt: u32,
-        step: Option<&str>,
+        step: Option<Step>,
         heartbeat: u64,
     ) {
         let written = BuildStatus {
             state,
             attempt,
-            step: step.map(str::to_string),
+            step,
             failure: None,
             heartbeat,
             info: Default::default(),
         };
-        status::write(storage, &request().image_key, &written)
+        status::write(storage, &request().image_key(), &written)
             .await
             .unwrap();
     }
 
     /// Writes the image record, as a worker does last.
     async fn commit_image(storage: &dyn Storage) {
-        let key = storage::image_key(&request().image_key);
+        let key = ImageRecordKey::of(&request().image_key());
         records::write(storage, &key, &record()).await.unwrap();
     }
 
@@ -651,11 +455,11 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 for _ in 0..12 {
-                    set_status(&storage, State::Running, "realise").await;
+                    set_status(&storage, State::Running, Step::Realising).await;
                     tokio::time::sleep(Duration::from_secs(10)).await;
                 }
                 commit_image(&*storage).await;
-                set_status(&storage, State::Done, "done").await;
+                set_status(&storage, State::Done, Step::Uploading).await;
             }
         };
         let started = Instant::now();
@@ -673,7 +477,7 @@ mod tests {
         // The claim is there, so nobody else can send attempt 1.
         assert!(storage
             .keys()
-            .contains(&status::claim_key(&request().image_key, 1)));
+            .contains(&ClaimKey::of(&request().image_key(), 1).to_string()));
     }
 
     #[tokio::test(start_paused = true)]
@@ -685,7 +489,7 @@ mod tests {
                 // A live worker that never finishes: fresh heartbeats.
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    set_status(&storage, State::Running, "packing").await;
+                    set_status(&storage, State::Running, Step::Packing).await;
                 }
             }
         };
@@ -697,7 +501,7 @@ mod tests {
         assert_eq!(
             outcome.unwrap_err(),
             DispatchError::StillBuilding {
-                step: Some("packing".into())
+                step: Some(Step::Packing)
             }
         );
         let waited = started.elapsed();
@@ -722,7 +526,7 @@ mod tests {
             heartbeat: now(),
             info: Default::default(),
         };
-        status::write(&*storage, &request().image_key, &failed)
+        status::write(&*storage, &request().image_key(), &failed)
             .await
             .unwrap();
         assert_eq!(
@@ -737,7 +541,7 @@ mod tests {
         let (storage, queue, dispatch) = setup();
         let mut old = record();
         old.built_at = 1_000;
-        records::write(&*storage, &storage::image_key(&request().image_key), &old)
+        records::write(&*storage, &ImageRecordKey::of(&request().image_key()), &old)
             .await
             .unwrap();
         let mut wants_new = request();
@@ -837,7 +641,7 @@ mod tests {
                 storage,
                 State::Running,
                 attempt,
-                Some("realise"),
+                Some(Step::Realising),
                 now() + beat,
             )
             .await;
@@ -852,7 +656,7 @@ mod tests {
         // gets the storage error, and attempt 1 is a claim without status.
         let storage = Arc::new(FailingWrites {
             inner: MemoryStorage::new(),
-            key: status::status_key(&request().image_key),
+            key: StatusKey::of(&request().image_key()).to_string(),
             failures: 1.into(),
         });
         let queue = Arc::new(Recorded::default());
@@ -865,7 +669,7 @@ mod tests {
         assert!(storage
             .inner
             .keys()
-            .contains(&status::claim_key(&request().image_key, 1)));
+            .contains(&ClaimKey::of(&request().image_key(), 1).to_string()));
         assert!(queue.sent.lock().unwrap().is_empty());
 
         // The next pull waits out a dead worker's silence, then claims
@@ -911,7 +715,14 @@ mod tests {
         for attempt in [1, 2] {
             put_claim(&storage, attempt, now() - 600).await;
         }
-        write_status(&*storage, State::Running, 1, Some("pack"), now() - 300).await;
+        write_status(
+            &*storage,
+            State::Running,
+            1,
+            Some(Step::Packing),
+            now() - 300,
+        )
+        .await;
         let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 3));
         assert_eq!(built.unwrap(), record());
         assert_eq!(queue.attempts(), [3]);
@@ -925,7 +736,7 @@ mod tests {
         let behind = async {
             for beat in 0..20 {
                 let behind = now() - 3600 + beat;
-                write_status(&*storage, State::Running, 1, Some("realise"), behind).await;
+                write_status(&*storage, State::Running, 1, Some(Step::Realising), behind).await;
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
             commit_image(&*storage).await;
@@ -941,7 +752,14 @@ mod tests {
         // a minute of silence, not after an hour.
         let (storage, queue, dispatch) = setup();
         put_claim(&storage, 1, now()).await;
-        write_status(&*storage, State::Running, 1, Some("realise"), now() + 3600).await;
+        write_status(
+            &*storage,
+            State::Running,
+            1,
+            Some(Step::Realising),
+            now() + 3600,
+        )
+        .await;
         let started = Instant::now();
         let (built, ()) = tokio::join!(dispatch.build(request()), worker_for(&*storage, &queue, 2));
         assert_eq!(built.unwrap(), record());

@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use crate::builder::Failure;
-use crate::builder::{BuildRequest, BuildStats, StepProgress};
+use crate::builder::{BuildRequest, BuildStats, Step, StepProgress};
+use crate::storage::keys::{ClaimKey, ImageKey, Parsed, RecentKey, StatusKey, RECENT_PREFIX};
 use crate::storage::records::{self, unix_now, unix_now_ms, RecordError};
 use crate::storage::{Storage, StorageError};
 
@@ -52,9 +53,9 @@ pub enum State {
 pub struct BuildStatus {
     pub state: State,
     pub attempt: u32,
-    /// The step a running build is at (resolve, realise, layers, ...).
+    /// The step a running build is at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step: Option<String>,
+    pub step: Option<Step>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
     /// Unix seconds of the last sign of life (or of the failure).
@@ -109,7 +110,7 @@ impl BuildStatus {
     /// Takes the build's last progress: a change within the write interval
     /// may not have been written yet.
     pub fn last_progress(&mut self, progress: &StepProgress) {
-        if !progress.step.is_empty() {
+        if progress.step.is_some() {
             self.info.progress = Some(progress.clone());
         }
     }
@@ -145,16 +146,16 @@ const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 /// returns: dropped when the build ends.
 pub async fn keep_fresh(
     storage: &dyn Storage,
-    key: &str,
+    key: &ImageKey,
     status: &mut BuildStatus,
     mut progress: watch::Receiver<StepProgress>,
     heartbeat: Duration,
 ) -> Infallible {
     loop {
         let now = progress.borrow_and_update().clone();
-        if !now.step.is_empty() {
+        if now.step.is_some() {
             status.state = State::Running;
-            status.step = Some(now.step.clone());
+            status.step = now.step;
             status.info.started_at.get_or_insert_with(unix_now_ms);
             status.info.progress = Some(now);
         }
@@ -184,31 +185,46 @@ pub struct Claim {
     pub claimed_at: u64,
 }
 
-/// `builds/<image-key>.<attempt>`: the claim of one attempt.
-pub fn claim_key(image_key: &str, attempt: u32) -> String {
-    format!("builds/{image_key}.{attempt}")
+/// Writes the claim of `attempt`, unless there is one: `true` if this
+/// caller made it.
+pub async fn claim(
+    storage: &dyn Storage,
+    image_key: &ImageKey,
+    attempt: u32,
+) -> Result<bool, StorageError> {
+    let claim = Claim {
+        claimed_at: unix_now(),
+    };
+    let claim = bytes::Bytes::from(serde_json::to_vec(&claim).expect("a claim always serialises"));
+    storage
+        .put_if_absent(&ClaimKey::of(image_key, attempt), claim)
+        .await
 }
 
-/// `builds/<image-key>`
-pub fn status_key(image_key: &str) -> String {
-    format!("builds/{image_key}")
+/// Reads the claim of `attempt`.
+pub async fn read_claim(
+    storage: &dyn Storage,
+    image_key: &ImageKey,
+    attempt: u32,
+) -> Result<Option<Claim>, RecordError> {
+    records::read(storage, &ClaimKey::of(image_key, attempt)).await
 }
 
 /// Reads `builds/<image-key>`; `None` if no build was ever claimed.
 pub async fn read(
     storage: &dyn Storage,
-    image_key: &str,
+    image_key: &ImageKey,
 ) -> Result<Option<BuildStatus>, RecordError> {
-    records::read(storage, &status_key(image_key)).await
+    records::read(storage, &StatusKey::of(image_key)).await
 }
 
 /// Writes `builds/<image-key>`.
 pub async fn write(
     storage: &dyn Storage,
-    image_key: &str,
+    image_key: &ImageKey,
     status: &BuildStatus,
 ) -> Result<(), StorageError> {
-    records::write(storage, &status_key(image_key), status).await
+    records::write(storage, &StatusKey::of(image_key), status).await
 }
 
 /// Writes `builds/<image-key>` unless a later attempt owns the build now
@@ -217,7 +233,7 @@ pub async fn write(
 /// A status that cannot be read is overwritten.
 pub async fn write_own(
     storage: &dyn Storage,
-    image_key: &str,
+    image_key: &ImageKey,
     status: &BuildStatus,
 ) -> Result<bool, StorageError> {
     match read(storage, image_key).await {
@@ -227,18 +243,14 @@ pub async fn write_own(
     }
 }
 
-/// Where [`note_queued`] writes: keys that sort newest first.
-const RECENT_PREFIX: &str = "builds/recent/";
-
 /// Notes that a build of `image_key` was just asked for, under a key that
 /// sorts newest first (`builds/recent/<9999999999999 - ms>-<image-key>`),
 /// so that [`recent`] finds the latest builds with one bounded listing,
 /// however many statuses there are. Garbage collection removes old notes
 /// with the statuses. A failed note is logged: it only hides the build
 /// from the lists.
-pub async fn note_queued(storage: &dyn Storage, image_key: &str) {
-    let inverted = 9_999_999_999_999u64.saturating_sub(unix_now_ms());
-    let key = format!("{RECENT_PREFIX}{inverted:013}-{image_key}");
+pub async fn note_queued(storage: &dyn Storage, image_key: &ImageKey) {
+    let key = RecentKey::of(image_key, unix_now_ms());
     if let Err(error) = storage.put(&key, bytes::Bytes::from_static(b"{}")).await {
         tracing::warn!(%error, "noting a build for the build lists failed");
     }
@@ -251,17 +263,16 @@ pub async fn note_queued(storage: &dyn Storage, image_key: &str) {
 pub async fn recent(
     storage: &dyn Storage,
     limit: usize,
-) -> Result<Vec<(String, BuildStatus)>, StorageError> {
+) -> Result<Vec<(ImageKey, BuildStatus)>, StorageError> {
     use futures_util::StreamExt;
     let notes = storage.list_first(RECENT_PREFIX, limit * 4).await?;
-    let mut keys: Vec<String> = Vec::with_capacity(limit);
+    let mut keys: Vec<ImageKey> = Vec::with_capacity(limit);
     for note in notes {
-        let name = note.key.trim_start_matches(RECENT_PREFIX);
-        let Some((_, key)) = name.split_once('-') else {
+        let Some(Parsed::Recent(key)) = Parsed::of(&note.key) else {
             continue;
         };
-        if is_image_key(key) && !keys.iter().any(|k| k == key) {
-            keys.push(key.to_string());
+        if !keys.contains(&key) {
+            keys.push(key);
         }
         if keys.len() == limit {
             break;
@@ -278,15 +289,10 @@ pub async fn recent(
             Ok(Some(status)) => found.push((key, status)),
             Ok(None) => {}
             Err(RecordError::Storage(error)) => return Err(error),
-            Err(error) => tracing::warn!(image = key, %error, "a build status cannot be read"),
+            Err(error) => tracing::warn!(image = %key, %error, "a build status cannot be read"),
         }
     }
     Ok(found)
-}
-
-/// Whether `text` is an image key: 64 lowercase hex digits.
-pub fn is_image_key(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// What a puller waiting for an image should do now.
@@ -423,7 +429,7 @@ mod tests {
     #[tokio::test]
     async fn an_older_attempt_never_overwrites_a_newer_one() {
         let storage = crate::storage::MemoryStorage::new();
-        let key = "k".repeat(64);
+        let key = ImageKey::parse(&"a".repeat(64)).unwrap();
         let newer = status(State::Running, 2, 100);
         assert!(write_own(&storage, &key, &newer).await.unwrap());
         // The worker of attempt 1 comes back: its writes are refused.
@@ -435,7 +441,7 @@ mod tests {
         let done = status(State::Done, 2, 300);
         assert!(write_own(&storage, &key, &done).await.unwrap());
         storage
-            .put(&status_key(&key), bytes::Bytes::from_static(b"{half"))
+            .put(&StatusKey::of(&key), bytes::Bytes::from_static(b"{half"))
             .await
             .unwrap();
         assert!(write_own(&storage, &key, &late).await.unwrap());

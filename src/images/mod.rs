@@ -29,14 +29,17 @@ use bytes::Bytes;
 use crate::builder::compress::Compression;
 use crate::builder::BuildRequest;
 use crate::dispatch::{Dispatch, DispatchError};
-use crate::oci::digest::{hex_of, sha256_digest, sha256_hex};
+use crate::oci::digest::sha256_digest;
 use crate::oci::manifest::{
     media_type_of, Descriptor, ImageIndex, Platform, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST,
 };
 use crate::oci::name::{Arch, ImageSpec};
 use crate::source::{SourceError, Sources};
+use crate::storage::keys::{
+    ImageKey, ImageRecordKey, IndexKey, IndexRecordKey, ManifestKey, ServedKey,
+};
 use crate::storage::records::{self, unix_now, ImageRecord, RecordError};
-use crate::storage::{self, Storage, StorageError};
+use crate::storage::{Storage, StorageError};
 use cache::{CacheLimits, ManifestCache};
 use declared::Declarations;
 
@@ -66,7 +69,7 @@ pub enum ImageError {
     /// The build of the image with this key did not give it.
     #[error("{error}")]
     Build {
-        image_key: String,
+        image_key: ImageKey,
         #[source]
         error: DispatchError,
     },
@@ -92,7 +95,8 @@ fn kept(served: &Served) -> Served {
     }
 }
 
-/// What settles an image's key besides its name.
+/// What settles an image's key besides its name (the defaults are the
+/// settings': `crate::config::defaults`).
 #[derive(Debug, Clone)]
 pub struct ImageSettings {
     /// Most layers for the packages (the customisation layer comes on top).
@@ -110,28 +114,11 @@ pub struct ImageSettings {
     pub cache: CacheLimits,
 }
 
-impl Default for ImageSettings {
-    /// The settings' own defaults (see `config`).
-    fn default() -> ImageSettings {
-        ImageSettings {
-            layer_budget: 94,
-            implicit_packages: vec!["cacert".to_string(), "iana-etc".to_string()],
-            compression: Compression::Gzip,
-            platforms: vec![Arch::Amd64],
-            declared: Declarations::default(),
-            cache: CacheLimits {
-                ttl: Duration::from_secs(3600),
-                max_bytes: 64 << 20,
-            },
-        }
-    }
-}
-
 /// The key of the index of some platforms' images: a hash of their keys,
 /// in order.
-fn index_key(requests: &[BuildRequest]) -> String {
-    let keys: Vec<&str> = requests.iter().map(|r| r.image_key.as_str()).collect();
-    sha256_hex(serde_json::json!({ "index": keys }).to_string().as_bytes())
+fn index_key(requests: &[BuildRequest]) -> IndexKey {
+    let keys: Vec<ImageKey> = requests.iter().map(BuildRequest::image_key).collect();
+    IndexKey::hash_of(serde_json::json!({ "index": keys }).to_string().as_bytes())
 }
 
 /// What an index record says its architecture is: its platforms.
@@ -240,9 +227,9 @@ impl Images {
 
     /// The manifest of one image: from the cache, from storage, or built.
     async fn image(&self, request: BuildRequest, may_build: bool) -> Result<Served, ImageError> {
-        let image_key = request.image_key.clone();
-        let key = storage::image_key(&image_key);
-        if let Some(served) = self.cached(&key, &image_key, request.not_before) {
+        let image_key = request.image_key();
+        let key = ImageRecordKey::of(&image_key);
+        if let Some(served) = self.cached(&key, image_key.as_str(), request.not_before) {
             return Ok(served);
         }
         let stored = records::read::<ImageRecord>(&*self.storage, &key).await?;
@@ -260,7 +247,7 @@ impl Images {
                     })?
             }
         };
-        self.serve_record(&key, &image_key, record).await
+        self.serve_record(&key, image_key.as_str(), record).await
     }
 
     /// The index of the images of `requests` (one per platform, in the
@@ -276,13 +263,19 @@ impl Images {
     ) -> Result<Served, ImageError> {
         let not_before = requests[0].not_before;
         let index_key = index_key(&requests);
-        let key = storage::index_record_key(&index_key);
-        if let Some(served) = self.cached(&key, &index_key, not_before) {
+        let key = IndexRecordKey::of(&index_key);
+        // Serving the index serves each platform's image: garbage
+        // collection keeps them all, so that a client that takes one of
+        // them (by the index's digests) finds it.
+        for request in &requests {
+            self.mark_served(request.image_key().as_str());
+        }
+        if let Some(served) = self.cached(&key, index_key.as_str(), not_before) {
             return Ok(served);
         }
         if let Some(record) = records::read::<ImageRecord>(&*self.storage, &key).await? {
             if record.is_current(not_before) {
-                return self.serve_record(&key, &index_key, record).await;
+                return self.serve_record(&key, index_key.as_str(), record).await;
             }
         }
         let platforms: Vec<Platform> = requests
@@ -308,10 +301,7 @@ impl Images {
         // Content-addressed: one stored already is these bytes (and the
         // function may only create manifests, never replace them).
         self.storage
-            .put_if_absent(
-                &storage::manifest_key(hex_of(&digest)),
-                Bytes::from(bytes.clone()),
-            )
+            .put_if_absent(&ManifestKey::of_digest(&digest), Bytes::from(bytes.clone()))
             .await?;
         let record = ImageRecord {
             manifest_digest: digest,
@@ -324,7 +314,7 @@ impl Images {
         };
         records::write(&*self.storage, &key, &record).await?;
         tracing::info!(index = %index_key, digest = %record.manifest_digest, name = %spec.name, "image index stored");
-        self.serve_record(&key, &index_key, record).await
+        self.serve_record(&key, index_key.as_str(), record).await
     }
 
     /// A cached answer for an image (or index) record, noted as served
@@ -364,7 +354,7 @@ impl Images {
 
     /// A stored manifest by its digest (`sha256:<hex>`, already checked).
     pub async fn by_digest(&self, digest: &str) -> Result<Served, ImageError> {
-        let key = storage::manifest_key(hex_of(digest));
+        let key = ManifestKey::of_digest(digest);
         if let Some(served) = self.cache.get(&key, 0, Instant::now()) {
             return Ok(served);
         }
@@ -381,11 +371,7 @@ impl Images {
     /// Reads a manifest (or index) and checks it against its digest; its
     /// media type is what it states, else `media_type`.
     async fn manifest(&self, digest: &str, media_type: &str) -> Result<Option<Served>, ImageError> {
-        let Some(bytes) = self
-            .storage
-            .get(&storage::manifest_key(hex_of(digest)))
-            .await?
-        else {
+        let Some(bytes) = self.storage.get(&ManifestKey::of_digest(digest)).await? else {
             return Ok(None);
         };
         let found = sha256_digest(&bytes);
@@ -421,7 +407,7 @@ impl Images {
             served_on.insert(image_key.to_string(), today);
         }
         let storage = self.storage.clone();
-        let key = crate::gc::served_key(image_key);
+        let key = ServedKey::of(image_key);
         tokio::spawn(async move {
             let day = Bytes::from(format!("{{\"served_day\":{today}}}"));
             if let Err(error) = storage.put(&key, day).await {

@@ -12,7 +12,8 @@ use tokio_util::io::ReaderStream;
 
 use super::{AppState, RegistryError, DIGEST_HEADER};
 use crate::oci::{digest, name};
-use crate::storage::{self, Download};
+use crate::storage::keys::BlobKey;
+use crate::storage::Download;
 
 pub(super) async fn get(
     state: &AppState,
@@ -22,7 +23,7 @@ pub(super) async fn get(
 ) -> Result<Response, RegistryError> {
     name::validate_name(name).map_err(RegistryError::NameInvalid)?;
     let hex = digest::parse(reference)?;
-    let key = storage::blob_key(hex);
+    let key = BlobKey::of(hex);
     let unknown = || RegistryError::BlobUnknown {
         digest: reference.to_string(),
     };

@@ -32,8 +32,9 @@
   function progress(b) {
     const parts = [];
     if (b.detail) parts.push(b.detail);
-    if (b.step === "packing" && b.total !== null) {
-      parts.push("layer " + b.done + " of " + b.total + (b.bytes ? ", " + bytes(b.bytes) : ""));
+    // The API says what the step's counts count (its unit), if anything.
+    if (b.unit && b.total !== null) {
+      parts.push(b.done + " of " + b.total + " " + b.unit + (b.bytes ? ", " + bytes(b.bytes) : ""));
     }
     return parts.join("; ");
   }

@@ -25,7 +25,9 @@ use serde::Serialize;
 
 use super::pages::{esc, html_response};
 use super::{json_response, AppState, RegistryError};
+use crate::builder::Step;
 use crate::dispatch::status::{self, BuildStatus, State as BuildState};
+use crate::storage::keys::ImageKey;
 use crate::storage::records::{rfc3339, unix_now_ms};
 use crate::storage::{Storage, StorageError};
 
@@ -45,8 +47,10 @@ pub struct BuildView {
     pub tag: String,
     /// queued, running, done or failed.
     pub state: &'static str,
-    /// evaluating, realising, grouping, packing, customising, uploading.
-    pub step: Option<String>,
+    /// The step under way (see `builder::Step`).
+    pub step: Option<Step>,
+    /// What `done` and `total` count during this step, if anything.
+    pub unit: Option<&'static str>,
     /// What runs now ("building hello-2.12 (0 of 1 built, ...)").
     pub detail: Option<String>,
     pub done: Option<u64>,
@@ -67,7 +71,12 @@ pub struct BuildView {
 impl BuildView {
     /// `stale_after`: a queued or running build silent for this long has
     /// lost its builder, and is shown as failed.
-    pub fn of(key: &str, status: BuildStatus, now_ms: u64, stale_after: Duration) -> BuildView {
+    pub fn of(
+        key: &ImageKey,
+        status: BuildStatus,
+        now_ms: u64,
+        stale_after: Duration,
+    ) -> BuildView {
         let info = status.info;
         let progress = info.progress.unwrap_or_default();
         let heartbeat_ms = status.heartbeat.saturating_mul(1000);
@@ -104,10 +113,7 @@ impl BuildView {
             Some(stats) => Some(stats.elapsed_ms),
             None => started.map(|t| ended_ms.saturating_sub(t)),
         };
-        let step = status
-            .step
-            .or(Some(progress.step))
-            .filter(|s| !s.is_empty());
+        let step = status.step.or(progress.step);
         let live = in_progress && !lost;
         BuildView {
             key: key.to_string(),
@@ -116,6 +122,7 @@ impl BuildView {
             tag: info.tag,
             state,
             step: step.filter(|_| live || state == "failed"),
+            unit: step.and_then(Step::unit).filter(|_| live),
             detail: progress.detail.filter(|_| live),
             done: progress.done.filter(|_| live),
             total: progress.total.filter(|_| live),
@@ -195,16 +202,16 @@ impl Board {
 
     /// One build, read now.
     pub async fn one(&self, key: &str) -> Result<Option<BuildView>, RegistryError> {
-        if !status::is_image_key(key) {
+        let Some(key) = ImageKey::parse(key) else {
             return Ok(None);
-        }
-        let status = status::read(&*self.storage, key)
+        };
+        let status = status::read(&*self.storage, &key)
             .await
             .map_err(|e| match e {
                 crate::storage::records::RecordError::Storage(e) => RegistryError::Storage(e),
                 e => RegistryError::Image(e.into()),
             })?;
-        Ok(status.map(|s| BuildView::of(key, s, unix_now_ms(), self.stale_after)))
+        Ok(status.map(|s| BuildView::of(&key, s, unix_now_ms(), self.stale_after)))
     }
 }
 
@@ -286,6 +293,10 @@ fn no_store(mut response: Response) -> Response {
 mod tests {
     use super::*;
     use crate::builder::{BuildStats, Failure, StepProgress};
+
+    fn key() -> ImageKey {
+        ImageKey::parse(&"c".repeat(64)).unwrap()
+    }
     use crate::dispatch::status::BuildInfo;
 
     fn status(state: BuildState, heartbeat: u64) -> BuildStatus {
@@ -310,28 +321,33 @@ mod tests {
     #[test]
     fn a_running_build_shows_its_step_and_how_long_it_has_run() {
         let mut running = status(BuildState::Running, 1_010);
-        running.step = Some("realising".into());
+        running.step = Some(Step::Realising);
         running.info.progress = Some(StepProgress {
-            step: "realising".into(),
+            step: Some(Step::Realising),
             detail: Some("building hello-2.12 (0 of 1 built, 0 of 0 fetched)".into()),
             done: Some(0),
             total: Some(1),
             bytes: None,
             log: vec!["compiling".into()],
         });
-        let view = BuildView::of("k", running, 1_012_000, MINUTE);
+        let view = BuildView::of(&key(), running, 1_012_000, MINUTE);
         assert_eq!(view.state, "running");
-        assert_eq!(view.step.as_deref(), Some("realising"));
+        assert_eq!(view.step, Some(Step::Realising));
         assert_eq!((view.done, view.total), (Some(0), Some(1)));
         assert_eq!(view.elapsed_ms, Some(10_000));
         assert_eq!(view.started_at.as_deref(), Some("1970-01-01T00:16:42Z"));
-        assert_eq!(view.url, "/builds/k");
+        assert_eq!(view.url, format!("/builds/{}", key()));
         assert!(view.in_progress());
     }
 
     #[test]
     fn a_silent_build_is_shown_as_lost_not_running() {
-        let view = BuildView::of("k", status(BuildState::Running, 1_010), 1_200_000, MINUTE);
+        let view = BuildView::of(
+            &key(),
+            status(BuildState::Running, 1_010),
+            1_200_000,
+            MINUTE,
+        );
         assert_eq!(view.state, "failed");
         assert!(view.error.unwrap().contains("stopped reporting 190 s ago"));
         assert_eq!(view.elapsed_ms, Some(8_000));
@@ -347,7 +363,7 @@ mod tests {
             bytes_uploaded: 1234,
             bytes_total: 5678,
         });
-        let view = BuildView::of("k", done, 2_000_000, MINUTE);
+        let view = BuildView::of(&key(), done, 2_000_000, MINUTE);
         assert_eq!(view.state, "done");
         assert_eq!(view.elapsed_ms, Some(25_000));
         assert_eq!((view.layers_new, view.layers_reused), (Some(3), Some(2)));
@@ -358,14 +374,14 @@ mod tests {
             names: vec!["nope".into()],
         });
         failed.info.progress = Some(StepProgress {
-            step: "evaluating".into(),
+            step: Some(Step::Evaluating),
             log: vec!["error: nope".into()],
             ..StepProgress::default()
         });
-        let view = BuildView::of("k", failed, 2_000_000, MINUTE);
+        let view = BuildView::of(&key(), failed, 2_000_000, MINUTE);
         assert_eq!(view.state, "failed");
         assert_eq!(view.error.as_deref(), Some("unknown packages: nope"));
-        assert_eq!(view.step.as_deref(), Some("evaluating"));
+        assert_eq!(view.step, Some(Step::Evaluating));
         assert_eq!(view.log, ["error: nope"]);
         assert_eq!(view.elapsed_ms, Some(28_000));
     }

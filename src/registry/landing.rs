@@ -52,7 +52,7 @@ pub(super) async fn page(State(state): State<AppState>, headers: HeaderMap) -> R
                         esc(&build.tag),
                         build.state,
                         build.state,
-                        esc(build.step.as_deref().unwrap_or(""))
+                        esc(build.step.map_or("", |s| s.label()))
                     );
                 }
                 out.push_str("</ul>");

@@ -16,7 +16,7 @@ use crate::oci::manifest::{
     ImageIndex, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST,
 };
 use crate::oci::name::{self, ImageSpec, NameError};
-use crate::storage;
+use crate::storage::keys::ReferrersKey;
 
 /// `headers`: the client's, for the host it reached (the build status URL
 /// an unfinished or failed build's error gives) and the types it accepts.
@@ -115,7 +115,7 @@ pub(super) async fn referrers(
 ) -> Result<Response, RegistryError> {
     name::validate_name(name).map_err(RegistryError::NameInvalid)?;
     let hex = digest::parse(reference)?;
-    let stored = state.storage.get(&storage::referrers_key(hex)).await?;
+    let stored = state.storage.get(&ReferrersKey::of(hex)).await?;
     let mut index = stored
         .and_then(|bytes| serde_json::from_slice::<ImageIndex>(&bytes).ok())
         .unwrap_or_else(|| ImageIndex::new(vec![]));

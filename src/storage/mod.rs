@@ -22,11 +22,13 @@
 //! an image record is written only after everything it points to. A crash
 //! leaves at most garbage in `staging/`.
 //!
-//! For example, an image `shell/hello` is found by reading
-//! `images/<image-key>` (see [`crate::builder::image_key`]), which names
+//! Every key is made (and read back) by [`keys`], one type per kind. For
+//! example, an image `shell/hello` is found by reading `images/<image-key>`
+//! ([`keys::ImageRecordKey`] of `BuildRequest::image_key`), which names
 //! `manifests/sha256/<d>`, whose layers are `blobs/sha256/<d1>`, ...
 
 pub mod fs;
+pub mod keys;
 pub mod memory;
 pub mod records;
 pub mod s3;
@@ -229,45 +231,13 @@ pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Storage>, StorageErr
     })
 }
 
-/// `blobs/sha256/<hex>`
-pub fn blob_key(hex: &str) -> String {
-    format!("blobs/sha256/{hex}")
-}
-
-/// `manifests/sha256/<hex>`
-pub fn manifest_key(hex: &str) -> String {
-    format!("manifests/sha256/{hex}")
-}
-
-/// `layers/<layer-key>`
-/// `referrers/<hex>`: the referrers index of a manifest (its artifacts).
-pub fn referrers_key(hex: &str) -> String {
-    format!("referrers/{hex}")
-}
-
-pub fn layer_key(key: &str) -> String {
-    format!("layers/{key}")
-}
-
-/// `images/<image-key>`
-pub fn image_key(key: &str) -> String {
-    format!("images/{key}")
-}
-
-/// `indexes/<index-key>`: the record of a multi-platform index, apart from
-/// images so that writing one (the registry does) can never replace an
-/// image record (only builders write those).
-pub fn index_record_key(key: &str) -> String {
-    format!("indexes/{key}")
-}
-
 /// The hex digest a content-addressed key names (`blobs/sha256/<hex>`,
-/// `manifests/sha256/<hex>`), if it is one.
+/// `manifests/sha256/<hex>`), if it is one (see [`keys::Parsed`]).
 pub fn digest_of_key(key: &str) -> Option<&str> {
-    let hex = key
-        .strip_prefix("blobs/sha256/")
-        .or_else(|| key.strip_prefix("manifests/sha256/"))?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+    match keys::Parsed::of(key)? {
+        keys::Parsed::Blob(_) | keys::Parsed::Manifest(_) => Some(&key[key.len() - 64..]),
+        _ => None,
+    }
 }
 
 /// The sha256 (hex) of a local file, read on a blocking thread.

@@ -173,6 +173,17 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends SIGTERM and waits up to `limit` for the server to exit:
+    /// whether it did.
+    pub fn terminate(&mut self, limit: Duration) -> bool {
+        // SAFETY: kill(2) only sends a signal to the child this guard owns.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let child = &mut self.child;
+        wait_until(limit, || matches!(child.try_wait(), Ok(Some(_))))
+    }
+
     /// How many builds this server has started.
     pub fn builds_started(&self) -> usize {
         self.log()

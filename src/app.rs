@@ -1,0 +1,267 @@
+//! The object graph, built once from the configuration: the one place
+//! where storage, the package source, the builder or queue, the image
+//! service, credentials and metrics are made and wired together. The
+//! binary calls it, and so do the tests, so both run what is deployed.
+//!
+//! | command | built here |
+//! |---|---|
+//! | `nixery serve` (and the Lambda function) | [`App::from_config`] -> the router's [`AppState`] |
+//! | `nixery worker` | [`worker`] |
+//! | `nixery gc` | storage, then [`crate::gc::collect`] |
+//! | `nixery popularity` | [`popularity`] |
+//!
+//! Tests that stand something else in for storage or for the builds use
+//! [`App::with`] and [`Parts`], with every other setting as configured.
+
+use std::sync::Arc;
+
+use crate::builder::nix::{Nix, ResolveRequest};
+use crate::builder::popularity::{Popularity, PopularityError};
+use crate::builder::store::NixStore;
+use crate::builder::Builder;
+use crate::config::{AuthScope, BuildMode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig};
+use crate::dispatch::git::QueueGit;
+use crate::dispatch::in_process::InProcess;
+use crate::dispatch::queue::{sqs_client, BySystem, SqsInbox, SqsQueue};
+use crate::dispatch::single_flight::SingleFlight;
+use crate::dispatch::sqs::SqsDispatch;
+use crate::dispatch::worker::Worker;
+use crate::dispatch::Dispatch;
+use crate::fetch::FetchError;
+use crate::images::declared::{DeclarationError, Declarations};
+use crate::images::Images;
+use crate::metrics::Metrics;
+use crate::oci::name::Arch;
+use crate::registry::auth::{Auth, AuthError, Scope};
+use crate::registry::AppState;
+use crate::source::{SourceError, Sources};
+use crate::storage::{self, Storage, StorageConfig, StorageError};
+
+/// Why the registry, a worker or a command could not be set up. Each
+/// names the setting it comes from.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("opening storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("loading {setting}: {source}")]
+    Read {
+        setting: &'static str,
+        source: FetchError,
+    },
+    #[error("NIXERY_IMAGES is not valid: {0}")]
+    Declared(#[from] DeclarationError),
+    #[error("parsing the htpasswd file (NIXERY_HTPASSWD): {0}")]
+    Htpasswd(#[from] AuthError),
+    #[error("parsing popularity data (NIX_POPULARITY_URL): {0}")]
+    Popularity(#[from] PopularityError),
+    #[error("computing popularity: {0}")]
+    Compute(String),
+    #[error("resolving the package source: {0}")]
+    Source(#[from] SourceError),
+}
+
+/// What tests may put in place of what the configuration would make.
+#[derive(Default)]
+pub struct Parts {
+    pub storage: Option<Arc<dyn Storage>>,
+    pub dispatch: Option<Arc<dyn Dispatch>>,
+}
+
+/// The registry, ready to serve.
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    /// The registry the configuration describes. `in_lambda`: run by the
+    /// Lambda runtime (counts go to CloudWatch through the log).
+    pub async fn from_config(config: &ServeConfig, in_lambda: bool) -> Result<App, AppError> {
+        App::with(config, in_lambda, Parts::default()).await
+    }
+
+    /// The registry the configuration describes, with `parts` in place of
+    /// what it would make.
+    pub async fn with(
+        config: &ServeConfig,
+        in_lambda: bool,
+        parts: Parts,
+    ) -> Result<App, AppError> {
+        let mut images = config.images.clone();
+        if let Some(file) = &config.declared_images {
+            let bytes = read(file, &config.storage, "the declared images (NIXERY_IMAGES)").await?;
+            images.declared = Declarations::parse(&bytes)?;
+            tracing::info!(images = images.declared.len(), "declared images loaded");
+        }
+        let storage = match parts.storage {
+            Some(storage) => storage,
+            None => storage::open(&config.storage).await?,
+        };
+        let mut sources = Sources::new(config.source.clone(), config.tag_ttl)
+            .remembering_failures(config.failure_ttl)
+            .allowing(config.allowed_refs.clone())
+            .checking_nixpkgs_at(config.nixpkgs_api.clone());
+        // In Lambda, counts go to CloudWatch through the log; locally, to
+        // `/metrics`.
+        let metrics = Arc::new(Metrics::new(
+            in_lambda.then_some(crate::metrics::SERVICE_FUNCTION),
+        ));
+        let dispatch: Arc<dyn Dispatch> = match (parts.dispatch, &config.builds) {
+            (Some(dispatch), _) => dispatch,
+            (
+                None,
+                BuildMode::Sqs {
+                    queue,
+                    arm64_queue,
+                    timings,
+                },
+            ) => {
+                let sqs = sqs_client(queue.endpoint.as_deref()).await;
+                let mut queues =
+                    BySystem::new(Arc::new(SqsQueue::new(sqs.clone(), queue.url.clone())));
+                if let Some(url) = arm64_queue {
+                    queues = queues.with(
+                        Arch::Arm64.nix_system(),
+                        Arc::new(SqsQueue::new(sqs, url.clone())),
+                    );
+                }
+                let queue = Arc::new(queues);
+                // Where builds run on workers, so do git lookups: the
+                // function (the Lambda runtime) has no git.
+                sources = sources.resolving_git_with(Arc::new(QueueGit::new(
+                    storage.clone(),
+                    queue.clone(),
+                    config.tag_ttl,
+                    config.failure_ttl,
+                    timings.build_timeout,
+                )));
+                Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(
+                    storage.clone(),
+                    queue,
+                    *timings,
+                ))))
+            }
+            (None, BuildMode::Local(nix)) => {
+                let builder = builder(nix, &storage, &config.storage).await?;
+                Arc::new(SingleFlight::new(Arc::new(InProcess::new(
+                    builder,
+                    metrics.clone(),
+                ))))
+            }
+        };
+        let images = Images::new(storage.clone(), dispatch, Arc::new(sources), images);
+        let auth = match &config.auth {
+            None => None,
+            Some((file, scope)) => Some(Arc::new(auth(file, *scope, &config.storage).await?)),
+        };
+        let mut state = AppState::new(Arc::new(images), storage, auth, metrics);
+        if let BuildMode::Sqs { timings, .. } = &config.builds {
+            state = state.with_heartbeat(timings.heartbeat);
+        }
+        if let Some(url) = &config.public_url {
+            state = state.with_public_url(url);
+        }
+        Ok(App { state })
+    }
+
+    /// The whole registry API.
+    pub fn router(&self) -> axum::Router {
+        crate::registry::router(self.state.clone())
+    }
+}
+
+/// A build worker: the builder, on the configured queue.
+pub async fn worker(config: &WorkerConfig) -> Result<Worker, AppError> {
+    let storage = storage::open(&config.storage).await?;
+    let builder = builder(&config.nix, &storage, &config.storage).await?;
+    let sqs = sqs_client(config.queue.endpoint.as_deref()).await;
+    let inbox = Arc::new(SqsInbox::new(sqs, config.queue.url.clone()));
+    Ok(Worker::new(builder, inbox, config.queue.heartbeat))
+}
+
+/// A builder with the local Nix and the configured popularity data.
+pub async fn builder(
+    nix: &NixConfig,
+    storage: &Arc<dyn Storage>,
+    storage_config: &StorageConfig,
+) -> Result<Builder, AppError> {
+    let popularity = Arc::new(load_popularity(nix, storage_config).await?);
+    Ok(Builder::new(
+        Arc::new(NixStore::new(Nix::new(nix.timeout))),
+        storage.clone(),
+        popularity,
+        nix.limits,
+    ))
+}
+
+/// The htpasswd file of a private registry.
+async fn auth(file: &str, scope: AuthScope, storage: &StorageConfig) -> Result<Auth, AppError> {
+    let bytes = read(file, storage, "the htpasswd file (NIXERY_HTPASSWD)").await?;
+    let scope = match scope {
+        AuthScope::Build => Scope::Build,
+        AuthScope::All => Scope::All,
+    };
+    let auth = Auth::parse(&String::from_utf8_lossy(&bytes), scope)?;
+    tracing::info!(?scope, "credentials required");
+    Ok(auth)
+}
+
+/// A file by path, or by `file://`, `https://` or `s3://` URL.
+async fn read(
+    file: &str,
+    storage: &StorageConfig,
+    setting: &'static str,
+) -> Result<Vec<u8>, AppError> {
+    let read = if file.contains("://") {
+        crate::fetch::fetch(file, storage.s3_endpoint()).await
+    } else {
+        tokio::fs::read(file).await.map_err(|e| FetchError {
+            url: file.to_string(),
+            message: e.to_string(),
+        })
+    };
+    read.map_err(|source| AppError::Read { setting, source })
+}
+
+/// Popularity data from `NIX_POPULARITY_URL`, or equal weights.
+async fn load_popularity(nix: &NixConfig, storage: &StorageConfig) -> Result<Popularity, AppError> {
+    let Some(url) = &nix.popularity_url else {
+        return Ok(Popularity::none());
+    };
+    let bytes = read(url, storage, "popularity data (NIX_POPULARITY_URL)").await?;
+    let popularity = Popularity::parse(&bytes)?;
+    tracing::info!(url, entries = popularity.len(), "popularity data loaded");
+    Ok(popularity)
+}
+
+/// `nixery popularity`: builds each package and counts references over
+/// their closures.
+pub async fn popularity(config: PopularityConfig) -> Result<Popularity, AppError> {
+    let nix = Nix::new(config.nix.timeout);
+    let sources = Sources::new(config.source, config.tag_ttl);
+    let source = sources.resolve("latest").await?.arg;
+    let failed = |e: crate::builder::nix::NixError| AppError::Compute(e.to_string());
+    let mut closures = Vec::new();
+    for package in config.packages {
+        let request = ResolveRequest {
+            source: source.clone(),
+            system: Arch::Amd64.nix_system().to_string(),
+            packages: vec![package.clone()],
+            implicit: vec![],
+        };
+        let resolved = nix.resolve(&request).await.map_err(failed)?;
+        if !resolved.unknown.is_empty() {
+            return Err(AppError::Compute(format!("unknown package: {package}")));
+        }
+        nix.realise(&resolved.packages, |_| {})
+            .await
+            .map_err(failed)?;
+        let paths: Vec<String> = resolved
+            .packages
+            .iter()
+            .flat_map(|p| p.paths.clone())
+            .collect();
+        closures.push(nix.closure(&paths).await.map_err(failed)?);
+        tracing::info!(package, "closure read");
+    }
+    Ok(Popularity::compute(&closures))
+}

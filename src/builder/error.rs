@@ -1,0 +1,246 @@
+//! Why a build gave no image, and what that means, decided in one place:
+//! [`BuildError::verdict`] says whether the image failed (and what its
+//! pullers are told, [`Failure`]) or the builder did (and the build is
+//! tried again, with nothing remembered).
+
+use serde::{Deserialize, Serialize};
+
+use super::customisation::CustomisationError;
+use super::nix::NixError;
+use super::pack::PackError;
+use crate::storage::records::RecordError;
+use crate::storage::StorageError;
+
+/// Why a build failed, as the puller is told (and as a worker records it
+/// in the build status for every puller to read).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Failure {
+    #[error("unknown packages: {}", names.join(", "))]
+    UnknownPackages { names: Vec<String> },
+    #[error("building the image failed: {message}")]
+    Build { message: String },
+    #[error("the image would hold {size} bytes of store paths, over this registry's limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("unknown packages: {}", .0.join(", "))]
+    UnknownPackages(Vec<String>),
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+    #[error(transparent)]
+    Customisation(#[from] CustomisationError),
+    #[error("build task failed: {0}")]
+    Task(String),
+    #[error("the image would hold {size} bytes of store paths, over the limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    /// The disk filled up again right after the store was collected.
+    #[error("the image does not fit in the builder's disk space ({free} bytes free after collecting garbage)")]
+    NoRoom { free: u64 },
+}
+
+/// What a failed build means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The image cannot be built as asked: its pullers are told
+    /// `failure`, and it is remembered for the failure TTL. `internal`:
+    /// the server's fault rather than the package set's (the log gets an
+    /// error, and the puller no details).
+    Failed { failure: Failure, internal: bool },
+    /// The builder failed, not the image: nothing is remembered, and the
+    /// build may be tried again.
+    Retry(Retry),
+}
+
+/// Why a build is worth trying again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The builder ran out of disk space (in the Nix store or packing).
+    DiskFull,
+    /// Storage failed under the build.
+    Storage,
+    /// Nobody wanted the build any more.
+    Cancelled,
+}
+
+impl std::fmt::Display for Retry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Retry::DiskFull => "the builder's disk was full",
+            Retry::Storage => "storage failed under the build",
+            Retry::Cancelled => "the build was cancelled",
+        })
+    }
+}
+
+impl BuildError {
+    /// The one place a failed build becomes what its pullers are told.
+    pub fn verdict(&self) -> Verdict {
+        let failed = |failure| Verdict::Failed {
+            failure,
+            internal: false,
+        };
+        let internal = || Verdict::Failed {
+            failure: Failure::Build {
+                message: "an internal error (the build's log has the details)".to_string(),
+            },
+            internal: true,
+        };
+        let io_full = |e: &std::io::Error| e.kind() == std::io::ErrorKind::StorageFull;
+        match self {
+            BuildError::UnknownPackages(names) => failed(Failure::UnknownPackages {
+                names: names.clone(),
+            }),
+            BuildError::TooLarge { size, limit } => failed(Failure::TooLarge {
+                size: *size,
+                limit: *limit,
+            }),
+            BuildError::NoRoom { .. } => failed(Failure::Build {
+                message: self.to_string(),
+            }),
+            BuildError::Nix(NixError::Failed { command, message }) => failed(Failure::Build {
+                // Nix quotes fetchers' URLs, which may carry a token.
+                message: format!("{command}: {}", crate::source::redact_userinfo(message)),
+            }),
+            BuildError::Nix(NixError::Timeout { command, seconds }) => failed(Failure::Build {
+                message: format!("{command} was stopped after {seconds} s"),
+            }),
+            BuildError::Nix(NixError::DiskFull { .. }) => Verdict::Retry(Retry::DiskFull),
+            BuildError::Nix(NixError::Spawn { .. } | NixError::Output { .. }) => internal(),
+            BuildError::Pack(PackError::Io { source, .. }) if io_full(source) => {
+                Verdict::Retry(Retry::DiskFull)
+            }
+            BuildError::Storage(StorageError::Io { source, .. })
+            | BuildError::Record(RecordError::Storage(StorageError::Io { source, .. }))
+                if io_full(source) =>
+            {
+                Verdict::Retry(Retry::DiskFull)
+            }
+            // A layer no storage call can ever hold: the image's failure.
+            BuildError::Storage(StorageError::TooLarge { .. }) => failed(Failure::Build {
+                message: self.to_string(),
+            }),
+            BuildError::Storage(_) | BuildError::Record(RecordError::Storage(_)) => {
+                Verdict::Retry(Retry::Storage)
+            }
+            BuildError::Pack(PackError::Cancelled)
+            | BuildError::Customisation(CustomisationError::Cancelled) => {
+                Verdict::Retry(Retry::Cancelled)
+            }
+            // A package set whose links make an endless tree: its failure.
+            BuildError::Customisation(
+                CustomisationError::TooLarge { .. } | CustomisationError::TooManyEntries { .. },
+            ) => failed(Failure::Build {
+                message: self.to_string(),
+            }),
+            BuildError::Record(RecordError::Unreadable { .. })
+            | BuildError::Pack(_)
+            | BuildError::Customisation(_)
+            | BuildError::Task(_) => internal(),
+        }
+    }
+
+    /// What the pullers are told, if the image failed; `None` if the build
+    /// should be tried again.
+    pub fn failure(&self) -> Option<Failure> {
+        match self.verdict() {
+            Verdict::Failed { failure, .. } => Some(failure),
+            Verdict::Retry(_) => None,
+        }
+    }
+
+    /// Whether the builder ran out of disk space: a fault of the machine,
+    /// never of the image.
+    pub fn is_disk_full(&self) -> bool {
+        self.verdict() == Verdict::Retry(Retry::DiskFull)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_never_remembered_as_the_image_s_failure() {
+        let nix = BuildError::Nix(NixError::DiskFull {
+            command: "nix-store",
+            message: "No space left on device".into(),
+        });
+        assert!(nix.is_disk_full());
+        assert_eq!(nix.failure(), None);
+        let pack = BuildError::Pack(PackError::Io {
+            path: "/tmp/layer".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        });
+        assert!(pack.is_disk_full());
+        assert_eq!(pack.failure(), None);
+        let other = BuildError::Pack(PackError::Io {
+            path: "/tmp/layer".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        assert!(!other.is_disk_full());
+        assert!(other.failure().is_some());
+        // Full again right after collecting: the image does not fit, and
+        // that is remembered like any failed build.
+        let huge = BuildError::Storage(StorageError::TooLarge {
+            key: "blobs/sha256/x".into(),
+            size: 6 << 40,
+            limit: 5 << 40,
+        });
+        assert!(huge
+            .failure()
+            .unwrap()
+            .to_string()
+            .contains("over the storage's limit"));
+        let no_room = BuildError::NoRoom { free: 1234 };
+        assert!(!no_room.is_disk_full());
+        assert!(no_room
+            .failure()
+            .unwrap()
+            .to_string()
+            .contains("1234 bytes free"));
+    }
+
+    #[test]
+    fn failures_say_what_failed_and_transient_errors_are_not_remembered() {
+        let nix = BuildError::Nix(NixError::Failed {
+            command: "nix-build",
+            message: "builder for hello failed".into(),
+        });
+        assert_eq!(
+            nix.failure().unwrap().to_string(),
+            "building the image failed: nix-build: builder for hello failed"
+        );
+        let unknown = BuildError::UnknownPackages(vec!["nope".into()]);
+        assert_eq!(
+            unknown.failure(),
+            Some(Failure::UnknownPackages {
+                names: vec!["nope".into()]
+            })
+        );
+        let storage = BuildError::Storage(StorageError::InvalidKey { key: "k".into() });
+        assert_eq!(storage.verdict(), Verdict::Retry(Retry::Storage));
+        // Internal details stay in the log.
+        let task = BuildError::Task("panicked at src/secret/path.rs".into());
+        assert!(!task.failure().unwrap().to_string().contains("secret"));
+        assert!(matches!(
+            task.verdict(),
+            Verdict::Failed { internal: true, .. }
+        ));
+        assert!(matches!(
+            nix.verdict(),
+            Verdict::Failed {
+                internal: false,
+                ..
+            }
+        ));
+    }
+}

@@ -1,0 +1,268 @@
+//! How a build's content-addressed objects reach storage: every layer
+//! through [`Objects::store_layer`], every other blob and manifest through
+//! [`Objects::store_blob`], the SBOM through [`Objects::store_artifact`].
+//! So reuse, the check of what is stored, scratch-file clean-up and layer
+//! records work the same for every layer and every source of store paths.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::compress::Compression;
+use super::pack::{self, LayerWriter, PackError, Packed};
+use super::BuildError;
+use crate::oci::digest::{hex_of, sha256_digest};
+use crate::oci::manifest::{self, Descriptor, Manifest};
+use crate::storage::keys::{BlobKey, LayerKey, LayerRecordKey, ManifestKey, ReferrersKey};
+use crate::storage::records::{self, LayerRecord};
+use crate::storage::{self, Check, Storage, StorageError};
+
+/// Where a layer's bytes go while it is packed.
+pub type Sink = std::io::BufWriter<std::fs::File>;
+
+/// What writes a layer's entries, on a blocking thread.
+pub type Job = Box<dyn FnOnce(&mut LayerWriter<Sink>) -> Result<(), PackError> + Send>;
+
+/// What a finished build did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildStats {
+    /// From the start of the build (after waiting for a slot) to its record.
+    pub elapsed_ms: u64,
+    pub layers_new: usize,
+    pub layers_reused: usize,
+    /// Bytes of the new layers (compressed): what was uploaded.
+    pub bytes_uploaded: u64,
+    /// Bytes of every layer of the image (compressed).
+    pub bytes_total: u64,
+}
+
+impl BuildStats {
+    pub(super) fn count(&mut self, record: &LayerRecord, reused: bool) {
+        self.bytes_total += record.size;
+        if reused {
+            self.layers_reused += 1;
+        } else {
+            self.layers_new += 1;
+            self.bytes_uploaded += record.size;
+        }
+    }
+}
+
+/// A blob bound for `blobs/sha256/<hex>` or `manifests/sha256/<hex>`.
+enum Blob {
+    /// A packed file in scratch space; consumed by storing it.
+    File { path: PathBuf, packed: Packed },
+    /// Small bytes (an image config, a manifest).
+    Bytes { digest: String, bytes: Bytes },
+}
+
+/// The writer of one storage's content-addressed objects.
+#[derive(Clone)]
+pub struct Objects {
+    storage: Arc<dyn Storage>,
+}
+
+impl Objects {
+    pub fn new(storage: Arc<dyn Storage>) -> Objects {
+        Objects { storage }
+    }
+
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    /// One layer under `key`: its record if the blob is still there, else
+    /// `job` writes it (on a blocking thread), the blob is stored and the
+    /// record written. `true`: reused. A reused layer's record is written
+    /// again, which tells garbage collection that a build relies on its
+    /// blob (see `crate::gc`).
+    pub async fn store_layer(
+        &self,
+        image: &str,
+        key: &LayerKey,
+        compression: Compression,
+        cancelled: &Arc<AtomicBool>,
+        job: Job,
+    ) -> Result<(LayerRecord, bool), BuildError> {
+        let record_key = LayerRecordKey::of(key);
+        if let Some(record) = records::read::<LayerRecord>(&*self.storage, &record_key).await? {
+            let blob = BlobKey::of_digest(&record.digest);
+            match self
+                .storage
+                .check(&blob, record.size, hex_of(&record.digest))
+                .await?
+            {
+                Check::Good => {
+                    records::write(&*self.storage, &record_key, &record).await?;
+                    return Ok((record, true));
+                }
+                Check::Absent => {}
+                Check::Corrupt => {
+                    tracing::warn!(image, layer = %key, digest = %record.digest, "stored layer is damaged; packing it again");
+                }
+            }
+        }
+        let started = Instant::now();
+        let out = self.scratch_file("layer");
+        let path = out.clone();
+        let cancelled = cancelled.clone();
+        let packed = tokio::task::spawn_blocking(move || {
+            pack::pack_file(&path, compression, |writer| {
+                writer.cancel_on(cancelled);
+                job(writer)
+            })
+        })
+        .await
+        .map_err(|e| BuildError::Task(e.to_string()))
+        .and_then(|packed| packed.map_err(BuildError::from));
+        let packed = match packed {
+            Ok(packed) => packed,
+            Err(error) => {
+                let _ = tokio::fs::remove_file(&out).await;
+                return Err(error);
+            }
+        };
+        let record = LayerRecord {
+            digest: packed.digest.clone(),
+            diff_id: packed.diff_id.clone(),
+            size: packed.size,
+            media_type: compression.media_type().to_string(),
+        };
+        tracing::info!(
+            image,
+            layer = %key,
+            digest = %packed.digest,
+            size = packed.size,
+            tar_size = packed.tar_size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "layer packed"
+        );
+        let blob = BlobKey::of_digest(&packed.digest);
+        self.store_blob(&blob, Blob::File { path: out, packed })
+            .await?;
+        records::write(&*self.storage, &record_key, &record).await?;
+        Ok((record, false))
+    }
+
+    /// Small bytes (a config, an SBOM document) under `blobs/`.
+    pub async fn store_small_blob(&self, digest: &str, bytes: Bytes) -> Result<bool, BuildError> {
+        let key = BlobKey::of_digest(digest);
+        let blob = Blob::Bytes {
+            digest: digest.to_string(),
+            bytes,
+        };
+        self.store_blob(&key, blob).await
+    }
+
+    /// A manifest (or index) under `manifests/`; its digest.
+    pub async fn store_manifest(&self, bytes: Vec<u8>) -> Result<String, BuildError> {
+        let digest = sha256_digest(&bytes);
+        let key = ManifestKey::of_digest(&digest);
+        let blob = Blob::Bytes {
+            digest: digest.clone(),
+            bytes: Bytes::from(bytes),
+        };
+        self.store_blob(&key, blob).await?;
+        Ok(digest)
+    }
+
+    /// An artifact about `subject` (its SBOM): the document as a blob, the
+    /// empty config, an artifact manifest naming both and the subject,
+    /// and the subject's referrers index listing it. The manifest's digest.
+    pub async fn store_artifact(
+        &self,
+        subject: Descriptor,
+        artifact_type: &str,
+        document: Vec<u8>,
+    ) -> Result<String, BuildError> {
+        let empty = Bytes::from_static(manifest::EMPTY_JSON);
+        let config = Descriptor::of(manifest::MEDIA_TYPE_EMPTY, &empty);
+        let layer = Descriptor::of(artifact_type, &document);
+        self.store_small_blob(&config.digest, empty).await?;
+        self.store_small_blob(&layer.digest, Bytes::from(document))
+            .await?;
+        let subject_hex = hex_of(&subject.digest).to_string();
+        let artifact = Manifest {
+            artifact_type: Some(artifact_type.to_string()),
+            subject: Some(subject),
+            ..Manifest::new(config, vec![layer])
+        }
+        .to_bytes();
+        let listed = Descriptor {
+            artifact_type: Some(artifact_type.to_string()),
+            ..Descriptor::of(manifest::MEDIA_TYPE_MANIFEST, &artifact)
+        };
+        let digest = self.store_manifest(artifact).await?;
+        // The newest build's artifact is the one listed: a rebuild of an
+        // image (the same manifest) describes it anew.
+        let referrers = manifest::ImageIndex::new(vec![listed]).to_bytes();
+        self.storage
+            .put(&ReferrersKey::of(&subject_hex), Bytes::from(referrers))
+            .await?;
+        Ok(digest)
+    }
+
+    /// The one way a content-addressed object (a layer, a config, a
+    /// manifest) reaches storage: kept if the stored object is good,
+    /// created if absent, replaced if found corrupt; never overwritten
+    /// otherwise. `true`: written. A small object found good is written
+    /// again with the same bytes, which tells garbage collection a build
+    /// relies on it (a layer's record does that for the layer).
+    async fn store_blob(&self, key: &str, blob: Blob) -> Result<bool, BuildError> {
+        let (digest, size) = match &blob {
+            Blob::File { packed, .. } => (packed.digest.clone(), packed.size),
+            Blob::Bytes { digest, bytes } => (digest.clone(), bytes.len() as u64),
+        };
+        let small = matches!(blob, Blob::Bytes { .. });
+        // Small objects take the same way as files, so that every write of
+        // a content-addressed key is a conditional one.
+        let path = match blob {
+            Blob::File { path, .. } => path,
+            Blob::Bytes { bytes, .. } => {
+                let path = self.scratch_file("object");
+                if let Err(source) = tokio::fs::write(&path, &bytes).await {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return Err(StorageError::Io {
+                        key: key.to_string(),
+                        source,
+                    }
+                    .into());
+                }
+                path
+            }
+        };
+        let found = match self.storage.check(key, size, hex_of(&digest)).await {
+            Ok(found) => found,
+            Err(error) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(error.into());
+            }
+        };
+        // Each consumes the file, whatever the outcome.
+        match found {
+            Check::Good if small => self.storage.replace_file(key, &path).await?,
+            Check::Good => {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+            Check::Absent => self.storage.put_file(key, &path).await?,
+            Check::Corrupt => {
+                tracing::warn!(%digest, key, "stored object is damaged; writing it again");
+                self.storage.replace_file(key, &path).await?
+            }
+        }
+        Ok(found != Check::Good)
+    }
+
+    /// A fresh path for a file bound for storage.
+    fn scratch_file(&self, what: &str) -> PathBuf {
+        let dir = self
+            .storage
+            .local_staging_dir()
+            .unwrap_or_else(std::env::temp_dir);
+        dir.join(storage::unique_name(what))
+    }
+}
