@@ -20,11 +20,11 @@
 //! ```
 
 pub mod app;
-pub mod aws;
+pub(crate) mod aws;
 pub mod builder;
 pub mod config;
 pub mod dispatch;
-pub mod fetch;
+pub(crate) mod fetch;
 pub mod gc;
 pub mod images;
 pub mod metrics;

@@ -60,7 +60,15 @@ async fn a_build_is_watched_running_then_done_in_a_browser_on_any_instance() {
     let mut running = None;
     for _ in 0..600 {
         let found = builds_of(&builder, "slow").await;
-        if let Some(b) = found.into_iter().find(|b| b["step"] == "realising") {
+        // Realising, and Nix has said what it builds (a first status
+        // may be written before Nix has).
+        let building = |b: &Value| {
+            b["step"] == "realising"
+                && b["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("building"))
+        };
+        if let Some(b) = found.into_iter().find(building) {
             running = Some(b);
             break;
         }

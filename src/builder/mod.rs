@@ -34,14 +34,14 @@ pub mod customisation;
 mod error;
 pub mod layers;
 pub mod nix;
-pub mod objects;
+pub(crate) mod objects;
 pub mod pack;
 pub mod popularity;
-pub mod progress;
+pub(crate) mod progress;
 mod request;
 pub mod sbom;
 mod step;
-pub mod store;
+pub(crate) mod store;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,10 +21,10 @@
 //! | `report.rs` | the one build-and-report flow |
 //! | `status.rs` | build status, claims and the takeover policy |
 
-pub mod git;
-pub mod in_process;
-pub mod queue;
-pub mod report;
+pub(crate) mod git;
+pub(crate) mod in_process;
+pub(crate) mod queue;
+pub(crate) mod report;
 pub mod single_flight;
 pub mod sqs;
 pub mod status;

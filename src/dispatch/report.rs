@@ -26,7 +26,7 @@ pub enum Ended {
     /// Built, or found stored already: the status says done.
     Built(Built),
     /// The image failed: the status says so, and why.
-    Failed { error: BuildError, failure: Failure },
+    Failed { failure: Failure },
     /// The builder failed, not the image: the status is the caller's to
     /// write (`status` is where the build got to).
     Retry {
@@ -91,7 +91,7 @@ pub async fn build_reported(
                     tracing::error!(image = %key, %error, "build failed");
                 }
                 let status = running.ended(Err(failure.clone()));
-                (Ended::Failed { error, failure }, status)
+                (Ended::Failed { failure }, status)
             }
             Verdict::Retry(retry) => {
                 if retry == Retry::DiskFull {

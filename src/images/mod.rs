@@ -19,7 +19,7 @@
 //! content-addressed and never built, are read from storage directly).
 
 pub mod cache;
-pub mod declared;
+pub(crate) mod declared;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -19,7 +19,7 @@
 
 pub mod auth;
 mod blobs;
-pub mod builds;
+pub(crate) mod builds;
 pub mod error;
 mod landing;
 mod manifests;
