@@ -23,6 +23,7 @@ use nixery::images::Images;
 use nixery::metrics::Metrics;
 use nixery::oci::name::Arch;
 use nixery::registry::auth::{Auth, Scope};
+use nixery::registry::token::Tokens;
 use nixery::registry::{self, AppState};
 use nixery::source::Sources;
 use nixery::storage::{self, Storage, StorageConfig};
@@ -171,7 +172,12 @@ async fn serve(mut config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
     let images = Images::new(storage.clone(), dispatch, sources, config.images.clone());
     let auth = match &config.auth {
         None => None,
-        Some((file, scope)) => Some(Arc::new(auth(file, *scope, &config.storage).await?)),
+        Some((file, scope)) => Some(Arc::new(
+            auth(file, *scope, &config.storage)
+                .await?
+                .with_tokens(tokens(&config, storage.clone()).await?)
+                .with_login_failures(config.tokens.login_failures),
+        )),
     };
     let mut state = AppState::new(Arc::new(images), storage, auth, metrics);
     if let BuildMode::Sqs { timings, .. } = &config.builds {
@@ -244,6 +250,25 @@ async fn auth(file: &str, scope: AuthScope, storage: &StorageConfig) -> anyhow::
         .context("parsing the htpasswd file (NIXERY_HTPASSWD)")?;
     tracing::info!(?scope, "credentials required");
     Ok(auth)
+}
+
+/// Bearer tokens signed with the key set every instance shares in
+/// storage; their service is the public URL's host, if there is one.
+async fn tokens(config: &ServeConfig, storage: Arc<dyn Storage>) -> anyhow::Result<Tokens> {
+    let settings = &config.tokens;
+    let service = config
+        .public_url
+        .as_deref()
+        .and_then(|url| url.split_once("://"))
+        .map_or(nixery::registry::auth::DEFAULT_SERVICE, |(_, host)| host);
+    Tokens::shared(storage, &settings.key_object, service, settings.ttl)
+        .await
+        .with_context(|| {
+            format!(
+                "reading the token key (NIXERY_TOKEN_KEY={})",
+                settings.key_object
+            )
+        })
 }
 
 /// Builds each package and counts references over their closures.
