@@ -439,7 +439,7 @@ async fn build_failures_map_to_one_status_each_without_internal_details() {
             DispatchError::Failed(Failure::Build {
                 message: "nix-build: builder for failing failed".into(),
             }),
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "UNKNOWN",
             "building the image failed: nix-build: builder for failing failed",
         ),

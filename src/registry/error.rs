@@ -204,8 +204,11 @@ fn build_parts(error: &DispatchError) -> (StatusCode, &'static str, String, Valu
             failure.to_string(),
             json!({ "size": size, "limit": limit }),
         ),
+        // A 4xx, though the fault is not the client's: docker shows the
+        // message (and so the status URL) of a 4xx only, and a build that
+        // failed fails again until the failure TTL is over.
         DispatchError::Failed(failure @ Failure::Build { .. }) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "UNKNOWN",
             failure.to_string(),
             Value::Null,
