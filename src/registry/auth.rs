@@ -61,6 +61,9 @@ pub const DEFAULT_SERVICE: &str = "nixery";
 /// The longest `Authorization` header read: a Basic pair or one of our
 /// tokens fits with room to spare.
 pub const MAX_AUTHORIZATION: usize = 8192;
+/// What a pull that would build is told when its token cannot build.
+const NEEDS_LOGIN: &str =
+    "this image is not built yet, and building it needs credentials: log in first";
 /// How long credentials that passed are trusted without bcrypt.
 const REMEMBER: Duration = Duration::from_secs(300);
 /// The most remembered credentials (the oldest are dropped first).
@@ -358,10 +361,14 @@ pub(super) async fn check(State(state): State<AppState>, mut req: Request, next:
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| bearer(v).is_some());
-    let refuse = |error: RegistryError, error_code: Option<&str>, headers: &HeaderMap| {
+    // The challenge names the error (RFC 6750, section 3) with its
+    // description: docker shows the description, not the body.
+    let refuse = |error: RegistryError, code: Option<&str>, headers: &HeaderMap| {
+        let description = error.to_string();
         let mut response = error.into_response();
         if response.status() == StatusCode::UNAUTHORIZED {
-            let value = challenge(&state, &auth, headers, v2, repository, &[PULL], error_code);
+            let error = code.map(|code| (code, description.as_str()));
+            let value = challenge(&state, &auth, headers, v2, repository, &[PULL], error);
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, value);
@@ -402,7 +409,7 @@ pub(super) async fn check(State(state): State<AppState>, mut req: Request, next:
     // A 401 from a handler: the image needs building, which needs more
     // than this caller has.
     if v2 && response.status() == StatusCode::UNAUTHORIZED {
-        let code = presented_token.then_some("insufficient_scope");
+        let error = presented_token.then_some(("insufficient_scope", NEEDS_LOGIN));
         let value = challenge(
             &state,
             &auth,
@@ -410,7 +417,7 @@ pub(super) async fn check(State(state): State<AppState>, mut req: Request, next:
             v2,
             repository,
             &[PULL, BUILD],
-            code,
+            error,
         );
         response
             .headers_mut()
@@ -428,7 +435,7 @@ fn challenge(
     v2: bool,
     repository: Option<&str>,
     actions: &[&str],
-    error: Option<&str>,
+    error: Option<(&str, &str)>,
 ) -> HeaderValue {
     let basic = HeaderValue::from_static(concat!("Basic realm=\"", "nixery", "\""));
     if !v2 {
@@ -446,8 +453,14 @@ fn challenge(
             actions.join(",")
         ));
     }
-    if let Some(error) = error {
-        value.push_str(&format!(",error=\"{error}\""));
+    if let Some((code, description)) = error {
+        let description: String = description
+            .chars()
+            .filter(|c| (c.is_ascii_graphic() && *c != '"' && *c != '\\') || *c == ' ')
+            .collect();
+        value.push_str(&format!(
+            ",error=\"{code}\",error_description=\"{description}\""
+        ));
     }
     HeaderValue::from_str(&value).unwrap_or(basic)
 }

@@ -308,6 +308,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_address_is_the_peer_or_the_lambda_source_ip() {
+        let mut local = Request::new(axum::body::Body::empty());
+        assert_eq!(Client::of(&local), Client::Unknown);
+        let peer: SocketAddr = "192.0.2.44:5000".parse().unwrap();
+        local.extensions_mut().insert(ConnectInfo(peer));
+        assert_eq!(Client::of(&local), ip_client("192.0.2.44"));
+        // A Function URL event, as the Lambda runtime delivers it; its
+        // headers claim another address, which is not believed.
+        let event = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/events/function-url-get-manifest.json"),
+        )
+        .unwrap();
+        let event: lambda_http::request::LambdaRequest = serde_json::from_str(&event).unwrap();
+        let mut lambda = axum::http::Request::from(event).map(|_| axum::body::Body::empty());
+        lambda
+            .headers_mut()
+            .insert("x-forwarded-for", "10.9.9.9".parse().unwrap());
+        assert_eq!(Client::of(&lambda), ip_client("198.51.100.23"));
+    }
+
+    fn ip_client(address: &str) -> Client {
+        Client::from_ip(address.parse().unwrap())
+    }
+
     #[tokio::test]
     async fn failures_are_limited_per_address_and_the_window_ends() {
         let logins = Logins::new(3);
