@@ -657,3 +657,19 @@ async fn a_flood_of_wrong_passwords_neither_builds_nor_slows_other_addresses() {
     assert!(started.elapsed() < single * 20, "{:?}", started.elapsed());
     assert_eq!(registry.builds(), 0);
 }
+
+#[tokio::test]
+async fn the_realm_is_the_public_url_whatever_the_host() {
+    let mut registry = Registry::new(Scope::Build, 4, 10).await;
+    registry.state = registry
+        .state
+        .clone()
+        .with_public_url("https://nixery.example.org");
+    let (status, headers, _) = registry.get("/v2/", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let challenge = headers[header::WWW_AUTHENTICATE].to_str().unwrap();
+    assert!(
+        challenge.starts_with("Bearer realm=\"https://nixery.example.org/token\""),
+        "{challenge}"
+    );
+}
