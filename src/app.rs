@@ -33,6 +33,7 @@ use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::oci::name::Arch;
 use crate::registry::auth::{Auth, AuthError, Scope};
+use crate::registry::token::{KeyError, Tokens};
 use crate::registry::AppState;
 use crate::source::{SourceError, Sources};
 use crate::storage::{self, Storage, StorageConfig, StorageError};
@@ -58,6 +59,8 @@ pub enum AppError {
     Compute(String),
     #[error("resolving the package source: {0}")]
     Source(#[from] SourceError),
+    #[error("reading the token key (NIXERY_TOKEN_KEY={object}): {source}")]
+    TokenKey { object: String, source: KeyError },
 }
 
 /// What tests may put in place of what the configuration would make.
@@ -151,7 +154,12 @@ impl App {
         let images = Images::new(storage.clone(), dispatch, Arc::new(sources), images);
         let auth = match &config.auth {
             None => None,
-            Some((file, scope)) => Some(Arc::new(auth(file, *scope, &config.storage).await?)),
+            Some((file, scope)) => Some(Arc::new(
+                auth(file, *scope, &config.storage)
+                    .await?
+                    .with_tokens(tokens(config, storage.clone()).await?)
+                    .with_login_failures(config.tokens.login_failures),
+            )),
         };
         let mut state = AppState::new(Arc::new(images), storage, auth, metrics);
         if let BuildMode::Sqs { timings, .. } = &config.builds {
@@ -203,6 +211,23 @@ async fn auth(file: &str, scope: AuthScope, storage: &StorageConfig) -> Result<A
     let auth = Auth::parse(&String::from_utf8_lossy(&bytes), scope)?;
     tracing::info!(?scope, "credentials required");
     Ok(auth)
+}
+
+/// Bearer tokens signed with the key set every instance shares in
+/// storage; their service is the public URL's host, if there is one.
+async fn tokens(config: &ServeConfig, storage: Arc<dyn Storage>) -> Result<Tokens, AppError> {
+    let settings = &config.tokens;
+    let service = config
+        .public_url
+        .as_deref()
+        .and_then(|url| url.split_once("://"))
+        .map_or(crate::registry::auth::DEFAULT_SERVICE, |(_, host)| host);
+    Tokens::shared(storage, &settings.key_object, service, settings.ttl)
+        .await
+        .map_err(|source| AppError::TokenKey {
+            object: settings.key_object.clone(),
+            source,
+        })
 }
 
 /// A file by path, or by `file://`, `https://` or `s3://` URL.

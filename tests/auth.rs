@@ -1,6 +1,10 @@
 //! Private instances: an htpasswd file guards building (`build` scope) or
 //! everything (`all`), and the real clients log in: skopeo `--creds`,
-//! containerd's `ctr --user`, and `podman login`.
+//! containerd's `ctr --user`, and `podman login`. Every one of them follows
+//! the Bearer challenge to `/token` (containerd with the OAuth2 password
+//! grant, `POST /token`), and pulls anonymously what is built in the
+//! `build` scope; clients that send Basic credentials with every request
+//! keep working. (docker: tests/docker.rs.)
 // The integration tier: needs real Nix and skopeo (`.ci/test` turns it on).
 #![cfg(feature = "integration")]
 
@@ -32,15 +36,22 @@ fn private(dir: &Path, scope: &str) -> Server {
     )
 }
 
+/// A 401 with the challenge clients follow: Bearer under `/v2/`, Basic
+/// (which browsers answer) elsewhere.
 async fn expect_401(request: reqwest::RequestBuilder) {
     let request = request.build().unwrap();
     let head = request.method() == reqwest::Method::HEAD;
+    let v2 = request.url().path().starts_with("/v2");
+    let host = request.url().authority().to_string();
     let response = reqwest::Client::new().execute(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        response.headers()["www-authenticate"],
-        "Basic realm=\"nixery\""
-    );
+    let challenge = response.headers()["www-authenticate"].to_str().unwrap();
+    if v2 {
+        let bearer = format!("Bearer realm=\"http://{host}/token\",service=\"nixery\"");
+        assert!(challenge.starts_with(&bearer), "{challenge}");
+    } else {
+        assert_eq!(challenge, "Basic realm=\"nixery\"");
+    }
     if !head {
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
@@ -105,6 +116,35 @@ async fn anyone_pulls_what_is_built_and_only_users_build() {
     );
     expect_401(client.get(&manifest).basic_auth(USER, Some("guess"))).await;
     assert_eq!(server.builds_started(), 1);
+
+    // containerd and podman pull it anonymously too, with tokens ...
+    let containerd = Containerd::start();
+    run(containerd
+        .pull_command()
+        .arg(format!("{}/shell/hello:latest", server.addr)));
+    run(common::podman(dir.path()).args([
+        "pull",
+        "--quiet",
+        "--tls-verify=false",
+        &format!("{}/shell/hello", server.addr),
+    ]));
+    assert_eq!(server.builds_started(), 1);
+    // ... and containerd builds only with credentials, which it sends to
+    // the token endpoint as an OAuth2 password grant.
+    let image = format!("{}/hello/jq:latest", server.addr);
+    let anonymous = containerd.pull_command().arg(&image).output().unwrap();
+    assert!(!anonymous.status.success());
+    assert_eq!(server.builds_started(), 1);
+    run(containerd
+        .pull_command()
+        .args(["--user", &format!("{USER}:{PASSWORD}")])
+        .arg(&image));
+    assert_eq!(server.builds_started(), 2);
+    let log = server.log();
+    assert!(
+        log.contains("method=POST path=\"/token\" status=200"),
+        "{log}"
+    );
 }
 
 #[tokio::test]
@@ -147,8 +187,23 @@ async fn everything_needs_credentials_in_the_all_scope() {
         String::from_utf8_lossy(&pulled.stderr)
     );
 
-    // podman, as a workstation logs in once.
+    // skopeo with credentials, through a token.
     let d = dir.path();
+    let copied = skopeo(
+        &server,
+        Some(&format!("{USER}:{PASSWORD}")),
+        "shell/hello",
+        &d.join("skopeo"),
+    );
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let refused = skopeo(&server, None, "shell/hello", &d.join("skopeo-anon"));
+    assert!(!refused.status.success());
+
+    // podman, as a workstation logs in once.
     let auth_file = d.join("auth.json");
     let podman = || {
         let mut c = common::podman(d);

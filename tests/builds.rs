@@ -143,7 +143,7 @@ async fn a_failed_build_s_error_points_to_its_status_with_the_log() {
     let response = reqwest::get(server.url("/v2/failing/manifests/latest"))
         .await
         .unwrap();
-    assert_eq!(response.status(), 500);
+    assert_eq!(response.status(), 422);
     let body: Value = response.json().await.unwrap();
     let error = &body["errors"][0];
     let status_url = error["detail"]["status_url"].as_str().unwrap();

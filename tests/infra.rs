@@ -115,6 +115,17 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
     ("NIXERY_PUBLIC_URL", SetOn::Function, "the custom domain, which CloudFront does not pass on as Host"),
     ("NIXERY_AUTH_SCOPE", SetOn::Function, "the function answers requests, so it checks credentials"),
     (
+        "NIXERY_TOKEN_KEY",
+        SetOn::Neither,
+        "the default (auth/token-key) is the one key the function's role may create",
+    ),
+    ("NIXERY_TOKEN_TTL", SetOn::Neither, "the default (five minutes) covers a pull's requests"),
+    (
+        "NIXERY_LOGIN_FAILURES",
+        SetOn::Neither,
+        "the default (ten a minute per address) stops guessing and lets typos through",
+    ),
+    (
         "NIXERY_MAX_BUILDS",
         SetOn::Neither,
         "a worker takes one message at a time; more builds at once means more worker tasks (WorkerMaxCount)",
@@ -655,6 +666,37 @@ fn the_worker_cannot_overwrite_a_blob_or_delete_outside_staging() {
 }
 
 #[test]
+fn only_the_function_reads_the_htpasswd_file_and_the_token_key() {
+    let secrets = json!({ "Fn::Sub": "${ImageBucket.Arn}/auth/*" });
+    let (_, function) = only_resource("AWS::Serverless::Function");
+    let function_role = function["Properties"]["Role"]["Fn::GetAtt"][0]
+        .as_str()
+        .unwrap();
+    let reads = |role: &str| {
+        statements(role).iter().any(|s| {
+            s["Effect"] == "Allow"
+                && actions(s).contains(&"s3:GetObject")
+                && (s["Resource"] == secrets
+                    || s["Resource"]
+                        .as_array()
+                        .is_some_and(|r| r.contains(&secrets)))
+        })
+    };
+    assert!(reads(function_role), "the function cannot read auth/");
+    // The workers (both architectures share the role) read the whole
+    // bucket but auth/, denied explicitly.
+    let denied = statements("WorkerTaskRole").iter().any(|s| {
+        s["Effect"] == "Deny" && actions(s).contains(&"s3:GetObject") && s["Resource"] == secrets
+    });
+    assert!(denied, "WorkerTaskRole may read auth/");
+    // Garbage collection reads only what it names, and not auth/.
+    for statement in statements("GcTaskRole") {
+        assert!(!statement.to_string().contains("/auth/"), "{statement}");
+        assert!(!statement.to_string().contains("Arn}/*"), "{statement}");
+    }
+}
+
+#[test]
 fn the_function_writes_only_build_status_served_markers_and_indexes() {
     let (_, function) = only_resource("AWS::Serverless::Function");
     let role = function["Properties"]["Role"]["Fn::GetAtt"][0]
@@ -669,6 +711,11 @@ fn the_function_writes_only_build_status_served_markers_and_indexes() {
                 "s3:PutObject" if statement["Sid"] == "ComposeIndexes" => {
                     // Index manifests: created, never replaced.
                     assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/manifests/*" }));
+                    assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
+                }
+                "s3:PutObject" if statement["Sid"] == "CreateTokenKey" => {
+                    // The token signing key: created once, never replaced.
+                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/auth/token-key" }));
                     assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
                 }
                 "s3:PutObject" if statement["Sid"] == "RecordIndexes" => {

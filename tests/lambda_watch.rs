@@ -1,7 +1,8 @@
 //! The registry as a Lambda function under `cargo lambda watch` (the local
 //! Lambda emulator), on S3 storage: skopeo and containerd pull through it,
-//! every blob GET to the function is a 307, and the bytes come from S3.
-// The integration tier: needs cargo lambda, real Nix, skopeo and containerd (`.ci/test` turns it on).
+//! every blob GET to the function is a 307, and the bytes come from S3;
+//! docker logs in to a private function and pulls through its tokens.
+// The integration tier: needs cargo lambda, real Nix, skopeo, containerd and dockerd (`.ci/test` turns it on).
 #![cfg(feature = "integration")]
 
 mod common;
@@ -13,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::containerd::Containerd;
+use common::docker::Docker;
 use common::s3::S3Server;
 use common::{fixture_pkgs, nix_conf_dir, repo, run, skopeo_copy_from, wait_until};
 
@@ -63,16 +65,26 @@ impl LambdaWatch {
             addr: format!("127.0.0.1:{port}"),
             log,
         };
-        // The first request waits for the function to compile and start.
+        // The first request waits for the function to compile and start;
+        // a private function answers with its challenge.
         let url = format!("http://{}/v2/", watch.addr);
         let ready = wait_until(Duration::from_secs(900), || {
             if watch.child.try_wait().ok().flatten().is_some() {
                 return true;
             }
             Command::new("curl")
-                .args(["-s", "-f", "-o", "/dev/null", "-m", "600", &url])
-                .status()
-                .is_ok_and(|s| s.success())
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-m",
+                    "600",
+                    &url,
+                ])
+                .output()
+                .is_ok_and(|o| matches!(&o.stdout[..], b"200" | b"401"))
         });
         assert!(
             ready && watch.child.try_wait().unwrap().is_none(),
@@ -224,5 +236,86 @@ fn skopeo_and_containerd_pull_from_the_function() {
             .iter()
             .all(|m| m["_aws"]["CloudWatchMetrics"][0]["Namespace"] == nixery::metrics::NAMESPACE),
         "{metrics:#?}"
+    );
+}
+
+#[test]
+fn docker_logs_in_and_pulls_through_the_function_s_tokens() {
+    const USER: &str = "alice";
+    const PASSWORD: &str = "correct horse";
+    let s3 = S3Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let htpasswd = work.path().join("htpasswd");
+    let hash = bcrypt::hash(PASSWORD, 5).unwrap();
+    std::fs::write(&htpasswd, format!("{USER}:{hash}\n")).unwrap();
+    let mut env = s3.nixery_env();
+    env.extend([
+        (
+            "NIXERY_PKGS_PATH",
+            fixture_pkgs().to_string_lossy().into_owned(),
+        ),
+        (
+            "NIX_CONF_DIR",
+            nix_conf_dir().to_string_lossy().into_owned(),
+        ),
+        ("NIXERY_HTPASSWD", htpasswd.to_string_lossy().into_owned()),
+        ("NIXERY_AUTH_SCOPE", "build".to_string()),
+        ("RUST_LOG", "info".to_string()),
+    ]);
+    let function = LambdaWatch::start(&env, work.path());
+    let docker = Docker::start();
+    let image = format!("{}/shell/hello", function.addr);
+
+    // Anonymous: told to log in, and nothing is built.
+    let refused = docker.fails(&["pull", &image]);
+    assert!(
+        refused.contains("building it needs credentials"),
+        "{refused}"
+    );
+    // A wrong password is counted against the address Lambda's request
+    // context gives (the emulator's client: this machine).
+    assert!(!docker.login(&function.addr, USER, "guess").status.success());
+    let output = function.output();
+    assert!(
+        output
+            .lines()
+            .any(|l| l.contains("credentials refused") && l.contains("client=Ip(127.0.0.1)")),
+        "{output}"
+    );
+
+    // Logged in, docker builds it, by tag, and it runs.
+    let login = docker.login(&function.addr, USER, PASSWORD);
+    assert!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    docker.run(&["pull", &image]);
+    assert_eq!(docker.run_image(&image, &["hello"]), "Hello, world!\n");
+    // The signing key is shared through the bucket.
+    assert!(
+        s3.keys().iter().any(|k| k == "auth/token-key"),
+        "{:?}",
+        s3.keys()
+    );
+
+    // Logged out, anyone pulls it, by digest too.
+    let repo_digest = docker.run(&["inspect", "--format", "{{index .RepoDigests 0}}", &image]);
+    let digest = repo_digest.trim().rsplit_once('@').unwrap().1.to_string();
+    docker.run(&["logout", &function.addr]);
+    docker.forget_images();
+    let by_digest = format!("{image}@{digest}");
+    docker.run(&["pull", &by_digest]);
+    assert_eq!(docker.run_image(&by_digest, &["hello"]), "Hello, world!\n");
+    // Blobs went to S3 by redirect, with tokens or without.
+    let output = function.output();
+    let blob_gets: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("method=GET") && l.contains("/blobs/sha256:"))
+        .collect();
+    assert!(!blob_gets.is_empty(), "{output}");
+    assert!(
+        blob_gets.iter().all(|l| l.contains("status=307")),
+        "{blob_gets:#?}"
     );
 }

@@ -331,7 +331,7 @@ async fn build_failures_say_what_failed() {
         .send()
         .await
         .unwrap();
-    let body = expect_error(r, StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN").await;
+    let body = expect_error(r, StatusCode::UNPROCESSABLE_ENTITY, "UNKNOWN").await;
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("building the image failed"), "{message}");
     assert!(message.contains("failing"), "{message}");

@@ -11,11 +11,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+
 use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
+use common::images::{store_image, LAYER};
 use nixery::app::{App, Parts};
 use nixery::builder::{BuildRequest, Failure, Step};
 use nixery::dispatch::single_flight::SingleFlight;
@@ -23,11 +26,10 @@ use nixery::dispatch::{Dispatch, DispatchError, Service};
 use nixery::images::cache::CacheLimits;
 use nixery::images::ImageSettings;
 use nixery::oci::digest::sha256_digest;
-use nixery::oci::manifest::{Descriptor, ImageConfig, Manifest, MEDIA_TYPE_CONFIG};
 use nixery::registry::{router, AppState};
 use nixery::source::PackageSource;
-use nixery::storage::keys::{BlobKey, ImageRecordKey, ManifestKey};
-use nixery::storage::records::{self, unix_now, ImageRecord};
+use nixery::storage::keys::ManifestKey;
+use nixery::storage::records::{self, ImageRecord};
 use nixery::storage::{MemoryStorage, Storage};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -57,57 +59,9 @@ impl Dispatch for TestDispatch {
         let outcome = self.outcome.lock().unwrap().clone();
         match outcome {
             Outcome::Fail(error) => Err(error),
-            Outcome::Store => Ok(store_image(&self.storage, &request).await),
+            Outcome::Store => Ok(store_image(&*self.storage, &request).await),
         }
     }
-}
-
-const LAYER: &[u8] = b"not really a tar, but bytes with a digest";
-
-async fn store_image(storage: &MemoryStorage, request: &BuildRequest) -> ImageRecord {
-    let layer = Descriptor::of("application/vnd.oci.image.layer.v1.tar+gzip", LAYER);
-    storage
-        .put(
-            &BlobKey::of_digest(&layer.digest),
-            Bytes::from_static(LAYER),
-        )
-        .await
-        .unwrap();
-    let config = ImageConfig::new(
-        &request.architecture,
-        vec![layer.digest.clone()],
-        vec![],
-        None,
-    )
-    .to_bytes();
-    let config_descriptor = Descriptor::of(MEDIA_TYPE_CONFIG, &config);
-    storage
-        .put(
-            &BlobKey::of_digest(&config_descriptor.digest),
-            Bytes::from(config),
-        )
-        .await
-        .unwrap();
-    let manifest = Manifest::new(config_descriptor, vec![layer]).to_bytes();
-    let digest = sha256_digest(&manifest);
-    let size = manifest.len() as u64;
-    storage
-        .put(&ManifestKey::of_digest(&digest), Bytes::from(manifest))
-        .await
-        .unwrap();
-    let record = ImageRecord {
-        manifest_digest: digest,
-        media_type: nixery::oci::manifest::MEDIA_TYPE_MANIFEST.to_string(),
-        size,
-        packages: request.packages.clone(),
-        architecture: request.architecture.clone(),
-        built_at: unix_now(),
-        sbom: None,
-    };
-    records::write(storage, &ImageRecordKey::of(&request.image_key()), &record)
-        .await
-        .unwrap();
-    record
 }
 
 struct Registry {
@@ -432,7 +386,7 @@ async fn build_failures_map_to_one_status_each_without_internal_details() {
             DispatchError::Failed(Failure::Build {
                 message: "nix-build: builder for failing failed".into(),
             }),
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "UNKNOWN",
             "building the image failed: nix-build: builder for failing failed",
         ),

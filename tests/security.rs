@@ -86,7 +86,7 @@ async fn a_package_set_hunting_for_secrets_finds_none() {
 async fn evaluation_cannot_read_outside_the_package_set() {
     let server = Server::start();
     let (status, body) = error_of(&server, "/v2/escape/manifests/latest").await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("restricted mode"), "{message}");
     let hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -388,7 +388,7 @@ async fn a_nixpkgs_commit_only_a_fork_holds_is_never_evaluated() {
 async fn outputs_that_are_not_store_paths_never_reach_nix_as_options() {
     let server = Server::start();
     let (status, body) = error_of(&server, "/v2/optioned/manifests/latest").await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(!message.contains("Nix)"), "{message}");
     assert!(

@@ -343,7 +343,7 @@ async fn unknown_packages_and_failed_builds_reach_the_puller_quickly_and_are_rem
         .contains("nosuchpkg"));
 
     let (status, _, body) = get(&registry, "/v2/failing/manifests/latest").await;
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(
         message.contains("fixture build failure: this package always fails"),
@@ -355,7 +355,7 @@ async fn unknown_packages_and_failed_builds_reach_the_puller_quickly_and_are_rem
     assert_eq!(before, 2);
     assert_eq!(
         get(&registry, "/v2/failing/manifests/latest").await.0,
-        StatusCode::INTERNAL_SERVER_ERROR
+        StatusCode::UNPROCESSABLE_ENTITY
     );
     assert_eq!(
         get(&registry, "/v2/nosuchpkg/hello/manifests/latest")
@@ -469,7 +469,7 @@ async fn a_build_whose_workers_keep_dying_ends_failed_and_in_the_dead_letter_que
         .await
         .expect("no answer")
         .unwrap();
-    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(
         message.contains("abandoned") && message.contains("dead-letter"),

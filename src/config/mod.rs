@@ -129,6 +129,23 @@ pub struct AuthArgs {
     #[arg(long, env = "NIXERY_AUTH_SCOPE", value_name = "NIXERY_AUTH_SCOPE", hide_env = true, value_enum,
           default_value_t = AuthScope::Build)]
     pub auth_scope: AuthScope,
+    /// Where the keys that sign bearer tokens are kept: a key in the
+    /// storage, shared by every instance, created with a random key at
+    /// the first start (docs/security.md: rotation).
+    #[arg(long, env = "NIXERY_TOKEN_KEY", value_name = "NIXERY_TOKEN_KEY", hide_env = true,
+          default_value = crate::registry::token::DEFAULT_KEY_OBJECT, value_parser = storage_key)]
+    pub token_key: String,
+    /// Seconds a bearer token lasts (30 to 3600).
+    #[arg(long, env = "NIXERY_TOKEN_TTL", value_name = "NIXERY_TOKEN_TTL", hide_env = true,
+          default_value_t = crate::registry::token::DEFAULT_TTL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(30..=3600))]
+    pub token_ttl: u64,
+    /// Wrong passwords one client address may send in a minute; then its
+    /// logins get 429 TOOMANYREQUESTS until the minute is over.
+    #[arg(long, env = "NIXERY_LOGIN_FAILURES", value_name = "NIXERY_LOGIN_FAILURES", hide_env = true,
+          default_value_t = crate::registry::login::DEFAULT_FAILURES,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub login_failures: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -503,6 +520,8 @@ pub struct ServeConfig {
     pub public_url: Option<String>,
     /// Where the htpasswd file is, and what it guards.
     pub auth: Option<(String, AuthScope)>,
+    /// Bearer tokens and login limits, with `auth`.
+    pub tokens: TokenSettings,
     pub source: PackageSource,
     pub allowed_refs: AllowedRefs,
     pub nixpkgs_api: String,
@@ -514,6 +533,16 @@ pub struct ServeConfig {
     /// Where the declared images are (`NIXERY_IMAGES`), if anywhere.
     pub declared_images: Option<String>,
     pub builds: BuildMode,
+}
+
+/// Bearer tokens and login limits of a private registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSettings {
+    /// The storage key of the signing keys.
+    pub key_object: String,
+    pub ttl: Duration,
+    /// Wrong passwords per address per minute.
+    pub login_failures: u32,
 }
 
 /// Where the registry's builds run.
@@ -639,6 +668,11 @@ impl ServeArgs {
                 .htpasswd
                 .clone()
                 .map(|file| (file, self.auth.auth_scope)),
+            tokens: TokenSettings {
+                key_object: self.auth.token_key.clone(),
+                ttl: Duration::from_secs(self.auth.token_ttl),
+                login_failures: self.auth.login_failures,
+            },
             source: self.source.config(),
             allowed_refs: self.source.allowed_refs.clone(),
             nixpkgs_api: self.source.nixpkgs_api.clone(),
@@ -874,6 +908,13 @@ fn public_url(value: &str) -> Result<String, String> {
     } else {
         Err("must be scheme://host or scheme://host:port, with no path".to_string())
     }
+}
+
+/// A key of the storage layout, such as `auth/token-key`.
+fn storage_key(value: &str) -> Result<String, String> {
+    crate::storage::check_key(value)
+        .map(|()| value.to_string())
+        .map_err(|_| "must be a storage key such as auth/token-key".to_string())
 }
 
 fn http_url(value: &str) -> Result<String, String> {
@@ -1142,6 +1183,12 @@ mod tests {
                 "NIXERY_ALLOWED_REFS",
             ),
             (vec!["serve", "--max-builds", "0"], "NIXERY_MAX_BUILDS"),
+            (vec!["serve", "--token-key", "../key"], "NIXERY_TOKEN_KEY"),
+            (vec!["serve", "--token-ttl", "5"], "NIXERY_TOKEN_TTL"),
+            (
+                vec!["serve", "--login-failures", "0"],
+                "NIXERY_LOGIN_FAILURES",
+            ),
             (
                 vec!["serve", "--max-image-size", "big"],
                 "NIXERY_MAX_IMAGE_SIZE",
@@ -1179,7 +1226,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 39, "{vars:?}");
+        assert_eq!(vars.len(), 42, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

@@ -38,6 +38,12 @@ pub enum RegistryError {
     NoRoute { path: String },
     #[error("authentication required: {reason}")]
     Unauthorized { reason: &'static str },
+    /// Too many wrong passwords from one address: come back later.
+    #[error("too many failed logins from this address; try again in {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
+    /// A token request this registry does not answer.
+    #[error("no token: {reason}")]
+    TokenDenied { reason: &'static str },
     #[error("no build of image {key} is known")]
     BuildUnknown { key: String },
     /// A build that gave no image, with where its status can be watched.
@@ -97,6 +103,18 @@ impl RegistryError {
             Unauthorized { .. } => (
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHORIZED",
+                self.to_string(),
+                Value::Null,
+            ),
+            TooManyRequests { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                self.to_string(),
+                json!({ "retry_after": retry_after }),
+            ),
+            TokenDenied { .. } => (
+                StatusCode::FORBIDDEN,
+                "DENIED",
                 self.to_string(),
                 Value::Null,
             ),
@@ -186,8 +204,11 @@ fn build_parts(error: &DispatchError) -> (StatusCode, &'static str, String, Valu
             failure.to_string(),
             json!({ "size": size, "limit": limit }),
         ),
+        // A 4xx, though the fault is not the client's: docker shows the
+        // message (and so the status URL) of a 4xx only, and a build that
+        // failed fails again until the failure TTL is over.
         DispatchError::Failed(failure @ Failure::Build { .. }) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "UNKNOWN",
             failure.to_string(),
             Value::Null,
@@ -246,6 +267,9 @@ impl IntoResponse for RegistryError {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        if let RegistryError::TooManyRequests { retry_after } = &self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
         }
         response
     }

@@ -2,7 +2,8 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /v2/` | 200 `{}` with `Docker-Distribution-API-Version: registry/2.0` |
+//! | `GET /v2/` | 200 `{}` with `Docker-Distribution-API-Version: registry/2.0` (a private registry challenges first: [`auth`]) |
+//! | `GET`/`POST /token` | a bearer token, on a private registry ([`token`]) |
 //! | `GET`/`HEAD /v2/<name>/manifests/<tag>` | the image for the packages in `<name>`, built on first request |
 //! | `GET`/`HEAD /v2/<name>/manifests/sha256:<hex>` | a stored manifest |
 //! | `GET`/`HEAD /v2/<name>/blobs/sha256:<hex>` | a layer or config (bytes, or a redirect to them) |
@@ -22,8 +23,10 @@ mod blobs;
 pub(crate) mod builds;
 pub mod error;
 mod landing;
+pub mod login;
 mod manifests;
 mod pages;
+pub mod token;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -150,6 +153,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/builds", get(builds::api_list))
         .route("/api/builds/{key}", get(builds::api_one))
         .route("/metrics", get(metrics))
+        .route(token::PATH, get(token::endpoint).post(token::endpoint))
         .route("/v2", get(base))
         .route("/v2/", get(base))
         .route("/v2/{*rest}", any(v2))
@@ -179,7 +183,9 @@ pub async fn serve(
             tracing::warn!(%error, "TCP_NODELAY not set");
         }
     });
-    axum::serve(listener, router(state))
+    // The peer's address limits its failed logins (`login`).
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -211,7 +217,7 @@ async fn v2(
     }
     let (front, reference) = rest.rsplit_once('/').ok_or_else(no_route)?;
     let (name, kind) = front.rsplit_once('/').ok_or_else(no_route)?;
-    let may_build = auth::may_build(&state, req.extensions().get::<auth::Caller>());
+    let may_build = auth::may_build(&state, req.extensions().get::<auth::Caller>(), name);
     match kind {
         "manifests" => {
             manifests::get(&state, name, reference, head, may_build, req.headers()).await

@@ -169,7 +169,7 @@ impl Drop for Containerd {
 }
 
 /// Unmounts everything mounted below `dir`, deepest first.
-fn unmount_below(dir: &Path) {
+pub fn unmount_below(dir: &Path) {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut points: Vec<&str> = mountinfo
         .lines()

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod containerd;
+pub mod docker;
 pub mod forge;
+pub mod images;
 pub mod moto;
 pub mod s3;
 
