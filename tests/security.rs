@@ -397,3 +397,119 @@ async fn outputs_that_are_not_store_paths_never_reach_nix_as_options() {
         server.log()
     );
 }
+
+/// Every file under `dir`, as text (for looking for secrets at rest).
+fn all_text_under(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                text.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+    text
+}
+
+/// What a visitor, a puller and the operator's log can see: the landing
+/// page, `/api/builds`, the error of a pull of `name`, the log, and what
+/// the build status keeps in storage.
+async fn everything_shown(server: &Server, name: &str) -> String {
+    let landing = reqwest::get(server.url("/")).await.unwrap();
+    assert_eq!(landing.status(), StatusCode::OK);
+    let mut shown = landing.text().await.unwrap();
+    let pull = reqwest::get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .await
+        .unwrap();
+    assert!(!pull.status().is_success(), "{name} was built");
+    shown.push_str(&pull.text().await.unwrap());
+    let builds: Value = reqwest::get(server.url("/api/builds"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for build in builds["builds"].as_array().unwrap() {
+        let one =
+            reqwest::get(server.url(&format!("/api/builds/{}", build["key"].as_str().unwrap())))
+                .await
+                .unwrap();
+        shown.push_str(&one.text().await.unwrap());
+    }
+    shown.push_str(&builds.to_string());
+    shown.push_str(&server.log());
+    shown.push_str(&all_text_under(&server.storage));
+    shown
+}
+
+#[tokio::test]
+async fn credentials_in_the_package_repository_url_are_shown_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: git fails, and says which URL it tried.
+    let url = "https://builder:usersecret@127.0.0.1:1/pkgs.git?private_token=querysecret";
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", url)],
+    );
+    let shown = everything_shown(&server, "hello").await;
+    for secret in ["usersecret", "querysecret", "builder:"] {
+        assert!(!shown.contains(secret), "{secret} is shown:\n{shown}");
+    }
+    // The rest of the URL is still there to tell sources apart.
+    let landing = reqwest::get(server.url("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(landing.contains("127.0.0.1:1/pkgs.git"), "{landing}");
+}
+
+#[tokio::test]
+async fn credentials_in_urls_nix_quotes_are_shown_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(
+        dir.path(),
+        serde_json::json!({
+            "fetchUrl": "http://builder:usersecret@127.0.0.1:1/file?private_token=querysecret",
+        }),
+    );
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let shown = everything_shown(&server, "fetches").await;
+    // Nix's reason is still given, with the URL's host.
+    assert!(shown.contains("restricted mode"), "{shown}");
+    assert!(shown.contains("127.0.0.1:1/file"), "{shown}");
+    for secret in ["usersecret", "querysecret", "builder:"] {
+        assert!(!shown.contains(secret), "{secret} is shown:\n{shown}");
+    }
+}
+
+#[tokio::test]
+async fn a_local_package_set_is_shown_without_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(dir.path(), serde_json::json!({}));
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let landing = reqwest::get(server.url("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(landing.contains("a local package set"), "{landing}");
+    assert!(!landing.contains(pkgs.to_str().unwrap()), "{landing}");
+    let (_, body) = error_of(&server, "/v2/escape/manifests/latest").await;
+    assert!(!body.to_string().contains(pkgs.to_str().unwrap()), "{body}");
+}

@@ -5,7 +5,6 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-
 fn start_error(env: &[(&str, &str)]) -> String {
     let mut command = Command::new(env!("CARGO_BIN_EXE_nixery"));
     command
@@ -83,7 +82,8 @@ fn bad_settings_stop_the_start_naming_the_variable() {
 #[cfg(feature = "integration")]
 async fn the_layer_budget_is_honoured() {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::Server::start_with(&dir.path().join("storage"), &[("NIXERY_LAYER_BUDGET", "2")]);
+    let server =
+        common::Server::start_with(&dir.path().join("storage"), &[("NIXERY_LAYER_BUDGET", "2")]);
     let manifest: serde_json::Value = reqwest::get(server.url("/v2/shell/hello/manifests/latest"))
         .await
         .unwrap()
