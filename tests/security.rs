@@ -453,13 +453,13 @@ async fn everything_shown(server: &Server, name: &str) -> String {
 async fn credentials_in_the_package_repository_url_are_shown_nowhere() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on port 1: git fails, and says which URL it tried.
-    let url = "https://builder:usersecret@127.0.0.1:1/pkgs.git?private_token=querysecret";
+    let url = "https://pkguser:usersecret@127.0.0.1:1/pkgs.git?private_token=querysecret";
     let server = Server::start_with(
         &dir.path().join("storage"),
         &[("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", url)],
     );
     let shown = everything_shown(&server, "hello").await;
-    for secret in ["usersecret", "querysecret", "builder:"] {
+    for secret in ["usersecret", "querysecret", "pkguser"] {
         assert!(!shown.contains(secret), "{secret} is shown:\n{shown}");
     }
     // The rest of the URL is still there to tell sources apart.
@@ -478,7 +478,7 @@ async fn credentials_in_urls_nix_quotes_are_shown_nowhere() {
     let pkgs = fixture_copy(
         dir.path(),
         serde_json::json!({
-            "fetchUrl": "http://builder:usersecret@127.0.0.1:1/file?private_token=querysecret",
+            "fetchUrl": "http://pkguser:usersecret@127.0.0.1:1/file?private_token=querysecret",
         }),
     );
     let server = Server::start_with(
@@ -489,7 +489,7 @@ async fn credentials_in_urls_nix_quotes_are_shown_nowhere() {
     // Nix's reason is still given, with the URL's host.
     assert!(shown.contains("restricted mode"), "{shown}");
     assert!(shown.contains("127.0.0.1:1/file"), "{shown}");
-    for secret in ["usersecret", "querysecret", "builder:"] {
+    for secret in ["usersecret", "querysecret", "pkguser"] {
         assert!(!shown.contains(secret), "{secret} is shown:\n{shown}");
     }
 }

@@ -109,8 +109,12 @@ async fn serve(mut config: ServeConfig, in_lambda: bool) -> anyhow::Result<()> {
         let bytes = read_file_or_url(file, &config.storage)
             .await
             .context("loading the declared images (NIXERY_IMAGES)")?;
-        config.images.declared = Declarations::parse(&bytes)
-            .with_context(|| format!("NIXERY_IMAGES={file} is not valid"))?;
+        config.images.declared = Declarations::parse(&bytes).with_context(|| {
+            format!(
+                "NIXERY_IMAGES={} is not valid",
+                nixery::source::redact_urls(file)
+            )
+        })?;
         tracing::info!(
             images = config.images.declared.len(),
             "declared images loaded"
@@ -292,7 +296,7 @@ async fn popularity(nix: &NixConfig, storage: &StorageConfig) -> anyhow::Result<
         .context("loading popularity data (NIX_POPULARITY_URL)")?;
     let popularity =
         Popularity::parse(&bytes).context("parsing popularity data (NIX_POPULARITY_URL)")?;
-    tracing::info!(url, entries = popularity.len(), "popularity data loaded");
+    tracing::info!(url = %nixery::source::redact_urls(url), entries = popularity.len(), "popularity data loaded");
     Ok(popularity)
 }
 
