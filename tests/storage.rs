@@ -202,6 +202,90 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
     ));
 }
 
+fn hex_of(bytes: &[u8]) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
+}
+
+/// Content-addressed writes on every backend: a file must be what its key
+/// says it is, and nothing good is ever overwritten.
+async fn content_addressed_rules(storage: &dyn Storage, scratch: &Path) {
+    let dir = storage
+        .local_staging_dir()
+        .unwrap_or_else(|| scratch.to_path_buf());
+    std::fs::create_dir_all(&dir).unwrap();
+    // Small (one PUT on S3) and larger than one upload part (multipart).
+    for (len, seed) in [(70_000usize, 21u8), (17 * 1024 * 1024 + 5, 22)] {
+        let content = pattern(len, seed);
+        let key = format!("blobs/sha256/{}", hex_of(&content));
+        let file = dir.join("claimed");
+
+        // Other bytes under this key's name (the same size): refused, and
+        // nothing is stored, so nothing can record a digest they lack.
+        let mut other = content.clone();
+        other[len / 2] ^= 0x55;
+        std::fs::write(&file, &other).unwrap();
+        let refused = storage.put_file(&key, &file).await;
+        assert!(refused.is_err(), "{len}: a file unlike its key was stored");
+        assert!(!file.exists(), "put_file must consume its file");
+        assert_eq!(storage.head(&key).await.unwrap(), None, "{len}");
+
+        // The right bytes: stored, and good.
+        std::fs::write(&file, &content).unwrap();
+        storage.put_file(&key, &file).await.unwrap();
+        assert_eq!(
+            storage
+                .check(&key, len as u64, &hex_of(&content))
+                .await
+                .unwrap(),
+            Check::Good
+        );
+
+        // A good object is never replaced, whatever the caller hands in.
+        std::fs::write(&file, &other).unwrap();
+        let replaced = storage.replace_file(&key, &file).await;
+        assert!(replaced.is_err(), "{len}: a good object was replaced");
+        assert!(!file.exists(), "replace_file must consume its file");
+        assert!(
+            fetch(storage.download(&key).await.unwrap().unwrap()).await == content,
+            "{len}: the good object changed"
+        );
+        storage.delete(&key).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn content_addressed_writes_on_the_filesystem() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = FsStorage::open(root.path()).unwrap();
+    content_addressed_rules(&storage, root.path()).await;
+}
+
+#[tokio::test]
+async fn content_addressed_writes_in_memory() {
+    let scratch = tempfile::tempdir().unwrap();
+    content_addressed_rules(&MemoryStorage::new(), scratch.path()).await;
+}
+
+#[tokio::test]
+async fn content_addressed_writes_on_s3() {
+    let server = S3Server::start();
+    let scratch = tempfile::tempdir().unwrap();
+    let storage = S3Storage::new(server.client().await, BUCKET, "", Duration::from_secs(600));
+    content_addressed_rules(&storage, scratch.path()).await;
+
+    // An object whose digest nobody recorded at upload (written some other
+    // way) is not known good: here it has the right size and other bytes.
+    let content = pattern(5000, 23);
+    let key = format!("blobs/sha256/{}", hex_of(&content));
+    let mut other = content.clone();
+    other[0] ^= 1;
+    storage.put(&key, Bytes::from(other)).await.unwrap();
+    assert_ne!(
+        storage.check(&key, 5000, &hex_of(&content)).await.unwrap(),
+        Check::Good
+    );
+}
+
 #[tokio::test]
 async fn filesystem_backend() {
     let root = tempfile::tempdir().unwrap();
