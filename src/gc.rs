@@ -8,10 +8,12 @@
 //! the index, which names the platforms' manifests. Anything written
 //! within `grace` is live too, with
 //! what it names: a build under way writes its blobs, layer records and
-//! manifest before its image record, and a build that reuses an object
-//! rewrites it or its layer record first (see `Builder::store_layer`), so
-//! a grace longer than the longest build keeps everything a running build
-//! relies on.
+//! manifest before its image record, and a build that reuses a layer
+//! rewrites its layer record first (see `Builder::store_layer`), so a
+//! grace longer than the longest build keeps the new objects and reused
+//! layers a running build relies on. A config or manifest a build finds
+//! stored and good is not written again (nothing good is overwritten), so
+//! it is kept only if something live names it or it is young.
 //!
 //! Index records (`indexes/`) are image records too. A live manifest's
 //! referrers index keeps what it lists.

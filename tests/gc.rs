@@ -23,7 +23,9 @@ use nixery::oci::manifest::{
     MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST,
 };
 use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
-use nixery::storage::{self, Check, Download, FsStorage, Listed, S3Storage, Storage, StorageError};
+use nixery::storage::{
+    self, Check, Download, ETag, FsStorage, Listed, S3Storage, Storage, StorageError,
+};
 
 const DAY: u64 = 86_400;
 
@@ -471,8 +473,13 @@ impl Storage for ReusedMidway {
     async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
         self.inner.put_file(key, path).await
     }
-    async fn replace_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
-        self.inner.replace_file(key, path).await
+    async fn replace_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
+        self.inner.replace_file(key, path, damaged).await
     }
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
         self.inner.check(key, size, hex).await

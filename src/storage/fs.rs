@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    check_key, check_prefix, digest_of_key, hash_file, unique_name, Check, Download, Listed,
-    Storage, StorageError,
+    check_key, check_prefix, claimed_digest, digest_of_key, hash_file, is_its_digest, unique_name,
+    Check, Download, ETag, Listed, Storage, StorageError,
 };
 
 const STAGING: &str = "staging";
@@ -26,6 +26,8 @@ pub struct FsStorage {
     /// Blobs whose digest was checked before serving: path -> (size,
     /// modification time) then. A blob changed since is checked again.
     verified: std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime)>>,
+    /// Held while a damaged object is replaced.
+    replacing: tokio::sync::Mutex<()>,
 }
 
 /// The most blobs remembered as verified (then the memory starts over).
@@ -49,6 +51,7 @@ impl FsStorage {
         Ok(FsStorage {
             root,
             verified: std::sync::Mutex::default(),
+            replacing: tokio::sync::Mutex::default(),
         })
     }
 
@@ -151,6 +154,28 @@ impl FsStorage {
     }
 }
 
+/// Which file is under a key: its device, inode, size and times. A file
+/// moved into place is another inode, so this names one version of it.
+fn identity(meta: &std::fs::Metadata) -> ETag {
+    use std::os::unix::fs::MetadataExt;
+    ETag::new(format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    ))
+}
+
+/// [`StorageError::NotItsDigest`] unless the file is what `key` names.
+async fn verify_file(key: &str, file: &Path) -> Result<(), StorageError> {
+    let found = hash_file(file).await.map_err(|e| io(key, e))?;
+    is_its_digest(key, &found)
+}
+
 /// Flushes a file's bytes to disk.
 async fn sync_file(path: &Path) -> std::io::Result<()> {
     let path = path.to_path_buf();
@@ -250,17 +275,47 @@ impl Storage for FsStorage {
     }
 
     async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
-        let path = match self.path(key) {
-            Ok(path) => path,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(file).await;
-                return Err(e);
-            }
-        };
         let result = async {
+            let path = self.path(key)?;
+            claimed_digest(key)?;
             // Create only: an object already in place is kept.
             if tokio::fs::try_exists(&path).await.map_err(|e| io(key, e))? {
                 return Ok(());
+            }
+            verify_file(key, file).await?;
+            self.move_into_place(key, file, &path).await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(file).await;
+        result
+    }
+
+    async fn replace_file(
+        &self,
+        key: &str,
+        file: &Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
+        let result = async {
+            let path = self.path(key)?;
+            claimed_digest(key)?;
+            verify_file(key, file).await?;
+            // One replacement at a time in this process, so that the object
+            // looked at is the one replaced.
+            let _one_at_a_time = self.replacing.lock().await;
+            match tokio::fs::metadata(&path).await {
+                Ok(meta) if identity(&meta) == *damaged => {}
+                Ok(_) => {
+                    return Err(StorageError::Changed {
+                        key: key.to_string(),
+                    })
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(StorageError::Changed {
+                        key: key.to_string(),
+                    })
+                }
+                Err(e) => return Err(io(key, e)),
             }
             self.move_into_place(key, file, &path).await
         }
@@ -269,28 +324,19 @@ impl Storage for FsStorage {
         result
     }
 
-    async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
-        let result = match self.path(key) {
-            Ok(path) => self.move_into_place(key, file, &path).await,
-            Err(e) => Err(e),
-        };
-        let _ = tokio::fs::remove_file(file).await;
-        result
-    }
-
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
         let path = self.path(key)?;
-        match tokio::fs::metadata(&path).await {
-            Ok(meta) if meta.len() == size => {}
-            Ok(_) => return Ok(Check::Corrupt),
+        let meta = match tokio::fs::metadata(&path).await {
+            Ok(meta) => meta,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Check::Absent),
             Err(e) => return Err(io(key, e)),
-        }
-        let found = hash_file(&path).await.map_err(|e| io(key, e))?;
-        Ok(if found == hex {
+        };
+        let found = identity(&meta);
+        let good = meta.len() == size && hash_file(&path).await.map_err(|e| io(key, e))? == hex;
+        Ok(if good {
             Check::Good
         } else {
-            Check::Corrupt
+            Check::Corrupt(found)
         })
     }
 
