@@ -513,3 +513,115 @@ async fn a_local_package_set_is_shown_without_its_path() {
     let (_, body) = error_of(&server, "/v2/escape/manifests/latest").await;
     assert!(!body.to_string().contains(pkgs.to_str().unwrap()), "{body}");
 }
+
+/// Flips one byte in the middle of a file in place, keeping its size and
+/// times, as bit rot on a disk would.
+fn rot(path: &std::path::Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let before = std::fs::metadata(path).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let at = before.len() / 2;
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&[byte[0] ^ 0x20]).unwrap();
+    file.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(before.modified().unwrap())
+            .set_accessed(before.accessed().unwrap()),
+    )
+    .unwrap();
+}
+
+/// A blob as a client gets it: the status, and the body if it arrived
+/// whole (`None`: cut short).
+async fn pull_blob(server: &Server, name: &str, digest: &str) -> (StatusCode, Option<Vec<u8>>) {
+    let response = reqwest::get(server.url(&format!("/v2/{name}/blobs/{digest}")))
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.bytes().await.ok().map(|b| b.to_vec()))
+}
+
+#[tokio::test]
+async fn bit_rot_in_a_stored_blob_is_never_served_and_a_later_build_repairs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let server = Server::start_with(&storage, &[UNCACHED]);
+    let name = "shell/hello";
+    let manifest: Value = reqwest::get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // A small blob (the config, read whole) and a large one (the largest
+    // layer, streamed).
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let largest = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap();
+    assert!(largest["size"].as_u64().unwrap() > 256 << 10, "{manifest}");
+    let layer = largest["digest"].as_str().unwrap().to_string();
+    let file_of = |digest: &str| {
+        storage
+            .join("blobs/sha256")
+            .join(&digest["sha256:".len()..])
+    };
+
+    for digest in [&config, &layer] {
+        // Served whole while good (and so known good once).
+        let (status, body) = pull_blob(&server, name, digest).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(nixery::oci::digest::sha256_digest(&body.unwrap()), *digest);
+
+        rot(&file_of(digest));
+        let (status, body) = pull_blob(&server, name, digest).await;
+        if status == StatusCode::OK {
+            if let Some(body) = body {
+                assert_eq!(
+                    nixery::oci::digest::sha256_digest(&body),
+                    *digest,
+                    "damaged bytes were served whole as a 200"
+                );
+            }
+        }
+        // Moved aside: unknown to clients from now on.
+        assert!(!file_of(digest).exists(), "{digest} is still in place");
+        let (status, _) = pull_blob(&server, name, digest).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{digest}");
+    }
+    let aside = std::fs::read_dir(storage.join("staging"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("damaged-")
+        })
+        .count();
+    assert_eq!(aside, 2);
+
+    // The next build of the image stores both again.
+    for entry in std::fs::read_dir(storage.join("images")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let again = reqwest::get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    for digest in [&config, &layer] {
+        let (status, body) = pull_blob(&server, name, digest).await;
+        assert_eq!(status, StatusCode::OK, "{digest} was not stored again");
+        assert_eq!(nixery::oci::digest::sha256_digest(&body.unwrap()), *digest);
+    }
+}

@@ -384,6 +384,84 @@ async fn filesystem_backend() {
     }
 }
 
+/// Flips one byte of a file in place and sets its times back, as bit rot
+/// on a disk would: the same size, the same modification time.
+fn rot(path: &Path, at: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let before = std::fs::metadata(path).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&[byte[0] ^ 0x20]).unwrap();
+    file.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(before.modified().unwrap())
+            .set_accessed(before.accessed().unwrap()),
+    )
+    .unwrap();
+    drop(file);
+    let after = std::fs::metadata(path).unwrap();
+    assert_eq!(after.len(), before.len());
+    assert_eq!(after.modified().unwrap(), before.modified().unwrap());
+}
+
+/// The bytes of a download, or the error that cut it short.
+async fn try_fetch(download: Download) -> std::io::Result<Vec<u8>> {
+    let Download::Stream { size, mut body } = download else {
+        panic!("the filesystem hands out streams")
+    };
+    let mut bytes = Vec::new();
+    body.read_to_end(&mut bytes).await?;
+    assert_eq!(bytes.len() as u64, size);
+    Ok(bytes)
+}
+
+#[tokio::test]
+async fn bit_rot_that_keeps_size_and_time_is_never_served_on_the_filesystem() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = FsStorage::open(root.path()).unwrap();
+    // Read whole (a config), and streamed (a layer).
+    for (len, seed) in [(4096usize, 31u8), ((3 << 20) + 7, 32)] {
+        let content = pattern(len, seed);
+        let key = blob_key_of(&content);
+        let file = root.path().join("staging/upload");
+        std::fs::write(&file, &content).unwrap();
+        storage.put_file(&key, &file).await.unwrap();
+        // Served, and so known good once.
+        let served = try_fetch(storage.download(&key).await.unwrap().unwrap()).await;
+        assert!(served.unwrap() == content);
+
+        rot(&root.path().join(&key), len as u64 / 2);
+        match storage.download(&key).await.unwrap() {
+            None => {}
+            Some(download) => {
+                let served = try_fetch(download).await;
+                assert!(served.is_err(), "{len}: damaged bytes were served whole");
+            }
+        }
+        // Moved aside, so that the next build that needs it stores it
+        // again; never served again.
+        assert_eq!(storage.head(&key).await.unwrap(), None, "{len}");
+        assert!(storage.download(&key).await.unwrap().is_none(), "{len}");
+        let aside: Vec<String> = std::fs::read_dir(root.path().join("staging"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            aside
+                .iter()
+                .any(|name| name.contains(&key["blobs/sha256/".len()..])),
+            "{len}: not quarantined under staging/: {aside:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn memory_backend() {
     let scratch = tempfile::tempdir().unwrap();
