@@ -277,6 +277,13 @@ async fn a_damaged_layer_is_never_served_and_is_rebuilt_on_the_filesystem() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
+    // Unknown, or (a large layer, verified as it streams) cut short; then
+    // unknown from then on.
+    let (status, body) = pull_blob(&server, "shell/hello", &layer).await;
+    assert!(
+        status == StatusCode::NOT_FOUND || body.is_none(),
+        "damaged bytes were served whole"
+    );
     let (status, body) = error_of(&server, &format!("/v2/shell/hello/blobs/{layer}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["errors"][0]["code"], "BLOB_UNKNOWN");

@@ -362,7 +362,8 @@ async fn filesystem_backend() {
     assert!(left.is_empty(), "staging not empty: {left:?}");
 
     // The same size with other bytes: the digest tells, and such a blob is
-    // not served, whether it is small (read whole) or large (streamed).
+    // not served whole, whether it is small (read whole: unknown) or large
+    // (streamed: cut short).
     for (len, seed) in [(4096, 9), ((1 << 20) + 1, 10)] {
         let content = pattern(len, seed);
         let hex = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&content));
@@ -380,6 +381,9 @@ async fn filesystem_backend() {
             storage.check(&key, len as u64, &hex).await.unwrap(),
             Check::Corrupt(_)
         ));
+        if let Some(download) = storage.download(&key).await.unwrap() {
+            assert!(try_fetch(download).await.is_err(), "{len}");
+        }
         assert!(storage.download(&key).await.unwrap().is_none(), "{len}");
     }
 }
@@ -460,6 +464,38 @@ async fn bit_rot_that_keeps_size_and_time_is_never_served_on_the_filesystem() {
             "{len}: not quarantined under staging/: {aside:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_first_reads_of_a_large_blob_hash_it_once() {
+    let root = tempfile::tempdir().unwrap();
+    let storage = FsStorage::open(root.path()).unwrap();
+    let content = pattern((8 << 20) + 3, 33);
+    let key = blob_key_of(&content);
+    let file = root.path().join("staging/upload");
+    std::fs::write(&file, &content).unwrap();
+    storage.put_file(&key, &file).await.unwrap();
+    assert_eq!(storage.blob_hashes(), 0);
+
+    // Eight clients at once: one pass over the file for all of them.
+    let opened = futures_util::future::join_all((0..8).map(|_| storage.download(&key))).await;
+    let served =
+        futures_util::future::join_all(opened.into_iter().map(|d| try_fetch(d.unwrap().unwrap())))
+            .await;
+    for bytes in served {
+        assert!(bytes.unwrap() == content);
+    }
+    assert_eq!(storage.blob_hashes(), 1);
+
+    // A read after they all ended hashes it again: what rots between reads
+    // is caught.
+    assert!(
+        try_fetch(storage.download(&key).await.unwrap().unwrap())
+            .await
+            .unwrap()
+            == content
+    );
+    assert_eq!(storage.blob_hashes(), 2);
 }
 
 #[tokio::test]
