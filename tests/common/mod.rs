@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod forge;
 pub mod moto;
 pub mod s3;
+pub mod template;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
