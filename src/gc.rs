@@ -24,8 +24,11 @@
 //! of `staging/`, `builds/` and `sources/`: everything only
 //! once older than `grace`. Right before each delete the object is looked
 //! at again (and, for a blob, the layer records that name it): one a build
-//! rewrote since the listing, to rely on it, is kept. A dry run deletes
-//! nothing and reports the same.
+//! rewrote since the listing, to rely on it, is kept. An object that
+//! cannot be looked at or deleted after the image records is kept and
+//! reported, and the sweep goes on; an image record that cannot be deleted
+//! stops it, since what it names was counted as garbage. A dry run
+//! deletes nothing and reports the same.
 //!
 //! Unlike distribution's `garbage-collect`, nothing is stopped: reads never
 //! wait, and a pull of an image collected a moment ago builds it again.
@@ -88,6 +91,10 @@ pub struct Report {
     pub unreadable: Vec<String>,
     /// Objects a build rewrote between the listing and their delete: kept.
     pub rescued: Vec<String>,
+    /// Objects that could not be looked at again or deleted (a storage
+    /// error, such as a role without the right), with the error: kept,
+    /// and the collection went on with the rest.
+    pub failed: Vec<(String, String)>,
 }
 
 impl Report {
@@ -259,25 +266,60 @@ pub async fn collect(
     let fresh = |modified: u64| now.saturating_sub(modified) < settings.grace.as_secs();
     for object in doomed {
         if !settings.dry_run {
-            let Some(modified) = storage.modified(&object.key).await? else {
-                continue; // gone already
-            };
-            let mut rewritten = fresh(modified);
-            if !rewritten && object.key.starts_with("blobs/") {
-                let digest = digest_of_key(&object.key).unwrap_or_default();
-                for record in named_by.get(digest).into_iter().flatten() {
-                    rewritten |= storage.modified(record).await?.is_some_and(fresh);
+            let swept = async {
+                let Some(modified) = storage.modified(&object.key).await? else {
+                    return Ok(Sweep::Gone);
+                };
+                let mut rewritten = fresh(modified);
+                if !rewritten && object.key.starts_with("blobs/") {
+                    let digest = digest_of_key(&object.key).unwrap_or_default();
+                    for record in named_by.get(digest).into_iter().flatten() {
+                        rewritten |= storage.modified(record).await?.is_some_and(fresh);
+                    }
+                }
+                if rewritten {
+                    return Ok(Sweep::Rescued);
+                }
+                storage.delete(&object.key).await.map(|()| Sweep::Deleted)
+            }
+            .await;
+            match swept {
+                Ok(Sweep::Deleted) => {}
+                Ok(Sweep::Gone) => continue,
+                Ok(Sweep::Rescued) => {
+                    report.rescued.push(object.key);
+                    continue;
+                }
+                // What was marked counted on expired image records being
+                // gone: one that stays keeps what it names, so stop.
+                Err(error)
+                    if object.key.starts_with("images/") || object.key.starts_with("indexes/") =>
+                {
+                    return Err(error)
+                }
+                // Anything else left behind is garbage that names nothing
+                // live: keep it, report it, and go on, so that one object
+                // (or a whole prefix) the collection cannot touch does not
+                // keep it from reclaiming the rest.
+                Err(error) => {
+                    tracing::warn!(key = object.key, %error, "could not collect; kept");
+                    report.failed.push((object.key, error.to_string()));
+                    continue;
                 }
             }
-            if rewritten {
-                report.rescued.push(object.key);
-                continue;
-            }
-            storage.delete(&object.key).await?;
         }
         report.deleted.push(object);
     }
     Ok(report)
+}
+
+/// What became of one object the collection meant to delete.
+enum Sweep {
+    Deleted,
+    /// Gone already.
+    Gone,
+    /// Rewritten since the listing, by a build relying on it.
+    Rescued,
 }
 
 /// Parses a duration: a number with a unit (`30d`, `12h`, `90m`, `45s`) or

@@ -164,6 +164,15 @@ async fn suite(storage: &dyn Storage, scratch: &Path) {
     let modified = storage.modified("images/a").await.unwrap().unwrap();
     assert!(modified >= started, "{modified}");
     assert_eq!(storage.modified("images/none").await.unwrap(), None);
+    // A key that begins another one is itself, and the other's beginning
+    // is nothing (S3 answers this from a listing).
+    storage
+        .put("builds/k.1", Bytes::from_static(b"claim"))
+        .await
+        .unwrap();
+    assert!(storage.modified("builds/k").await.unwrap().is_some());
+    assert_eq!(storage.modified("builds/k.").await.unwrap(), None);
+    storage.delete("builds/k.1").await.unwrap();
     assert!(storage.list("nothing/").await.unwrap().is_empty());
     // The first few in key order: what the build lists read.
     let first: Vec<String> = storage
@@ -349,6 +358,43 @@ async fn content_addressed_writes_on_s3() {
         .await
         .unwrap();
     assert_eq!(head.metadata().unwrap()["sha256"], hex);
+}
+
+#[tokio::test]
+async fn every_content_addressed_write_to_s3_is_conditional() {
+    let server = S3Server::start();
+    let scratch = tempfile::tempdir().unwrap();
+    let storage = S3Storage::new(server.client().await, BUCKET, "", Duration::from_secs(600));
+    for len in [70_000, nixery::storage::s3::PART_SIZE as usize + 5] {
+        let content = pattern(len, 41);
+        let key = blob_key_of(&content);
+        let hex = hex_of(&content);
+        let file = scratch.path().join("file");
+        std::fs::write(&file, &content).unwrap();
+        storage.put_file(&key, &file).await.unwrap();
+        // Damaged behind the registry's back, then repaired.
+        let stored = server.root.join(BUCKET).join(&key);
+        std::fs::write(&stored, &content[..len / 2]).unwrap();
+        let Check::Corrupt(damaged) = storage.check(&key, len as u64, &hex).await.unwrap() else {
+            panic!("{len}: truncated, and good?")
+        };
+        std::fs::write(&file, &content).unwrap();
+        storage.replace_file(&key, &file, &damaged).await.unwrap();
+    }
+    // Each PutObject and CompleteMultipartUpload named a precondition (the
+    // parts of an upload make no object, and take none).
+    let writes: Vec<_> = server
+        .served()
+        .into_iter()
+        .filter(|s| s.path.contains("/blobs/"))
+        .filter(|s| {
+            let part = s.query.contains("partNumber=");
+            let start = s.method == "POST" && s.query.starts_with("uploads");
+            (s.method == "PUT" && !part) || (s.method == "POST" && !start)
+        })
+        .collect();
+    assert_eq!(writes.len(), 4, "{writes:?}");
+    assert!(writes.iter().all(|w| w.conditional), "{writes:?}");
 }
 
 #[tokio::test]

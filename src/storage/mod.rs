@@ -194,6 +194,8 @@ pub trait Storage: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
     /// When an object was last written (Unix seconds); `None` if absent.
+    /// Needs no right to read the object (on S3 it is a listing), so that
+    /// garbage collection can ask it of everything it may delete.
     async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError>;
 }
 

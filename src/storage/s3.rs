@@ -573,11 +573,26 @@ impl Storage for S3Storage {
         Ok(found)
     }
 
+    /// A listing of the key itself, not a HeadObject: garbage collection
+    /// asks this right before each delete, and its role may list the
+    /// bucket but not read what it deletes (HeadObject needs
+    /// `s3:GetObject`). The key sorts first among those it prefixes.
     async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        Ok(self
-            .head_object(key)
-            .await?
-            .map(|head| head.last_modified().map_or(0, |t| t.secs().max(0) as u64)))
+        let full = self.full(key)?;
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "ListObjectsV2", e))?;
+        Ok(page
+            .contents()
+            .iter()
+            .find(|object| object.key() == Some(full.as_str()))
+            .map(|object| object.last_modified().map_or(0, |t| t.secs().max(0) as u64)))
     }
 
     async fn list_first(&self, prefix: &str, max: usize) -> Result<Vec<Listed>, StorageError> {
