@@ -632,3 +632,62 @@ async fn bit_rot_in_a_stored_blob_is_never_served_and_a_later_build_repairs_it()
         assert_eq!(nixery::oci::digest::sha256_digest(&body.unwrap()), *digest);
     }
 }
+
+/// A service on the build host's loopback that answers every request with
+/// `secret`; how many connections it accepted.
+async fn host_service(secret: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let answer = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{secret}",
+                    secret.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_output_builder_cannot_reach_services_on_the_build_host() {
+    let secret = format!("host-secret-{}", unique());
+    let (port, accepted) = host_service(secret.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(
+        dir.path(),
+        serde_json::json!({
+            "phoneHomePort": port,
+            "salt": unique(),
+        }),
+    );
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let shown = everything_shown(&server, "phonehome").await;
+    assert!(
+        shown.contains("phonehome could not fetch"),
+        "the builder did not run as expected:\n{shown}"
+    );
+    assert!(
+        !shown.contains(&secret),
+        "the host's secret is shown:\n{shown}"
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a builder reached a service on the host's loopback \
+         (nix/isolate-builders.sh, run by .ci/setup as root, blocks it)"
+    );
+}
