@@ -2126,7 +2126,35 @@ fn the_worker_image_runs_nixery_worker() {
         "import {}/nix/worker-image-config.nix",
         repo().display()
     ));
-    assert_eq!(config["Entrypoint"], json!(["/bin/nixery", "worker"]));
+    // The entrypoint keeps builders off the host's own services where it
+    // may, then is `nixery worker`.
+    assert_eq!(config["Entrypoint"], json!(["/bin/nixery-worker-start"]));
+    let start = std::fs::read_to_string(repo().join("nix/worker-start.sh")).unwrap();
+    let lines: Vec<&str> = start
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "/bin/isolate-builders nixbld || true",
+            "exec /bin/nixery worker \"$@\""
+        ]
+    );
+    let worker = std::fs::read_to_string(repo().join("nix/worker.nix")).unwrap();
+    for installed in [
+        "${./isolate-builders.sh} $out/bin/isolate-builders",
+        "${./worker-start.sh} $out/bin/nixery-worker-start",
+        "pkgs.iptables",
+    ] {
+        assert!(
+            worker.contains(installed),
+            "nix/worker.nix lacks {installed}"
+        );
+    }
+    for script in ["nix/worker-start.sh", "nix/isolate-builders.sh"] {
+        assert_success(Command::new("sh").arg("-n").arg(repo().join(script)));
+    }
     let env: Vec<&str> = config["Env"]
         .as_array()
         .unwrap()
