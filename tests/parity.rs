@@ -186,7 +186,10 @@ async fn the_landing_page_shows_how_to_pull_and_links_to_the_builds() {
         "{page}"
     );
     // The source, without where it lies on this machine.
-    assert!(page.contains("a local package set"), "the source is not shown");
+    assert!(
+        page.contains("a local package set"),
+        "the source is not shown"
+    );
     assert!(
         !page.contains(&fixture_pkgs().canonicalize().unwrap().display().to_string()),
         "the local path is shown"

@@ -151,7 +151,15 @@ impl Worker {
                     return;
                 }
                 Err(_) => {
-                    tracing::error!(error = %build_error, body, "dropping a message that is not a build request");
+                    // A message (and serde's error, which quotes it) may
+                    // hold a source's URL, with its token.
+                    let body = crate::source::redact_urls(body);
+                    let error = crate::source::redact_urls(&build_error.to_string());
+                    tracing::error!(
+                        error,
+                        body,
+                        "dropping a message that is not a build request"
+                    );
                     self.delete(receipt).await;
                     return;
                 }
