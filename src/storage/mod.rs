@@ -231,8 +231,9 @@ pub fn unique_name(what: &str) -> String {
     format!("{what}-{}-{nanos}-{n}", std::process::id())
 }
 
-/// Where images are stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where images are stored. Its `Debug` (logged at start) shows an
+/// endpoint URL without user info or query.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StorageConfig {
     Filesystem {
         root: PathBuf,
@@ -245,6 +246,32 @@ pub enum StorageConfig {
     },
     /// In this process's memory, gone when it exits.
     Memory,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageConfig::Filesystem { root } => {
+                f.debug_struct("Filesystem").field("root", root).finish()
+            }
+            StorageConfig::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                presign_ttl,
+            } => f
+                .debug_struct("S3")
+                .field("bucket", bucket)
+                .field("prefix", prefix)
+                .field(
+                    "endpoint",
+                    &endpoint.as_deref().map(crate::source::redact_urls),
+                )
+                .field("presign_ttl", presign_ttl)
+                .finish(),
+            StorageConfig::Memory => f.write_str("Memory"),
+        }
+    }
 }
 
 impl StorageConfig {
