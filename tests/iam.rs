@@ -69,8 +69,56 @@ fn env_as(key: &Key, shared: &[(&'static str, String)]) -> Vec<(&'static str, St
     env
 }
 
+/// The manifests a pull of `name` gets: one, or each of an index's.
+async fn manifests(registry: &Server, name: &str) -> Vec<Value> {
+    let client = reqwest::Client::new();
+    let get = |reference: String| {
+        client
+            .get(registry.url(&format!("/v2/{name}/manifests/{reference}")))
+            .header(
+                "accept",
+                "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json",
+            )
+            .send()
+    };
+    let first = get("latest".into()).await.unwrap();
+    assert_eq!(
+        first.status(),
+        StatusCode::OK,
+        "{}\nregistry:\n{}",
+        first.text().await.unwrap(),
+        registry.log()
+    );
+    let first: Value = first.json().await.unwrap();
+    let Some(listed) = first["manifests"].as_array() else {
+        return vec![first];
+    };
+    let mut found = Vec::new();
+    for entry in listed {
+        let manifest = get(entry["digest"].as_str().unwrap().to_string())
+            .await
+            .unwrap();
+        assert_eq!(manifest.status(), StatusCode::OK);
+        found.push(manifest.json().await.unwrap());
+    }
+    found
+}
+
 #[tokio::test]
 async fn the_function_a_worker_and_gc_each_work_under_their_own_role() {
+    deployment("amd64").await;
+}
+
+/// With several platforms the function composes indexes: statements of
+/// its role that only this deployment has.
+#[tokio::test]
+async fn with_several_platforms_the_function_composes_indexes_under_its_role() {
+    deployment("amd64,arm64").await;
+}
+
+/// One deployment with these `Platforms`: the function, a worker and gc,
+/// each under its own role, through a build, a pull and a collection.
+async fn deployment(platforms: &str) {
     let moto = Moto::start_with_iam();
     let bucket = format!("nixery-iam-{}", unique());
     let setup = Key {
@@ -90,7 +138,8 @@ async fn the_function_a_worker_and_gc_each_work_under_their_own_role() {
     // and the gc task.
     let stack = Stack::new()
         .with_bucket("ImageBucket", &bucket)
-        .with_queue("BuildQueue", &queue);
+        .with_queue("BuildQueue", &queue)
+        .with_parameter("Platforms", platforms);
     let roles: BTreeMap<&str, String> = BTreeMap::from([
         (
             "function",
@@ -166,27 +215,21 @@ async fn the_function_a_worker_and_gc_each_work_under_their_own_role() {
     let mut worker = worker.spawn().expect("starting nixery worker");
     let mut function_env = env_as(&keys_of["function"], &shared);
     function_env.push(("NIXERY_BUILDER", "sqs".into()));
+    function_env.push(("NIXERY_PLATFORMS", platforms.into()));
     function_env.push(("PATH", "/nonexistent".into()));
     let function_env: Vec<(&str, &str)> =
         function_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let registry = Server::start_with(&work.path().join("registry"), &function_env);
 
     let worker_log_text = || std::fs::read_to_string(&worker_log).unwrap_or_default();
-    let manifest = reqwest::get(registry.url("/v2/shell/hello/manifests/latest"))
-        .await
-        .unwrap();
-    assert_eq!(
-        manifest.status(),
-        StatusCode::OK,
-        "{}\nregistry:\n{}\nworker:\n{}",
-        manifest.text().await.unwrap(),
-        registry.log(),
-        worker_log_text()
-    );
-    let manifest: Value = manifest.json().await.unwrap();
-    let mut digests = vec![manifest["config"]["digest"].as_str().unwrap().to_string()];
-    for layer in manifest["layers"].as_array().unwrap() {
-        digests.push(layer["digest"].as_str().unwrap().to_string());
+    let pulled = manifests(&registry, "shell/hello").await;
+    assert_eq!(pulled.len(), platforms.split(',').count());
+    let mut digests = Vec::new();
+    for manifest in &pulled {
+        digests.push(manifest["config"]["digest"].as_str().unwrap().to_string());
+        for layer in manifest["layers"].as_array().unwrap() {
+            digests.push(layer["digest"].as_str().unwrap().to_string());
+        }
     }
     for digest in &digests {
         // Followed to moto: the function's role may read what it signs.

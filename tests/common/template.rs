@@ -126,7 +126,15 @@ impl Stack {
             "Fn::Not" => !self.holds(&args[0]),
             "Fn::And" => args.as_array().unwrap().iter().all(|a| self.holds(a)),
             "Fn::Or" => args.as_array().unwrap().iter().any(|a| self.holds(a)),
-            "Fn::Equals" => self.resolve(&args[0]) == self.resolve(&args[1]),
+            // Parameters are strings; a literal may be a number.
+            "Fn::Equals" => {
+                let text = |v: &Value| match self.resolve(v) {
+                    Some(Value::String(s)) => s,
+                    Some(other) => other.to_string(),
+                    None => String::new(),
+                };
+                text(&args[0]) == text(&args[1])
+            }
             other => panic!("unknown condition function {other}"),
         }
     }
