@@ -13,7 +13,8 @@ in
 {
   # `nixery worker`: long-polls the build queue, builds with Nix, writes to
   # S3. Its settings come from the environment (infra/template.yaml sets them).
-  Entrypoint = [ "/bin/nixery" "worker" ];
+  # nix/worker-start.sh applies nix/isolate-builders.sh first, then execs it.
+  Entrypoint = [ "/bin/nixery-worker-start" ];
   Env = [
     "PATH=/bin"
     "USER=root"

@@ -18,7 +18,9 @@
 #   tag     the image's tag inside the archive (default: the output hash).
 #
 # What is in the image:
-#   /bin          nixery, nix*, git, bash, sh, coreutils
+#   /bin          nixery, nix*, git, bash, sh, coreutils, iptables, and the
+#                 entrypoint nixery-worker-start (nix/worker-start.sh), which
+#                 applies isolate-builders (nix/isolate-builders.sh) first
 #   /etc/nix/nix.conf   from nix/worker-nix-conf.nix (no daemon; build users;
 #                       the sandbox where the host allows it)
 #   /etc/ssl/certs      CA bundle (cacert); /etc/passwd and /etc/group with
@@ -51,6 +53,15 @@ let
     ];
   };
 
+  # The entrypoint, and the packet filter rules it applies before the
+  # worker starts: builders kept off the host's loopback and metadata
+  # addresses where the host allows (docs/security.md).
+  entrypoint = pkgs.runCommand "nixery-worker-entrypoint" { } ''
+    mkdir -p $out/bin
+    install -m 0755 ${./isolate-builders.sh} $out/bin/isolate-builders
+    install -m 0755 ${./worker-start.sh} $out/bin/nixery-worker-start
+  '';
+
   # Registers the closure of `contents` in the image's Nix database
   # (nix-store --load-db of its closureInfo) in the last layer. Newer
   # nixpkgs spell it `includeNixDB = true`.
@@ -70,6 +81,8 @@ buildImage {
     pkgs.cacert
     pkgs.bashInteractive # /bin/sh and /bin/bash, for Nix and for debugging
     pkgs.coreutils
+    pkgs.iptables # iptables and ip6tables, for isolate-builders
+    entrypoint # /bin/nixery-worker-start, /bin/isolate-builders
     accounts # /etc/passwd, /etc/group (with the build users), /etc/nsswitch.conf
     dockerTools.usrBinEnv # /usr/bin/env
     nixConf

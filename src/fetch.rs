@@ -4,8 +4,12 @@
 
 use std::time::Duration;
 
+use crate::source::redact_urls;
+
+/// The URL (a presigned or tokened one, perhaps) and the client's message
+/// (which may quote it) are shown redacted: this error reaches the log.
 #[derive(Debug, thiserror::Error)]
-#[error("reading {url}: {message}")]
+#[error("reading {}: {}", redact_urls(url), redact_urls(message))]
 pub struct FetchError {
     pub url: String,
     pub message: String,

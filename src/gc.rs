@@ -8,10 +8,12 @@
 //! the index, which names the platforms' manifests. Anything written
 //! within `grace` is live too, with
 //! what it names: a build under way writes its blobs, layer records and
-//! manifest before its image record, and a build that reuses an object
-//! rewrites it or its layer record first (see `Builder::store_layer`), so
-//! a grace longer than the longest build keeps everything a running build
-//! relies on.
+//! manifest before its image record, and a build that reuses a layer
+//! rewrites its layer record first (see `Objects::store_layer`), so a
+//! grace longer than the longest build keeps the new objects and reused
+//! layers a running build relies on. A config or manifest a build finds
+//! stored and good is not written again (nothing good is overwritten), so
+//! it is kept only if something live names it or it is young.
 //!
 //! Index records (`indexes/`) are image records too. A live manifest's
 //! referrers index keeps what it lists.
@@ -22,8 +24,11 @@
 //! of `staging/`, `builds/` and `sources/`: everything only
 //! once older than `grace`. Right before each delete the object is looked
 //! at again (and, for a blob, the layer records that name it): one a build
-//! rewrote since the listing, to rely on it, is kept. A dry run deletes
-//! nothing and reports the same.
+//! rewrote since the listing, to rely on it, is kept. An object that
+//! cannot be looked at or deleted after the image records is kept and
+//! reported, and the sweep goes on; an image record that cannot be deleted
+//! stops it, since what it names was counted as garbage. A dry run
+//! deletes nothing and reports the same.
 //!
 //! Unlike distribution's `garbage-collect`, nothing is stopped: reads never
 //! wait, and a pull of an image collected a moment ago builds it again.
@@ -59,6 +64,10 @@ pub struct Report {
     pub unreadable: Vec<String>,
     /// Objects a build rewrote between the listing and their delete: kept.
     pub rescued: Vec<String>,
+    /// Objects that could not be looked at again or deleted (a storage
+    /// error, such as a role without the right), with the error: kept,
+    /// and the collection went on with the rest.
+    pub failed: Vec<(String, String)>,
 }
 
 impl Report {
@@ -313,28 +322,60 @@ impl Collection<'_> {
     async fn sweep(&mut self) -> Result<(), StorageError> {
         for object in std::mem::take(&mut self.doomed) {
             if !self.settings.dry_run {
-                let Some(modified) = self.storage.modified(&object.key).await? else {
-                    continue; // gone already
-                };
-                let mut rewritten = self.fresh(modified);
-                if let (false, Some(Parsed::Blob(hex))) = (rewritten, Parsed::of(&object.key)) {
-                    for record in self.named_by.get(&hex).into_iter().flatten() {
-                        rewritten |= self
-                            .storage
-                            .modified(record)
-                            .await?
-                            .is_some_and(|m| self.fresh(m));
+                match self.sweep_one(&object.key).await {
+                    Ok(Sweep::Deleted) => {}
+                    Ok(Sweep::Gone) => continue,
+                    Ok(Sweep::Rescued) => {
+                        self.report.rescued.push(object.key);
+                        continue;
+                    }
+                    // What was marked counted on expired image records
+                    // being gone: one that stays keeps what it names, so
+                    // stop.
+                    Err(error)
+                        if matches!(
+                            Parsed::of(&object.key),
+                            Some(Parsed::ImageRecord(_) | Parsed::IndexRecord(_))
+                        ) =>
+                    {
+                        return Err(error)
+                    }
+                    // Anything else left behind is garbage that names
+                    // nothing live: keep it, report it, and go on, so that
+                    // one object (or a whole prefix) the collection cannot
+                    // touch does not keep it from reclaiming the rest.
+                    Err(error) => {
+                        tracing::warn!(key = object.key, %error, "could not collect; kept");
+                        self.report.failed.push((object.key, error.to_string()));
+                        continue;
                     }
                 }
-                if rewritten {
-                    self.report.rescued.push(object.key);
-                    continue;
-                }
-                self.storage.delete(&object.key).await?;
             }
             self.report.deleted.push(object);
         }
         Ok(())
+    }
+
+    /// One doomed object, looked at again and deleted unless rewritten.
+    async fn sweep_one(&self, key: &str) -> Result<Sweep, StorageError> {
+        let Some(modified) = self.storage.modified(key).await? else {
+            return Ok(Sweep::Gone);
+        };
+        let mut rewritten = self.fresh(modified);
+        if let (false, Some(Parsed::Blob(hex))) = (rewritten, Parsed::of(key)) {
+            for record in self.named_by.get(&hex).into_iter().flatten() {
+                rewritten |= self
+                    .storage
+                    .modified(record)
+                    .await?
+                    .is_some_and(|m| self.fresh(m));
+            }
+        }
+        if rewritten {
+            return Ok(Sweep::Rescued);
+        }
+        self.storage.delete(key).await?;
+        Ok(Sweep::Deleted)
     }
 
     /// The manifests (as hex) the index stored under `key` lists: none if
@@ -355,6 +396,15 @@ impl Collection<'_> {
             }
         }
     }
+}
+
+/// What became of one object the collection meant to delete.
+enum Sweep {
+    Deleted,
+    /// Gone already.
+    Gone,
+    /// Rewritten since the listing, by a build relying on it.
+    Rescued,
 }
 
 /// Parses a duration: a number with a unit (`30d`, `12h`, `90m`, `45s`) or

@@ -35,7 +35,7 @@ pub enum SourceArg {
     /// A commit of a git repository; `ref` is the branch or tag it was
     /// found through (`None`: any ref may hold it).
     Git {
-        url: String,
+        url: SourceUrl,
         rev: String,
         #[serde(rename = "ref")]
         git_ref: Option<String>,
@@ -52,7 +52,7 @@ pub enum PackageSource {
     /// A local directory called like nixpkgs; the tag does not select anything.
     Path(std::path::PathBuf),
     /// A git repository; the tag names a branch, tag or commit.
-    Git { url: String },
+    Git { url: SourceUrl },
     /// A nixpkgs channel; a tag that is a commit pins nixpkgs to it.
     Channel { name: String },
 }
@@ -60,10 +60,10 @@ pub enum PackageSource {
 impl std::fmt::Display for PackageSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PackageSource::Path(path) => write!(f, "the package set at {}", path.display()),
-            PackageSource::Git { url } => {
-                write!(f, "the git repository {}", redact_userinfo(url))
-            }
+            // Where it lies on the operator's machine is nobody else's business.
+            PackageSource::Path(_) => write!(f, "a local package set"),
+            PackageSource::Git { url } if url.is_local() => write!(f, "a local git repository"),
+            PackageSource::Git { url } => write!(f, "the git repository {url}"),
             PackageSource::Channel { name } => write!(f, "the nixpkgs channel {name}"),
         }
     }
@@ -76,15 +76,99 @@ const GIT_TIMEOUT: Duration = Duration::from_secs(60);
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceError {
     #[error("tag {tag:?} is not a branch, tag or commit of {url}")]
-    UnknownRef { tag: String, url: String },
+    UnknownRef { tag: String, url: SourceUrl },
     #[error("revision {rev} is not reachable from the allowed refs ({allowed}) of {url}")]
     NotReachable {
         rev: String,
-        url: String,
+        url: SourceUrl,
         allowed: String,
     },
+    /// `message` is what git (or the API) said, with URLs redacted: see
+    /// [`SourceError::git`].
     #[error("could not read the refs of {url}: {message}")]
-    Git { url: String, message: String },
+    Git { url: SourceUrl, message: String },
+}
+
+impl SourceError {
+    /// A failure to read `url`; `message` (git's stderr, an HTTP error)
+    /// quotes URLs, so they are redacted here, once.
+    pub fn git(url: &SourceUrl, message: impl AsRef<str>) -> SourceError {
+        SourceError::Git {
+            url: url.clone(),
+            message: redact_urls(message.as_ref()),
+        }
+    }
+}
+
+/// The URL of a package repository. Its text goes only where it is used
+/// (to git, to Nix, through the build queue: [`SourceUrl::expose`] and
+/// serde); everywhere it is shown (`Display`, `Debug`: pages, errors,
+/// logs) it goes without credentials or query ([`redact_urls`]), and a
+/// local path is not shown at all. So a token in `NIXERY_PKGS_REPO` is
+/// safe from every `tracing` field and `format!` by construction.
+///
+/// ```
+/// use nixery::source::SourceUrl;
+/// let url = SourceUrl::new("https://me:token@example.org/pkgs.git?private_token=t");
+/// assert_eq!(url.to_string(), "https://***@example.org/pkgs.git?***");
+/// assert_eq!(format!("{url:?}"), "SourceUrl(\"https://***@example.org/pkgs.git?***\")");
+/// assert_eq!(SourceUrl::new("/srv/pkgs").to_string(), "a local repository");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SourceUrl(String);
+
+impl SourceUrl {
+    pub fn new(url: impl Into<String>) -> SourceUrl {
+        SourceUrl(url.into())
+    }
+
+    /// The whole URL, credentials included: for git and Nix only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// A path on this machine (git's rule: no `scheme://`, and no `:`
+    /// before the first `/`, as in `host:path`), or a `file://` URL.
+    pub fn is_local(&self) -> bool {
+        let url = self.0.as_str();
+        if let Some((scheme, _)) = url.split_once("://") {
+            return scheme == "file";
+        }
+        match (url.find(':'), url.find('/')) {
+            (Some(colon), Some(slash)) => slash < colon,
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    }
+}
+
+impl From<&str> for SourceUrl {
+    fn from(url: &str) -> SourceUrl {
+        SourceUrl::new(url)
+    }
+}
+
+impl From<String> for SourceUrl {
+    fn from(url: String) -> SourceUrl {
+        SourceUrl(url)
+    }
+}
+
+impl std::fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_local() {
+            f.write_str("a local repository")
+        } else {
+            f.write_str(&redact_urls(&self.0))
+        }
+    }
+}
+
+impl std::fmt::Debug for SourceUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SourceUrl").field(&self.to_string()).finish()
+    }
 }
 
 /// A source fixed for one pull.
@@ -147,18 +231,23 @@ fn path_source(path: &std::path::Path) -> Resolved {
     }
 }
 
-/// `text` with the credentials of any URL in it (`https://user:token@host`)
-/// replaced by `***`, for messages that clients or pages show.
-pub fn redact_userinfo(text: &str) -> String {
+/// `text` with every URL in it (`scheme://...`) shown without what may be
+/// a secret: user info (`https://user:token@host`) becomes `***@`, and a
+/// query or fragment (`?private_token=...`) becomes `?***`. For anything
+/// that quotes URLs and reaches a page, an error, a log line or a build
+/// status: Nix's and git's messages, fetch errors.
+pub fn redact_urls(text: &str) -> String {
+    // Where a URL quoted in a message ends.
+    let ends_url = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>' | '\\');
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(at) = rest.find("://") {
         let (before, after) = rest.split_at(at + 3);
         out.push_str(before);
-        let authority_end = after
-            .find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'')
-            .unwrap_or(after.len());
-        let authority = &after[..authority_end];
+        let end = after.find(ends_url).unwrap_or(after.len());
+        let url = &after[..end];
+        let authority_end = url.find(['/', '?', '#']).unwrap_or(url.len());
+        let (authority, tail) = url.split_at(authority_end);
         match authority.rfind('@') {
             Some(user_end) => {
                 out.push_str("***");
@@ -166,7 +255,14 @@ pub fn redact_userinfo(text: &str) -> String {
             }
             None => out.push_str(authority),
         }
-        rest = &after[authority_end..];
+        match tail.find(['?', '#']) {
+            Some(query) => {
+                out.push_str(&tail[..=query]);
+                out.push_str("***");
+            }
+            None => out.push_str(tail),
+        }
+        rest = &after[end..];
     }
     out.push_str(rest);
     out
@@ -320,10 +416,8 @@ impl Sources {
     /// hash alone proves nothing).
     async fn nixpkgs_commit(&self, channel: &str, rev: &str) -> Result<(), SourceError> {
         let api = &self.nixpkgs_api;
-        let unreadable = |message: String| SourceError::Git {
-            url: api.clone(),
-            message,
-        };
+        let api_url = SourceUrl::new(api.as_str());
+        let unreadable = |message: String| SourceError::git(&api_url, message);
         let client = reqwest::Client::builder()
             .timeout(API_TIMEOUT)
             .user_agent(concat!("nixery/", env!("CARGO_PKG_VERSION")))
@@ -366,14 +460,14 @@ impl Sources {
         }
         Err(SourceError::NotReachable {
             rev: rev.to_string(),
-            url: api.clone(),
+            url: api_url,
             allowed: bases.join(", "),
         })
     }
 
-    async fn resolve_git(&self, url: &str, tag: &str) -> Result<Resolved, SourceError> {
+    async fn resolve_git(&self, url: &SourceUrl, tag: &str) -> Result<Resolved, SourceError> {
         let lookup = GitLookup {
-            url: url.to_string(),
+            url: url.clone(),
             tag: tag.to_string(),
             allowed: self.allowed.clone(),
         };
@@ -388,7 +482,7 @@ impl Sources {
 /// allowed refs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GitLookup {
-    pub url: String,
+    pub url: SourceUrl,
     pub tag: String,
     pub allowed: AllowedRefs,
 }
@@ -434,7 +528,7 @@ impl GitResolver for LocalGit {
                 if !patterns.iter().any(matches) {
                     return Err(SourceError::NotReachable {
                         rev: tag.to_string(),
-                        url: url.to_string(),
+                        url: url.clone(),
                         allowed: patterns.join(" "),
                     });
                 }
@@ -443,7 +537,7 @@ impl GitResolver for LocalGit {
             (rev, Some(git_ref.unwrap_or_else(|| "HEAD".to_string())))
         };
         Ok(SourceArg::Git {
-            url: url.to_string(),
+            url: url.clone(),
             rev,
             git_ref,
         })
@@ -451,11 +545,8 @@ impl GitResolver for LocalGit {
 }
 
 /// Runs git with a fixed argument list; stdout on success.
-async fn git(url: &str, args: &[&str]) -> Result<std::process::Output, SourceError> {
-    let git_error = |message: String| SourceError::Git {
-        url: url.to_string(),
-        message,
-    };
+async fn git(url: &SourceUrl, args: &[&str]) -> Result<std::process::Output, SourceError> {
+    let git_error = |message: String| SourceError::git(url, message);
     let mut command = Command::new("git");
     command
         .args(args)
@@ -495,17 +586,17 @@ fn mirror_root() -> Result<std::path::PathBuf, String> {
 /// tags) whose history holds `rev`, after fetching those refs into a local
 /// mirror of the repository. Commits only other refs hold (`refs/pull/*`,
 /// a fork's objects) are refused.
-async fn reachable_from(url: &str, rev: &str, patterns: &[String]) -> Result<String, SourceError> {
+async fn reachable_from(
+    url: &SourceUrl,
+    rev: &str,
+    patterns: &[String],
+) -> Result<String, SourceError> {
     let mirror = mirror_root()
-        .map_err(|message| SourceError::Git {
-            url: url.to_string(),
-            message,
-        })?
-        .join(&crate::oci::digest::sha256_hex(url.as_bytes())[..32]);
+        .map_err(|message| SourceError::git(url, message))?
+        .join(&crate::oci::digest::sha256_hex(url.expose().as_bytes())[..32]);
     let mirror_arg = mirror.to_string_lossy().into_owned();
-    let failed = |output: &std::process::Output| SourceError::Git {
-        url: url.to_string(),
-        message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    let failed = |output: &std::process::Output| {
+        SourceError::git(url, String::from_utf8_lossy(&output.stderr).trim())
     };
     if !mirror.join("HEAD").exists() {
         let init = git(url, &["init", "--bare", "--quiet", &mirror_arg]).await?;
@@ -522,7 +613,7 @@ async fn reachable_from(url: &str, rev: &str, patterns: &[String]) -> Result<Str
         "--prune",
         "--no-tags",
         "--",
-        url,
+        url.expose(),
     ];
     fetch.extend(refspecs.iter().map(String::as_str));
     let fetched = git(url, &fetch).await?;
@@ -531,7 +622,7 @@ async fn reachable_from(url: &str, rev: &str, patterns: &[String]) -> Result<Str
     }
     let not_reachable = || SourceError::NotReachable {
         rev: rev.to_string(),
-        url: url.to_string(),
+        url: url.clone(),
         allowed: patterns.join(" "),
     };
     let object = format!("{rev}^{{commit}}");
@@ -563,7 +654,7 @@ async fn reachable_from(url: &str, rev: &str, patterns: &[String]) -> Result<Str
 
 /// The commit a tag names in a repository: `latest` is HEAD, then a branch,
 /// then a git tag (peeled to its commit).
-async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), SourceError> {
+async fn ls_remote(url: &SourceUrl, tag: &str) -> Result<(String, Option<String>), SourceError> {
     let patterns: Vec<String> = if tag == "latest" {
         vec!["HEAD".to_string()]
     } else {
@@ -573,14 +664,14 @@ async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), Sou
             format!("refs/tags/{tag}^{{}}"),
         ]
     };
-    let mut args = vec!["ls-remote", "--symref", "--", url];
+    let mut args = vec!["ls-remote", "--symref", "--", url.expose()];
     args.extend(patterns.iter().map(String::as_str));
     let output = git(url, &args).await?;
     if !output.status.success() {
-        return Err(SourceError::Git {
-            url: url.to_string(),
-            message: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        });
+        return Err(SourceError::git(
+            url,
+            String::from_utf8_lossy(&output.stderr).trim(),
+        ));
     }
     let text = String::from_utf8_lossy(&output.stdout);
     // `ref: refs/heads/main<TAB>HEAD`: the default branch, by name.
@@ -613,7 +704,7 @@ async fn ls_remote(url: &str, tag: &str) -> Result<(String, Option<String>), Sou
     match found {
         None => Err(SourceError::UnknownRef {
             tag: tag.to_string(),
-            url: url.to_string(),
+            url: url.clone(),
         }),
         Some(pattern) => {
             let rev = refs[&pattern].clone();
@@ -671,7 +762,9 @@ mod tests {
 
         let url = r.to_str().unwrap().to_string();
         let sources = Sources::new(
-            PackageSource::Git { url: url.clone() },
+            PackageSource::Git {
+                url: url.as_str().into(),
+            },
             Duration::from_secs(60),
         );
         let rev = |resolved: Resolved| match resolved.arg {
@@ -698,14 +791,14 @@ mod tests {
             sources.resolve("nope").await,
             Err(SourceError::UnknownRef {
                 tag: "nope".into(),
-                url: url.clone()
+                url: url.as_str().into()
             })
         );
 
         // A moved branch is seen once the remembered resolution expires.
         git(r, &["branch", "-f", "feature", "main"]);
         assert_eq!(rev(sources.resolve("feature").await.unwrap()).0, two);
-        let fresh = Sources::new(PackageSource::Git { url }, Duration::ZERO);
+        let fresh = Sources::new(PackageSource::Git { url: url.into() }, Duration::ZERO);
         assert_eq!(rev(fresh.resolve("feature").await.unwrap()).0, one);
     }
 
@@ -731,7 +824,9 @@ mod tests {
 
         let url = r.to_str().unwrap().to_string();
         let sources = Sources::new(
-            PackageSource::Git { url: url.clone() },
+            PackageSource::Git {
+                url: url.as_str().into(),
+            },
             Duration::from_secs(60),
         )
         .remembering_failures(Duration::from_secs(60));
@@ -756,14 +851,18 @@ mod tests {
         git(r, &["branch", "merged", &pull]);
         assert!(sources.resolve(&pull).await.is_err());
         let later = Sources::new(
-            PackageSource::Git { url: url.clone() },
+            PackageSource::Git {
+                url: url.as_str().into(),
+            },
             Duration::from_secs(60),
         );
         assert!(later.resolve(&pull).await.is_ok());
 
         // Names must be allowed refs too.
         let narrow = Sources::new(
-            PackageSource::Git { url: url.clone() },
+            PackageSource::Git {
+                url: url.as_str().into(),
+            },
             Duration::from_secs(60),
         )
         .allowing(AllowedRefs::Reachable(vec!["refs/heads/main".into()]));
@@ -775,8 +874,11 @@ mod tests {
         ));
 
         // The operator may widen it.
-        let any = Sources::new(PackageSource::Git { url }, Duration::from_secs(60))
-            .allowing(AllowedRefs::Any);
+        let any = Sources::new(
+            PackageSource::Git { url: url.into() },
+            Duration::from_secs(60),
+        )
+        .allowing(AllowedRefs::Any);
         git(r, &["branch", "-D", "merged"]);
         match any.resolve(&pull).await.unwrap().arg {
             SourceArg::Git { git_ref, .. } => assert_eq!(git_ref, None),
@@ -811,25 +913,76 @@ mod tests {
     }
 
     #[test]
-    fn credentials_in_urls_are_redacted() {
+    fn credentials_and_queries_in_urls_are_redacted() {
         assert_eq!(
-            redact_userinfo("fetching https://user:ghp_secret@github.com/o/r.git failed"),
+            redact_urls("fetching https://user:ghp_secret@github.com/o/r.git failed"),
             "fetching https://***@github.com/o/r.git failed"
         );
         assert_eq!(
-            redact_userinfo("'https://token@host' and ssh://git@host:22/r"),
+            redact_urls("'https://token@host' and ssh://git@host:22/r"),
             "'https://***@host' and ssh://***@host:22/r"
         );
         assert_eq!(
-            redact_userinfo("/srv/repo and https://host/x"),
+            redact_urls("/srv/repo and https://host/x"),
             "/srv/repo and https://host/x"
         );
+        // Queries and fragments carry tokens too; the URL ends where a
+        // quote, a space or a JSON escape does.
         assert_eq!(
-            PackageSource::Git {
-                url: "https://me:pw@example.org/pkgs".into()
-            }
-            .to_string(),
-            "the git repository https://***@example.org/pkgs"
+            redact_urls("unable to download 'http://u:p@h:1/f?private_token=s': refused"),
+            "unable to download 'http://***@h:1/f?***': refused"
+        );
+        assert_eq!(
+            redact_urls(r#"{"msg":"error: 'https://h/x?a=1&b=2\"' #frag"}"#),
+            r#"{"msg":"error: 'https://h/x?***\"' #frag"}"#
+        );
+        assert_eq!(
+            redact_urls("https://h/p#access_token=t done"),
+            "https://h/p#*** done"
+        );
+        assert_eq!(redact_urls("https://h/a@b/c"), "https://h/a@b/c");
+        assert_eq!(redact_urls("https://"), "https://");
+    }
+
+    #[test]
+    fn source_urls_show_no_secret_and_no_local_path() {
+        let url = SourceUrl::new("https://me:pw@example.org/pkgs?private_token=t");
+        assert_eq!(
+            PackageSource::Git { url: url.clone() }.to_string(),
+            "the git repository https://***@example.org/pkgs?***"
+        );
+        assert!(!format!("{url:?}").contains("pw"));
+        assert_eq!(
+            url.expose(),
+            "https://me:pw@example.org/pkgs?private_token=t"
+        );
+        // The queue and Nix get the whole URL.
+        let arg = SourceArg::Git {
+            url: url.clone(),
+            rev: "r".into(),
+            git_ref: None,
+        };
+        assert!(serde_json::to_string(&arg).unwrap().contains("me:pw@"));
+        assert!(!format!("{arg:?}").contains("me:pw@"));
+        let error = SourceError::git(
+            &url,
+            "fatal: 'https://me:pw@example.org/pkgs?private_token=t'",
+        );
+        assert!(!error.to_string().contains("pw"), "{error}");
+        assert!(!error.to_string().contains("private_token"), "{error}");
+        for local in ["/srv/pkgs", "./pkgs", "pkgs", "file:///srv/pkgs"] {
+            assert!(SourceUrl::new(local).is_local(), "{local}");
+            assert_eq!(
+                PackageSource::Git { url: local.into() }.to_string(),
+                "a local git repository"
+            );
+        }
+        for remote in ["git@github.com:o/r.git", "https://h/r", "host:r"] {
+            assert!(!SourceUrl::new(remote).is_local(), "{remote}");
+        }
+        assert_eq!(
+            PackageSource::Path("/home/me/pkgs".into()).to_string(),
+            "a local package set"
         );
     }
 }

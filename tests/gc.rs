@@ -27,7 +27,7 @@ use nixery::storage::keys::{
     ManifestKey, ReferrersKey, ServedKey,
 };
 use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
-use nixery::storage::{Check, Download, FsStorage, Listed, S3Storage, Storage, StorageError};
+use nixery::storage::{Check, Download, ETag, FsStorage, Listed, S3Storage, Storage, StorageError};
 
 const DAY: u64 = 86_400;
 
@@ -496,8 +496,13 @@ impl Storage for ReusedMidway {
     async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
         self.inner.put_file(key, path).await
     }
-    async fn replace_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
-        self.inner.replace_file(key, path).await
+    async fn replace_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
+        self.inner.replace_file(key, path, damaged).await
     }
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
         self.inner.check(key, size, hex).await
@@ -556,4 +561,143 @@ async fn what_a_build_reuses_after_the_listing_is_kept() {
     assert_eq!(deleted, expected.difference(&kept).cloned().collect());
     let left = keys(&storage).await;
     assert!(kept.is_subset(&left));
+}
+
+/// Filesystem storage that refuses to say when objects under a prefix
+/// were written, or to delete them, as S3 answers a role without the
+/// right (403).
+struct Refusing {
+    inner: FsStorage,
+    prefix: &'static str,
+    refuse_delete: bool,
+    /// Refusing from now on (not while the scenario is set up).
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Refusing {
+    fn refused(&self, key: &str, operation: &'static str) -> Result<(), StorageError> {
+        if self.armed.load(std::sync::atomic::Ordering::Relaxed) && key.starts_with(self.prefix) {
+            return Err(StorageError::Backend {
+                key: key.to_string(),
+                operation,
+                message: "AccessDenied (injected)".to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Storage for Refusing {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        self.inner.head(key).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
+        self.inner.put_file(key, path).await
+    }
+    async fn replace_file(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
+        self.inner.replace_file(key, path, damaged).await
+    }
+    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+        self.inner.check(key, size, hex).await
+    }
+    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
+        self.inner.download(key).await
+    }
+    fn local_staging_dir(&self) -> Option<PathBuf> {
+        self.inner.local_staging_dir()
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        if self.refuse_delete {
+            self.refused(key, "DeleteObject")?;
+        }
+        self.inner.delete(key).await
+    }
+    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        if !self.refuse_delete {
+            self.refused(key, "HeadObject")?;
+        }
+        self.inner.modified(key).await
+    }
+}
+
+#[tokio::test]
+async fn an_object_gc_cannot_look_at_is_kept_and_the_rest_still_goes() {
+    let root = tempfile::tempdir().unwrap();
+    let files = Files {
+        root: root.path().to_path_buf(),
+    };
+    let storage = Refusing {
+        inner: FsStorage::open(root.path()).unwrap(),
+        prefix: "served/",
+        refuse_delete: false,
+        armed: false.into(),
+    };
+    let expected = scenario(&storage, &files).await;
+    storage
+        .armed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = collect(&storage, &settings(false), unix_now())
+        .await
+        .expect("one object it cannot look at does not stop the collection");
+    let refused = served_key("unused");
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert_eq!(report.failed[0].0, refused);
+    let deleted: BTreeSet<String> = report.deleted.iter().map(|o| o.key.clone()).collect();
+    let mut rest = expected.clone();
+    rest.remove(&refused);
+    assert_eq!(deleted, rest);
+    nothing_lost(&storage).await;
+}
+
+#[tokio::test]
+async fn an_image_record_gc_cannot_delete_keeps_everything_it_names() {
+    let root = tempfile::tempdir().unwrap();
+    let files = Files {
+        root: root.path().to_path_buf(),
+    };
+    let storage = Refusing {
+        inner: FsStorage::open(root.path()).unwrap(),
+        prefix: "images/",
+        refuse_delete: true,
+        armed: false.into(),
+    };
+    scenario(&storage, &files).await;
+    storage
+        .armed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = keys(&storage).await;
+    // The collection counted on the expired records being gone: it stops.
+    assert!(collect(&storage, &settings(false), unix_now())
+        .await
+        .is_err());
+    let after = keys(&storage).await;
+    assert!(
+        after
+            .iter()
+            .all(|k| !k.starts_with("blobs/") || before.contains(k))
+            && before
+                .iter()
+                .filter(|k| k.starts_with("blobs/") || k.starts_with("manifests/"))
+                .all(|k| after.contains(k)),
+        "gc deleted what a record it could not delete names"
+    );
+    nothing_lost(&storage).await;
 }

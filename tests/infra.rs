@@ -665,6 +665,80 @@ fn the_worker_cannot_overwrite_a_blob_or_delete_outside_staging() {
     }
 }
 
+/// The fenced JSON block of a document between `<!-- name:begin -->` and
+/// `<!-- name:end -->`.
+fn doc_json(doc: &str, name: &str) -> Value {
+    let text = std::fs::read_to_string(repo().join(doc)).unwrap();
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let block = text
+        .split_once(&begin)
+        .and_then(|(_, rest)| rest.split_once(&end))
+        .unwrap_or_else(|| panic!("{doc} has no {begin} ... {end} block"))
+        .0;
+    let json = block
+        .split_once("```json")
+        .and_then(|(_, rest)| rest.rsplit_once("```"))
+        .unwrap_or_else(|| panic!("{doc}: the {name} block is no fenced JSON"))
+        .0;
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{doc}: the {name} block: {e}"))
+}
+
+/// A template value with the bucket's ARN written as the docs write it.
+fn with_bucket_placeholder(v: &Value) -> Value {
+    const ARN: &str = "arn:aws:s3:::<bucket>";
+    match v {
+        Value::Object(o) if o.len() == 1 && o.contains_key("Fn::Sub") => {
+            let sub = o["Fn::Sub"].as_str().expect("a plain Fn::Sub string");
+            Value::String(sub.replace("${ImageBucket.Arn}", ARN))
+        }
+        Value::Object(_) if get_att(v) == Some(("ImageBucket", "Arn")) => Value::String(ARN.into()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), with_bucket_placeholder(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(with_bucket_placeholder).collect()),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn the_docs_quote_the_workers_storage_statements_word_for_word() {
+    let s3: Vec<Value> = statements("WorkerTaskRole")
+        .into_iter()
+        .filter(|s| actions(s).iter().all(|a| a.starts_with("s3:")))
+        .map(with_bucket_placeholder)
+        .collect();
+    let content_addressed: Vec<Value> = s3
+        .iter()
+        .filter(|s| {
+            actions(s).contains(&"s3:PutObject")
+                && (s["Resource"].to_string().contains("/blobs/")
+                    || s["Resource"].to_string().contains("/manifests/"))
+        })
+        .cloned()
+        .collect();
+    assert!(content_addressed.len() >= 2, "{s3:?}");
+    assert_eq!(
+        doc_json("docs/security.md", "worker-content-addressed-statements"),
+        Value::Array(content_addressed),
+        "docs/security.md quotes other statements than infra/template.yaml has"
+    );
+    let outside = doc_json("docs/deploy.md", "outside-worker-policy");
+    let outside_s3: Vec<Value> = outside["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| actions(s).iter().all(|a| a.starts_with("s3:")))
+        .cloned()
+        .collect();
+    assert_eq!(
+        outside_s3, s3,
+        "docs/deploy.md's policy for a worker outside AWS differs from the worker role's"
+    );
+}
+
 #[test]
 fn only_the_function_reads_the_htpasswd_file_and_the_token_key() {
     let secrets = json!({ "Fn::Sub": "${ImageBucket.Arn}/auth/*" });
@@ -2099,7 +2173,35 @@ fn the_worker_image_runs_nixery_worker() {
         "import {}/nix/worker-image-config.nix",
         repo().display()
     ));
-    assert_eq!(config["Entrypoint"], json!(["/bin/nixery", "worker"]));
+    // The entrypoint keeps builders off the host's own services where it
+    // may, then is `nixery worker`.
+    assert_eq!(config["Entrypoint"], json!(["/bin/nixery-worker-start"]));
+    let start = std::fs::read_to_string(repo().join("nix/worker-start.sh")).unwrap();
+    let lines: Vec<&str> = start
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "/bin/isolate-builders nixbld || true",
+            "exec /bin/nixery worker \"$@\""
+        ]
+    );
+    let worker = std::fs::read_to_string(repo().join("nix/worker.nix")).unwrap();
+    for installed in [
+        "${./isolate-builders.sh} $out/bin/isolate-builders",
+        "${./worker-start.sh} $out/bin/nixery-worker-start",
+        "pkgs.iptables",
+    ] {
+        assert!(
+            worker.contains(installed),
+            "nix/worker.nix lacks {installed}"
+        );
+    }
+    for script in ["nix/worker-start.sh", "nix/isolate-builders.sh"] {
+        assert_success(Command::new("sh").arg("-n").arg(repo().join(script)));
+    }
     let env: Vec<&str> = config["Env"]
         .as_array()
         .unwrap()

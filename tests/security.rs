@@ -277,6 +277,13 @@ async fn a_damaged_layer_is_never_served_and_is_rebuilt_on_the_filesystem() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
+    // Unknown, or (a large layer, verified as it streams) cut short; then
+    // unknown from then on.
+    let (status, body) = pull_blob(&server, "shell/hello", &layer).await;
+    assert!(
+        status == StatusCode::NOT_FOUND || body.is_none(),
+        "damaged bytes were served whole"
+    );
     let (status, body) = error_of(&server, &format!("/v2/shell/hello/blobs/{layer}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["errors"][0]["code"], "BLOB_UNKNOWN");
@@ -395,5 +402,292 @@ async fn outputs_that_are_not_store_paths_never_reach_nix_as_options() {
         server.log().contains("does not evaluate to store paths"),
         "{}",
         server.log()
+    );
+}
+
+/// Every file under `dir`, as text (for looking for secrets at rest).
+fn all_text_under(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                text.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+    text
+}
+
+/// What a visitor, a puller and the operator's log can see: the landing
+/// page, `/api/builds`, the error of a pull of `name`, the log, and what
+/// the build status keeps in storage.
+async fn everything_shown(server: &Server, name: &str) -> String {
+    let landing = reqwest::get(server.url("/")).await.unwrap();
+    assert_eq!(landing.status(), StatusCode::OK);
+    let mut shown = landing.text().await.unwrap();
+    let pull = reqwest::get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .await
+        .unwrap();
+    assert!(!pull.status().is_success(), "{name} was built");
+    shown.push_str(&pull.text().await.unwrap());
+    let builds: Value = reqwest::get(server.url("/api/builds"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for build in builds["builds"].as_array().unwrap() {
+        let one =
+            reqwest::get(server.url(&format!("/api/builds/{}", build["key"].as_str().unwrap())))
+                .await
+                .unwrap();
+        shown.push_str(&one.text().await.unwrap());
+    }
+    shown.push_str(&builds.to_string());
+    shown.push_str(&server.log());
+    shown.push_str(&all_text_under(&server.storage));
+    shown
+}
+
+#[tokio::test]
+async fn credentials_in_the_package_repository_url_are_shown_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: git fails, and says which URL it tried.
+    let url = "https://pkguser:usersecret@127.0.0.1:1/pkgs.git?private_token=querysecret";
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", url)],
+    );
+    let shown = everything_shown(&server, "hello").await;
+    for secret in ["usersecret", "querysecret", "pkguser"] {
+        assert!(!shown.contains(secret), "{secret} is shown:\n{shown}");
+    }
+    // The rest of the URL is still there to tell sources apart.
+    let landing = reqwest::get(server.url("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(landing.contains("127.0.0.1:1/pkgs.git"), "{landing}");
+}
+
+#[tokio::test]
+async fn credentials_in_urls_nix_quotes_are_shown_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(
+        dir.path(),
+        serde_json::json!({
+            "fetchUrl": "http://pkguser:usersecret@127.0.0.1:1/file?private_token=querysecret",
+        }),
+    );
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let shown = everything_shown(&server, "fetches").await;
+    // Nix's reason is still given, with the URL's host.
+    assert!(shown.contains("restricted mode"), "{shown}");
+    assert!(shown.contains("127.0.0.1:1/file"), "{shown}");
+    for secret in ["usersecret", "querysecret", "pkguser"] {
+        assert!(!shown.contains(secret), "{secret} is shown:\n{shown}");
+    }
+}
+
+#[tokio::test]
+async fn a_local_package_set_is_shown_without_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(dir.path(), serde_json::json!({}));
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let landing = reqwest::get(server.url("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(landing.contains("a local package set"), "{landing}");
+    assert!(!landing.contains(pkgs.to_str().unwrap()), "{landing}");
+    let (_, body) = error_of(&server, "/v2/escape/manifests/latest").await;
+    assert!(!body.to_string().contains(pkgs.to_str().unwrap()), "{body}");
+}
+
+/// Flips one byte in the middle of a file in place, keeping its size and
+/// times, as bit rot on a disk would.
+fn rot(path: &std::path::Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let before = std::fs::metadata(path).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let at = before.len() / 2;
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.read_exact(&mut byte).unwrap();
+    file.seek(SeekFrom::Start(at)).unwrap();
+    file.write_all(&[byte[0] ^ 0x20]).unwrap();
+    file.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(before.modified().unwrap())
+            .set_accessed(before.accessed().unwrap()),
+    )
+    .unwrap();
+}
+
+/// A blob as a client gets it: the status, and the body if it arrived
+/// whole (`None`: cut short).
+async fn pull_blob(server: &Server, name: &str, digest: &str) -> (StatusCode, Option<Vec<u8>>) {
+    let response = reqwest::get(server.url(&format!("/v2/{name}/blobs/{digest}")))
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.bytes().await.ok().map(|b| b.to_vec()))
+}
+
+#[tokio::test]
+async fn bit_rot_in_a_stored_blob_is_never_served_and_a_later_build_repairs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let server = Server::start_with(&storage, &[UNCACHED]);
+    let name = "shell/hello";
+    let manifest: Value = reqwest::get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // A small blob (the config, read whole) and a large one (the largest
+    // layer, streamed).
+    let config = manifest["config"]["digest"].as_str().unwrap().to_string();
+    let largest = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap();
+    assert!(largest["size"].as_u64().unwrap() > 256 << 10, "{manifest}");
+    let layer = largest["digest"].as_str().unwrap().to_string();
+    let file_of = |digest: &str| {
+        storage
+            .join("blobs/sha256")
+            .join(&digest["sha256:".len()..])
+    };
+
+    for digest in [&config, &layer] {
+        // Served whole while good (and so known good once).
+        let (status, body) = pull_blob(&server, name, digest).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(nixery::oci::digest::sha256_digest(&body.unwrap()), *digest);
+
+        rot(&file_of(digest));
+        let (status, body) = pull_blob(&server, name, digest).await;
+        if status == StatusCode::OK {
+            if let Some(body) = body {
+                assert_eq!(
+                    nixery::oci::digest::sha256_digest(&body),
+                    *digest,
+                    "damaged bytes were served whole as a 200"
+                );
+            }
+        }
+        // Moved aside: unknown to clients from now on.
+        assert!(!file_of(digest).exists(), "{digest} is still in place");
+        let (status, _) = pull_blob(&server, name, digest).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{digest}");
+    }
+    let aside = std::fs::read_dir(storage.join("staging"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("damaged-")
+        })
+        .count();
+    assert_eq!(aside, 2);
+
+    // The next build of the image stores both again.
+    for entry in std::fs::read_dir(storage.join("images")).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let again = reqwest::get(server.url(&format!("/v2/{name}/manifests/latest")))
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    for digest in [&config, &layer] {
+        let (status, body) = pull_blob(&server, name, digest).await;
+        assert_eq!(status, StatusCode::OK, "{digest} was not stored again");
+        assert_eq!(nixery::oci::digest::sha256_digest(&body.unwrap()), *digest);
+    }
+}
+
+/// A service on the build host's loopback that answers every request with
+/// `secret`; how many connections it accepted.
+async fn host_service(secret: String) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let secret = secret.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let answer = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{secret}",
+                    secret.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_output_builder_cannot_reach_services_on_the_build_host() {
+    let secret = format!("host-secret-{}", unique());
+    let (port, accepted) = host_service(secret.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(
+        dir.path(),
+        serde_json::json!({
+            "phoneHomePort": port,
+            "salt": unique(),
+        }),
+    );
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[("NIXERY_PKGS_PATH", pkgs.to_str().unwrap())],
+    );
+    let shown = everything_shown(&server, "phonehome").await;
+    assert!(
+        !shown.contains(&secret),
+        "the host's secret is shown:\n{shown}"
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a builder reached a service on the host's loopback \
+         (nix/isolate-builders.sh, run by .ci/setup as root, blocks it)"
+    );
+    assert!(
+        shown.contains("phonehome could not fetch"),
+        "the builder did not run as expected:\n{shown}"
     );
 }

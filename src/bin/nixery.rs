@@ -90,6 +90,9 @@ async fn collect_garbage(config: GcConfig) -> anyhow::Result<()> {
     for key in &report.unreadable {
         println!("kept unreadable {key}");
     }
+    for (key, error) in &report.failed {
+        println!("could not delete {key}: {error}");
+    }
     println!(
         "{verb} {} of {} objects, {} bytes; {} unused images",
         report.deleted.len(),
@@ -104,7 +107,13 @@ async fn collect_garbage(config: GcConfig) -> anyhow::Result<()> {
         bytes = report.bytes(),
         images_expired = report.images_expired,
         unreadable = report.unreadable.len(),
+        failed = report.failed.len(),
         "garbage collected"
+    );
+    anyhow::ensure!(
+        report.failed.is_empty(),
+        "{} objects could not be collected (listed above)",
+        report.failed.len()
     );
     Ok(())
 }

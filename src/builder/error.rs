@@ -108,7 +108,7 @@ impl BuildError {
             }),
             BuildError::Nix(NixError::Failed { command, message }) => failed(Failure::Build {
                 // Nix quotes fetchers' URLs, which may carry a token.
-                message: format!("{command}: {}", crate::source::redact_userinfo(message)),
+                message: format!("{command}: {}", crate::source::redact_urls(message)),
             }),
             BuildError::Nix(NixError::Timeout { command, seconds }) => failed(Failure::Build {
                 message: format!("{command} was stopped after {seconds} s"),

@@ -330,10 +330,16 @@ impl Nix {
                 let mut stderr = BufReader::new(stderr).lines();
                 let mut kept = std::collections::VecDeque::new();
                 while let Ok(Some(line)) = stderr.next_line().await {
+                    // Nix quotes fetchers' URLs, which may carry tokens:
+                    // nothing after this point (logs, errors, the build
+                    // status) sees them.
+                    let line = crate::source::redact_urls(&line);
                     tracing::debug!(command = name, "{line}");
-                    let Some(mut line) = lines(line) else {
+                    let Some(wanted) = lines(line) else {
                         continue;
                     };
+                    // Again: `lines` may have decoded it from JSON.
+                    let mut line = crate::source::redact_urls(&wanted);
                     if line.len() > MAX_LINE {
                         let mut cut = MAX_LINE;
                         while !line.is_char_boundary(cut) {
@@ -473,7 +479,7 @@ fn restrict(command: &mut Command, source: &SourceArg) {
             command.arg("-I").arg(path);
             return;
         }
-        SourceArg::Git { url, .. } => url.clone(),
+        SourceArg::Git { url, .. } => url.expose().to_string(),
         SourceArg::Channel { name } => format!("https://nixos.org/channels/{name}/"),
         SourceArg::Commit { rev } => {
             format!("https://github.com/NixOS/nixpkgs/archive/{rev}.tar.gz")

@@ -101,7 +101,7 @@ impl Objects {
                     return Ok((record, true));
                 }
                 Check::Absent => {}
-                Check::Corrupt => {
+                Check::Corrupt(_) => {
                     tracing::warn!(image, layer = %key, digest = %record.digest, "stored layer is damaged; packing it again");
                 }
             }
@@ -208,16 +208,13 @@ impl Objects {
 
     /// The one way a content-addressed object (a layer, a config, a
     /// manifest) reaches storage: kept if the stored object is good,
-    /// created if absent, replaced if found corrupt; never overwritten
-    /// otherwise. `true`: written. A small object found good is written
-    /// again with the same bytes, which tells garbage collection a build
-    /// relies on it (a layer's record does that for the layer).
+    /// created if absent, replaced if found corrupt (over that damaged
+    /// version only); never overwritten otherwise. `true`: written.
     async fn store_blob(&self, key: &str, blob: Blob) -> Result<bool, BuildError> {
         let (digest, size) = match &blob {
             Blob::File { packed, .. } => (packed.digest.clone(), packed.size),
             Blob::Bytes { digest, bytes } => (digest.clone(), bytes.len() as u64),
         };
-        let small = matches!(blob, Blob::Bytes { .. });
         // Small objects take the same way as files, so that every write of
         // a content-addressed key is a conditional one.
         let path = match blob {
@@ -242,19 +239,20 @@ impl Objects {
                 return Err(error.into());
             }
         };
-        // Each consumes the file, whatever the outcome.
+        let written = found != Check::Good;
+        // Each consumes the file, whatever the outcome. A good object is
+        // never written over (storage offers no way to), small or not.
         match found {
-            Check::Good if small => self.storage.replace_file(key, &path).await?,
             Check::Good => {
                 let _ = tokio::fs::remove_file(&path).await;
             }
             Check::Absent => self.storage.put_file(key, &path).await?,
-            Check::Corrupt => {
+            Check::Corrupt(damaged) => {
                 tracing::warn!(%digest, key, "stored object is damaged; writing it again");
-                self.storage.replace_file(key, &path).await?
+                self.storage.replace_file(key, &path, &damaged).await?
             }
         }
-        Ok(found != Check::Good)
+        Ok(written)
     }
 
     /// A fresh path for a file bound for storage.

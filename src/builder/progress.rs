@@ -149,7 +149,7 @@ impl NixLog {
         if line.is_empty() {
             return;
         }
-        let mut line = crate::source::redact_userinfo(line);
+        let mut line = crate::source::redact_urls(line);
         if let Some((cut, _)) = line.char_indices().nth(LOG_LINE_CHARS) {
             line.truncate(cut);
             line.push_str(" [...]");

@@ -13,7 +13,7 @@ use super::fake::{store_path, FakeStore};
 use super::*;
 use crate::source::SourceArg;
 use crate::storage::keys::{BlobKey, ManifestKey, Parsed};
-use crate::storage::{Check, Download, Listed, MemoryStorage, StorageError};
+use crate::storage::{Check, Download, ETag, Listed, MemoryStorage, StorageError};
 
 /// Memory storage that notes every key written, in order.
 #[derive(Debug, Default)]
@@ -52,9 +52,14 @@ impl Storage for Recording {
         self.wrote(key);
         self.inner.put_file(key, path).await
     }
-    async fn replace_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+    async fn replace_file(
+        &self,
+        key: &str,
+        path: &Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
         self.wrote(key);
-        self.inner.replace_file(key, path).await
+        self.inner.replace_file(key, path, damaged).await
     }
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
         self.inner.check(key, size, hex).await

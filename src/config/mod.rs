@@ -724,7 +724,9 @@ impl SourceArgs {
         if let Some(path) = &choice.pkgs_path {
             PackageSource::Path(path.clone())
         } else if let Some(url) = &choice.pkgs_repo {
-            PackageSource::Git { url: url.clone() }
+            PackageSource::Git {
+                url: url.as_str().into(),
+            }
         } else {
             PackageSource::Channel {
                 name: choice.channel.clone(),

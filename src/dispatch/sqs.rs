@@ -601,8 +601,9 @@ mod tests {
             &self,
             key: &str,
             path: &std::path::Path,
+            damaged: &crate::storage::ETag,
         ) -> Result<(), StorageError> {
-            self.inner.replace_file(key, path).await
+            self.inner.replace_file(key, path, damaged).await
         }
         async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
             self.inner.check(key, size, hex).await

@@ -114,7 +114,15 @@ impl Worker {
                 match serde_json::from_str::<GitMessage>(body) {
                     Ok(GitMessage { lookup }) => self.answer_git(&lookup).await,
                     Err(_) => {
-                        tracing::error!(error = %build_error, body, "dropping a message that is not a build request")
+                        // A message (and serde's error, which quotes it)
+                        // may hold a source's URL, with its token.
+                        let body = crate::source::redact_urls(body);
+                        let error = crate::source::redact_urls(&build_error.to_string());
+                        tracing::error!(
+                            error,
+                            body,
+                            "dropping a message that is not a build request"
+                        )
                     }
                 }
                 self.delete(&message.receipt).await;
@@ -194,7 +202,7 @@ impl Worker {
     /// the answer stored where the registry looks for it.
     async fn answer_git(&self, lookup: &GitLookup) {
         let result = self.git.resolve(lookup).await;
-        tracing::info!(url = %crate::source::redact_userinfo(&lookup.url), tag = %lookup.tag, ok = result.is_ok(), "git lookup answered");
+        tracing::info!(url = %lookup.url, tag = %lookup.tag, ok = result.is_ok(), "git lookup answered");
         let answer = GitAnswer { at: now(), result };
         let key = git_answer_key(lookup);
         if let Err(error) = records::write(self.builder.storage(), &key, &answer).await {

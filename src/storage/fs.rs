@@ -6,16 +6,35 @@
 //! renamed (or linked) to its key, and the directory entry is flushed too:
 //! a crash or power loss leaves the old object or the new one under a key,
 //! never a partial one, and nothing once reported written is lost.
+//!
+//! Blobs are verified every time they are served, because a disk can rot
+//! a file without changing its size or times. A small one (a config) is
+//! read whole and hashed before a byte goes out. A large one (a layer) is
+//! streamed while a verification pass hashes the same file beside it; the
+//! stream holds back its last piece until the pass says the file is good,
+//! and on a mismatch ends with an error instead, so the client never gets
+//! damaged bytes as a complete answer. Reads that start while a pass runs,
+//! or while reads that relied on it are still streaming (up to
+//! [`PASS_SHARED_FOR`] after it ended), share it: a layer pulled by many
+//! clients at once is hashed once, and a read that starts after the others
+//! ended hashes the file again. A damaged blob is moved aside to
+//! `staging/damaged-<hex>-...` (garbage collection deletes it), so it is
+//! unknown from then on and the next build that needs it stores it again.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    check_key, check_prefix, digest_of_key, hash_file, unique_name, Check, Download, Listed,
-    Storage, StorageError,
+    check_key, check_prefix, claimed_digest, digest_of_key, hash_file, is_its_digest, unique_name,
+    Check, Download, ETag, Listed, Storage, StorageError,
 };
 
 const STAGING: &str = "staging";
@@ -23,13 +42,33 @@ const STAGING: &str = "staging";
 #[derive(Debug)]
 pub struct FsStorage {
     root: PathBuf,
-    /// Blobs whose digest was checked before serving: path -> (size,
-    /// modification time) then. A blob changed since is checked again.
-    verified: std::sync::Mutex<std::collections::HashMap<PathBuf, (u64, std::time::SystemTime)>>,
+    /// Verification passes of large blobs being served, by file (device,
+    /// inode): alive while the pass runs or a read relying on it streams.
+    passes: std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<Pass>>>,
+    /// How many times a blob was hashed to be served.
+    hashes: Arc<AtomicU64>,
+    /// Held while a damaged object is replaced or moved aside.
+    replacing: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// The most blobs remembered as verified (then the memory starts over).
-const VERIFIED_MAX: usize = 65_536;
+/// One verification pass over a large blob: `None` while it hashes, then
+/// whether the file was good and when that was known.
+type Verdict = Option<(bool, Instant)>;
+
+/// A verification pass, held by the task that runs it and by every read
+/// that relies on it.
+#[derive(Debug)]
+struct Pass {
+    verdict: watch::Receiver<Verdict>,
+}
+
+/// How long after a pass ends a read that starts while others still
+/// stream may rely on it instead of hashing the file again: so that a
+/// blob read without pause is still hashed every few moments.
+pub const PASS_SHARED_FOR: Duration = Duration::from_secs(2);
+
+/// Pieces a large blob is streamed in.
+const STREAM_PIECE: usize = 256 << 10;
 
 /// Blobs up to this size (configs, small layers) are read whole, in one
 /// trip to a blocking thread, and checked in memory; larger ones are
@@ -48,7 +87,9 @@ impl FsStorage {
         })?;
         Ok(FsStorage {
             root,
-            verified: std::sync::Mutex::default(),
+            passes: std::sync::Mutex::default(),
+            hashes: Arc::default(),
+            replacing: Arc::default(),
         })
     }
 
@@ -85,49 +126,76 @@ impl FsStorage {
         sync_parent(path).await.map_err(|e| io(key, e))
     }
 
-    /// Whether a blob about to be served is the one its key names; a blob
-    /// once found good is not hashed again until it changes. `data`: the
-    /// whole blob, when it was read already.
-    async fn verified(
+    /// How many times a blob was hashed to be served (small ones on every
+    /// read; large ones once per verification pass, which reads that
+    /// start together share).
+    pub fn blob_hashes(&self) -> u64 {
+        self.hashes.load(Ordering::Relaxed)
+    }
+
+    /// The verification pass a read of this large blob relies on: one
+    /// that runs, or that reads still streaming relied on (and ended
+    /// lately), or a new one over `file` (the very file the read has open).
+    fn pass_for(
         &self,
         key: &str,
-        path: &Path,
+        hex: &str,
+        file: &std::fs::File,
         meta: &std::fs::Metadata,
-        data: Option<&[u8]>,
-    ) -> bool {
-        let Some(hex) = digest_of_key(key) else {
-            return true;
+    ) -> Arc<Pass> {
+        use std::os::unix::fs::MetadataExt;
+        let id = (meta.dev(), meta.ino());
+        let mut passes = self.passes.lock().expect("never poisoned");
+        let fresh = |pass: &Arc<Pass>| match *pass.verdict.borrow() {
+            None => true,
+            Some((_, at)) => at.elapsed() < PASS_SHARED_FOR,
         };
-        let stamp = (meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
-        if self.verified.lock().expect("never poisoned").get(path) == Some(&stamp) {
-            return true;
+        if let Some(pass) = passes.get(&id).and_then(std::sync::Weak::upgrade) {
+            if fresh(&pass) {
+                return pass;
+            }
         }
-        let found = match data {
-            Some(data) => Ok(crate::oci::digest::sha256_hex(data)),
-            None => hash_file(path).await,
-        };
-        match found {
-            Ok(found) if found == hex => {
-                let mut verified = self.verified.lock().expect("never poisoned");
-                if verified.len() >= VERIFIED_MAX {
-                    verified.clear();
+        passes.retain(|_, pass| pass.strong_count() > 0);
+        let (tell, verdict) = watch::channel(None);
+        let pass = Arc::new(Pass { verdict });
+        passes.insert(id, Arc::downgrade(&pass));
+        let running = pass.clone();
+        let checked = file.try_clone();
+        let (key, hex, size) = (key.to_string(), hex.to_string(), meta.len());
+        let (root, hashes) = (self.root.clone(), self.hashes.clone());
+        let (replacing, meta) = (self.replacing.clone(), meta.clone());
+        tokio::spawn(async move {
+            hashes.fetch_add(1, Ordering::Relaxed);
+            let found = match checked {
+                Ok(file) => tokio::task::spawn_blocking(move || hash_open_file(&file, size))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|found| found),
+                Err(error) => Err(error),
+            };
+            let good = match found {
+                Ok(found) if found == hex => true,
+                Ok(found) => {
+                    tracing::error!(
+                        key,
+                        found,
+                        "stored blob does not match its digest; moved aside"
+                    );
+                    let _one_at_a_time = replacing.lock().await;
+                    move_aside(&root, &key, &meta).await;
+                    false
                 }
-                verified.insert(path.to_path_buf(), stamp);
-                true
-            }
-            Ok(found) => {
-                tracing::error!(
-                    key,
-                    found,
-                    "stored blob does not match its digest; not serving it"
-                );
-                false
-            }
-            Err(error) => {
-                tracing::error!(key, %error, "stored blob unreadable; not serving it");
-                false
-            }
-        }
+                Err(error) => {
+                    tracing::error!(key, %error, "stored blob unreadable; not serving it");
+                    false
+                }
+            };
+            // Let go first: with no read streaming, the next read hashes
+            // the file again.
+            drop(running);
+            let _ = tell.send(Some((good, Instant::now())));
+        });
+        pass
     }
 
     /// `data` in a new file under `staging/`, flushed to disk.
@@ -151,6 +219,28 @@ impl FsStorage {
     }
 }
 
+/// Which file is under a key: its device, inode, size and times. A file
+/// moved into place is another inode, so this names one version of it.
+fn identity(meta: &std::fs::Metadata) -> ETag {
+    use std::os::unix::fs::MetadataExt;
+    ETag::new(format!(
+        "{}:{}:{}:{}.{}:{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    ))
+}
+
+/// [`StorageError::NotItsDigest`] unless the file is what `key` names.
+async fn verify_file(key: &str, file: &Path) -> Result<(), StorageError> {
+    let found = hash_file(file).await.map_err(|e| io(key, e))?;
+    is_its_digest(key, &found)
+}
+
 /// Flushes a file's bytes to disk.
 async fn sync_file(path: &Path) -> std::io::Result<()> {
     let path = path.to_path_buf();
@@ -166,6 +256,97 @@ async fn sync_parent(path: &Path) -> std::io::Result<()> {
         Some(dir) => sync_file(dir).await,
         None => Ok(()),
     }
+}
+
+/// The sha256 of the first `size` bytes of an open file, read with
+/// `pread` so that the file's own position (a stream's) is untouched.
+fn hash_open_file(file: &std::fs::File, size: u64) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let want = buf.len().min((size - at) as usize);
+        let n = file.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            return Err(std::io::Error::from(ErrorKind::UnexpectedEof));
+        }
+        hash.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hex::encode(hash.finalize()))
+}
+
+/// Moves a damaged blob out of its key, to `staging/damaged-<hex>-...`,
+/// if the file there is still the one found damaged (`meta`). Garbage
+/// collection deletes it in time; meanwhile it is there to look at.
+async fn move_aside(root: &Path, key: &str, meta: &std::fs::Metadata) {
+    let path = root.join(key);
+    match tokio::fs::metadata(&path).await {
+        Ok(now) if identity(&now) == identity(meta) => {}
+        _ => return, // gone, or replaced already
+    }
+    let hex = digest_of_key(key).unwrap_or("object");
+    let aside = root
+        .join(STAGING)
+        .join(unique_name(&format!("damaged-{hex}")));
+    match tokio::fs::rename(&path, &aside).await {
+        Ok(()) => {
+            let _ = sync_parent(&path).await;
+        }
+        Err(error) => tracing::error!(key, %error, "moving a damaged blob aside failed"),
+    }
+}
+
+/// A large blob as a stream of pieces of `file`, `size` bytes in all; the
+/// last piece goes out only once `pass` found the file good, and an error
+/// goes instead if it did not.
+fn verified_stream(
+    file: tokio::fs::File,
+    size: u64,
+    pass: Arc<Pass>,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+    use tokio::io::AsyncReadExt;
+    let verdict = pass.verdict.clone();
+    // The pass is held (`pass`) as long as this stream is.
+    let state = (file, size, (verdict, pass), false);
+    futures_util::stream::unfold(
+        state,
+        |(mut file, left, (mut verdict, pass), done)| async move {
+            if done || left == 0 {
+                return None;
+            }
+            let mut piece = vec![0; STREAM_PIECE.min(left as usize)];
+            let read = match file.read_exact(&mut piece).await {
+                Ok(_) => Ok(piece.len() as u64),
+                Err(e) => Err(e),
+            };
+            let left = match read {
+                Ok(n) => left - n,
+                Err(e) => return Some((Err(e), (file, 0, (verdict, pass), true))),
+            };
+            if left > 0 {
+                return Some((
+                    Ok(bytes::Bytes::from(piece)),
+                    (file, left, (verdict, pass), false),
+                ));
+            }
+            let good = verdict
+                .wait_for(Option::is_some)
+                .await
+                .is_ok_and(|v| matches!(*v, Some((true, _))));
+            let last = if good {
+                Ok(bytes::Bytes::from(piece))
+            } else {
+                Err(std::io::Error::new(
+                    ErrorKind::InvalidData,
+                    "the stored blob does not match its digest",
+                ))
+            };
+            Some((last, (file, 0, (verdict, pass), true)))
+        },
+    )
 }
 
 /// Opens a blob, and reads it whole if it is small.
@@ -250,17 +431,47 @@ impl Storage for FsStorage {
     }
 
     async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
-        let path = match self.path(key) {
-            Ok(path) => path,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(file).await;
-                return Err(e);
-            }
-        };
         let result = async {
+            let path = self.path(key)?;
+            claimed_digest(key)?;
             // Create only: an object already in place is kept.
             if tokio::fs::try_exists(&path).await.map_err(|e| io(key, e))? {
                 return Ok(());
+            }
+            verify_file(key, file).await?;
+            self.move_into_place(key, file, &path).await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(file).await;
+        result
+    }
+
+    async fn replace_file(
+        &self,
+        key: &str,
+        file: &Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
+        let result = async {
+            let path = self.path(key)?;
+            claimed_digest(key)?;
+            verify_file(key, file).await?;
+            // One replacement at a time in this process, so that the object
+            // looked at is the one replaced.
+            let _one_at_a_time = self.replacing.lock().await;
+            match tokio::fs::metadata(&path).await {
+                Ok(meta) if identity(&meta) == *damaged => {}
+                Ok(_) => {
+                    return Err(StorageError::Changed {
+                        key: key.to_string(),
+                    })
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(StorageError::Changed {
+                        key: key.to_string(),
+                    })
+                }
+                Err(e) => return Err(io(key, e)),
             }
             self.move_into_place(key, file, &path).await
         }
@@ -269,28 +480,19 @@ impl Storage for FsStorage {
         result
     }
 
-    async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
-        let result = match self.path(key) {
-            Ok(path) => self.move_into_place(key, file, &path).await,
-            Err(e) => Err(e),
-        };
-        let _ = tokio::fs::remove_file(file).await;
-        result
-    }
-
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
         let path = self.path(key)?;
-        match tokio::fs::metadata(&path).await {
-            Ok(meta) if meta.len() == size => {}
-            Ok(_) => return Ok(Check::Corrupt),
+        let meta = match tokio::fs::metadata(&path).await {
+            Ok(meta) => meta,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Check::Absent),
             Err(e) => return Err(io(key, e)),
-        }
-        let found = hash_file(&path).await.map_err(|e| io(key, e))?;
-        Ok(if found == hex {
+        };
+        let found = identity(&meta);
+        let good = meta.len() == size && hash_file(&path).await.map_err(|e| io(key, e))? == hex;
+        Ok(if good {
             Check::Good
         } else {
-            Check::Corrupt
+            Check::Corrupt(found)
         })
     }
 
@@ -307,16 +509,38 @@ impl Storage for FsStorage {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(key, e)),
         };
-        // A damaged blob is never served: to the client it does not exist,
-        // and the next build that needs it writes it again.
-        if !self.verified(key, &path, &meta, whole.as_deref()).await {
-            return Ok(None);
-        }
         let size = meta.len();
+        let Some(hex) = digest_of_key(key) else {
+            let body: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> = match whole {
+                Some(data) => Box::pin(std::io::Cursor::new(data)),
+                None => Box::pin(tokio::fs::File::from_std(file)),
+            };
+            return Ok(Some(Download::Stream { size, body }));
+        };
         let body: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> = match whole {
-            // The bytes that were checked are the bytes served.
-            Some(data) => Box::pin(std::io::Cursor::new(data)),
-            None => Box::pin(tokio::fs::File::from_std(file)),
+            // Small: the bytes that were checked are the bytes served. A
+            // damaged one does not exist for the client, and the next
+            // build that needs it writes it again.
+            Some(data) => {
+                self.hashes.fetch_add(1, Ordering::Relaxed);
+                let found = crate::oci::digest::sha256_hex(&data);
+                if found != hex {
+                    tracing::error!(
+                        key,
+                        found,
+                        "stored blob does not match its digest; moved aside"
+                    );
+                    let _one_at_a_time = self.replacing.lock().await;
+                    move_aside(&self.root, key, &meta).await;
+                    return Ok(None);
+                }
+                Box::pin(std::io::Cursor::new(data))
+            }
+            None => {
+                let pass = self.pass_for(key, hex, &file, &meta);
+                let stream = verified_stream(tokio::fs::File::from_std(file), size, pass);
+                Box::pin(tokio_util::io::StreamReader::new(stream))
+            }
         };
         Ok(Some(Download::Stream { size, body }))
     }

@@ -15,7 +15,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::records::unix_now;
-use super::{check_key, check_prefix, Check, Download, Listed, Storage, StorageError};
+use super::{
+    check_key, check_prefix, claimed_digest, is_its_digest, Check, Download, ETag, Listed, Storage,
+    StorageError,
+};
 
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
@@ -61,6 +64,18 @@ impl MemoryStorage {
     }
 }
 
+/// A version of an object in memory: the hash of its bytes.
+fn etag_of(data: &[u8]) -> ETag {
+    ETag::new(crate::oci::digest::sha256_hex(data))
+}
+
+/// A file's bytes, if they are what `key` names.
+async fn read_verified(key: &str, file: &Path) -> Result<Bytes, StorageError> {
+    let data = tokio::fs::read(file).await.map_err(|e| io(key, e))?;
+    is_its_digest(key, &crate::oci::digest::sha256_hex(&data))?;
+    Ok(Bytes::from(data))
+}
+
 fn io(key: &str, source: std::io::Error) -> StorageError {
     StorageError::Io {
         key: key.to_string(),
@@ -98,13 +113,13 @@ impl Storage for MemoryStorage {
 
     async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
         let result = async {
-            check_key(key)?;
-            // Content-addressed: an object already in place has these bytes,
-            // so the file need not even be read.
+            claimed_digest(key)?;
+            // Content-addressed: an object already in place is kept, so the
+            // file need not even be read.
             if self.objects().contains_key(key) {
                 return Ok(());
             }
-            let data = Bytes::from(tokio::fs::read(file).await.map_err(|e| io(key, e))?);
+            let data = read_verified(key, file).await?;
             // Another writer may have got there while the file was read.
             self.objects()
                 .entry(key.to_string())
@@ -116,12 +131,25 @@ impl Storage for MemoryStorage {
         result
     }
 
-    async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+    async fn replace_file(
+        &self,
+        key: &str,
+        file: &Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
         let result = async {
-            check_key(key)?;
-            let data = Bytes::from(tokio::fs::read(file).await.map_err(|e| io(key, e))?);
-            self.objects().insert(key.to_string(), (data, unix_now()));
-            Ok(())
+            claimed_digest(key)?;
+            let data = read_verified(key, file).await?;
+            let mut objects = self.objects();
+            match objects.get(key) {
+                Some((found, _)) if etag_of(found) == *damaged => {
+                    objects.insert(key.to_string(), (data, unix_now()));
+                    Ok(())
+                }
+                _ => Err(StorageError::Changed {
+                    key: key.to_string(),
+                }),
+            }
         }
         .await;
         let _ = tokio::fs::remove_file(file).await;
@@ -133,8 +161,12 @@ impl Storage for MemoryStorage {
         let Some(data) = self.objects().get(key).map(|(data, _)| data.clone()) else {
             return Ok(Check::Absent);
         };
-        let good = data.len() as u64 == size && crate::oci::digest::sha256_hex(&data) == hex;
-        Ok(if good { Check::Good } else { Check::Corrupt })
+        let found = crate::oci::digest::sha256_hex(&data);
+        Ok(if data.len() as u64 == size && found == hex {
+            Check::Good
+        } else {
+            Check::Corrupt(ETag::new(found))
+        })
     }
 
     async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
@@ -221,38 +253,44 @@ mod tests {
     async fn put_file_consumes_the_file_even_when_the_key_exists() {
         let dir = tempfile::tempdir().unwrap();
         let storage = MemoryStorage::new();
+        let key = crate::storage::keys::BlobKey::of(&crate::oci::digest::sha256_hex(b"original"))
+            .to_string();
 
         let first = dir.path().join("first");
         std::fs::write(&first, b"original").unwrap();
-        storage.put_file("blobs/sha256/aa", &first).await.unwrap();
+        storage.put_file(&key, &first).await.unwrap();
         assert!(!first.exists(), "put_file must consume its file");
 
+        // Already there: kept, and the file is not even read.
         let again = dir.path().join("again");
         std::fs::write(&again, b"different bytes").unwrap();
-        storage.put_file("blobs/sha256/aa", &again).await.unwrap();
+        storage.put_file(&key, &again).await.unwrap();
         assert!(!again.exists(), "put_file must consume its file");
-        assert_eq!(
-            storage.get("blobs/sha256/aa").await.unwrap().unwrap(),
-            "original"
-        );
+        assert_eq!(storage.get(&key).await.unwrap().unwrap(), "original");
 
-        // An invalid key is refused, and the file is still consumed.
-        let bad = dir.path().join("bad");
-        std::fs::write(&bad, b"x").unwrap();
-        assert!(matches!(
-            storage.put_file("../escape", &bad).await,
-            Err(StorageError::InvalidKey { .. })
-        ));
-        assert!(!bad.exists(), "put_file must consume its file");
+        // An invalid key, or one that names no digest, is refused, and the
+        // file is still consumed.
+        for bad_key in ["../escape", "images/x", "blobs/sha256/aa"] {
+            let bad = dir.path().join("bad");
+            std::fs::write(&bad, b"x").unwrap();
+            assert!(matches!(
+                storage.put_file(bad_key, &bad).await,
+                Err(StorageError::InvalidKey { .. })
+            ));
+            assert!(!bad.exists(), "put_file must consume its file");
+        }
 
         // A missing file is an error and writes nothing.
+        let missing =
+            crate::storage::keys::BlobKey::of(&crate::oci::digest::sha256_hex(b"missing"))
+                .to_string();
         assert!(matches!(
             storage
-                .put_file("blobs/sha256/bb", &dir.path().join("missing"))
+                .put_file(&missing, &dir.path().join("missing"))
                 .await,
             Err(StorageError::Io { .. })
         ));
-        assert_eq!(storage.keys(), ["blobs/sha256/aa"]);
+        assert_eq!(storage.keys(), [key]);
     }
 
     #[tokio::test]

@@ -62,17 +62,49 @@ pub enum StorageError {
         operation: &'static str,
         message: String,
     },
+    /// A file handed to [`Storage::put_file`] or [`Storage::replace_file`]
+    /// is not what its key names: refused, nothing written.
+    #[error("{key}: the file's sha256 is {found}, not the one its key names; not stored")]
+    NotItsDigest { key: String, found: String },
+    /// The object a replacement was to go over is no longer the one
+    /// [`Storage::check`] found (repaired, rewritten or deleted since).
+    #[error("{key} changed since it was found damaged; not replaced")]
+    Changed { key: String },
 }
 
 /// What an object in storage turned out to be, against the size and
 /// digest it should have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
     Absent,
-    /// Present, with the right size (and digest, where the backend checks it).
+    /// Present and verified: the right size, and the right digest (a file
+    /// or memory is hashed; on S3 the digest recorded when it was
+    /// uploaded, from the bytes uploaded, is compared).
     Good,
-    /// Present, but not what it should be: truncated, replaced, damaged.
-    Corrupt,
+    /// Present, but not known to be what it should be: truncated,
+    /// replaced, damaged, or (on S3) with no digest recorded at upload,
+    /// which is treated as damaged so that a build replaces it with a
+    /// verified upload instead of reading it back to hash it every time.
+    /// The [`ETag`] names this very version of the object, the only one
+    /// [`Storage::replace_file`] may replace.
+    Corrupt(ETag),
+}
+
+/// One version of a stored object, as [`Storage::check`] found it: S3's
+/// ETag; on the filesystem the file's identity (device, inode, size,
+/// change time); in memory a hash of the bytes. Only a backend makes one,
+/// so a replacement can only ever go over an object found damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ETag(String);
+
+impl ETag {
+    pub(crate) fn new(tag: impl Into<String>) -> ETag {
+        ETag(tag.into())
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// How a client gets the bytes of an object.
@@ -109,21 +141,33 @@ pub trait Storage: Send + Sync + 'static {
     /// Writes a small object only if none exists; `false` if one did.
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError>;
 
-    /// Moves a finished local file into place under `key` (through staging).
-    /// The caller has computed its digest while writing it. Keys name their
-    /// content, so this only creates: an object already under `key` is kept
-    /// and the file not uploaded (check it first with [`Storage::check`]).
-    /// The file is consumed: it is gone afterwards, whatever the outcome.
+    /// Moves a finished local file into place under a content-addressed
+    /// `key` (`blobs/sha256/<hex>`, `manifests/sha256/<hex>`; any other is
+    /// [`StorageError::InvalidKey`]). The bytes are hashed as they are read
+    /// to be stored, and a file whose sha256 is not the key's is refused
+    /// ([`StorageError::NotItsDigest`]); on S3 that hash is what is
+    /// recorded as the object's digest. Keys name their content, so this
+    /// only creates: an object already under `key` is kept and the file
+    /// not uploaded (check it first with [`Storage::check`]). The file is
+    /// consumed: it is gone afterwards, whatever the outcome.
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
 
-    /// [`Storage::put_file`] over an object [`Storage::check`] found
-    /// corrupt: the one case where a content-addressed object is replaced.
-    async fn replace_file(&self, key: &str, path: &Path) -> Result<(), StorageError>;
+    /// [`Storage::put_file`] over the damaged object `damaged` names (what
+    /// [`Storage::check`] found): the one case where a content-addressed
+    /// object is replaced, and only that version of it. If the object is
+    /// another by now (repaired, rewritten, deleted), nothing is written:
+    /// [`StorageError::Changed`]. A good object is never replaced.
+    async fn replace_file(
+        &self,
+        key: &str,
+        path: &Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError>;
 
     /// Whether the object under `key` has `size` bytes and the sha256
-    /// `hex`. Every backend checks the size; the digest is checked where it
-    /// is cheap (a local file or memory is hashed; S3 compares the digest
-    /// recorded when the object was uploaded, if there is one).
+    /// `hex`. Every backend checks the size and the digest: a local file
+    /// or memory is hashed; S3 compares the digest recorded when the
+    /// object was uploaded, and calls an object without one damaged.
     async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError>;
 
     /// How a client downloads the object: `None` if absent. A backend that
@@ -152,6 +196,8 @@ pub trait Storage: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
 
     /// When an object was last written (Unix seconds); `None` if absent.
+    /// Needs no right to read the object (on S3 it is a listing), so that
+    /// garbage collection can ask it of everything it may delete.
     async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError>;
 }
 
@@ -187,8 +233,9 @@ pub fn unique_name(what: &str) -> String {
     format!("{what}-{}-{nanos}-{n}", std::process::id())
 }
 
-/// Where images are stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where images are stored. Its `Debug` (logged at start) shows an
+/// endpoint URL without user info or query.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StorageConfig {
     Filesystem {
         root: PathBuf,
@@ -201,6 +248,32 @@ pub enum StorageConfig {
     },
     /// In this process's memory, gone when it exits.
     Memory,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageConfig::Filesystem { root } => {
+                f.debug_struct("Filesystem").field("root", root).finish()
+            }
+            StorageConfig::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                presign_ttl,
+            } => f
+                .debug_struct("S3")
+                .field("bucket", bucket)
+                .field("prefix", prefix)
+                .field(
+                    "endpoint",
+                    &endpoint.as_deref().map(crate::source::redact_urls),
+                )
+                .field("presign_ttl", presign_ttl)
+                .finish(),
+            StorageConfig::Memory => f.write_str("Memory"),
+        }
+    }
 }
 
 impl StorageConfig {
@@ -237,6 +310,26 @@ pub fn digest_of_key(key: &str) -> Option<&str> {
     match keys::Parsed::of(key)? {
         keys::Parsed::Blob(_) | keys::Parsed::Manifest(_) => Some(&key[key.len() - 64..]),
         _ => None,
+    }
+}
+
+/// The digest a content-addressed key names, for writes of files; any
+/// other key is refused.
+pub(crate) fn claimed_digest(key: &str) -> Result<&str, StorageError> {
+    check_key(key)?;
+    digest_of_key(key).ok_or_else(|| StorageError::InvalidKey {
+        key: key.to_string(),
+    })
+}
+
+/// [`StorageError::NotItsDigest`] unless `found` is the digest `key` names.
+pub(crate) fn is_its_digest(key: &str, found: &str) -> Result<(), StorageError> {
+    match digest_of_key(key) {
+        Some(hex) if hex == found => Ok(()),
+        _ => Err(StorageError::NotItsDigest {
+            key: key.to_string(),
+            found: found.to_string(),
+        }),
     }
 }
 

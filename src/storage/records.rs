@@ -93,7 +93,9 @@ pub struct LayerRecord {
 pub enum RecordError {
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("stored record {key} is unreadable: {source}")]
+    /// serde's message quotes what it could not read, which may be a
+    /// source's URL (`sources/` answers): shown redacted.
+    #[error("stored record {key} is unreadable: {}", crate::source::redact_urls(&source.to_string()))]
     Unreadable {
         key: String,
         source: serde_json::Error,

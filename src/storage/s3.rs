@@ -6,12 +6,15 @@
 //! * Files (layers) are uploaded straight to their content address, in
 //!   parts when they are large; S3 shows an object only once its upload is
 //!   complete, and a crash leaves only an unfinished multipart upload, which
-//!   a lifecycle rule aborts. The upload is conditional: `If-None-Match: *`
-//!   creates (an object already there wins), `If-Match: <etag>` replaces
-//!   only the object found corrupt. So a policy that allows content-addressed
-//!   writes only with one of these headers (the template's) lets nothing
-//!   overwrite a good blob. The blob's sha256 is kept as object metadata
-//!   for [`Storage::check`].
+//!   a lifecycle rule aborts. The bytes are hashed as they are read for
+//!   upload: a file that is not what its key names is never completed, and
+//!   the sha256 kept as object metadata (`x-amz-meta-sha256`, for
+//!   [`Storage::check`]) is the hash of the bytes sent. The upload is
+//!   conditional: `If-None-Match: *` creates (an object already there
+//!   wins); `If-Match: <etag>` replaces only the version `check` found
+//!   damaged, by its ETag. This code never writes over a good object; the
+//!   template's policy allows content-addressed writes only with one of
+//!   these headers, so no upload without them succeeds either.
 //! * Conditional creates of records use `If-None-Match: *` (412 means "exists").
 //! * Downloads are presigned GET URLs: answering a blob GET makes no S3 call.
 //!
@@ -25,13 +28,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
-use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
-use futures_util::StreamExt;
 
-use super::{check_key, check_prefix, Check, Download, Listed, Storage, StorageError};
+use super::{check_key, check_prefix, Check, Download, ETag, Listed, Storage, StorageError};
 
 /// Files larger than this are uploaded in parts of this size.
 pub const PART_SIZE: u64 = 16 * 1024 * 1024;
@@ -124,22 +126,28 @@ impl S3Storage {
         Ok(format!("{}{key}", self.prefix))
     }
 
-    /// Uploads a local file straight to `key` (S3 shows an object only once
-    /// its upload is complete), in parts if it is large, recording its
-    /// sha256 (if known) as object metadata for [`Storage::check`]. The
-    /// write is conditional: `false` if the precondition failed (the object
-    /// exists, or changed since it was found corrupt).
+    /// Uploads a local file straight to `full` (S3 shows an object only
+    /// once its upload is complete), in parts if it is large. The bytes
+    /// are hashed as they are read to be sent, and the upload is never
+    /// completed unless they are what `key` names; that hash is recorded
+    /// as object metadata for [`Storage::check`]. The write is
+    /// conditional: `false` if the precondition failed (the object
+    /// exists, or is not the version found damaged).
     async fn upload(
         &self,
         key: &str,
+        full: &str,
         file: &Path,
-        size: u64,
-        sha256: Option<&str>,
-        precondition: &Precondition,
+        precondition: &Precondition<'_>,
     ) -> Result<bool, StorageError> {
+        let io = |source: std::io::Error| StorageError::Io {
+            key: key.to_string(),
+            source,
+        };
+        let size = tokio::fs::metadata(file).await.map_err(io)?.len();
         let (if_none_match, if_match) = match precondition {
             Precondition::Absent => (Some("*".to_string()), None),
-            Precondition::Replacing { etag } => (None, Some(etag.clone())),
+            Precondition::Replacing { etag } => (None, Some(etag.as_str().to_string())),
         };
         if size > MAX_OBJECT {
             return Err(StorageError::TooLarge {
@@ -149,21 +157,19 @@ impl S3Storage {
             });
         }
         if size <= PART_SIZE {
-            let body = ByteStream::from_path(file)
-                .await
-                .map_err(|e| StorageError::Io {
-                    key: key.to_string(),
-                    source: std::io::Error::other(e),
-                })?;
+            // The bytes hashed are the bytes sent (and sent again on a retry).
+            let data = Bytes::from(tokio::fs::read(file).await.map_err(io)?);
+            let found = crate::oci::digest::sha256_hex(&data);
+            super::is_its_digest(key, &found)?;
             let put = self
                 .client
                 .put_object()
                 .bucket(&self.bucket)
-                .key(key)
-                .set_metadata(digest_metadata(sha256))
+                .key(full)
+                .set_metadata(digest_metadata(&found))
                 .set_if_none_match(if_none_match)
                 .set_if_match(if_match)
-                .body(body)
+                .body(ByteStream::from(data))
                 .send()
                 .await;
             return match put {
@@ -172,49 +178,56 @@ impl S3Storage {
                 Err(e) => Err(s3_error(key, "PutObject", e)),
             };
         }
+        // The metadata is set when the upload starts, so it is the digest
+        // the key claims; the upload completes only if the bytes sent have it.
+        let claimed = super::claimed_digest(key)?;
         let upload = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
-            .key(key)
-            .set_metadata(digest_metadata(sha256))
+            .key(full)
+            .set_metadata(digest_metadata(claimed))
             .send()
             .await
             .map_err(|e| s3_error(key, "CreateMultipartUpload", e))?;
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
-        let result = self.upload_parts(key, &upload_id, file, size).await;
-        match result {
-            Ok(parts) => {
-                let completed = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(&upload_id)
-                    .set_if_none_match(if_none_match)
-                    .set_if_match(if_match)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(parts))
-                            .build(),
-                    )
-                    .send()
-                    .await;
-                match completed {
-                    Ok(_) => Ok(true),
-                    Err(e) if status(&e) == Some(412) => {
-                        self.abort(key, &upload_id).await;
-                        Ok(false)
-                    }
-                    Err(e) => {
-                        self.abort(key, &upload_id).await;
-                        Err(s3_error(key, "CompleteMultipartUpload", e))
-                    }
+        let parts = match self.upload_parts(key, full, &upload_id, file, size).await {
+            Ok((parts, found)) => match super::is_its_digest(key, &found) {
+                Ok(()) => parts,
+                Err(e) => {
+                    self.abort(full, &upload_id).await;
+                    return Err(e);
                 }
+            },
+            Err(e) => {
+                self.abort(full, &upload_id).await;
+                return Err(e);
+            }
+        };
+        let completed = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(&upload_id)
+            .set_if_none_match(if_none_match)
+            .set_if_match(if_match)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await;
+        match completed {
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(412) => {
+                self.abort(full, &upload_id).await;
+                Ok(false)
             }
             Err(e) => {
-                self.abort(key, &upload_id).await;
-                Err(e)
+                self.abort(full, &upload_id).await;
+                Err(s3_error(key, "CompleteMultipartUpload", e))
             }
         }
     }
@@ -232,69 +245,113 @@ impl S3Storage {
             .await;
     }
 
+    /// The parts of a multipart upload: read from the file in order and
+    /// hashed as they are read, each sent as the bytes that were hashed,
+    /// a few at a time. The parts, and the sha256 of all the bytes sent.
     async fn upload_parts(
         &self,
         key: &str,
+        full: &str,
         upload_id: &str,
         file: &Path,
         size: u64,
-    ) -> Result<Vec<CompletedPart>, StorageError> {
+    ) -> Result<(Vec<CompletedPart>, String), StorageError> {
+        use sha2::Digest;
+        use tokio::io::AsyncReadExt;
         let part_size = part_size(size);
         let count = size.div_ceil(part_size);
-        let parts: Vec<Result<CompletedPart, StorageError>> = futures_util::stream::iter(0..count)
-            .map(|i| async move {
-                let offset = i * part_size;
-                let length = part_size.min(size - offset);
-                let body = ByteStream::read_from()
-                    .path(file)
-                    .offset(offset)
-                    .length(Length::Exact(length))
-                    .build()
-                    .await
-                    .map_err(|e| StorageError::Io {
-                        key: key.to_string(),
-                        source: std::io::Error::other(e),
-                    })?;
+        // At most about PARALLEL_PARTS x PART_SIZE bytes in memory.
+        let parallel = (PARALLEL_PARTS as u64 * PART_SIZE / part_size).max(1) as usize;
+        let io = |source: std::io::Error| StorageError::Io {
+            key: key.to_string(),
+            source,
+        };
+        let mut reader = tokio::fs::File::open(file).await.map_err(io)?;
+        let mut hash = sha2::Sha256::new();
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut parts = Vec::with_capacity(count as usize);
+        let result = async {
+            for i in 0..count {
+                let length = part_size.min(size - i * part_size) as usize;
+                let mut bytes = vec![0; length];
+                reader.read_exact(&mut bytes).await.map_err(io)?;
+                hash.update(&bytes);
                 let number = i as i32 + 1;
-                let part = self
+                let send = self
                     .client
                     .upload_part()
                     .bucket(&self.bucket)
-                    .key(key)
+                    .key(full)
                     .upload_id(upload_id)
                     .part_number(number)
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| s3_error(key, "UploadPart", e))?;
-                Ok(CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(part.e_tag().map(str::to_string))
-                    .build())
-            })
-            .buffered(PARALLEL_PARTS)
-            .collect()
-            .await;
-        parts.into_iter().collect()
+                    .body(ByteStream::from(bytes))
+                    .send();
+                // A task of its own, so it goes on while the next part is read.
+                in_flight.push_back((number, tokio::spawn(send)));
+                if in_flight.len() >= parallel {
+                    let (number, task) = in_flight.pop_front().expect("not empty");
+                    parts.push(finished_part(key, number, task).await?);
+                }
+            }
+            while let Some((number, task)) = in_flight.pop_front() {
+                parts.push(finished_part(key, number, task).await?);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            for (_, task) in in_flight {
+                task.abort();
+            }
+            return Err(e);
+        }
+        Ok((parts, hex::encode(hash.finalize())))
     }
 }
 
+/// The part an upload task sent, or why it failed.
+async fn finished_part(
+    key: &str,
+    number: i32,
+    task: tokio::task::JoinHandle<
+        Result<
+            aws_sdk_s3::operation::upload_part::UploadPartOutput,
+            SdkError<
+                aws_sdk_s3::operation::upload_part::UploadPartError,
+                aws_sdk_s3::config::http::HttpResponse,
+            >,
+        >,
+    >,
+) -> Result<CompletedPart, StorageError> {
+    let sent = task.await.map_err(|e| StorageError::Backend {
+        key: key.to_string(),
+        operation: "UploadPart",
+        message: e.to_string(),
+    })?;
+    let part = sent.map_err(|e| s3_error(key, "UploadPart", e))?;
+    Ok(CompletedPart::builder()
+        .part_number(number)
+        .set_e_tag(part.e_tag().map(str::to_string))
+        .build())
+}
+
 /// The object metadata that records a blob's digest.
-fn digest_metadata(sha256: Option<&str>) -> Option<std::collections::HashMap<String, String>> {
-    sha256.map(|hex| {
-        std::collections::HashMap::from([(DIGEST_METADATA.to_string(), hex.to_string())])
-    })
+fn digest_metadata(sha256: &str) -> Option<std::collections::HashMap<String, String>> {
+    Some(std::collections::HashMap::from([(
+        DIGEST_METADATA.to_string(),
+        sha256.to_string(),
+    )]))
 }
 
 /// `x-amz-meta-sha256`: the digest of a blob, recorded at upload.
 const DIGEST_METADATA: &str = "sha256";
 
 /// What a content-addressed write expects to find.
-enum Precondition {
+enum Precondition<'a> {
     /// Nothing: it creates (`If-None-Match: *`).
     Absent,
     /// The object found corrupt, by its ETag: it repairs (`If-Match`).
-    Replacing { etag: String },
+    Replacing { etag: &'a ETag },
 }
 
 impl S3Storage {
@@ -328,18 +385,11 @@ impl S3Storage {
         &self,
         key: &str,
         file: &Path,
-        precondition: &Precondition,
+        precondition: &Precondition<'_>,
     ) -> Result<bool, StorageError> {
         let full = self.full(key)?;
-        let size = tokio::fs::metadata(file)
-            .await
-            .map_err(|source| StorageError::Io {
-                key: key.to_string(),
-                source,
-            })?
-            .len();
-        self.upload(&full, file, size, super::digest_of_key(key), precondition)
-            .await
+        super::claimed_digest(key)?;
+        self.upload(key, &full, file, precondition).await
     }
 }
 
@@ -417,6 +467,7 @@ impl Storage for S3Storage {
 
     async fn put_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
         let result = async {
+            super::claimed_digest(key)?;
             // Create only: an object already in place is kept (and one
             // created meanwhile by another writer wins the race).
             if self.head(key).await?.is_some() {
@@ -431,21 +482,19 @@ impl Storage for S3Storage {
         result
     }
 
-    async fn replace_file(&self, key: &str, file: &Path) -> Result<(), StorageError> {
+    async fn replace_file(
+        &self,
+        key: &str,
+        file: &Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
         let result = async {
-            let precondition = match self.head_object(key).await? {
-                Some(head) => Precondition::Replacing {
-                    etag: head.e_tag().unwrap_or_default().to_string(),
-                },
-                None => Precondition::Absent,
-            };
-            if self.store_file(key, file, &precondition).await? {
+            let replacing = Precondition::Replacing { etag: damaged };
+            if self.store_file(key, file, &replacing).await? {
                 Ok(())
             } else {
-                Err(StorageError::Backend {
+                Err(StorageError::Changed {
                     key: key.to_string(),
-                    operation: "PutObject",
-                    message: "the object changed while it was being repaired".to_string(),
                 })
             }
         }
@@ -459,15 +508,15 @@ impl Storage for S3Storage {
             return Ok(Check::Absent);
         };
         let size_ok = head.content_length().map(|l| l as u64) == Some(size);
-        let recorded = head
+        // No digest recorded at upload: unverified, so damaged (see Check).
+        let digest_ok = head
             .metadata()
             .and_then(|m| m.get(DIGEST_METADATA))
-            .map(String::as_str);
-        let digest_ok = recorded.is_none_or(|recorded| recorded == hex);
+            .is_some_and(|recorded| recorded == hex);
         Ok(if size_ok && digest_ok {
             Check::Good
         } else {
-            Check::Corrupt
+            Check::Corrupt(ETag::new(head.e_tag().unwrap_or_default()))
         })
     }
 
@@ -524,11 +573,26 @@ impl Storage for S3Storage {
         Ok(found)
     }
 
+    /// A listing of the key itself, not a HeadObject: garbage collection
+    /// asks this right before each delete, and its role may list the
+    /// bucket but not read what it deletes (HeadObject needs
+    /// `s3:GetObject`). The key sorts first among those it prefixes.
     async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        Ok(self
-            .head_object(key)
-            .await?
-            .map(|head| head.last_modified().map_or(0, |t| t.secs().max(0) as u64)))
+        let full = self.full(key)?;
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "ListObjectsV2", e))?;
+        Ok(page
+            .contents()
+            .iter()
+            .find(|object| object.key() == Some(full.as_str()))
+            .map(|object| object.last_modified().map_or(0, |t| t.secs().max(0) as u64)))
     }
 
     async fn list_first(&self, prefix: &str, max: usize) -> Result<Vec<Listed>, StorageError> {

@@ -9,6 +9,7 @@ pub mod forge;
 pub mod images;
 pub mod moto;
 pub mod s3;
+pub mod template;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -24,6 +24,10 @@ pub struct Served {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// The query string (`uploadId=...&partNumber=...` for a part).
+    pub query: String,
+    /// Whether it carried `If-None-Match` or `If-Match`.
+    pub conditional: bool,
 }
 
 pub struct S3Server {
@@ -56,11 +60,14 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let is_conditional =
+            req.headers().contains_key("if-none-match") || req.headers().contains_key("if-match");
         let served = self.served.clone();
-        let conditional = req
-            .headers()
-            .contains_key("if-none-match")
-            .then(|| self.conditional.clone());
+        // Replacements over an ETag too: s3s-fs checks it, then writes.
+        let conditional = (req.headers().contains_key("if-none-match")
+            || req.headers().contains_key("if-match"))
+        .then(|| self.conditional.clone());
         let delay = match &*self.slow_puts.lock().unwrap() {
             Some((pattern, delay)) if method == "PUT" && path.contains(pattern.as_str()) => {
                 Some(*delay)
@@ -87,6 +94,8 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Counting 
                 method,
                 path,
                 status: response.status().as_u16(),
+                query,
+                conditional: is_conditional,
             });
             Ok(response)
         })
