@@ -1252,7 +1252,10 @@ mod tests {
             let file_url = format!("file://{}", dir.path().display());
             let on_disk = BinaryCache::new(&file_url, trusted(), options()).unwrap();
             for cache in [&over_http, &on_disk] {
-                let closure = cache.closure(&[sample.hello.clone()]).await.unwrap();
+                let closure = cache
+                    .closure(std::slice::from_ref(&sample.hello))
+                    .await
+                    .unwrap();
                 assert_eq!(closure.paths, sample.all, "{compression}");
                 let total: u64 = sample.all.values().map(|i| i.nar_size).sum();
                 assert_eq!(closure.nar_size, total);
@@ -1602,7 +1605,10 @@ mod tests {
             ..options()
         };
         let (server, client) = http(&cache, few_paths).await;
-        let err = client.closure(&[root.clone()]).await.unwrap_err();
+        let err = client
+            .closure(std::slice::from_ref(&root))
+            .await
+            .unwrap_err();
         assert!(
             matches!(&err, CacheError::TooManyPaths { limit: 20, .. }),
             "{err}"
@@ -1621,7 +1627,10 @@ mod tests {
             ..options()
         };
         let (server, cache) = http(&sample.cache, limited).await;
-        let err = cache.closure(&[sample.hello.clone()]).await.unwrap_err();
+        let err = cache
+            .closure(std::slice::from_ref(&sample.hello))
+            .await
+            .unwrap_err();
         match &err {
             CacheError::ClosureTooLarge { size, limit: l, .. } => {
                 assert_eq!(*size, total);

@@ -1370,10 +1370,7 @@ mod tests {
             match node {
                 TestNode::Directory(_) => {
                     let mut entries = Vec::new();
-                    loop {
-                        let Some((path, _)) = visits.peek() else {
-                            break;
-                        };
+                    while let Some((path, _)) = visits.peek() {
                         let child = if prefix.is_empty() {
                             path.as_slice()
                         } else if path.starts_with(prefix) && path.get(prefix.len()) == Some(&b'/')
