@@ -381,7 +381,8 @@ impl BinaryCache {
                 break;
             };
             let info = result?;
-            closure.nar_size += info.nar_size;
+            // Saturating: a hostile NarSize must not wrap the total.
+            closure.nar_size = closure.nar_size.saturating_add(info.nar_size);
             if closure.nar_size > options.max_nar_size {
                 return Err(CacheError::ClosureTooLarge {
                     cache: self.cache(),
@@ -416,6 +417,9 @@ impl BinaryCache {
                 Body::Http {
                     response,
                     timeout: self.inner.options.request_timeout,
+                    // The body is pulled by a task of the runtime that
+                    // opened it, wherever the reader ends up.
+                    runtime: tokio::runtime::Handle::current(),
                 }
             }
         };
@@ -678,6 +682,7 @@ enum Body {
     Http {
         response: reqwest::Response,
         timeout: Duration,
+        runtime: tokio::runtime::Handle,
     },
 }
 
@@ -689,14 +694,18 @@ impl NarStream {
 
     /// A blocking reader of the decompressed, checked NAR (see the module
     /// doc). Reading it blocks: use it on a blocking thread
-    /// (`tokio::task::spawn_blocking`), never on an async worker. For an
-    /// HTTP body, this must be called within a Tokio runtime, which then
-    /// receives the body in a task and hands it over in pieces (at most 16
-    /// in flight).
+    /// (`tokio::task::spawn_blocking`, or [`BinaryCache::with_nar`]), never
+    /// on an async worker. An HTTP body is received by a task on the
+    /// runtime that opened it and handed over in pieces, at most 16 in
+    /// flight; dropping the reader stops the download.
     pub fn into_reader(self) -> NarReader {
         let source: Box<dyn Read + Send> = match self.body {
             Body::File(file) => Box::new(file),
-            Body::Http { response, timeout } => Box::new(ChannelReader::spawn(response, timeout)),
+            Body::Http {
+                response,
+                timeout,
+                runtime,
+            } => Box::new(ChannelReader::spawn(&runtime, response, timeout)),
         };
         NarReader::new(source, self.info, self.cache)
     }
@@ -709,9 +718,13 @@ struct ChannelReader {
 }
 
 impl ChannelReader {
-    fn spawn(mut response: reqwest::Response, timeout: Duration) -> ChannelReader {
+    fn spawn(
+        runtime: &tokio::runtime::Handle,
+        mut response: reqwest::Response,
+        timeout: Duration,
+    ) -> ChannelReader {
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             loop {
                 let piece = match tokio::time::timeout(timeout, response.chunk()).await {
                     Err(_) => Err(io::Error::new(
@@ -776,7 +789,7 @@ impl Read for FileCheck {
             return Ok(0);
         }
         // One byte past the limit is enough to know the file is too long.
-        let room = (self.limit + 1 - self.read).min(out.len() as u64) as usize;
+        let room = (self.limit.saturating_add(1) - self.read).min(out.len() as u64) as usize;
         let n = loop {
             match self.source.read(&mut out[..room]) {
                 Ok(n) => break n,
@@ -1291,6 +1304,30 @@ mod tests {
         assert_eq!(bytes.len() as u64, info.nar_size);
         bytes.truncate(16);
         assert_eq!(&bytes[8..], b"nix-arch");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http_nar_reads_on_any_thread_and_stops_when_dropped() {
+        let sample = sample(Compression::Zstd);
+        let (server, cache) = http(&sample.cache, options()).await;
+        let info = sample.all[&sample.hello].clone();
+        let stream = cache.nar(&info).await.unwrap();
+        // Not a runtime thread: the body still arrives.
+        let read = std::thread::spawn(move || {
+            io::copy(&mut stream.into_reader(), &mut io::sink()).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(read, info.nar_size);
+        // A reader dropped after one read ends its download task.
+        let stream = cache.nar(&info).await.unwrap();
+        std::thread::spawn(move || {
+            let mut reader = stream.into_reader();
+            reader.read_exact(&mut [0; 100]).unwrap();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(server.requests().len(), 2);
     }
 
     #[tokio::test]
