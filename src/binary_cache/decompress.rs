@@ -10,6 +10,16 @@
 //!
 //! Any other name (`br`, `gzip`, `lz4`, ...) is [`DecompressError::Unsupported`].
 //!
+//! Measured on the fixture package `big` (a 51.8 MB NAR, half random,
+//! half text; Nix's default levels; release build, 2 shared cores): the
+//! whole client pipeline (file hash, decode, NAR hash, walk reading every
+//! file) ran at 298 MB/s for zstd, 169 MB/s for xz, 14 MB/s for bzip2 and
+//! 344 MB/s uncompressed. The `zstd`, `xz` and `bzip2` command-line tools
+//! decoded the same files in 0.15 s, 0.28 s and 5.6 s: the pipeline is
+//! within a few percent of the decoders alone (libbz2-rs-sys beat the C
+//! tool). For xz, liblzma is xz's own decoder; no pure-Rust one was
+//! measured against it.
+//!
 //! The decoders read from a [`BufRead`] and give it back
 //! ([`Decoder::get_mut`]), so the caller can read what follows the
 //! compressed stream, to check the whole file's size and hash.

@@ -33,6 +33,30 @@
 //! [`NarInfo::fingerprint`] is what the `Sig` lines sign
 //! (`ValidPathInfo::fingerprint`):
 //! `1;<StorePath>;sha256:<nix32 NarHash>;<NarSize>;<References as full paths, sorted, comma-separated>`.
+//!
+//! ```
+//! use nixery::binary_cache::{NarInfo, NarInfoLimits};
+//! let text = "StorePath: /nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1
+//! URL: nar/0kh8b6ggc6b5rjpd4c6c5pxd9h2sy6z7j6mksr7ngvm0ywh7brsd.nar.xz
+//! Compression: xz
+//! NarHash: sha256:1yf3p87fsqig07crd9sj9wh7i9jpsa0x86a22fqbls7c81lc7ws2
+//! NarSize: 226560
+//! References: 7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1
+//! ";
+//! let info = NarInfo::parse(text.as_bytes(), &NarInfoLimits::default()).unwrap();
+//! assert_eq!(
+//!     info.fingerprint(),
+//!     "1;/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1;\
+//!      sha256:1yf3p87fsqig07crd9sj9wh7i9jpsa0x86a22fqbls7c81lc7ws2;226560;\
+//!      /nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.1"
+//! );
+//! // A URL that leaves the cache is refused.
+//! let elsewhere = text.replace("URL: nar/", "URL: https://elsewhere.example/nar/");
+//! assert!(NarInfo::parse(elsewhere.as_bytes(), &NarInfoLimits::default()).is_err());
+//! ```
+//!
+//! The integration tests check signatures that Nix itself made over this
+//! fingerprint (`nix copy --to 'file://...?secret-key=...'`).
 
 use std::collections::BTreeSet;
 use std::fmt;
