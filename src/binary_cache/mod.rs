@@ -61,6 +61,6 @@ pub mod store_path;
 pub(crate) mod testing;
 
 pub use client::{BinaryCache, CacheError, CacheOptions, Closure, NarReader, NarStream};
-pub use narinfo::{NarInfo, NarInfoError, NarInfoLimits, Sha256Hash};
+pub use narinfo::{HashError, NarInfo, NarInfoError, NarInfoLimits, Sha256Hash};
 pub use signature::{KeyError, SignatureError, TrustedKeys, CACHE_NIXOS_ORG_KEY};
 pub use store_path::{StorePath, StorePathError};

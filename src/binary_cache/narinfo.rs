@@ -62,7 +62,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use super::decompress::{Compression, DecompressError};
-use super::nix32;
+use super::nix32::{self, Nix32Error};
 use super::store_path::{StorePath, StorePathError};
 
 /// Bounds on what a narinfo may make us hold.
@@ -95,23 +95,41 @@ impl Sha256Hash {
     }
 
     /// Parses `sha256:<52 nix32 chars>` or `sha256:<64 hex digits>`.
-    pub fn parse(text: &str) -> Result<Sha256Hash, String> {
+    pub fn parse(text: &str) -> Result<Sha256Hash, HashError> {
+        let shown = || text.chars().take(100).collect::<String>();
         let digest = text
             .strip_prefix("sha256:")
-            .ok_or_else(|| format!("{text:?} is not a sha256 hash (`sha256:` prefix)"))?;
+            .ok_or_else(|| HashError::NotSha256 { text: shown() })?;
         let bytes = match digest.len() {
-            52 => nix32::decode(digest, 32).map_err(|e| format!("{text:?}: {e}"))?,
-            64 => hex::decode(digest).map_err(|e| format!("{text:?}: {e}"))?,
-            n => {
-                return Err(format!(
-                    "{text:?} has a digest of {n} characters (52 or 64)"
-                ))
+            52 => nix32::decode(digest, 32).map_err(|source| HashError::Nix32 {
+                text: shown(),
+                source,
+            })?,
+            64 => hex::decode(digest).map_err(|_| HashError::Hex { text: shown() })?,
+            length => {
+                return Err(HashError::Length {
+                    text: shown(),
+                    length,
+                })
             }
         };
         let mut out = [0; 32];
         out.copy_from_slice(&bytes);
         Ok(Sha256Hash(out))
     }
+}
+
+/// Why a narinfo hash is not a sha256 Nix can have written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HashError {
+    #[error("{text:?} is not a sha256 hash (no `sha256:` prefix)")]
+    NotSha256 { text: String },
+    #[error("{text:?}: {source}")]
+    Nix32 { text: String, source: Nix32Error },
+    #[error("{text:?} is not hexadecimal")]
+    Hex { text: String },
+    #[error("{text:?} has a digest of {length} characters, not 52 (nix32) or 64 (hex)")]
+    Length { text: String, length: usize },
 }
 
 impl fmt::Display for Sha256Hash {
@@ -162,6 +180,11 @@ pub enum NarInfoError {
     Missing { key: &'static str },
     #[error("{key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error("{key}: {source}")]
+    Hash {
+        key: &'static str,
+        source: HashError,
+    },
     #[error("{key}: {source}")]
     StorePath {
         key: &'static str,
@@ -220,7 +243,10 @@ impl NarInfo {
                 .nar_hash
                 .ok_or(NarInfoError::Missing { key: "NarHash" })?,
         )
-        .map_err(|reason| invalid("NarHash", reason))?;
+        .map_err(|source| NarInfoError::Hash {
+            key: "NarHash",
+            source,
+        })?;
         let nar_size = parse_size(
             fields
                 .nar_size
@@ -234,7 +260,10 @@ impl NarInfo {
             .file_hash
             .map(Sha256Hash::parse)
             .transpose()
-            .map_err(|reason| invalid("FileHash", reason))?;
+            .map_err(|source| NarInfoError::Hash {
+                key: "FileHash",
+                source,
+            })?;
         let file_size = fields
             .file_size
             .map(parse_size)
@@ -362,7 +391,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Checks that a narinfo's URL can only name a file inside the cache.
-pub fn check_relative_url(url: &str) -> Result<(), String> {
+fn check_relative_url(url: &str) -> Result<(), String> {
     if url.is_empty() {
         return Err("is empty".into());
     }
