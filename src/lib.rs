@@ -15,12 +15,14 @@
 //! app     (the object graph, built once from the configuration)
 //! gc      (`nixery gc`: what storage still needs, and the rest deleted)
 //! oci     (names, manifests, digests: pure, used by all)
+//! binary_cache  (a signed Nix binary cache: narinfos, closures, NAR streams)
 //! source  (what a tag means for the package source)
 //! config  (the command line and settings; only the binary reads it)
 //! ```
 
 pub mod app;
 pub(crate) mod aws;
+pub mod binary_cache;
 pub mod builder;
 pub mod config;
 pub mod dispatch;

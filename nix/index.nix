@@ -1,0 +1,128 @@
+# Lists a package set's attributes once, for the registry's attribute
+# index (`nixery index`): every attribute of the top-level set and of the
+# sets it recurses into, with what a pull needs to assemble an image of it
+# without Nix. Called as
+#
+#   nix-instantiate --eval --strict --json index.nix --argstr request '<json>'
+#
+# with <json> = { "source": <as for resolve.nix>, "system": "x86_64-linux",
+# "maxDepth": 3 }. The result is
+#
+#   { "entries": [ { "path": [ "python3Packages", "numpy" ], "kind": "drv",
+#                    "drvPath": "/nix/store/...drv", "outputs": [ "out" ],
+#                    "paths": [ "/nix/store/...-numpy-1.26.4" ],
+#                    "meta": { "pname", "version", "license", "homepage",
+#                              "description" } }, ... ] }
+#
+# Kinds: "drv" (a derivation: resolve.nix would find it), "set" (an
+# attribute set recursed into: every attribute of it is listed too),
+# "opaque" (an attribute set not recursed into: the index cannot answer for
+# names below it), "broken" (a derivation whose outputs or derivation do
+# not evaluate: only Nix can say what a build of it does), "none" (not a
+# package: anything else, or a value that throws).
+#
+# What counts as a package, its outputs, and its meta are decided exactly
+# as in resolve.nix (keep the two in step; the tests compare them on the
+# test package set). Package names never reach this file: it lists, and
+# the registry looks names up in the list.
+{ request }:
+
+let
+  req = builtins.fromJSON request;
+  source = req.source;
+  maxDepth = req.maxDepth or 3;
+
+  tree =
+    if source.type == "path" then /. + source.path
+    else if source.type == "git" then
+      builtins.fetchGit ({ url = source.url; rev = source.rev; }
+        // (if source.ref or null != null then { ref = source.ref; } else { allRefs = true; }))
+    else if source.type == "channel" then
+      builtins.fetchTarball "https://nixos.org/channels/${source.name}/nixexprs.tar.xz"
+    else if source.type == "commit" then
+      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${source.rev}.tar.gz"
+    else throw "unsupported package source type ${source.type}";
+
+  pkgs = import tree { system = req.system; };
+
+  isDerivation = x: builtins.isAttrs x && (x.type or null) == "derivation";
+
+  try = x: let r = builtins.tryEval x; in if r.success then r.value else null;
+
+  stringOr = x: if builtins.isString x then x else null;
+
+  metaOf = drv:
+    let m = try (drv.meta or { }); in if builtins.isAttrs m then m else { };
+
+  spdxIds = license:
+    let
+      one = element:
+        let l = try element; in
+        if builtins.isAttrs l then stringOr (try (l.spdxId or null)) else null;
+      all = if builtins.isAttrs license then [ license ]
+        else if builtins.isList license then license
+        else [ ];
+    in
+      builtins.filter (id: id != null) (map one all);
+
+  firstString = x:
+    if builtins.isList x then
+      (if builtins.length x > 0 then stringOr (try (builtins.head x)) else null)
+    else stringOr x;
+
+  describeMeta = drv:
+    let
+      m = metaOf drv;
+      field = name: try (m.${name} or null);
+    in {
+      pname = stringOr (try (drv.pname or null));
+      version = stringOr (try (drv.version or null));
+      license = spdxIds (field "license");
+      homepage = firstString (field "homepage");
+      description = stringOr (field "description");
+    };
+
+  outputsOf = drv:
+    (metaOf drv).outputsToInstall or [ (drv.outputName or "out") ];
+
+  # A derivation's outputs and store paths, or null if any of it throws
+  # (resolve.nix would fail to describe it: only a build can say why).
+  describeDrv = drv:
+    let
+      outputs = outputsOf drv;
+      described = {
+        drvPath = drv.drvPath;
+        inherit outputs;
+        paths = map (o: drv.${o}.outPath) outputs;
+      };
+      checked = builtins.tryEval (builtins.deepSeq described described);
+    in
+      if checked.success
+        && builtins.isList outputs
+        && builtins.all builtins.isString outputs
+      then checked.value
+      else null;
+
+  entry = path: value: depth:
+    let
+      v = builtins.tryEval value;
+      x = v.value;
+    in
+      if !v.success then [ { inherit path; kind = "none"; } ]
+      else if isDerivation x then
+        (let d = describeDrv x; in
+          if d == null then [ { inherit path; kind = "broken"; } ]
+          else [ (d // { inherit path; kind = "drv"; meta = describeMeta x; }) ])
+      else if builtins.isAttrs x then
+        (if depth < maxDepth && (try (x.recurseForDerivations or false)) == true
+         then [ { inherit path; kind = "set"; } ] ++ walk path x (depth + 1)
+         else [ { inherit path; kind = "opaque"; } ])
+      else [ { inherit path; kind = "none"; } ];
+
+  walk = prefix: set: depth:
+    builtins.concatLists (map (name: entry (prefix ++ [ name ]) set.${name} depth)
+      (builtins.attrNames set));
+
+in {
+  entries = walk [ ] pkgs 1;
+}

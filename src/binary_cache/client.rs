@@ -1,0 +1,1791 @@
+//! [`BinaryCache`]: narinfos, closures and verified NAR streams from one
+//! binary cache (`http://`, `https://` or `file://`), following Nix's
+//! `libstore/binary-cache-store.cc` and `http-binary-cache-store.cc`.
+//!
+//! - [`BinaryCache::narinfo`] fetches `<hash>.narinfo`, parses it
+//!   ([`super::narinfo`]), refuses it unless its `StorePath` is the path
+//!   asked for, and verifies its signature ([`super::signature`]). A 404
+//!   (also 403 and 410, which S3 answers for a missing key, as Nix treats
+//!   them) is [`CacheError::NotFound`]: the path is not in this cache.
+//! - [`BinaryCache::closure`] follows `References` from the roots, up to
+//!   [`CacheOptions::concurrency`] narinfos at a time; it stops with an
+//!   error as soon as the paths found exceed [`CacheOptions::max_paths`] or
+//!   their NarSize total exceeds [`CacheOptions::max_nar_size`], before any
+//!   NAR is downloaded.
+//! - [`BinaryCache::nar`] opens a NAR file; [`NarStream::into_reader`]
+//!   makes it a blocking [`Read`] of the NAR, checked on the way:
+//!
+//!   ```text
+//!   compressed bytes -> FileSize/FileHash -> decompress -> NarSize/NarHash -> reader
+//!   ```
+//!
+//!   A mismatch, a truncation or corrupt compressed data is an error from a
+//!   read, at the latest the final one (the one that would return 0), so a
+//!   consumer that packs a layer while reading fails before it commits.
+//!
+//! Connection errors, timeouts, 5xx, 408 and 429 are retried
+//! ([`CacheOptions::attempts`], with doubling backoff), then are
+//! [`CacheError::Unavailable`]; other answers are not retried. Each request
+//! has [`CacheOptions::request_timeout`] to answer, and a NAR body that far
+//! between two pieces. Every error names the store path and the cache URL
+//! (without any `user:password`, which is sent as HTTP basic auth).
+//! A query string in the cache URL (`?priority=40`, Nix's store settings)
+//! is not sent.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use reqwest::{StatusCode, Url};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use super::decompress::Decoder;
+use super::narinfo::{NarInfo, NarInfoError, NarInfoLimits, Sha256Hash};
+use super::signature::{SignatureError, TrustedKeys};
+use super::store_path::StorePath;
+
+/// How a [`BinaryCache`] behaves and what it may spend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Time for a request to be answered, and for each piece of a NAR body.
+    pub request_timeout: Duration,
+    /// Tries of a request that fails transiently (at least 1).
+    pub attempts: u32,
+    /// The wait before the first retry; doubled before each next one, up
+    /// to 10 s.
+    pub backoff: Duration,
+    /// Narinfos fetched at a time by [`BinaryCache::closure`].
+    pub concurrency: usize,
+    /// The most paths a closure may have.
+    pub max_paths: usize,
+    /// The most NAR bytes (NarSize summed) a closure may have.
+    pub max_nar_size: u64,
+    pub narinfo: NarInfoLimits,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            request_timeout: Duration::from_secs(30),
+            attempts: 4,
+            backoff: Duration::from_millis(250),
+            concurrency: 16,
+            max_paths: 10_000,
+            max_nar_size: 16 << 30,
+            narinfo: NarInfoLimits::default(),
+        }
+    }
+}
+
+/// Why a cache could not give what was asked. Every variant but `Url`
+/// names the cache (`cache`, without credentials) and the store path.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("binary cache URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{path} is not in {cache} ({object} not found)")]
+    NotFound {
+        cache: String,
+        path: StorePath,
+        object: String,
+    },
+    #[error("{cache} is unavailable: {object} of {path} failed {attempts} times, last: {reason}")]
+    Unavailable {
+        cache: String,
+        path: StorePath,
+        object: String,
+        attempts: u32,
+        reason: String,
+    },
+    #[error("{cache} answered HTTP {status} for {object} of {path}")]
+    Http {
+        cache: String,
+        path: StorePath,
+        object: String,
+        status: u16,
+    },
+    #[error("{cache}: reading {object} of {path}: {source}")]
+    Io {
+        cache: String,
+        path: StorePath,
+        object: String,
+        source: io::Error,
+    },
+    #[error("{cache}: the narinfo of {path} is refused: {source}")]
+    NarInfo {
+        cache: String,
+        path: StorePath,
+        source: NarInfoError,
+    },
+    #[error("{cache}: asked for {path}, the narinfo is for {found}")]
+    WrongPath {
+        cache: String,
+        path: StorePath,
+        found: StorePath,
+    },
+    #[error("{cache}: {source}")]
+    Signature {
+        cache: String,
+        path: StorePath,
+        source: SignatureError,
+    },
+    #[error("{cache}: the closure has more than {limit} paths (at {path})")]
+    TooManyPaths {
+        cache: String,
+        path: StorePath,
+        limit: usize,
+    },
+    #[error("{cache}: the closure's NARs are at least {size} bytes, over the limit of {limit} (at {path})")]
+    ClosureTooLarge {
+        cache: String,
+        path: StorePath,
+        size: u64,
+        limit: u64,
+    },
+    #[error("{cache}: the NAR file of {path} is {found} bytes, not the FileSize {expected}")]
+    FileSize {
+        cache: String,
+        path: StorePath,
+        expected: u64,
+        /// Bytes read; `expected + 1` means "more than expected".
+        found: u64,
+    },
+    #[error("{cache}: the NAR file of {path} has hash {found}, not the FileHash {expected}")]
+    FileHash {
+        cache: String,
+        path: StorePath,
+        expected: Sha256Hash,
+        found: Sha256Hash,
+    },
+    #[error("{cache}: the NAR of {path} is {found} bytes, not the NarSize {expected}")]
+    NarSize {
+        cache: String,
+        path: StorePath,
+        expected: u64,
+        /// Bytes read; `expected + 1` means "more than expected".
+        found: u64,
+    },
+    #[error("{cache}: the NAR of {path} has hash {found}, not the NarHash {expected}")]
+    NarHash {
+        cache: String,
+        path: StorePath,
+        expected: Sha256Hash,
+        found: Sha256Hash,
+    },
+    #[error("{cache}: decompressing the NAR of {path} ({compression}): {source}")]
+    Decompress {
+        cache: String,
+        path: StorePath,
+        compression: &'static str,
+        source: io::Error,
+    },
+}
+
+impl CacheError {
+    /// The cache error inside an `io::Error` that a [`NarReader`] returned
+    /// (or that a NAR walk reported as its reading error).
+    pub fn from_io(error: &io::Error) -> Option<&CacheError> {
+        error.get_ref()?.downcast_ref::<CacheError>()
+    }
+
+    /// Whether the path is missing from the cache (so another source may
+    /// have it), as opposed to the cache failing or lying.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, CacheError::NotFound { .. })
+    }
+
+    /// Whether the cache could not be reached in time (callers fall back or
+    /// answer 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, CacheError::Unavailable { .. })
+    }
+}
+
+/// A cache, its trusted keys and its options. Cheap to clone.
+#[derive(Clone)]
+pub struct BinaryCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    location: Location,
+    /// The URL for messages: no credentials, no query.
+    shown: String,
+    keys: TrustedKeys,
+    options: CacheOptions,
+}
+
+enum Location {
+    Http {
+        /// Ends with `/`, so objects join under it.
+        base: Url,
+        client: reqwest::Client,
+        credentials: Option<(String, Option<String>)>,
+    },
+    File {
+        root: PathBuf,
+    },
+}
+
+/// A transient failure (retried) or a final answer.
+enum Attempt<T> {
+    Done(Result<T, CacheError>),
+    Retry(String),
+}
+
+impl BinaryCache {
+    /// A cache at `url` (`http://`, `https://` or `file://`).
+    pub fn new(
+        url: &str,
+        keys: TrustedKeys,
+        options: CacheOptions,
+    ) -> Result<BinaryCache, CacheError> {
+        let invalid = |shown: &str, reason: String| CacheError::Url {
+            url: shown.to_string(),
+            reason,
+        };
+        let mut parsed = Url::parse(url).map_err(|e| invalid("", e.to_string()))?;
+        parsed.set_query(None);
+        parsed.set_fragment(None);
+        let credentials =
+            (!parsed.username().is_empty() || parsed.password().is_some()).then(|| {
+                (
+                    percent_decode(parsed.username()),
+                    parsed.password().map(percent_decode),
+                )
+            });
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        let shown = parsed.as_str().trim_end_matches('/').to_string();
+        if options.attempts == 0 || options.concurrency == 0 {
+            return Err(invalid(
+                &shown,
+                "attempts and concurrency must be at least 1".into(),
+            ));
+        }
+        let location = match parsed.scheme() {
+            "http" | "https" => {
+                if !parsed.path().ends_with('/') {
+                    let path = format!("{}/", parsed.path());
+                    parsed.set_path(&path);
+                }
+                let client = reqwest::Client::builder()
+                    .connect_timeout(options.request_timeout)
+                    .build()
+                    .map_err(|e| invalid(&shown, e.to_string()))?;
+                Location::Http {
+                    base: parsed,
+                    client,
+                    credentials,
+                }
+            }
+            "file" => {
+                if credentials.is_some() || parsed.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(invalid(&shown, "a file:// URL has no host or user".into()));
+                }
+                let root = parsed
+                    .to_file_path()
+                    .map_err(|()| invalid(&shown, "not a local path".into()))?;
+                Location::File { root }
+            }
+            other => return Err(invalid(&shown, format!("unsupported scheme {other:?}"))),
+        };
+        Ok(BinaryCache {
+            inner: Arc::new(Inner {
+                location,
+                shown,
+                keys,
+                options,
+            }),
+        })
+    }
+
+    /// The cache URL, without credentials or query.
+    pub fn url(&self) -> &str {
+        &self.inner.shown
+    }
+
+    pub fn options(&self) -> &CacheOptions {
+        &self.inner.options
+    }
+
+    fn cache(&self) -> String {
+        self.inner.shown.clone()
+    }
+
+    /// The verified narinfo of `path`.
+    pub async fn narinfo(&self, path: &StorePath) -> Result<NarInfo, CacheError> {
+        let object = format!("{}.narinfo", path.hash_part());
+        let limits = &self.inner.options.narinfo;
+        let text = self.fetch_small(path, &object, limits.max_bytes).await?;
+        let info = NarInfo::parse(&text, limits).map_err(|source| CacheError::NarInfo {
+            cache: self.cache(),
+            path: path.clone(),
+            source,
+        })?;
+        if &info.store_path != path {
+            return Err(CacheError::WrongPath {
+                cache: self.cache(),
+                path: path.clone(),
+                found: info.store_path,
+            });
+        }
+        let key = self
+            .inner
+            .keys
+            .verify(&info)
+            .map_err(|source| CacheError::Signature {
+                cache: self.cache(),
+                path: path.clone(),
+                source,
+            })?;
+        tracing::debug!(cache = %self.inner.shown, %path, key, "narinfo verified");
+        Ok(info)
+    }
+
+    /// The verified narinfos of `roots` and everything they reference.
+    pub async fn closure(&self, roots: &[StorePath]) -> Result<Closure, CacheError> {
+        let options = &self.inner.options;
+        let mut seen: BTreeSet<StorePath> = BTreeSet::new();
+        let mut queue: VecDeque<StorePath> = VecDeque::new();
+        let mut closure = Closure::default();
+        let discover =
+            |path: &StorePath, seen: &mut BTreeSet<StorePath>, queue: &mut VecDeque<StorePath>| {
+                if seen.insert(path.clone()) {
+                    if seen.len() > options.max_paths {
+                        return Err(CacheError::TooManyPaths {
+                            cache: self.cache(),
+                            path: path.clone(),
+                            limit: options.max_paths,
+                        });
+                    }
+                    queue.push_back(path.clone());
+                }
+                Ok(())
+            };
+        for root in roots {
+            discover(root, &mut seen, &mut queue)?;
+        }
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            while in_flight.len() < options.concurrency {
+                let Some(path) = queue.pop_front() else { break };
+                in_flight.push(async move { self.narinfo(&path).await });
+            }
+            let Some(result) = in_flight.next().await else {
+                break;
+            };
+            let info = result?;
+            // Saturating: a hostile NarSize must not wrap the total.
+            closure.nar_size = closure.nar_size.saturating_add(info.nar_size);
+            if closure.nar_size > options.max_nar_size {
+                return Err(CacheError::ClosureTooLarge {
+                    cache: self.cache(),
+                    path: info.store_path,
+                    size: closure.nar_size,
+                    limit: options.max_nar_size,
+                });
+            }
+            for reference in &info.references {
+                discover(reference, &mut seen, &mut queue)?;
+            }
+            closure.paths.insert(info.store_path.clone(), info);
+        }
+        Ok(closure)
+    }
+
+    /// Opens the NAR file of `info` (a narinfo this cache verified).
+    pub async fn nar(&self, info: &NarInfo) -> Result<NarStream, CacheError> {
+        let path = &info.store_path;
+        let body = match &self.inner.location {
+            Location::File { root } => {
+                let file = root.join(&info.url);
+                match tokio::fs::File::open(&file).await {
+                    Ok(f) => Body::File(f.into_std().await),
+                    Err(e) => return Err(self.file_error(path, &info.url, e)),
+                }
+            }
+            Location::Http { .. } => {
+                let response = self
+                    .with_retries(path, &info.url, || self.send(path, &info.url))
+                    .await?;
+                Body::Http {
+                    response,
+                    timeout: self.inner.options.request_timeout,
+                    // The body is pulled by a task of the runtime that
+                    // opened it, wherever the reader ends up.
+                    runtime: tokio::runtime::Handle::current(),
+                }
+            }
+        };
+        Ok(NarStream {
+            body,
+            info: info.clone(),
+            cache: self.cache(),
+        })
+    }
+
+    /// Runs `consume` on a blocking thread with the verified NAR of `info`
+    /// (see [`NarStream::into_reader`]).
+    pub async fn with_nar<T, F>(&self, info: &NarInfo, consume: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(NarReader) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let stream = self.nar(info).await?;
+        match tokio::task::spawn_blocking(move || consume(stream.into_reader())).await {
+            Ok(value) => Ok(value),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(CacheError::Io {
+                cache: self.cache(),
+                path: info.store_path.clone(),
+                object: info.url.clone(),
+                source: io::Error::other(e),
+            }),
+        }
+    }
+
+    /// A small object, whole, bounded by `max` bytes.
+    async fn fetch_small(
+        &self,
+        path: &StorePath,
+        object: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, CacheError> {
+        match &self.inner.location {
+            Location::File { root } => {
+                let file = root.join(object);
+                let read = async {
+                    let mut bytes = Vec::new();
+                    let f = tokio::fs::File::open(&file).await?;
+                    f.take(max as u64 + 1).read_to_end(&mut bytes).await?;
+                    Ok::<_, io::Error>(bytes)
+                };
+                let bytes = read.await.map_err(|e| self.file_error(path, object, e))?;
+                if bytes.len() > max {
+                    return Err(self.too_large(path, max));
+                }
+                Ok(bytes)
+            }
+            Location::Http { .. } => {
+                self.with_retries(path, object, || async {
+                    let mut response = match self.send(path, object).await {
+                        Attempt::Done(Ok(response)) => response,
+                        Attempt::Done(Err(e)) => return Attempt::Done(Err(e)),
+                        Attempt::Retry(reason) => return Attempt::Retry(reason),
+                    };
+                    if response.content_length().is_some_and(|n| n > max as u64) {
+                        return Attempt::Done(Err(self.too_large(path, max)));
+                    }
+                    let mut bytes = Vec::new();
+                    loop {
+                        let timeout = self.inner.options.request_timeout;
+                        match tokio::time::timeout(timeout, response.chunk()).await {
+                            Err(_) => return Attempt::Retry(format!("no data for {timeout:?}")),
+                            Ok(Err(e)) => return Attempt::Retry(describe(&e)),
+                            Ok(Ok(None)) => return Attempt::Done(Ok(bytes)),
+                            Ok(Ok(Some(chunk))) => {
+                                if bytes.len() + chunk.len() > max {
+                                    return Attempt::Done(Err(self.too_large(path, max)));
+                                }
+                                bytes.extend_from_slice(&chunk);
+                            }
+                        }
+                    }
+                })
+                .await
+            }
+        }
+    }
+
+    /// One GET of `object`: its response if 2xx.
+    async fn send(&self, path: &StorePath, object: &str) -> Attempt<reqwest::Response> {
+        let Location::Http {
+            base,
+            client,
+            credentials,
+        } = &self.inner.location
+        else {
+            unreachable!("send is for HTTP caches");
+        };
+        let url = match base.join(object) {
+            Ok(url) => url,
+            Err(e) => {
+                return Attempt::Done(Err(CacheError::Io {
+                    cache: self.cache(),
+                    path: path.clone(),
+                    object: object.to_string(),
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                }))
+            }
+        };
+        let mut request = client.get(url);
+        if let Some((user, password)) = credentials {
+            request = request.basic_auth(user, password.as_ref());
+        }
+        let timeout = self.inner.options.request_timeout;
+        let response = match tokio::time::timeout(timeout, request.send()).await {
+            Err(_) => return Attempt::Retry(format!("no answer in {timeout:?}")),
+            Ok(Err(e)) => return Attempt::Retry(describe(&e)),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Attempt::Done(Ok(response));
+        }
+        if status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT
+        {
+            return Attempt::Retry(format!("HTTP {status}"));
+        }
+        if matches!(
+            status,
+            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE
+        ) {
+            return Attempt::Done(Err(CacheError::NotFound {
+                cache: self.cache(),
+                path: path.clone(),
+                object: object.to_string(),
+            }));
+        }
+        Attempt::Done(Err(CacheError::Http {
+            cache: self.cache(),
+            path: path.clone(),
+            object: object.to_string(),
+            status: status.as_u16(),
+        }))
+    }
+
+    async fn with_retries<T, F, Fut>(
+        &self,
+        path: &StorePath,
+        object: &str,
+        mut attempt: F,
+    ) -> Result<T, CacheError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Attempt<T>>,
+    {
+        let options = &self.inner.options;
+        let mut backoff = options.backoff;
+        let mut last = String::new();
+        for n in 1..=options.attempts {
+            match attempt().await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(reason) => {
+                    tracing::warn!(
+                        cache = %self.inner.shown, %path, object, attempt = n, %reason,
+                        "binary cache request failed"
+                    );
+                    last = reason;
+                }
+            }
+            if n < options.attempts {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+        Err(CacheError::Unavailable {
+            cache: self.cache(),
+            path: path.clone(),
+            object: object.to_string(),
+            attempts: options.attempts,
+            reason: last,
+        })
+    }
+
+    fn file_error(&self, path: &StorePath, object: &str, source: io::Error) -> CacheError {
+        if source.kind() == io::ErrorKind::NotFound {
+            CacheError::NotFound {
+                cache: self.cache(),
+                path: path.clone(),
+                object: object.to_string(),
+            }
+        } else {
+            CacheError::Io {
+                cache: self.cache(),
+                path: path.clone(),
+                object: object.to_string(),
+                source,
+            }
+        }
+    }
+
+    fn too_large(&self, path: &StorePath, limit: usize) -> CacheError {
+        CacheError::NarInfo {
+            cache: self.cache(),
+            path: path.clone(),
+            source: NarInfoError::TooLarge { limit },
+        }
+    }
+}
+
+impl std::fmt::Debug for BinaryCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BinaryCache")
+            .field("url", &self.inner.shown)
+            .field("keys", &self.inner.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reqwest error and its causes, without the URL (the caller names the
+/// object).
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = if error.is_timeout() {
+        "timed out".to_string()
+    } else if error.is_connect() {
+        "could not connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes: Vec<u8> = form_urlencoded::parse(format!("x={text}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned().into_bytes())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Every path of a closure, with its verified narinfo.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Closure {
+    pub paths: BTreeMap<StorePath, NarInfo>,
+    /// The NarSize total.
+    pub nar_size: u64,
+}
+
+/// An open NAR file, not yet read.
+pub struct NarStream {
+    body: Body,
+    info: NarInfo,
+    cache: String,
+}
+
+enum Body {
+    File(std::fs::File),
+    Http {
+        response: reqwest::Response,
+        timeout: Duration,
+        runtime: tokio::runtime::Handle,
+    },
+}
+
+impl NarStream {
+    /// The narinfo this stream checks against.
+    pub fn info(&self) -> &NarInfo {
+        &self.info
+    }
+
+    /// A blocking reader of the decompressed, checked NAR (see the module
+    /// doc). Reading it blocks: use it on a blocking thread
+    /// (`tokio::task::spawn_blocking`, or [`BinaryCache::with_nar`]), never
+    /// on an async worker. An HTTP body is received by a task on the
+    /// runtime that opened it and handed over in pieces, at most 16 in
+    /// flight; dropping the reader stops the download.
+    pub fn into_reader(self) -> NarReader {
+        let source: Box<dyn Read + Send> = match self.body {
+            Body::File(file) => Box::new(file),
+            Body::Http {
+                response,
+                timeout,
+                runtime,
+            } => Box::new(ChannelReader::spawn(&runtime, response, timeout)),
+        };
+        NarReader::new(source, self.info, self.cache)
+    }
+}
+
+/// An HTTP body pulled by a task and read from a blocking thread.
+struct ChannelReader {
+    receiver: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl ChannelReader {
+    fn spawn(
+        runtime: &tokio::runtime::Handle,
+        mut response: reqwest::Response,
+        timeout: Duration,
+    ) -> ChannelReader {
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        runtime.spawn(async move {
+            loop {
+                let piece = match tokio::time::timeout(timeout, response.chunk()).await {
+                    Err(_) => Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no data for {timeout:?}"),
+                    )),
+                    Ok(Err(e)) => Err(io::Error::other(describe(&e))),
+                    Ok(Ok(None)) => break,
+                    Ok(Ok(Some(bytes))) => Ok(bytes),
+                };
+                let failed = piece.is_err();
+                // The reader was dropped: stop downloading.
+                if sender.send(piece).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        ChannelReader {
+            receiver,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                None => return Ok(0),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(bytes)) => self.current = bytes,
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// The compressed file: counted and hashed, never read past FileSize (or,
+/// without one, a bound derived from NarSize).
+struct FileCheck {
+    source: Box<dyn Read + Send>,
+    hasher: Sha256,
+    read: u64,
+    limit: u64,
+    ended: bool,
+    context: Context,
+}
+
+/// What errors name.
+#[derive(Clone)]
+struct Context {
+    cache: String,
+    path: StorePath,
+    object: String,
+}
+
+impl Read for FileCheck {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.ended || out.is_empty() {
+            return Ok(0);
+        }
+        // One byte past the limit is enough to know the file is too long.
+        let room = (self.limit.saturating_add(1) - self.read).min(out.len() as u64) as usize;
+        let n = loop {
+            match self.source.read(&mut out[..room]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let c = self.context.clone();
+                    return Err(io::Error::other(CacheError::Io {
+                        cache: c.cache,
+                        path: c.path,
+                        object: c.object,
+                        source: e,
+                    }));
+                }
+            }
+        };
+        if n == 0 {
+            self.ended = true;
+            return Ok(0);
+        }
+        self.read += n as u64;
+        if self.read > self.limit {
+            let c = self.context.clone();
+            return Err(io::Error::other(CacheError::FileSize {
+                cache: c.cache,
+                path: c.path,
+                expected: self.limit,
+                found: self.read,
+            }));
+        }
+        self.hasher.update(&out[..n]);
+        Ok(n)
+    }
+}
+
+/// A blocking [`Read`] of a NAR from a cache, checked against its narinfo
+/// (see the module doc). Errors are `io::Error`s that carry a
+/// [`CacheError`] ([`CacheError::from_io`]).
+pub struct NarReader {
+    decoder: Decoder<BufReader<FileCheck>>,
+    hasher: Sha256,
+    read: u64,
+    info: NarInfo,
+    context: Context,
+    /// Set after the end was checked, or after an error: what every later
+    /// read answers.
+    finished: Option<Result<(), String>>,
+}
+
+impl NarReader {
+    fn new(source: Box<dyn Read + Send>, info: NarInfo, cache: String) -> NarReader {
+        let context = Context {
+            cache,
+            path: info.store_path.clone(),
+            object: info.url.clone(),
+        };
+        // Without a FileSize, the compressed file may be somewhat larger
+        // than the NAR (incompressible data), not without bound.
+        let limit = info
+            .file_size
+            .unwrap_or(info.nar_size.saturating_add(info.nar_size / 8 + (1 << 20)));
+        let check = FileCheck {
+            source,
+            hasher: Sha256::new(),
+            read: 0,
+            limit,
+            ended: false,
+            context: context.clone(),
+        };
+        let buffered = BufReader::with_capacity(128 * 1024, check);
+        let (decoder, finished) = match Decoder::new(info.compression, buffered) {
+            Ok(decoder) => (decoder, None),
+            Err(e) => {
+                // zstd allocates its context here; nothing was read yet.
+                let error = CacheError::Decompress {
+                    cache: context.cache.clone(),
+                    path: context.path.clone(),
+                    compression: info.compression.as_str(),
+                    source: e,
+                };
+                let message = error.to_string();
+                let empty = FileCheck {
+                    source: Box::new(io::empty()),
+                    hasher: Sha256::new(),
+                    read: 0,
+                    limit: 0,
+                    ended: true,
+                    context: context.clone(),
+                };
+                let decoder =
+                    Decoder::new(super::decompress::Compression::None, BufReader::new(empty))
+                        .expect("no compression cannot fail");
+                (decoder, Some(Err(message)))
+            }
+        };
+        NarReader {
+            decoder,
+            hasher: Sha256::new(),
+            read: 0,
+            info,
+            context,
+            finished,
+        }
+    }
+
+    fn fail(&mut self, error: CacheError) -> io::Error {
+        self.finished = Some(Err(error.to_string()));
+        io::Error::other(error)
+    }
+
+    /// At the decoder's end: the rest of the file, then every check.
+    fn finish(&mut self) -> Result<(), CacheError> {
+        let c = self.context.clone();
+        let file = self.decoder.get_mut();
+        // Whatever follows the compressed stream still counts for FileSize
+        // and FileHash (and is refused by them).
+        loop {
+            let n = match file.fill_buf() {
+                Ok(buf) => buf.len(),
+                Err(e) => return Err(unwrap_cache_error(e, &c, self.info.compression.as_str())),
+            };
+            if n == 0 {
+                break;
+            }
+            file.consume(n);
+        }
+        let check = file.get_mut();
+        let found = Sha256Hash(check.hasher.clone().finalize().into());
+        if let Some(expected) = self.info.file_size {
+            if check.read != expected {
+                return Err(CacheError::FileSize {
+                    cache: c.cache,
+                    path: c.path,
+                    expected,
+                    found: check.read,
+                });
+            }
+        }
+        if let Some(expected) = self.info.file_hash {
+            if found != expected {
+                return Err(CacheError::FileHash {
+                    cache: c.cache,
+                    path: c.path,
+                    expected,
+                    found,
+                });
+            }
+        }
+        if self.read != self.info.nar_size {
+            return Err(CacheError::NarSize {
+                cache: c.cache,
+                path: c.path,
+                expected: self.info.nar_size,
+                found: self.read,
+            });
+        }
+        let found = Sha256Hash(self.hasher.clone().finalize().into());
+        if found != self.info.nar_hash {
+            return Err(CacheError::NarHash {
+                cache: c.cache,
+                path: c.path,
+                expected: self.info.nar_hash,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// The narinfo this reader checks against.
+    pub fn info(&self) -> &NarInfo {
+        &self.info
+    }
+}
+
+/// A decoder's error: ours from below (passed on), or corrupt data. When
+/// the file ended short, that is what is reported.
+fn unwrap_cache_error(e: io::Error, c: &Context, compression: &'static str) -> CacheError {
+    match e.into_inner() {
+        Some(inner) => match inner.downcast::<CacheError>() {
+            Ok(cache_error) => *cache_error,
+            Err(other) => CacheError::Decompress {
+                cache: c.cache.clone(),
+                path: c.path.clone(),
+                compression,
+                source: io::Error::other(other),
+            },
+        },
+        None => CacheError::Decompress {
+            cache: c.cache.clone(),
+            path: c.path.clone(),
+            compression,
+            source: io::Error::other("corrupt data"),
+        },
+    }
+}
+
+impl Read for NarReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match &self.finished {
+            Some(Ok(())) => return Ok(0),
+            Some(Err(message)) => return Err(io::Error::other(message.clone())),
+            None => {}
+        }
+        if out.is_empty() {
+            return Ok(0);
+        }
+        let n = match self.decoder.read(out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+            Err(e) => {
+                let kind = e.kind();
+                let error = unwrap_cache_error(e, &self.context, self.info.compression.as_str());
+                // Compressed data cut short: say so by its size.
+                let check = self.decoder.get_mut().get_ref();
+                let short = matches!(error, CacheError::Decompress { .. })
+                    && (check.ended || kind == io::ErrorKind::UnexpectedEof)
+                    && self.info.file_size.is_some_and(|size| check.read < size);
+                let error = if short {
+                    CacheError::FileSize {
+                        cache: self.context.cache.clone(),
+                        path: self.context.path.clone(),
+                        expected: self.info.file_size.unwrap_or_default(),
+                        found: check.read,
+                    }
+                } else {
+                    error
+                };
+                return Err(self.fail(error));
+            }
+        };
+        if n == 0 {
+            return match self.finish() {
+                Ok(()) => {
+                    self.finished = Some(Ok(()));
+                    Ok(0)
+                }
+                Err(error) => Err(self.fail(error)),
+            };
+        }
+        self.read += n as u64;
+        if self.read > self.info.nar_size {
+            let c = self.context.clone();
+            return Err(self.fail(CacheError::NarSize {
+                cache: c.cache,
+                path: c.path,
+                expected: self.info.nar_size,
+                found: self.read,
+            }));
+        }
+        self.hasher.update(&out[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::binary_cache::decompress::Compression;
+    use crate::binary_cache::nar::{self, Node};
+    use crate::binary_cache::testing::{
+        narinfo_text, sha256_nix32, store_path, test_key, TestCache, TestKey, TestNode,
+    };
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    /// A cache served over HTTP on 127.0.0.1, with faults on demand;
+    /// stopped on drop.
+    struct Server {
+        addr: SocketAddr,
+        state: Arc<ServerState>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    #[derive(Default)]
+    struct ServerState {
+        files: Mutex<BTreeMap<String, Vec<u8>>>,
+        /// Request paths, and their Authorization header.
+        log: Mutex<Vec<(String, Option<String>)>>,
+        /// Answer this many requests with `fail_status` first.
+        fail_first: AtomicUsize,
+        fail_status: AtomicUsize,
+        /// Never answer.
+        hang: AtomicBool,
+    }
+
+    impl Server {
+        async fn start(cache: &TestCache) -> Server {
+            use axum::extract::State;
+            use axum::http::{HeaderMap, StatusCode, Uri};
+            use axum::response::{IntoResponse, Response};
+
+            async fn handle(
+                State(state): State<Arc<ServerState>>,
+                uri: Uri,
+                headers: HeaderMap,
+            ) -> Response {
+                let name = uri.path().trim_start_matches('/').to_string();
+                let auth = headers
+                    .get("authorization")
+                    .map(|v| v.to_str().unwrap().to_string());
+                state.log.lock().unwrap().push((name.clone(), auth));
+                if state.hang.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                let failing = state
+                    .fail_first
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if failing {
+                    let status = state.fail_status.load(Ordering::SeqCst) as u16;
+                    return StatusCode::from_u16(status).unwrap().into_response();
+                }
+                // The cache is served under /cache/.
+                let file = name.strip_prefix("cache/").unwrap_or_default();
+                match state.files.lock().unwrap().get(file) {
+                    Some(bytes) => bytes.clone().into_response(),
+                    None => StatusCode::NOT_FOUND.into_response(),
+                }
+            }
+
+            let state = Arc::new(ServerState::default());
+            *state.files.lock().unwrap() = cache.files.clone();
+            let router = axum::Router::new()
+                .fallback(handle)
+                .with_state(state.clone());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let task = tokio::spawn(async move {
+                axum::serve(listener, router).await.unwrap();
+            });
+            Server { addr, state, task }
+        }
+
+        fn url(&self) -> String {
+            format!("http://{}/cache", self.addr)
+        }
+
+        fn requests(&self) -> Vec<String> {
+            self.state
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(p, _)| p.clone())
+                .collect()
+        }
+
+        fn fail(&self, times: usize, status: u16) {
+            self.state
+                .fail_status
+                .store(status as usize, Ordering::SeqCst);
+            self.state.fail_first.store(times, Ordering::SeqCst);
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn file(contents: &str) -> TestNode {
+        TestNode::File {
+            executable: false,
+            contents: contents.as_bytes().to_vec(),
+        }
+    }
+
+    fn dir(entries: Vec<(&str, TestNode)>) -> TestNode {
+        TestNode::Directory(
+            entries
+                .into_iter()
+                .map(|(n, c)| (n.as_bytes().to_vec(), c))
+                .collect(),
+        )
+    }
+
+    /// hello -> bash -> (bash, libc); libc <-> libd (a cycle).
+    struct Sample {
+        cache: TestCache,
+        hello: StorePath,
+        all: BTreeMap<StorePath, NarInfo>,
+    }
+
+    fn sample(compression: Compression) -> Sample {
+        let key = test_key();
+        let [hello, bash, libc, libd] =
+            ["hello-2.12", "bash-5.2", "libc-2.37", "libd-1.0"].map(store_path);
+        let mut cache = TestCache::new();
+        let mut all = BTreeMap::new();
+        let contents = |name: &str| {
+            dir(vec![
+                ("big", file(&"x".repeat(100_000))),
+                (
+                    "bin",
+                    dir(vec![(
+                        name,
+                        TestNode::File {
+                            executable: true,
+                            contents: format!("#!/bin/sh\necho {name}\n").into_bytes(),
+                        },
+                    )]),
+                ),
+                ("lib", TestNode::Symlink(b"../lib".to_vec())),
+            ])
+        };
+        for (path, refs) in [
+            (&hello, vec![&bash]),
+            (&bash, vec![&bash, &libc]),
+            (&libc, vec![&libd]),
+            (&libd, vec![&libc]),
+        ] {
+            let info = cache.add(path, &contents(path.name()), &refs, compression, Some(&key));
+            all.insert(path.clone(), info);
+        }
+        Sample { cache, hello, all }
+    }
+
+    fn trusted() -> TrustedKeys {
+        TrustedKeys::parse(&test_key().public_key()).unwrap()
+    }
+
+    fn options() -> CacheOptions {
+        CacheOptions {
+            request_timeout: Duration::from_millis(500),
+            attempts: 3,
+            backoff: Duration::from_millis(10),
+            ..CacheOptions::default()
+        }
+    }
+
+    async fn http(cache: &TestCache, options: CacheOptions) -> (Server, BinaryCache) {
+        let server = Server::start(cache).await;
+        let client = BinaryCache::new(&server.url(), trusted(), options).unwrap();
+        (server, client)
+    }
+
+    /// Walks the verified NAR of `info`; the summary, or the walk's error.
+    async fn walk_nar(cache: &BinaryCache, info: &NarInfo) -> Result<nar::NarSummary, String> {
+        let stream = cache.nar(info).await.map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || {
+            nar::walk(stream.into_reader(), &mut |_: &Path, node: Node<'_>| {
+                if let Node::File { contents, .. } = node {
+                    io::copy(contents, &mut io::sink())?;
+                }
+                Ok(())
+            })
+        })
+        .await
+        .unwrap()
+        .map_err(|e| match &e {
+            nar::NarError::Read { source, .. } => CacheError::from_io(source)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| e.to_string()),
+            _ => e.to_string(),
+        })
+    }
+
+    #[tokio::test]
+    async fn closure_follows_references_through_a_cycle_over_http_and_file() {
+        for compression in [
+            Compression::Xz,
+            Compression::Zstd,
+            Compression::Bzip2,
+            Compression::None,
+        ] {
+            let sample = sample(compression);
+            let dir = tempfile::tempdir().unwrap();
+            sample.cache.write_to(dir.path());
+            let (server, over_http) = http(&sample.cache, options()).await;
+            let file_url = format!("file://{}", dir.path().display());
+            let on_disk = BinaryCache::new(&file_url, trusted(), options()).unwrap();
+            for cache in [&over_http, &on_disk] {
+                let closure = cache
+                    .closure(std::slice::from_ref(&sample.hello))
+                    .await
+                    .unwrap();
+                assert_eq!(closure.paths, sample.all, "{compression}");
+                let total: u64 = sample.all.values().map(|i| i.nar_size).sum();
+                assert_eq!(closure.nar_size, total);
+                for info in closure.paths.values() {
+                    let summary = walk_nar(cache, info).await.unwrap();
+                    assert_eq!(summary.sha256, info.nar_hash);
+                    assert_eq!(summary.size, info.nar_size);
+                }
+            }
+            // Each narinfo was fetched once over HTTP, the cycle notwithstanding.
+            let narinfos = server
+                .requests()
+                .iter()
+                .filter(|r| r.ends_with(".narinfo"))
+                .count();
+            assert_eq!(narinfos, 4);
+        }
+    }
+
+    #[tokio::test]
+    async fn with_nar_reads_on_a_blocking_thread() {
+        let sample = sample(Compression::Xz);
+        let (_server, cache) = http(&sample.cache, options()).await;
+        let info = cache.narinfo(&sample.hello).await.unwrap();
+        let mut bytes = cache
+            .with_nar(&info, |mut reader| {
+                let mut bytes = Vec::new();
+                reader.read_to_end(&mut bytes).map(|_| bytes)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bytes.len() as u64, info.nar_size);
+        bytes.truncate(16);
+        assert_eq!(&bytes[8..], b"nix-arch");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_http_nar_reads_on_any_thread_and_stops_when_dropped() {
+        let sample = sample(Compression::Zstd);
+        let (server, cache) = http(&sample.cache, options()).await;
+        let info = sample.all[&sample.hello].clone();
+        let stream = cache.nar(&info).await.unwrap();
+        // Not a runtime thread: the body still arrives.
+        let read = std::thread::spawn(move || {
+            io::copy(&mut stream.into_reader(), &mut io::sink()).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(read, info.nar_size);
+        // A reader dropped after one read ends its download task.
+        let stream = cache.nar(&info).await.unwrap();
+        std::thread::spawn(move || {
+            let mut reader = stream.into_reader();
+            reader.read_exact(&mut [0; 100]).unwrap();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(server.requests().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_missing_path_is_not_found() {
+        let sample = sample(Compression::Xz);
+        let (server, cache) = http(&sample.cache, options()).await;
+        let missing = store_path("missing-1.0");
+        let err = cache.narinfo(&missing).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{missing} is not in {} ({}.narinfo not found)",
+                server.url(),
+                missing.hash_part()
+            )
+        );
+        // Not retried.
+        assert_eq!(server.requests().len(), 1);
+        let dir = tempfile::tempdir().unwrap();
+        let on_disk = BinaryCache::new(
+            &format!("file://{}", dir.path().display()),
+            trusted(),
+            options(),
+        )
+        .unwrap();
+        assert!(on_disk.narinfo(&missing).await.unwrap_err().is_not_found());
+    }
+
+    /// Replaces the narinfo of `path` in `cache` by `edit` of it.
+    fn edit_narinfo(cache: &mut TestCache, path: &StorePath, edit: impl FnOnce(&mut String)) {
+        let name = format!("{}.narinfo", path.hash_part());
+        let mut text = String::from_utf8(cache.files[&name].clone()).unwrap();
+        edit(&mut text);
+        cache.files.insert(name, text.into_bytes());
+    }
+
+    fn without_sigs(text: &mut String) {
+        *text = text
+            .lines()
+            .filter(|l| !l.starts_with("Sig:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_narinfo_is_refused() {
+        let mut sample = sample(Compression::Xz);
+        edit_narinfo(&mut sample.cache, &sample.hello, without_sigs);
+        let (_server, cache) = http(&sample.cache, options()).await;
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CacheError::Signature {
+                    source: SignatureError::Unsigned { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(sample.hello.as_str()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_signature_by_an_untrusted_key_is_refused() {
+        let mut sample = sample(Compression::Xz);
+        let stranger = TestKey::new("stranger-1", 9);
+        let sig = stranger.sign(&sample.all[&sample.hello]);
+        edit_narinfo(&mut sample.cache, &sample.hello, |text| {
+            without_sigs(text);
+            text.push_str(&format!("Sig: {sig}\n"));
+        });
+        let (_server, cache) = http(&sample.cache, options()).await;
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CacheError::Signature {
+                    source: SignatureError::UntrustedKey { names, .. },
+                    ..
+                } if names == &["stranger-1".to_string()]
+            ),
+            "{err}"
+        );
+        // A key of the same name but other bytes does not verify either.
+        let mut sample2 = self::sample(Compression::Xz);
+        let impostor = TestKey::new(crate::binary_cache::testing::TEST_KEY_NAME, 9);
+        let sig = impostor.sign(&sample2.all[&sample2.hello]);
+        edit_narinfo(&mut sample2.cache, &sample2.hello, |text| {
+            without_sigs(text);
+            text.push_str(&format!("Sig: {sig}\n"));
+        });
+        let (_server2, cache2) = http(&sample2.cache, options()).await;
+        assert!(matches!(
+            cache2.narinfo(&sample2.hello).await.unwrap_err(),
+            CacheError::Signature {
+                source: SignatureError::Invalid { .. },
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_signature_is_refused() {
+        let mut sample = sample(Compression::Xz);
+        // A signed field changed after signing.
+        let size = sample.all[&sample.hello].nar_size;
+        edit_narinfo(&mut sample.cache, &sample.hello, |text| {
+            *text = text.replace(
+                &format!("NarSize: {size}"),
+                &format!("NarSize: {}", size + 8),
+            );
+        });
+        let (_server, cache) = http(&sample.cache, options()).await;
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CacheError::Signature {
+                    source: SignatureError::Invalid { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_narinfo_for_another_path_is_refused() {
+        let mut sample = sample(Compression::Xz);
+        // The (validly signed) narinfo of bash, served as hello's.
+        let bash = store_path("bash-5.2");
+        let bash_info = sample.cache.files[&format!("{}.narinfo", bash.hash_part())].clone();
+        sample
+            .cache
+            .files
+            .insert(format!("{}.narinfo", sample.hello.hash_part()), bash_info);
+        let (_server, cache) = http(&sample.cache, options()).await;
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        match &err {
+            CacheError::WrongPath { path, found, .. } => {
+                assert_eq!(path, &sample.hello);
+                assert_eq!(found, &bash);
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nar_with_another_nar_hash_fails_at_the_end_despite_a_valid_file_hash() {
+        let sample = sample(Compression::Xz);
+        let mut cache_files = sample.cache.clone();
+        let info = sample.all[&sample.hello].clone();
+        // Same size, one byte changed in a file; FileHash and FileSize (not
+        // signed) describe the new file, so only NarHash can tell.
+        let tampered = TestNode::Directory(vec![(
+            b"bin".to_vec(),
+            TestNode::File {
+                executable: false,
+                contents: vec![b'y'; 10],
+            },
+        )]);
+        let mut other = TestCache::new();
+        let other_info = other.add(&sample.hello, &tampered, &[], Compression::Xz, None);
+        assert_ne!(other_info.nar_hash, info.nar_hash);
+        let mut forged = info.clone();
+        forged.url = other_info.url.clone();
+        forged.file_hash = other_info.file_hash;
+        forged.file_size = other_info.file_size;
+        cache_files.files.insert(
+            format!("{}.narinfo", sample.hello.hash_part()),
+            narinfo_text(&forged),
+        );
+        cache_files
+            .files
+            .insert(other_info.url.clone(), other.files[&other_info.url].clone());
+        // Make the NAR sizes equal so the hash is what differs.
+        let mut forged_same_size = forged.clone();
+        forged_same_size.nar_size = other_info.nar_size;
+        forged_same_size.signatures = vec![test_key().sign(&forged_same_size)];
+        let (_server, cache) = http(&cache_files, options()).await;
+        let verified = cache.narinfo(&sample.hello).await.unwrap();
+        assert_eq!(verified.nar_hash, info.nar_hash);
+        let err = walk_nar(&cache, &verified).await.unwrap_err();
+        assert!(err.contains("NarSize") || err.contains("NarHash"), "{err}");
+        // And with the same size: NarHash.
+        let stream = cache.nar(&forged_same_size).await.unwrap();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut reader = stream.into_reader();
+            let mut data = Vec::new();
+            let result = reader.read_to_end(&mut data);
+            (data.len(), result)
+        })
+        .await
+        .unwrap();
+        let error = result.1.unwrap_err();
+        assert!(
+            matches!(
+                CacheError::from_io(&error),
+                Some(CacheError::NarHash { .. })
+            ),
+            "{error}"
+        );
+        // Every byte came out before the error: the failure is the final read.
+        assert_eq!(result.0 as u64, other_info.nar_size);
+    }
+
+    #[tokio::test]
+    async fn a_nar_file_with_another_file_hash_is_refused() {
+        let sample = sample(Compression::Zstd);
+        let mut files = sample.cache.clone();
+        edit_narinfo(&mut files, &sample.hello, |text| {
+            let good = sample.all[&sample.hello].file_hash.unwrap().to_string();
+            *text = text.replace(&good, &sha256_nix32(b"something else"));
+        });
+        let (_server, cache) = http(&files, options()).await;
+        let info = cache.narinfo(&sample.hello).await.unwrap();
+        let err = walk_nar(&cache, &info).await.unwrap_err();
+        assert!(err.contains("FileHash"), "{err}");
+        assert!(err.contains(sample.hello.as_str()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_truncated_nar_is_refused() {
+        for compression in [Compression::Xz, Compression::None] {
+            let sample = sample(compression);
+            let info = &sample.all[&sample.hello];
+            let mut files = sample.cache.clone();
+            let whole = files.files[&info.url].clone();
+            files
+                .files
+                .insert(info.url.clone(), whole[..whole.len() * 2 / 3].to_vec());
+            let (_server, cache) = http(&files, options()).await;
+            let err = walk_nar(&cache, info).await.unwrap_err();
+            assert!(err.contains("FileSize"), "{compression}: {err}");
+
+            // Truncated consistently (FileHash and FileSize of the short
+            // file): the NAR itself is short.
+            let short = whole[..whole.len() * 2 / 3].to_vec();
+            let mut forged = info.clone();
+            forged.file_size = Some(short.len() as u64);
+            forged.file_hash = Some(Sha256Hash::parse(&sha256_nix32(&short)).unwrap());
+            let err = walk_nar(&cache, &forged).await.unwrap_err();
+            assert!(
+                err.contains("truncated")
+                    || err.contains("NarSize")
+                    || err.contains("decompressing"),
+                "{compression}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn trailing_bytes_after_the_compressed_stream_are_refused() {
+        let sample = sample(Compression::Xz);
+        let info = &sample.all[&sample.hello];
+        let mut files = sample.cache.clone();
+        let mut long = files.files[&info.url].clone();
+        long.extend_from_slice(b"appended");
+        files.files.insert(info.url.clone(), long);
+        let (_server, cache) = http(&files, options()).await;
+        let err = walk_nar(&cache, info).await.unwrap_err();
+        assert!(
+            err.contains("FileSize") || err.contains("decompressing"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_huge_references_list_is_refused() {
+        let key = test_key();
+        let root = store_path("root-1.0");
+        let refs: Vec<StorePath> = (0..50).map(|i| store_path(&format!("dep-{i}"))).collect();
+        let mut cache = TestCache::new();
+        let ref_list: Vec<&StorePath> = refs.iter().collect();
+        cache.add(
+            &root,
+            &file("root"),
+            &ref_list,
+            Compression::None,
+            Some(&key),
+        );
+        for r in &refs {
+            cache.add(r, &file("dep"), &[], Compression::None, Some(&key));
+        }
+        let limited = CacheOptions {
+            narinfo: NarInfoLimits {
+                max_references: 10,
+                ..NarInfoLimits::default()
+            },
+            ..options()
+        };
+        let (_server, client) = http(&cache, limited).await;
+        let err = client.narinfo(&root).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CacheError::NarInfo {
+                    source: NarInfoError::TooManyReferences {
+                        count: 50,
+                        limit: 10
+                    },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Within the reference limit, the closure's path limit applies.
+        let few_paths = CacheOptions {
+            max_paths: 20,
+            ..options()
+        };
+        let (server, client) = http(&cache, few_paths).await;
+        let err = client
+            .closure(std::slice::from_ref(&root))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, CacheError::TooManyPaths { limit: 20, .. }),
+            "{err}"
+        );
+        assert!(server.requests().len() <= 2, "{:?}", server.requests());
+    }
+
+    #[tokio::test]
+    async fn a_closure_over_the_nar_size_limit_is_refused_before_any_nar_is_fetched() {
+        let sample = sample(Compression::Xz);
+        let total: u64 = sample.all.values().map(|i| i.nar_size).sum();
+        let limit = total - 1;
+        let limited = CacheOptions {
+            max_nar_size: limit,
+            concurrency: 1,
+            ..options()
+        };
+        let (server, cache) = http(&sample.cache, limited).await;
+        let err = cache
+            .closure(std::slice::from_ref(&sample.hello))
+            .await
+            .unwrap_err();
+        match &err {
+            CacheError::ClosureTooLarge { size, limit: l, .. } => {
+                assert_eq!(*size, total);
+                assert_eq!(*l, limit);
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains(&total.to_string()), "{err}");
+        assert!(err.to_string().contains(&limit.to_string()), "{err}");
+        assert!(
+            server.requests().iter().all(|r| r.ends_with(".narinfo")),
+            "{:?}",
+            server.requests()
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_until_an_answer() {
+        let sample = sample(Compression::Xz);
+        let (server, cache) = http(&sample.cache, options()).await;
+        server.fail(2, 503);
+        let info = cache.narinfo(&sample.hello).await.unwrap();
+        assert_eq!(server.requests().len(), 3);
+        // The NAR's opening is retried too (429: too many requests).
+        server.fail(1, 429);
+        walk_nar(&cache, &info).await.unwrap();
+        assert_eq!(server.requests().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_failing_server_is_unavailable_after_the_retries() {
+        let sample = sample(Compression::Xz);
+        let (server, cache) = http(&sample.cache, options()).await;
+        server.fail(usize::MAX, 500);
+        let started = Instant::now();
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert_eq!(server.requests().len(), 3);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let text = err.to_string();
+        assert!(text.contains(&server.url()), "{text}");
+        assert!(text.contains(sample.hello.as_str()), "{text}");
+        assert!(text.contains("HTTP 500"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_unavailable_in_bounded_time() {
+        let sample = sample(Compression::Xz);
+        let quick = CacheOptions {
+            request_timeout: Duration::from_millis(100),
+            ..options()
+        };
+        let (server, cache) = http(&sample.cache, quick).await;
+        server.state.hang.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        // 3 tries of 100 ms, 10 + 20 ms apart.
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(server.requests().len(), 3);
+        // Nothing listening at all: also unavailable.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let nobody = BinaryCache::new(&format!("http://{closed}"), trusted(), options()).unwrap();
+        assert!(nobody
+            .narinfo(&sample.hello)
+            .await
+            .unwrap_err()
+            .is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_not_retried() {
+        let sample = sample(Compression::Xz);
+        let (server, cache) = http(&sample.cache, options()).await;
+        server.fail(usize::MAX, 400);
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(matches!(err, CacheError::Http { status: 400, .. }), "{err}");
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn credentials_go_in_a_header_never_in_messages() {
+        let sample = sample(Compression::Xz);
+        let server = Server::start(&sample.cache).await;
+        let url = format!("http://reader:s3cret@{}/cache?priority=40", server.addr);
+        let cache = BinaryCache::new(&url, trusted(), options()).unwrap();
+        assert_eq!(cache.url(), server.url());
+        cache.narinfo(&sample.hello).await.unwrap();
+        let log = server.state.log.lock().unwrap().clone();
+        assert_eq!(
+            log[0],
+            (
+                format!("cache/{}.narinfo", sample.hello.hash_part()),
+                Some("Basic cmVhZGVyOnMzY3JldA==".to_string())
+            )
+        );
+        let err = cache.narinfo(&store_path("gone")).await.unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+    }
+
+    #[test]
+    fn bad_cache_urls_are_refused() {
+        for url in ["ftp://host/x", "not a url", "s3://bucket", "file://host/x"] {
+            assert!(
+                matches!(
+                    BinaryCache::new(url, trusted(), options()),
+                    Err(CacheError::Url { .. })
+                ),
+                "{url}"
+            );
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Test helpers: a NAR writer, a signing key from a fixed seed, and
+//! signed caches made in memory.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use ed25519_dalek::{Signer, SigningKey};
+use sha2::{Digest, Sha256};
+
+use super::decompress::Compression;
+use super::narinfo::{NarInfo, NarInfoLimits};
+use super::nix32;
+use super::store_path::StorePath;
+
+/// A file system tree to serialise. Directory entries are written in the
+/// order given, so tests can write unsorted or duplicated ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestNode {
+    File { executable: bool, contents: Vec<u8> },
+    Symlink(Vec<u8>),
+    Directory(Vec<(Vec<u8>, TestNode)>),
+}
+
+/// One NAR string: length, bytes, zero padding.
+pub fn nar_string(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out.resize(out.len().next_multiple_of(8), 0);
+    out
+}
+
+/// The NAR of `node`.
+pub fn nar(node: &TestNode) -> Vec<u8> {
+    fn write(out: &mut Vec<u8>, node: &TestNode) {
+        let mut s = |b: &[u8]| out.extend(nar_string(b));
+        s(b"(");
+        s(b"type");
+        match node {
+            TestNode::File {
+                executable,
+                contents,
+            } => {
+                s(b"regular");
+                if *executable {
+                    s(b"executable");
+                    s(b"");
+                }
+                s(b"contents");
+                s(contents);
+            }
+            TestNode::Symlink(target) => {
+                s(b"symlink");
+                s(b"target");
+                s(target);
+            }
+            TestNode::Directory(entries) => {
+                s(b"directory");
+                for (name, child) in entries {
+                    out.extend(nar_string(b"entry"));
+                    out.extend(nar_string(b"("));
+                    out.extend(nar_string(b"name"));
+                    out.extend(nar_string(name));
+                    out.extend(nar_string(b"node"));
+                    write(out, child);
+                    out.extend(nar_string(b")"));
+                }
+                out.extend(nar_string(b")"));
+                return;
+            }
+        }
+        out.extend(nar_string(b")"));
+    }
+    let mut out = nar_string(b"nix-archive-1");
+    write(&mut out, node);
+    out
+}
+
+pub const TEST_KEY_NAME: &str = "test-cache-1";
+
+/// An ed25519 key from a fixed seed.
+pub struct TestKey {
+    name: String,
+    key: SigningKey,
+}
+
+pub fn test_key() -> TestKey {
+    TestKey::new(TEST_KEY_NAME, 7)
+}
+
+impl TestKey {
+    pub fn new(name: &str, seed: u8) -> TestKey {
+        TestKey {
+            name: name.to_string(),
+            key: SigningKey::from_bytes(&[seed; 32]),
+        }
+    }
+
+    /// `<name>:<base64>`, as in `trusted-public-keys`.
+    pub fn public_key(&self) -> String {
+        format!(
+            "{}:{}",
+            self.name,
+            BASE64.encode(self.key.verifying_key().to_bytes())
+        )
+    }
+
+    /// A `Sig` value for `info`.
+    pub fn sign(&self, info: &NarInfo) -> String {
+        let sig = self.key.sign(info.fingerprint().as_bytes());
+        format!("{}:{}", self.name, BASE64.encode(sig.to_bytes()))
+    }
+}
+
+pub fn compress(compression: Compression, data: &[u8]) -> Vec<u8> {
+    match compression {
+        Compression::None => data.to_vec(),
+        Compression::Xz => {
+            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 6);
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        Compression::Zstd => zstd::encode_all(data, 3).unwrap(),
+        Compression::Bzip2 => {
+            let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+    }
+}
+
+/// `/nix/store/<hash of name>-<name>`.
+pub fn store_path(name: &str) -> StorePath {
+    let hash = Sha256::digest(name.as_bytes());
+    StorePath::from_base_name(&format!("{}-{name}", nix32::encode(&hash[..20]))).unwrap()
+}
+
+pub fn sha256_nix32(data: &[u8]) -> String {
+    format!("sha256:{}", nix32::encode(&Sha256::digest(data)))
+}
+
+/// A binary cache's files, made in memory: `nix-cache-info`,
+/// `<hash>.narinfo` and `nar/<filehash>.nar<ext>`.
+#[derive(Default, Clone)]
+pub struct TestCache {
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl TestCache {
+    pub fn new() -> TestCache {
+        let mut cache = TestCache::default();
+        cache.files.insert(
+            "nix-cache-info".into(),
+            b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n".to_vec(),
+        );
+        cache
+    }
+
+    /// Adds `path` with contents `node`, signed by `key` (if any); returns
+    /// its narinfo.
+    pub fn add(
+        &mut self,
+        path: &StorePath,
+        node: &TestNode,
+        references: &[&StorePath],
+        compression: Compression,
+        key: Option<&TestKey>,
+    ) -> NarInfo {
+        let nar = nar(node);
+        let compressed = compress(compression, &nar);
+        let ext = match compression {
+            Compression::None => "",
+            Compression::Xz => ".xz",
+            Compression::Zstd => ".zst",
+            Compression::Bzip2 => ".bz2",
+        };
+        let file_hash = sha256_nix32(&compressed);
+        let url = format!("nar/{}.nar{ext}", &file_hash["sha256:".len()..]);
+        let refs: Vec<&str> = references.iter().map(|p| p.base_name()).collect();
+        let text = format!(
+            "StorePath: {path}\nURL: {url}\nCompression: {compression}\nFileHash: {file_hash}\n\
+             FileSize: {}\nNarHash: {}\nNarSize: {}\nReferences: {}\n",
+            compressed.len(),
+            sha256_nix32(&nar),
+            nar.len(),
+            refs.join(" ")
+        );
+        let mut info = NarInfo::parse(text.as_bytes(), &NarInfoLimits::default()).unwrap();
+        if let Some(key) = key {
+            info.signatures.push(key.sign(&info));
+        }
+        self.files
+            .insert(format!("{}.narinfo", path.hash_part()), narinfo_text(&info));
+        self.files.insert(url, compressed);
+        info
+    }
+
+    /// Writes the files under `dir`.
+    pub fn write_to(&self, dir: &std::path::Path) {
+        for (name, bytes) in &self.files {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+    }
+}
+
+/// A narinfo as Nix writes it.
+pub fn narinfo_text(info: &NarInfo) -> Vec<u8> {
+    let mut text = format!(
+        "StorePath: {}\nURL: {}\nCompression: {}\n",
+        info.store_path, info.url, info.compression
+    );
+    if let Some(hash) = &info.file_hash {
+        text.push_str(&format!("FileHash: {hash}\n"));
+    }
+    if let Some(size) = info.file_size {
+        text.push_str(&format!("FileSize: {size}\n"));
+    }
+    let refs: Vec<&str> = info.references.iter().map(|p| p.base_name()).collect();
+    text.push_str(&format!(
+        "NarHash: {}\nNarSize: {}\nReferences: {}\n",
+        info.nar_hash,
+        info.nar_size,
+        refs.join(" ")
+    ));
+    if let Some(deriver) = &info.deriver {
+        text.push_str(&format!("Deriver: {}\n", deriver.base_name()));
+    }
+    for sig in &info.signatures {
+        text.push_str(&format!("Sig: {sig}\n"));
+    }
+    if let Some(ca) = &info.ca {
+        text.push_str(&format!("CA: {ca}\n"));
+    }
+    text.into_bytes()
+}
