@@ -1,12 +1,14 @@
-# Lists a package set's attributes once, for the registry's attribute
-# index (`nixery index`): every attribute of the top-level set and of the
-# sets it recurses into, with what a pull needs to assemble an image of it
-# without Nix. Called as
+# Lists a package set's attributes, for the registry's attribute index
+# (`nixery index`): every attribute of the top-level set and of the sets it
+# recurses into, with what a pull needs to assemble an image of it without
+# Nix. Called as
 #
 #   nix-instantiate --eval --strict --json index.nix --argstr request '<json>'
 #
 # with <json> = { "source": <as for resolve.nix>, "system": "x86_64-linux",
-# "maxDepth": 3 }. The result is
+# "maxDepth": 3, "names": null }: the result is then the top-level names,
+# { "names": [ ... ] }. With "names": [ "hello", "python3Packages" ] (some
+# of those), the result describes those attributes and what is below them:
 #
 #   { "entries": [ { "path": [ "python3Packages", "numpy" ], "kind": "drv",
 #                    "drvPath": "/nix/store/...drv", "outputs": [ "out" ],
@@ -23,8 +25,11 @@
 #
 # What counts as a package, its outputs, and its meta are decided exactly
 # as in resolve.nix (keep the two in step; the tests compare them on the
-# test package set). Package names never reach this file: it lists, and
-# the registry looks names up in the list.
+# test package set). The names a request gives are ones this file listed;
+# a pull's package names never reach it: the registry looks them up in the
+# list. (The caller asks in batches of names, so that one attribute whose
+# evaluation fails in a way no tryEval catches, such as a read outside the
+# package set in restricted mode, loses only itself.)
 { request }:
 
 let
@@ -123,6 +128,7 @@ let
     builtins.concatLists (map (name: entry (prefix ++ [ name ]) set.${name} depth)
       (builtins.attrNames set));
 
-in {
-  entries = walk [ ] pkgs 1;
-}
+in
+  if req.names or null == null
+  then { names = builtins.attrNames pkgs; }
+  else { entries = builtins.concatLists (map (name: entry [ name ] pkgs.${name} 1) req.names); }

@@ -15,11 +15,20 @@
 
 use std::sync::Arc;
 
+use crate::assembly::attrs::{revision_of, Catalog};
+use crate::assembly::jobs::{
+    make_index, IndexJobs, IndexRequest, LocalIndexer, NoIndexJobs, QueueIndexer,
+};
+use crate::assembly::store::CacheStore;
+use crate::assembly::{CacheConfig, FromCache};
+use crate::binary_cache::{BinaryCache, CacheOptions, StorePath, TrustedKeys};
 use crate::builder::nix::{Nix, ResolveRequest};
 use crate::builder::popularity::{Popularity, PopularityError};
 use crate::builder::store::NixStore;
 use crate::builder::Builder;
-use crate::config::{AuthScope, BuildMode, NixConfig, PopularityConfig, ServeConfig, WorkerConfig};
+use crate::config::{
+    AuthScope, BuildMode, IndexConfig, NixConfig, PopularityConfig, ServeConfig, WorkerConfig,
+};
 use crate::dispatch::git::QueueGit;
 use crate::dispatch::in_process::InProcess;
 use crate::dispatch::queue::{sqs_client, BySystem, SqsInbox, SqsQueue};
@@ -36,6 +45,7 @@ use crate::registry::auth::{Auth, AuthError, Scope};
 use crate::registry::token::{KeyError, Tokens};
 use crate::registry::AppState;
 use crate::source::{SourceError, Sources};
+use crate::storage::keys::{AttrsHeadKey, AttrsPopularityKey};
 use crate::storage::{self, Storage, StorageConfig, StorageError};
 
 /// Why the registry, a worker or a command could not be set up. Each
@@ -59,6 +69,8 @@ pub enum AppError {
     Compute(String),
     #[error("resolving the package source: {0}")]
     Source(#[from] SourceError),
+    #[error("the binary cache (NIXERY_SUBSTITUTER, NIXERY_TRUSTED_KEYS): {0}")]
+    Cache(String),
     #[error("reading the token key (NIXERY_TOKEN_KEY={object}): {source}")]
     TokenKey { object: String, source: KeyError },
 }
@@ -137,14 +149,50 @@ impl App {
                     config.failure_ttl,
                     timings.build_timeout,
                 )));
-                Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(
-                    storage.clone(),
-                    queue,
-                    *timings,
-                ))))
+                let mut dispatch = SqsDispatch::new(storage.clone(), queue.clone(), *timings);
+                if let Some((cache, nix)) = &config.assembly {
+                    // Index jobs go to the workers, as builds do; never
+                    // where no package-set code may run.
+                    let jobs: Arc<dyn IndexJobs> = match cache.mode {
+                        FromCache::Only => Arc::new(NoIndexJobs),
+                        FromCache::First | FromCache::Never => {
+                            Arc::new(QueueIndexer::new(queue.clone(), storage.clone()))
+                        }
+                    };
+                    let store = cache_store(cache, nix, &storage, jobs)?;
+                    let popularity = Arc::new(load_popularity(nix, &config.storage).await?);
+                    let assembler = Builder::new(store, storage.clone(), popularity, nix.limits);
+                    let assembler = match cache.mode {
+                        FromCache::Only => assembler,
+                        FromCache::First | FromCache::Never => assembler.passing_on(),
+                    };
+                    dispatch = dispatch.assembling_with(assembler, metrics.clone());
+                    tracing::info!(cache = %cache.substituter, mode = %cache.mode, "images are assembled from the binary cache");
+                }
+                Arc::new(SingleFlight::new(Arc::new(dispatch)))
             }
             (None, BuildMode::Local(nix)) => {
-                let builder = builder(nix, &storage, &config.storage).await?;
+                let mut builder = builder(nix, &storage, &config.storage).await?;
+                if let Some((cache, _)) = &config.assembly {
+                    builder = match cache.mode {
+                        // Nothing of the package set runs here, indexing
+                        // included: indexes come from `nixery index`.
+                        FromCache::Only => {
+                            let store = cache_store(cache, nix, &storage, Arc::new(NoIndexJobs))?;
+                            let popularity = Arc::new(load_popularity(nix, &config.storage).await?);
+                            Builder::new(store, storage.clone(), popularity, nix.limits)
+                        }
+                        FromCache::First | FromCache::Never => {
+                            let jobs = Arc::new(LocalIndexer::new(
+                                Nix::new(nix.timeout),
+                                Arc::new(Catalog::new(storage.clone())),
+                                storage.clone(),
+                            ));
+                            builder.trying_first(cache_store(cache, nix, &storage, jobs)?)
+                        }
+                    };
+                    tracing::info!(cache = %cache.substituter, mode = %cache.mode, "images are assembled from the binary cache");
+                }
                 Arc::new(SingleFlight::new(Arc::new(InProcess::new(
                     builder,
                     metrics.clone(),
@@ -177,13 +225,42 @@ impl App {
     }
 }
 
-/// A build worker: the builder, on the configured queue.
+/// A build worker: the builder, on the configured queue; it makes the
+/// attribute indexes asked for too.
 pub async fn worker(config: &WorkerConfig) -> Result<Worker, AppError> {
     let storage = storage::open(&config.storage).await?;
     let builder = builder(&config.nix, &storage, &config.storage).await?;
     let sqs = sqs_client(config.queue.endpoint.as_deref()).await;
     let inbox = Arc::new(SqsInbox::new(sqs, config.queue.url.clone()));
-    Ok(Worker::new(builder, inbox, config.queue.heartbeat))
+    let catalog = Arc::new(Catalog::new(storage));
+    Ok(Worker::new(builder, inbox, config.queue.heartbeat)
+        .indexing_with(Nix::new(config.nix.timeout), catalog))
+}
+
+/// The binary cache as a source of store paths, with the attribute
+/// indexes in `storage`.
+fn cache_store(
+    cache: &CacheConfig,
+    nix: &NixConfig,
+    storage: &Arc<dyn Storage>,
+    jobs: Arc<dyn IndexJobs>,
+) -> Result<Arc<CacheStore>, AppError> {
+    let keys =
+        TrustedKeys::parse(&cache.trusted_keys).map_err(|e| AppError::Cache(e.to_string()))?;
+    let options = CacheOptions {
+        // The image size limit, checked as narinfos come: nothing larger
+        // is downloaded.
+        max_nar_size: nix.limits.max_image_size,
+        ..CacheOptions::default()
+    };
+    let client = BinaryCache::new(&cache.substituter, keys, options)
+        .map_err(|e| AppError::Cache(e.to_string()))?;
+    Ok(Arc::new(CacheStore::new(
+        client,
+        Arc::new(Catalog::new(storage.clone())),
+        jobs,
+        cache.mode == FromCache::Only,
+    )))
 }
 
 /// A builder with the local Nix and the configured popularity data.
@@ -272,6 +349,7 @@ pub async fn popularity(config: PopularityConfig) -> Result<Popularity, AppError
             system: Arch::Amd64.nix_system().to_string(),
             packages: vec![package.clone()],
             implicit: vec![],
+            not_before: 0,
         };
         let resolved = nix.resolve(&request).await.map_err(failed)?;
         if !resolved.unknown.is_empty() {
@@ -289,4 +367,91 @@ pub async fn popularity(config: PopularityConfig) -> Result<Popularity, AppError
         tracing::info!(package, "closure read");
     }
     Ok(Popularity::compute(&closures))
+}
+
+/// `nixery index`: the attribute index of the configured source at the
+/// configured tag, for each system; with popularity data beside it if
+/// asked for. The keys written, for the log and the operator.
+pub async fn index(config: IndexConfig) -> Result<Vec<String>, AppError> {
+    let storage = storage::open(&config.storage).await?;
+    let sources = Sources::new(config.source.clone(), config.tag_ttl)
+        .allowing(config.allowed_refs.clone())
+        .checking_nixpkgs_at(config.nixpkgs_api.clone());
+    let source = sources.resolve(&config.tag).await?.arg;
+    let nix = Nix::new(config.nix.timeout);
+    let catalog = Catalog::new(storage.clone());
+    let revision = revision_of(&source);
+    let mut written = Vec::new();
+    for system in &config.systems {
+        let request = IndexRequest {
+            source: source.clone(),
+            system: system.clone(),
+        };
+        let head = make_index(&nix, &catalog, &request)
+            .await
+            .map_err(|e| AppError::Compute(e.to_string()))?;
+        written.push(AttrsHeadKey::of(&revision, system).to_string());
+        let Some(cache) = &config.popularity_from else {
+            continue;
+        };
+        let options = CacheOptions {
+            // Every package of the revision: as many paths as that takes.
+            max_paths: usize::MAX,
+            max_nar_size: u64::MAX,
+            ..CacheOptions::default()
+        };
+        let keys = TrustedKeys::parse(&cache.trusted_keys)
+            .map_err(|e| AppError::Compute(e.to_string()))?;
+        let cache = BinaryCache::new(&cache.substituter, keys, options)
+            .map_err(|e| AppError::Compute(e.to_string()))?;
+        let popularity = count_popularity(&cache, &catalog, &head)
+            .await
+            .map_err(|e| AppError::Compute(e.to_string()))?;
+        let key = AttrsPopularityKey::of(&revision, system);
+        storage
+            .put(&key, bytes::Bytes::from(popularity.to_json()))
+            .await?;
+        tracing::info!(%key, entries = popularity.len(), "popularity stored");
+        written.push(key.to_string());
+    }
+    Ok(written)
+}
+
+/// Nixery's popcount over an index: the closures of every package of the
+/// index, from the cache's narinfos, and for each package name how many
+/// store paths refer to it ([`Popularity::compute`]).
+async fn count_popularity(
+    cache: &BinaryCache,
+    catalog: &Catalog,
+    head: &crate::assembly::attrs::Head,
+) -> Result<Popularity, String> {
+    let entries = catalog.all_entries(head).await.map_err(|e| e.to_string())?;
+    let roots: Vec<StorePath> = entries
+        .iter()
+        .flat_map(|e| e.paths.iter())
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let closure = match cache.closure(&roots).await {
+        Ok(closure) => closure,
+        Err(error) => return Err(error.to_string()),
+    };
+    let graph: crate::builder::nix::Closure = closure
+        .paths
+        .iter()
+        .map(|(path, info)| {
+            let references = info
+                .references
+                .iter()
+                .map(|r| r.as_str().to_string())
+                .collect();
+            (
+                path.as_str().to_string(),
+                crate::builder::nix::PathInfo {
+                    nar_size: info.nar_size,
+                    references,
+                },
+            )
+        })
+        .collect();
+    Ok(Popularity::compute([&graph]))
 }

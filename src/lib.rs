@@ -16,11 +16,14 @@
 //! gc      (`nixery gc`: what storage still needs, and the rest deleted)
 //! oci     (names, manifests, digests: pure, used by all)
 //! binary_cache  (a signed Nix binary cache: narinfos, closures, NAR streams)
+//! assembly      (images assembled from a binary cache, with no Nix: the
+//!                attribute index and the cache as a source of store paths)
 //! source  (what a tag means for the package source)
 //! config  (the command line and settings; only the binary reads it)
 //! ```
 
 pub mod app;
+pub mod assembly;
 pub(crate) mod aws;
 pub mod binary_cache;
 pub mod builder;

@@ -27,6 +27,12 @@ pub const BYTES_REDIRECTED: &str = "BytesRedirected";
 /// server counts its own).
 pub const BUILDS: &str = "Builds";
 pub const BUILD_FAILURES: &str = "BuildFailures";
+/// Images assembled from the binary cache (function, or local server),
+/// and of those asked for, the ones the cache could not give (passed on
+/// to workers, or failed when images come from the cache only).
+pub const ASSEMBLIES: &str = "Assemblies";
+pub const ASSEMBLIES_PASSED_ON: &str = "AssembliesPassedOn";
+pub const ASSEMBLY_FAILURES: &str = "AssemblyFailures";
 /// Milliseconds from a build's start to its image record.
 pub const BUILD_DURATION: &str = "BuildDuration";
 pub const LAYERS_NEW: &str = "LayersNew";
@@ -59,6 +65,7 @@ pub struct Metrics {
     bytes_served: Counter,
     bytes_redirected: Counter,
     builds: Family<Labels, Counter>,
+    assemblies: Family<Labels, Counter>,
     build_seconds: Histogram,
     layers: Family<Labels, Counter>,
     bytes_uploaded: Counter,
@@ -117,6 +124,12 @@ impl Metrics {
             "Builds finished, by outcome (done or failed)",
             builds.clone(),
         );
+        let assemblies = Family::<Labels, Counter>::default();
+        registry.register(
+            "assemblies",
+            "Images assembled from the binary cache, by outcome (done, failed, or passed on to a build)",
+            assemblies.clone(),
+        );
         let build_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 12));
         registry.register(
             "build_duration_seconds",
@@ -143,6 +156,7 @@ impl Metrics {
             bytes_served,
             bytes_redirected,
             builds,
+            assemblies,
             build_seconds,
             layers,
             bytes_uploaded,
@@ -203,9 +217,34 @@ impl Metrics {
             .inc();
         self.add(BUILDS, 1);
         self.add(BUILD_FAILURES, u64::from(outcome.is_err()));
-        let Ok(stats) = outcome else {
-            return;
+        if let Ok(stats) = outcome {
+            self.layers_and_time(stats);
+        }
+    }
+
+    /// An assembly from the binary cache ended: with what it did, failed
+    /// (`Err(true)`), or the image went on to a build (`Err(false)`).
+    pub fn assembly_ended(&self, outcome: Result<&BuildStats, bool>) {
+        let label = match outcome {
+            Ok(_) => "done",
+            Err(true) => "failed",
+            Err(false) => "passed_on",
         };
+        self.assemblies
+            .get_or_create(&vec![("outcome", label.to_string())])
+            .inc();
+        match outcome {
+            Ok(stats) => {
+                self.add(ASSEMBLIES, 1);
+                self.layers_and_time(stats);
+            }
+            Err(true) => self.add(ASSEMBLY_FAILURES, 1),
+            Err(false) => self.add(ASSEMBLIES_PASSED_ON, 1),
+        }
+    }
+
+    /// What a finished build or assembly stored, and how long it took.
+    fn layers_and_time(&self, stats: &BuildStats) {
         self.build_seconds.observe(stats.elapsed_ms as f64 / 1000.0);
         for (kind, n) in [("new", stats.layers_new), ("reused", stats.layers_reused)] {
             self.layers
@@ -235,7 +274,14 @@ impl Metrics {
         match outcome {
             Ok(Built {
                 stats: Some(stats), ..
+            }) if stats.assembled => self.assembly_ended(Ok(stats)),
+            Ok(Built {
+                stats: Some(stats), ..
             }) => self.build_ended(Ok(stats)),
+            // The binary cache could not give it, and nothing else may.
+            Err(BuildError::NoSourceLeft(_)) => self.assembly_ended(Err(true)),
+            // The binary cache could not give it: a worker builds it.
+            Err(BuildError::NotHere(_)) => self.assembly_ended(Err(false)),
             Err(error) if error.failure().is_some() => self.build_ended(Err(())),
             Ok(_) | Err(_) => {}
         }
@@ -341,6 +387,7 @@ mod tests {
             layers_reused: 1,
             bytes_uploaded: 700,
             bytes_total: 900,
+            assembled: false,
         }));
         metrics.build_ended(Err(()));
         let text = metrics.prometheus_text();

@@ -95,6 +95,7 @@ async fn resolve(nix: &Nix, source: SourceArg, packages: &[&str], implicit: &[&s
         system: "x86_64-linux".to_string(),
         packages: packages.iter().map(|p| p.to_string()).collect(),
         implicit: implicit.iter().map(|p| p.to_string()).collect(),
+        not_before: 0,
     })
     .await
     .expect("resolving")

@@ -43,6 +43,12 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Mode::Gc(config) => collect_garbage(config).await,
+            Mode::Index(config) => {
+                for key in app::index(config).await? {
+                    println!("stored {key}");
+                }
+                Ok(())
+            }
         }
     })
 }

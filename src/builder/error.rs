@@ -22,6 +22,73 @@ pub enum Failure {
     Build { message: String },
     #[error("the image would hold {size} bytes of store paths, over this registry's limit of {limit} bytes")]
     TooLarge { size: u64, limit: u64 },
+    /// Images come from the binary cache only, and it lacks this one.
+    #[error("{what} is not in the binary cache{}; this registry assembles images from it only", cache.as_ref().map(|c| format!(" {c}")).unwrap_or_default())]
+    NotInCache { what: String, cache: Option<String> },
+    #[error("the binary cache {cache} is unavailable; try again shortly")]
+    CacheUnavailable { cache: String },
+    #[error("the binary cache {cache} sent data for {path} that is refused: {reason}")]
+    CacheRefused {
+        path: String,
+        cache: String,
+        reason: String,
+    },
+    /// The package set at this revision is being indexed.
+    #[error("this revision of the package set is being indexed for {system}; pull again in a few minutes")]
+    Indexing { system: String },
+}
+
+/// Why a source of store paths cannot give an image, where another may
+/// (a binary cache that lacks a path, where Nix can build it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotHere {
+    #[error("the package set at this revision has no attribute index for {system} yet")]
+    NoIndex { system: String },
+    #[error("the attribute index of this revision for {system} is older than the image may be")]
+    StaleIndex { system: String },
+    #[error("the attribute index cannot say what {name:?} is")]
+    NotIndexed { name: String },
+    #[error("{path} is not in the binary cache {cache}")]
+    NotInCache { path: String, cache: String },
+    #[error("the binary cache {cache} is unavailable: {message}")]
+    Unavailable { cache: String, message: String },
+    #[error("the binary cache {cache} sent data for {path} that is refused: {message}")]
+    Refused {
+        path: String,
+        cache: String,
+        message: String,
+    },
+}
+
+impl NotHere {
+    /// What the pullers are told when no other source is left.
+    pub fn failure(&self) -> Failure {
+        match self {
+            NotHere::NoIndex { system } | NotHere::StaleIndex { system } => Failure::Indexing {
+                system: system.clone(),
+            },
+            NotHere::NotIndexed { name } => Failure::NotInCache {
+                what: format!("package {name:?}"),
+                cache: None,
+            },
+            NotHere::NotInCache { path, cache } => Failure::NotInCache {
+                what: path.clone(),
+                cache: Some(cache.clone()),
+            },
+            NotHere::Unavailable { cache, .. } => Failure::CacheUnavailable {
+                cache: cache.clone(),
+            },
+            NotHere::Refused {
+                path,
+                cache,
+                message,
+            } => Failure::CacheRefused {
+                path: path.clone(),
+                cache: cache.clone(),
+                reason: message.clone(),
+            },
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +112,13 @@ pub enum BuildError {
     /// The disk filled up again right after the store was collected.
     #[error("the image does not fit in the builder's disk space ({free} bytes free after collecting garbage)")]
     NoRoom { free: u64 },
+    /// This source cannot give the image; the next one (or the workers)
+    /// may.
+    #[error("not from this source: {0}")]
+    NotHere(NotHere),
+    /// No source was left to try after this one.
+    #[error("{0}")]
+    NoSourceLeft(NotHere),
 }
 
 /// What a failed build means.
@@ -69,6 +143,9 @@ pub enum Retry {
     Storage,
     /// Nobody wanted the build any more.
     Cancelled,
+    /// Another builder is to build it (a worker, where the function could
+    /// not assemble it from the binary cache).
+    Elsewhere,
 }
 
 impl std::fmt::Display for Retry {
@@ -77,6 +154,7 @@ impl std::fmt::Display for Retry {
             Retry::DiskFull => "the builder's disk was full",
             Retry::Storage => "storage failed under the build",
             Retry::Cancelled => "the build was cancelled",
+            Retry::Elsewhere => "the build goes to another builder",
         })
     }
 }
@@ -131,6 +209,9 @@ impl BuildError {
             BuildError::Storage(_) | BuildError::Record(RecordError::Storage(_)) => {
                 Verdict::Retry(Retry::Storage)
             }
+            BuildError::NotHere(_) => Verdict::Retry(Retry::Elsewhere),
+            BuildError::NoSourceLeft(reason) => failed(reason.failure()),
+            BuildError::Pack(PackError::NotHere(reason)) => failed(reason.failure()),
             BuildError::Pack(PackError::Cancelled)
             | BuildError::Customisation(CustomisationError::Cancelled) => {
                 Verdict::Retry(Retry::Cancelled)

@@ -112,6 +112,7 @@ impl StorePaths for FakeStore {
             realise: Some(Step::Realising),
             closure: Step::Grouping,
             pack: Step::Packing,
+            from_cache: false,
         }
     }
 

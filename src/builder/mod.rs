@@ -57,7 +57,7 @@ use crate::storage::keys::{ImageRecordKey, LayerKey};
 use crate::storage::records::{self, unix_now, ImageRecord, LayerRecord};
 use crate::storage::Storage;
 use compress::Compression;
-pub use error::{BuildError, Failure, Retry, Verdict};
+pub use error::{BuildError, Failure, NotHere, Retry, Verdict};
 use layers::Layer;
 use nix::{Closure, ResolveRequest};
 pub use objects::BuildStats;
@@ -115,9 +115,15 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Runs builds with store paths from one source, writing to storage.
+/// Runs builds with store paths from its sources (the first that can give
+/// the image), writing to storage.
 pub struct Builder {
-    store: Arc<dyn StorePaths>,
+    /// Tried in order: a source that cannot give an image
+    /// ([`BuildError::NotHere`]) passes it to the next.
+    stores: Vec<Arc<dyn StorePaths>>,
+    /// When no source can give it: the image goes to another builder
+    /// (`true`), or fails.
+    elsewhere: bool,
     objects: Objects,
     popularity: Arc<Popularity>,
     limits: BuildLimits,
@@ -135,7 +141,8 @@ impl Builder {
         limits: BuildLimits,
     ) -> Builder {
         Builder {
-            store,
+            stores: vec![store],
+            elsewhere: false,
             objects: Objects::new(storage),
             popularity,
             slots: tokio::sync::Semaphore::new(limits.max_builds.max(1)),
@@ -144,8 +151,26 @@ impl Builder {
         }
     }
 
+    /// Tries `store` before the sources it has.
+    pub fn trying_first(mut self, store: Arc<dyn StorePaths>) -> Builder {
+        self.stores.insert(0, store);
+        self
+    }
+
+    /// When none of its sources can give an image, says it is to be built
+    /// elsewhere ([`Retry::Elsewhere`]) instead of failing.
+    pub fn passing_on(mut self) -> Builder {
+        self.elsewhere = true;
+        self
+    }
+
     pub fn storage(&self) -> &dyn Storage {
         self.objects.storage()
+    }
+
+    /// Free bytes of the local store's disk, if a source has one.
+    fn free_bytes(&self) -> Option<u64> {
+        self.stores.iter().find_map(|s| s.free_bytes())
     }
 
     /// Builds one image, telling `progress` how far it is as it goes; or
@@ -194,7 +219,7 @@ impl Builder {
             result = self.run(request, progress, &cancel.0).await;
             if result.as_ref().is_err_and(BuildError::is_disk_full) {
                 result = Err(BuildError::NoRoom {
-                    free: self.store.free_bytes().unwrap_or(0),
+                    free: self.free_bytes().unwrap_or(0),
                 });
             }
         }
@@ -241,12 +266,7 @@ impl Builder {
     async fn make_room(&self, forced: bool) {
         let min_free = self.limits.min_free;
         let needed = |free| nix::bytes_to_collect(free, min_free);
-        if min_free == 0
-            || self
-                .store
-                .free_bytes()
-                .is_none_or(|free| needed(free).is_none())
-        {
+        if min_free == 0 || self.free_bytes().is_none_or(|free| needed(free).is_none()) {
             return;
         }
         let recently = |last: &Option<Instant>| last.is_some_and(|t| t.elapsed() < COLLECT_EVERY);
@@ -259,7 +279,7 @@ impl Builder {
         };
         *self.last_collection.lock().expect("never poisoned") = Some(Instant::now());
         // Another build may have collected while this one waited.
-        let Some(max_freed) = self.store.free_bytes().and_then(needed) else {
+        let Some(max_freed) = self.free_bytes().and_then(needed) else {
             return;
         };
         let started = Instant::now();
@@ -268,9 +288,13 @@ impl Builder {
             max_freed,
             "the Nix store's disk is low; collecting garbage before the build"
         );
-        match self.store.collect_garbage(max_freed).await {
+        let mut collected = Ok(());
+        for store in &self.stores {
+            collected = collected.and(store.collect_garbage(max_freed).await);
+        }
+        match collected {
             Ok(()) => tracing::info!(
-                free = self.store.free_bytes().unwrap_or(0),
+                free = self.free_bytes().unwrap_or(0),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "Nix store collected"
             ),
@@ -288,28 +312,52 @@ impl Builder {
         Ok(record.filter(|r| r.is_current(request.not_before)))
     }
 
-    /// The steps, in order.
+    /// The build with each source in turn, until one gives the image.
     async fn run(
         &self,
         request: &BuildRequest,
         progress: Progress<'_>,
         cancelled: &Arc<AtomicBool>,
     ) -> Result<(ImageRecord, BuildStats), BuildError> {
+        let mut stores = self.stores.iter().peekable();
+        while let Some(store) = stores.next() {
+            match self.run_with(&**store, request, progress, cancelled).await {
+                Err(BuildError::NotHere(reason)) if stores.peek().is_some() => {
+                    tracing::info!(image = %request.image_key(), %reason, "trying the next source of store paths");
+                }
+                Err(BuildError::NotHere(reason)) if !self.elsewhere => {
+                    return Err(BuildError::NoSourceLeft(reason));
+                }
+                other => return other,
+            }
+        }
+        unreachable!("a builder has a source")
+    }
+
+    /// The steps, in order, with store paths from `store`.
+    async fn run_with(
+        &self,
+        store: &dyn StorePaths,
+        request: &BuildRequest,
+        progress: Progress<'_>,
+        cancelled: &Arc<AtomicBool>,
+    ) -> Result<(ImageRecord, BuildStats), BuildError> {
         let image = request.image_key().to_string();
         let image = image.as_str();
-        let steps = self.store.steps();
+        let steps = store.steps();
         let resolve = ResolveRequest {
             source: request.source.clone(),
             system: request.system.clone(),
             packages: request.packages.clone(),
             implicit: request.implicit.clone(),
+            not_before: request.not_before,
         };
         let outputs = self
-            .step(image, progress, steps.resolve, self.store.resolve(&resolve))
+            .step(image, progress, steps.resolve, store.resolve(&resolve))
             .await?;
         if let Some(realise) = steps.realise {
             self.step(image, progress, realise, async {
-                self.store
+                store
                     .realise(&outputs.packages, progress)
                     .await
                     .map(|()| "")
@@ -326,7 +374,7 @@ impl Builder {
                 image,
                 progress,
                 steps.closure,
-                self.group(&roots, request, progress),
+                self.group(store, &roots, request, progress),
             )
             .await?;
         let (mut layers, mut stats) = self
@@ -335,6 +383,7 @@ impl Builder {
                 progress,
                 steps.pack,
                 self.store_layers(
+                    store,
                     image,
                     groups,
                     &closure,
@@ -349,10 +398,18 @@ impl Builder {
                 image,
                 progress,
                 Step::Customising,
-                self.customise(image, roots, &closure, request.compression, cancelled),
+                self.customise(
+                    store,
+                    image,
+                    roots,
+                    &closure,
+                    request.compression,
+                    cancelled,
+                ),
             )
             .await?;
         stats.count(&custom, config.reused);
+        stats.assembled = steps.from_cache;
         layers.push(custom);
         let record = self
             .step(
@@ -392,12 +449,13 @@ impl Builder {
     /// into layers.
     async fn group(
         &self,
+        store: &dyn StorePaths,
         roots: &[String],
         request: &BuildRequest,
         progress: Progress<'_>,
     ) -> Result<(Closure, Vec<Layer>), BuildError> {
         let limit = self.limits.max_image_size;
-        let closure = self.store.closure(roots, limit, progress).await?;
+        let closure = store.closure(roots, limit, progress).await?;
         let size: u64 = closure.values().map(|p| p.nar_size).sum();
         if size > limit {
             return Err(BuildError::TooLarge { size, limit });
@@ -407,8 +465,10 @@ impl Builder {
     }
 
     /// Every layer not stored yet, as many at a time as there are cores.
+    #[allow(clippy::too_many_arguments)]
     async fn store_layers(
         &self,
+        store: &dyn StorePaths,
         image: &str,
         groups: Vec<Layer>,
         closure: &Closure,
@@ -428,7 +488,7 @@ impl Builder {
             futures_util::stream::iter(groups)
                 .map(|layer| {
                     let key = layer.key(compression.key());
-                    let job = self.store.pack(layer.paths, closure);
+                    let job = store.pack(layer.paths, closure);
                     async move {
                         let stored = self
                             .objects
@@ -461,6 +521,7 @@ impl Builder {
     /// The customisation layer, and the config it implies.
     async fn customise(
         &self,
+        store: &dyn StorePaths,
         image: &str,
         roots: Vec<String>,
         closure: &Closure,
@@ -476,7 +537,7 @@ impl Builder {
             cancelled: cancelled.clone(),
         };
         // Reading the outputs is cheap; packing is what reuse saves.
-        let custom = self.store.customise(roots, closure, limits).await?;
+        let custom = store.customise(roots, closure, limits).await?;
         let tree = custom.tree;
         let job: objects::Job = Box::new(move |writer| pack::write_tree(writer, &tree));
         let (record, reused) = self

@@ -36,6 +36,9 @@ use tokio::process::Command;
 /// The resolver expression, compiled into the binary so a worker needs
 /// nothing but Nix.
 pub const RESOLVE_NIX: &str = include_str!("../../nix/resolve.nix");
+/// The expression that lists a package set's attributes for the
+/// attribute index (see `crate::assembly::attrs`).
+pub const INDEX_NIX: &str = include_str!("../../nix/index.nix");
 
 /// How much of Nix's error output is kept in an error message.
 const MAX_MESSAGE: usize = 2000;
@@ -103,6 +106,10 @@ pub struct ResolveRequest {
     pub packages: Vec<String>,
     /// Added to every image when the package set has them; no error if not.
     pub implicit: Vec<String>,
+    /// What is resolved must be at least this recent (Unix seconds): for
+    /// a source that answers from an index of the package set, not Nix.
+    #[serde(skip)]
+    pub not_before: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -125,7 +132,7 @@ pub struct ResolvedPackage {
 /// the package set's author, so never used as a path, option or code.
 /// A field the package does not set (or sets to something else, or that
 /// throws) is `None`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default)]
 pub struct PackageMeta {
     pub pname: Option<String>,
@@ -134,6 +141,47 @@ pub struct PackageMeta {
     pub license: Vec<String>,
     pub homepage: Option<String>,
     pub description: Option<String>,
+}
+
+impl PackageMeta {
+    /// Whether the package said nothing about itself.
+    pub fn is_empty(&self) -> bool {
+        self == &PackageMeta::default()
+    }
+}
+
+/// What an attribute of a package set is, as `nix/index.nix` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttributeKind {
+    /// A derivation: a package.
+    Drv,
+    /// An attribute set listed too (it asks to be recursed into).
+    Set,
+    /// An attribute set not listed: only Nix can look into it.
+    Opaque,
+    /// A derivation whose outputs do not evaluate.
+    Broken,
+    /// Anything else, or a value that throws: not a package.
+    None,
+}
+
+/// One attribute of a package set, as `nix/index.nix` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListedAttribute {
+    /// The attribute path, one name per level.
+    pub path: Vec<String>,
+    pub kind: AttributeKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drv_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+    /// Store paths of `outputs`, in the same order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "PackageMeta::is_empty")]
+    pub meta: PackageMeta,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -206,6 +254,127 @@ impl Nix {
             }
         }
         Ok(resolved)
+    }
+
+    /// Every attribute of the package set at `source` for `system` (and of
+    /// the sets it recurses into, `max_depth` levels down), described as
+    /// [`Nix::resolve`] would describe each (see `nix/index.nix`). Like
+    /// resolving, it evaluates in restricted mode with a cleared
+    /// environment; what the package set evaluated to is checked the same
+    /// way before anything uses it. Top-level attributes are described in
+    /// batches: a batch that fails is split, and an attribute that fails
+    /// alone is listed as broken (only a build can say what it does).
+    pub async fn list_attributes(
+        &self,
+        source: &SourceArg,
+        system: &str,
+        max_depth: u32,
+    ) -> Result<Vec<ListedAttribute>, NixError> {
+        /// Top-level names described by one evaluation.
+        const BATCH: usize = 2000;
+        #[derive(Deserialize)]
+        struct Names {
+            names: Vec<String>,
+        }
+        let names: Names = self.index_call(source, system, max_depth, None).await?;
+        let mut entries = Vec::new();
+        let mut pending: Vec<Vec<String>> = names
+            .names
+            .chunks(BATCH)
+            .rev()
+            .map(<[String]>::to_vec)
+            .collect();
+        while let Some(batch) = pending.pop() {
+            #[derive(Deserialize)]
+            struct Listed {
+                entries: Vec<ListedAttribute>,
+            }
+            match self
+                .index_call::<Listed>(source, system, max_depth, Some(&batch))
+                .await
+            {
+                Ok(listed) => entries.extend(listed.entries),
+                Err(NixError::Failed { message, .. }) if batch.len() > 1 => {
+                    tracing::debug!(names = batch.len(), %message, "a batch of attributes failed; splitting it");
+                    let (first, second) = batch.split_at(batch.len() / 2);
+                    pending.push(second.to_vec());
+                    pending.push(first.to_vec());
+                }
+                Err(NixError::Failed { message, .. }) => {
+                    tracing::info!(attribute = %batch[0], message = %crate::source::redact_urls(&message), "an attribute does not evaluate; listed as broken");
+                    entries.push(ListedAttribute {
+                        path: batch,
+                        kind: AttributeKind::Broken,
+                        drv_path: None,
+                        outputs: vec![],
+                        paths: vec![],
+                        meta: PackageMeta::default(),
+                    });
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        // What the package set evaluated to is its author's to choose: an
+        // attribute that does not evaluate to plain store paths (an output
+        // named like an option, say) is listed as broken, and only Nix
+        // (which refuses it as it refuses it today) looks at it again.
+        for attribute in &mut entries {
+            let plain = match attribute.kind {
+                AttributeKind::Drv => {
+                    attribute
+                        .drv_path
+                        .as_deref()
+                        .is_some_and(|d| is_store_path(d) && d.ends_with(".drv"))
+                        && !attribute.outputs.is_empty()
+                        && attribute.outputs.iter().all(|o| is_output_name(o))
+                        && attribute.paths.len() == attribute.outputs.len()
+                        && attribute.paths.iter().all(|p| is_store_path(p))
+                }
+                _ => attribute.outputs.is_empty() && attribute.paths.is_empty(),
+            };
+            if !plain {
+                tracing::info!(attribute = %attribute.path.join("."), "an attribute does not evaluate to store paths; listed as broken");
+                *attribute = ListedAttribute {
+                    path: std::mem::take(&mut attribute.path),
+                    kind: AttributeKind::Broken,
+                    drv_path: None,
+                    outputs: vec![],
+                    paths: vec![],
+                    meta: PackageMeta::default(),
+                };
+            }
+        }
+        entries.retain(|attribute| !attribute.path.is_empty());
+        Ok(entries)
+    }
+
+    /// One evaluation of `nix/index.nix`: the top-level names (`names`
+    /// none), or the description of those names.
+    async fn index_call<T: serde::de::DeserializeOwned>(
+        &self,
+        source: &SourceArg,
+        system: &str,
+        max_depth: u32,
+        names: Option<&[String]>,
+    ) -> Result<T, NixError> {
+        const CMD: &str = "nix-instantiate";
+        let request = serde_json::json!({
+            "source": source,
+            "system": system,
+            "maxDepth": max_depth,
+            "names": names,
+        });
+        let mut command = Command::new(CMD);
+        command
+            .args(["--eval", "--strict", "--json", "--argstr", "request"])
+            .arg(request.to_string());
+        restrict(&mut command, source);
+        command.arg("-E").arg(INDEX_NIX);
+        let stdout = self.run(CMD, command).await?;
+        serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
+            command: CMD,
+            detail: e.to_string(),
+        })
     }
 
     /// Step 2: builds (or substitutes) the given outputs, telling

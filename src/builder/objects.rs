@@ -38,6 +38,9 @@ pub struct BuildStats {
     pub bytes_uploaded: u64,
     /// Bytes of every layer of the image (compressed).
     pub bytes_total: u64,
+    /// Assembled from a binary cache, not built with Nix.
+    #[serde(default)]
+    pub assembled: bool,
 }
 
 impl BuildStats {
@@ -118,7 +121,14 @@ impl Objects {
         })
         .await
         .map_err(|e| BuildError::Task(e.to_string()))
-        .and_then(|packed| packed.map_err(BuildError::from));
+        .and_then(|packed| {
+            packed.map_err(|error| match error {
+                // The source cannot give this layer: the build may go to
+                // another source.
+                PackError::NotHere(reason) => BuildError::NotHere(reason),
+                other => BuildError::from(other),
+            })
+        });
         let packed = match packed {
             Ok(packed) => packed,
             Err(error) => {

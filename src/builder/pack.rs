@@ -55,12 +55,13 @@ pub enum PackError {
     Changed { path: PathBuf },
     #[error("packing {path}: not an absolute store path")]
     NotAbsolute { path: PathBuf },
-    /// Where the entries came from failed (a download, a check of it).
-    #[error("packing {path}: {message}")]
-    Source { path: String, message: String },
     /// The build this layer belongs to is no longer wanted.
     #[error("packing stopped: the build was cancelled")]
     Cancelled,
+    /// Where the entries came from cannot give them (a binary cache that
+    /// lost a path, failed, or sent what a check refused).
+    #[error("packing: {0}")]
+    NotHere(super::NotHere),
 }
 
 /// What packing a layer produced.

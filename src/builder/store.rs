@@ -36,6 +36,9 @@ pub struct Steps {
     pub closure: Step,
     /// Writing the layers not stored yet.
     pub pack: Step,
+    /// Whether the source is a binary cache (an image it gives is
+    /// assembled, not built).
+    pub from_cache: bool,
 }
 
 /// What the customisation walk may spend (see [`customisation::Limits`]).
@@ -134,6 +137,7 @@ impl StorePaths for NixStore {
             realise: Some(Step::Realising),
             closure: Step::Grouping,
             pack: Step::Packing,
+            from_cache: false,
         }
     }
 

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::assembly::{CacheConfig, FromCache};
 use crate::builder::compress::Compression;
 use crate::builder::BuildLimits;
 use crate::dispatch::sqs::Timings;
@@ -83,6 +84,12 @@ pub enum Command {
     /// needs take up in storage, while the registry keeps running; prints
     /// what it deleted (or, with --dry-run, would delete).
     Gc(GcArgs),
+    /// Lists the configured package source's attributes at a revision
+    /// with Nix and stores its attribute index, from which the registry
+    /// assembles images out of the binary cache without Nix; with
+    /// --popularity, also counts how many packages' closures hold each
+    /// store path (from the cache's narinfos) for NIX_POPULARITY_URL.
+    Index(IndexArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -103,6 +110,68 @@ pub struct ServeArgs {
     pub queue: QueueArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+/// When images are assembled from the binary cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FromCacheArg {
+    /// From the cache when it holds the image, else built.
+    First,
+    /// From the cache alone: a name or path it lacks is an error, and no
+    /// code of the package set runs.
+    Only,
+    /// Always built.
+    Never,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Binary cache")]
+pub struct CacheArgs {
+    /// A Nix binary cache (https://, http:// or file://) images are
+    /// assembled from, without Nix, when its attribute index and the cache
+    /// hold them; `https://cache.nixos.org` for a channel source, none
+    /// otherwise (`none` turns it off).
+    #[arg(long, env = "NIXERY_SUBSTITUTER", value_name = "NIXERY_SUBSTITUTER", hide_env = true,
+          value_parser = substituter)]
+    pub substituter: Option<String>,
+    /// Keys a narinfo must be signed with (`name:base64`, space
+    /// separated); an unsigned or otherwise signed one is refused.
+    #[arg(long, env = "NIXERY_TRUSTED_KEYS", value_name = "NIXERY_TRUSTED_KEYS", hide_env = true,
+          default_value = crate::binary_cache::CACHE_NIXOS_ORG_KEY, value_parser = trusted_keys)]
+    pub trusted_keys: String,
+    /// When images are assembled from the binary cache instead of built:
+    /// when it holds them, else built; only from it (no build, no
+    /// package-set code run: a public instance's posture); or never.
+    #[arg(long, env = "NIXERY_FROM_CACHE", value_name = "NIXERY_FROM_CACHE", hide_env = true,
+          value_enum, default_value_t = FromCacheArg::First)]
+    pub from_cache: FromCacheArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IndexArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    #[command(flatten)]
+    pub nix: NixArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// The revision to index, as a pull's tag names it (`latest`: the
+    /// channel or default branch as it is now).
+    #[arg(long, default_value = "latest", value_parser = tag)]
+    pub tag: String,
+    /// Platforms to index (amd64, arm64; comma separated).
+    #[arg(long, env = "NIXERY_PLATFORMS", value_name = "NIXERY_PLATFORMS", hide_env = true, default_value = "amd64",
+          value_parser = platforms)]
+    pub platforms: Platforms,
+    /// Also count, from the binary cache's narinfos, how many packages'
+    /// closures hold each store path, and store it beside the index in
+    /// Nixery's popularity format.
+    #[arg(long)]
+    pub popularity: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -503,6 +572,22 @@ pub enum Mode {
     Worker(WorkerConfig),
     Popularity(PopularityConfig),
     Gc(GcConfig),
+    Index(IndexConfig),
+}
+
+/// `nixery index`.
+#[derive(Debug, Clone)]
+pub struct IndexConfig {
+    pub source: PackageSource,
+    pub allowed_refs: AllowedRefs,
+    pub nixpkgs_api: String,
+    pub tag_ttl: Duration,
+    pub storage: StorageConfig,
+    pub nix: NixConfig,
+    pub tag: String,
+    pub systems: Vec<String>,
+    /// Where popularity is counted from, if asked for.
+    pub popularity_from: Option<CacheConfig>,
 }
 
 /// `nixery gc`.
@@ -533,6 +618,9 @@ pub struct ServeConfig {
     /// Where the declared images are (`NIXERY_IMAGES`), if anywhere.
     pub declared_images: Option<String>,
     pub builds: BuildMode,
+    /// The binary cache images are assembled from, if any, and the
+    /// limits and popularity data of that assembly.
+    pub assembly: Option<(CacheConfig, NixConfig)>,
 }
 
 /// Bearer tokens and login limits of a private registry.
@@ -607,6 +695,7 @@ impl Cli {
             Some(Command::Serve(args)) => Ok(Mode::Serve(Box::new(args.config()?))),
             Some(Command::Worker(args)) => Ok(Mode::Worker(args.config()?)),
             Some(Command::Popularity(args)) => Ok(Mode::Popularity(args.config())),
+            Some(Command::Index(args)) => Ok(Mode::Index(args.config()?)),
             Some(Command::Gc(args)) => Ok(Mode::Gc(GcConfig {
                 storage: args.storage.config()?,
                 settings: crate::gc::GcSettings {
@@ -660,6 +749,11 @@ impl ServeArgs {
             BuildMode::Local(_) => self.storage.config()?,
             BuildMode::Sqs { .. } => shared_storage(self.storage.config()?)?,
         };
+        let source = self.source.config();
+        let assembly = self
+            .cache
+            .config(&source)?
+            .map(|cache| (cache, self.nix.config()));
         Ok(ServeConfig {
             listen,
             public_url: self.listen.public_url.clone(),
@@ -673,7 +767,7 @@ impl ServeArgs {
                 ttl: Duration::from_secs(self.auth.token_ttl),
                 login_failures: self.auth.login_failures,
             },
-            source: self.source.config(),
+            source,
             allowed_refs: self.source.allowed_refs.clone(),
             nixpkgs_api: self.source.nixpkgs_api.clone(),
             tag_ttl: Duration::from_secs(self.source.tag_ttl),
@@ -693,6 +787,71 @@ impl ServeArgs {
             },
             declared_images: self.image.images.clone(),
             builds,
+            assembly,
+        })
+    }
+}
+
+/// The binary cache of a channel source when none is set.
+pub const DEFAULT_SUBSTITUTER: &str = "https://cache.nixos.org";
+
+impl CacheArgs {
+    /// The binary cache to assemble from, if any: the one set, else
+    /// cache.nixos.org for a channel source; none with `never`.
+    fn config(&self, source: &PackageSource) -> Result<Option<CacheConfig>, ConfigError> {
+        let substituter = match (&self.substituter, source) {
+            (Some(none), _) if none == "none" => None,
+            (Some(url), _) => Some(url.clone()),
+            (None, PackageSource::Channel { .. }) => Some(DEFAULT_SUBSTITUTER.to_string()),
+            (None, PackageSource::Git { .. } | PackageSource::Path(_)) => None,
+        };
+        let mode = match self.from_cache {
+            FromCacheArg::First => FromCache::First,
+            FromCacheArg::Only => FromCache::Only,
+            FromCacheArg::Never => return Ok(None),
+        };
+        match substituter {
+            Some(substituter) => Ok(Some(CacheConfig {
+                substituter,
+                trusted_keys: self.trusted_keys.clone(),
+                mode,
+            })),
+            None if mode == FromCache::Only => Err(ConfigError::Missing {
+                var: "NIXERY_SUBSTITUTER",
+                hint: "NIXERY_FROM_CACHE=only assembles every image from a binary cache",
+            }),
+            None => Ok(None),
+        }
+    }
+}
+
+impl IndexArgs {
+    fn config(self) -> Result<IndexConfig, ConfigError> {
+        let source = self.source.config();
+        let popularity_from = if self.popularity {
+            let cache = self.cache.config(&source)?.ok_or(ConfigError::Missing {
+                var: "NIXERY_SUBSTITUTER",
+                hint: "--popularity counts references in a binary cache's narinfos",
+            })?;
+            Some(cache)
+        } else {
+            None
+        };
+        Ok(IndexConfig {
+            source,
+            allowed_refs: self.source.allowed_refs.clone(),
+            nixpkgs_api: self.source.nixpkgs_api.clone(),
+            tag_ttl: Duration::from_secs(self.source.tag_ttl),
+            storage: self.storage.config()?,
+            nix: self.nix.config(),
+            tag: self.tag,
+            systems: self
+                .platforms
+                .0
+                .iter()
+                .map(|a| a.nix_system().to_string())
+                .collect(),
+            popularity_from,
         })
     }
 }
@@ -886,6 +1045,36 @@ pub fn markdown_table() -> String {
         out.push_str(&format!("| `{var}` | `--{flag}` | {default} | {help} |\n"));
     }
     out
+}
+
+/// A binary cache URL (`none`: no cache).
+fn substituter(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value == "none"
+        || ["http://", "https://", "file://"]
+            .iter()
+            .any(|scheme| value.starts_with(scheme) && value.len() > scheme.len())
+    {
+        Ok(value.trim_end_matches('/').to_string())
+    } else {
+        Err(format!(
+            "{value:?} is not an http(s):// or file:// URL (or none)"
+        ))
+    }
+}
+
+/// Trusted keys, checked as Nix's `trusted-public-keys` would be.
+fn trusted_keys(value: &str) -> Result<String, String> {
+    crate::binary_cache::TrustedKeys::parse(value)
+        .map(|_| value.trim().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A tag, as a pull gives one.
+fn tag(value: &str) -> Result<String, String> {
+    crate::oci::name::validate_tag(value)
+        .map(|()| value.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn package_set_dir(value: &str) -> Result<PathBuf, String> {
@@ -1228,7 +1417,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 42, "{vars:?}");
+        assert_eq!(vars.len(), 45, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

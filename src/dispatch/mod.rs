@@ -88,7 +88,7 @@ impl From<BuildError> for DispatchError {
                 }
                 DispatchError::Failed(failure)
             }
-            Verdict::Retry(retry @ (Retry::DiskFull | Retry::Cancelled)) => {
+            Verdict::Retry(retry @ (Retry::DiskFull | Retry::Cancelled | Retry::Elsewhere)) => {
                 tracing::error!(%error, %retry, "the build can be tried again");
                 DispatchError::Unavailable {
                     service: Service::Builder,

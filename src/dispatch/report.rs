@@ -32,7 +32,7 @@ pub enum Ended {
     Retry {
         error: BuildError,
         retry: Retry,
-        status: BuildStatus,
+        status: Box<BuildStatus>,
     },
 }
 
@@ -45,7 +45,7 @@ impl Ended {
             Ended::Retry { error, retry, .. } => Err(DispatchError::Unavailable {
                 service: match retry {
                     Retry::Storage => Service::Storage,
-                    Retry::DiskFull | Retry::Cancelled => Service::Builder,
+                    Retry::DiskFull | Retry::Cancelled | Retry::Elsewhere => Service::Builder,
                 },
                 message: error.to_string(),
             }),
@@ -102,7 +102,7 @@ pub async fn build_reported(
                 return Ended::Retry {
                     error,
                     retry,
-                    status: running,
+                    status: Box::new(running),
                 };
             }
         },

@@ -4,6 +4,11 @@
 //! a failure in the status record, polling storage with backoff until the
 //! build timeout. Pulls that time out get an error saying the build goes
 //! on; the next pull finds the image. [`super::worker`] is the other end.
+//!
+//! With an assembler ([`SqsDispatch::assembling_with`]: a builder whose
+//! source is a binary cache), the pull that wins a claim first assembles
+//! the image here, reporting in the build status as a worker would, and
+//! sends the build to the queue only if the cache cannot give it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +16,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use tracing::Instrument;
+
 use super::queue::{Queue, QueueMessage};
+use super::report::{self, Ended};
 use super::status::{self, decide, Action, BuildStatus, Claim, State};
 use super::{Dispatch, DispatchError};
-use crate::builder::{BuildError, BuildRequest, Failure, Step};
+use crate::builder::{build_span, BuildError, BuildRequest, Builder, Failure, Step};
+use crate::metrics::Metrics;
 use crate::storage::keys::{ImageKey, ImageRecordKey};
 use crate::storage::records::{self, unix_now as now, ImageRecord, RecordError};
 use crate::storage::Storage;
@@ -47,6 +56,8 @@ pub struct SqsDispatch {
     storage: Arc<dyn Storage>,
     queue: Arc<dyn Queue>,
     timings: Timings,
+    /// Assembles images from a binary cache here, before any worker.
+    assembler: Option<(Builder, Arc<Metrics>)>,
 }
 
 /// What one pull's wait for a build has seen so far.
@@ -126,6 +137,46 @@ impl SqsDispatch {
             storage,
             queue,
             timings,
+            assembler: None,
+        }
+    }
+
+    /// Assembles each claimed image with `builder` first (a builder whose
+    /// source is a binary cache), and sends it to the workers only when
+    /// the builder passes it on.
+    pub fn assembling_with(mut self, builder: Builder, metrics: Arc<Metrics>) -> SqsDispatch {
+        self.assembler = Some((builder, metrics));
+        self
+    }
+
+    /// Assembles the image of a claimed attempt here: `true` if that
+    /// settled it (the image, or its failure, is in storage now).
+    async fn assemble(&self, request: &BuildRequest, queued: BuildStatus) -> bool {
+        let Some((builder, metrics)) = &self.assembler else {
+            return false;
+        };
+        let key = request.image_key();
+        let ended = report::build_reported(
+            builder,
+            &*self.storage,
+            metrics,
+            self.timings.heartbeat,
+            request,
+            queued.clone(),
+            std::future::pending(),
+        )
+        .instrument(build_span(request))
+        .await;
+        match ended {
+            Ended::Built(_) | Ended::Failed { .. } => true,
+            Ended::Retry { retry, .. } => {
+                tracing::info!(image = %key, %retry, "not assembled here; sending the build to the workers");
+                // Queued again, for the worker that takes it.
+                if let Err(error) = status::write_own(&*self.storage, &key, &queued).await {
+                    tracing::warn!(image = %key, %error, "recording the hand-over failed");
+                }
+                false
+            }
         }
     }
 
@@ -144,6 +195,9 @@ impl SqsDispatch {
             .await
             .map_err(storage_error)?;
         status::note_queued(&*self.storage, &key).await;
+        if self.assemble(request, queued).await {
+            return Ok(true);
+        }
         self.queue
             .send(&QueueMessage {
                 request: request.clone(),

@@ -22,6 +22,9 @@ use super::git::{git_answer_key, GitAnswer};
 use super::queue::{GitMessage, Inbox, QueueMessage, Received};
 use super::report::{self, Ended};
 use super::status::{self, BuildStatus, State};
+use crate::assembly::attrs::Catalog;
+use crate::assembly::jobs::{make_index, IndexMessage, IndexRequest};
+use crate::builder::nix::Nix;
 use crate::builder::{build_span, Builder, Step, StepProgress};
 use crate::metrics::Metrics;
 use crate::source::{GitLookup, GitResolver, LocalGit};
@@ -39,6 +42,8 @@ pub struct Worker {
     git: Arc<dyn GitResolver>,
     /// Builds, written to the log in embedded metric format.
     metrics: Metrics,
+    /// Makes the attribute indexes asked for, if it can.
+    indexer: Option<(Nix, Arc<Catalog>)>,
 }
 
 impl Worker {
@@ -49,7 +54,15 @@ impl Worker {
             heartbeat,
             git: Arc::new(LocalGit::default()),
             metrics: Metrics::new(Some(crate::metrics::SERVICE_WORKER)),
+            indexer: None,
         }
+    }
+
+    /// Makes the attribute indexes asked for through the queue, with
+    /// `nix`, into `catalog`.
+    pub fn indexing_with(mut self, nix: Nix, catalog: Arc<Catalog>) -> Worker {
+        self.indexer = Some((nix, catalog));
+        self
     }
 
     /// Serves the queue until `shutdown` resolves (a build under way is
@@ -105,14 +118,20 @@ impl Worker {
         }
     }
 
-    /// One message: a build or a git lookup; anything else is dropped.
+    /// One message: a build, a git lookup or an index job; anything else
+    /// is dropped.
     pub async fn handle(&self, message: &Received, hidden_for: i32) {
         let body = &message.body;
         let build: QueueMessage = match serde_json::from_str(body) {
             Ok(build) => build,
             Err(build_error) => {
+                let index = serde_json::from_str::<IndexMessage>(body);
                 match serde_json::from_str::<GitMessage>(body) {
                     Ok(GitMessage { lookup }) => self.answer_git(&lookup).await,
+                    Err(_) if index.is_ok() => {
+                        let IndexMessage { index } = index.expect("checked");
+                        self.make_index(&index, &message.receipt, hidden_for).await
+                    }
                     Err(_) => {
                         // A message (and serde's error, which quotes it)
                         // may hold a source's URL, with its token.
@@ -188,7 +207,7 @@ impl Worker {
                     }),
                     ..status.info.clone()
                 },
-                ..status
+                ..*status
             };
             if let Err(error) = status::write_own(storage, &key, &retrying).await {
                 tracing::warn!(%error, "recording the retry failed");
@@ -196,6 +215,22 @@ impl Worker {
             return;
         }
         self.delete(receipt).await;
+    }
+
+    /// An index job: the attribute index of a revision, made with Nix
+    /// while the message stays hidden (it is long for nixpkgs).
+    async fn make_index(&self, request: &IndexRequest, receipt: &str, hidden_for: i32) {
+        let Some((nix, catalog)) = &self.indexer else {
+            tracing::warn!("dropping an index job: this worker makes no indexes");
+            return;
+        };
+        let made = tokio::select! {
+            made = make_index(nix, catalog, request) => made,
+            never = self.keep_hidden(receipt, hidden_for) => match never {},
+        };
+        if let Err(error) = made {
+            tracing::warn!(%error, system = %request.system, "making an attribute index failed");
+        }
     }
 
     /// A git lookup for a registry that has no git: answered here, and

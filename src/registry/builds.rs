@@ -362,6 +362,7 @@ mod tests {
             layers_reused: 2,
             bytes_uploaded: 1234,
             bytes_total: 5678,
+            assembled: false,
         });
         let view = BuildView::of(&key(), done, 2_000_000, MINUTE);
         assert_eq!(view.state, "done");

@@ -213,6 +213,32 @@ fn build_parts(error: &DispatchError) -> (StatusCode, &'static str, String, Valu
             failure.to_string(),
             Value::Null,
         ),
+        DispatchError::Failed(failure @ Failure::NotInCache { what, cache }) => (
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            failure.to_string(),
+            json!({ "missing": what, "cache": cache }),
+        ),
+        // The cache's data failed a check: like a failed build, the
+        // image's failure (and a 4xx, whose message docker shows).
+        DispatchError::Failed(failure @ Failure::CacheRefused { path, cache, .. }) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "UNKNOWN",
+            failure.to_string(),
+            json!({ "path": path, "cache": cache }),
+        ),
+        DispatchError::Failed(failure @ Failure::CacheUnavailable { cache }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            failure.to_string(),
+            json!({ "cache": cache }),
+        ),
+        DispatchError::Failed(failure @ Failure::Indexing { system }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            failure.to_string(),
+            json!({ "system": system }),
+        ),
         DispatchError::StillBuilding { .. } => (
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",

@@ -86,6 +86,11 @@ hash_identity!(
     /// A multi-platform index: the hash of its images' keys, in order.
     IndexKey
 );
+hash_identity!(
+    /// A package set at one revision (a resolved package source): the
+    /// hash of its canonical form. Names its attribute index.
+    RevisionKey
+);
 
 /// The top-level folders of the layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,6 +105,7 @@ pub enum Prefix {
     Served,
     Sources,
     Staging,
+    Attrs,
 }
 
 impl Prefix {
@@ -116,6 +122,7 @@ impl Prefix {
             Prefix::Served => "served/",
             Prefix::Sources => "sources/",
             Prefix::Staging => "staging/",
+            Prefix::Attrs => "attrs/",
         }
     }
 }
@@ -195,6 +202,24 @@ key_kind!(
 key_kind!(
     /// `staging/<unique>`: an upload in flight.
     StagingKey
+);
+key_kind!(
+    /// `attrs/<revision>/<system>/head`: what an attribute index is of,
+    /// written last, after its shards.
+    AttrsHeadKey
+);
+key_kind!(
+    /// `attrs/<revision>/<system>/<nn>`: one shard of an attribute index.
+    AttrsShardKey
+);
+key_kind!(
+    /// `attrs/<revision>/<system>/claim`: that an index job was asked for.
+    AttrsClaimKey
+);
+key_kind!(
+    /// `attrs/<revision>/<system>/popularity`: how many of the revision's
+    /// store paths refer to each package (Nixery's popularity format).
+    AttrsPopularityKey
 );
 
 impl BlobKey {
@@ -288,6 +313,43 @@ impl StagingKey {
     }
 }
 
+/// Whether `system` is a Nix system name (`x86_64-linux`): it is part of
+/// the attribute index's keys.
+fn is_system(system: &str) -> bool {
+    !system.is_empty()
+        && system
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+impl AttrsHeadKey {
+    pub fn of(revision: &RevisionKey, system: &str) -> AttrsHeadKey {
+        debug_assert!(is_system(system));
+        AttrsHeadKey(format!("attrs/{revision}/{system}/head"))
+    }
+}
+
+impl AttrsShardKey {
+    pub fn of(revision: &RevisionKey, system: &str, shard: u8) -> AttrsShardKey {
+        debug_assert!(is_system(system));
+        AttrsShardKey(format!("attrs/{revision}/{system}/{shard:02x}"))
+    }
+}
+
+impl AttrsPopularityKey {
+    pub fn of(revision: &RevisionKey, system: &str) -> AttrsPopularityKey {
+        debug_assert!(is_system(system));
+        AttrsPopularityKey(format!("attrs/{revision}/{system}/popularity"))
+    }
+}
+
+impl AttrsClaimKey {
+    pub fn of(revision: &RevisionKey, system: &str) -> AttrsClaimKey {
+        debug_assert!(is_system(system));
+        AttrsClaimKey(format!("attrs/{revision}/{system}/claim"))
+    }
+}
+
 /// What a key names, read back from a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
@@ -307,6 +369,9 @@ pub enum Parsed {
     Served(String),
     GitAnswer(String),
     Staging,
+    /// Part of the attribute index of a revision (its head, a shard, a
+    /// claim).
+    Attrs(RevisionKey),
 }
 
 impl Parsed {
@@ -335,6 +400,18 @@ impl Parsed {
         if key.starts_with(Prefix::Staging.as_str()) {
             return Some(Parsed::Staging);
         }
+        if let Some(rest) = key.strip_prefix(Prefix::Attrs.as_str()) {
+            let mut parts = rest.split('/');
+            let revision = RevisionKey::parse(parts.next()?)?;
+            let system = parts.next()?;
+            let name = parts.next()?;
+            let known = name == "head"
+                || name == "claim"
+                || name == "popularity"
+                || (name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit()));
+            return (is_system(system) && known && parts.next().is_none())
+                .then_some(Parsed::Attrs(revision));
+        }
         let (prefix, rest) = key.split_once('/')?;
         match prefix {
             "layers" => LayerKey::parse(rest).map(Parsed::LayerRecord),
@@ -357,6 +434,7 @@ mod tests {
         let image = ImageKey::parse(&"1".repeat(64)).unwrap();
         let layer = LayerKey::parse(&"2".repeat(64)).unwrap();
         let index = IndexKey::parse(&"3".repeat(64)).unwrap();
+        let revision = RevisionKey::parse(&"5".repeat(64)).unwrap();
         let hex = "4".repeat(64);
         let cases: Vec<(String, Parsed)> = vec![
             (BlobKey::of(&hex).to_string(), Parsed::Blob(hex.clone())),
@@ -401,12 +479,31 @@ mod tests {
                 Parsed::GitAnswer(hex.clone()),
             ),
             (StagingKey::unique("layer").to_string(), Parsed::Staging),
+            (
+                AttrsHeadKey::of(&revision, "x86_64-linux").to_string(),
+                Parsed::Attrs(revision.clone()),
+            ),
+            (
+                AttrsShardKey::of(&revision, "aarch64-linux", 0xa7).to_string(),
+                Parsed::Attrs(revision.clone()),
+            ),
+            (
+                AttrsClaimKey::of(&revision, "x86_64-linux").to_string(),
+                Parsed::Attrs(revision.clone()),
+            ),
         ];
         for (key, parsed) in cases {
             assert_eq!(Parsed::of(&key), Some(parsed), "{key}");
             super::super::check_key(&key).unwrap();
         }
-        for bad in ["blobs/sha256/xyz", "images/ABC", "other/x", "builds/1.x"] {
+        for bad in [
+            "blobs/sha256/xyz",
+            "images/ABC",
+            "other/x",
+            "builds/1.x",
+            "attrs/x/x86_64-linux/head",
+            "attrs/5555555555555555555555555555555555555555555555555555555555555555/x86_64-linux/zz",
+        ] {
             assert_eq!(Parsed::of(bad), None, "{bad}");
         }
     }

@@ -1,0 +1,484 @@
+//! The attribute index of a package set at one revision, for one system:
+//! every attribute `nix/index.nix` lists, with its outputs' store paths
+//! and the metadata an SBOM needs, so that a pull can find its packages
+//! without evaluating anything.
+//!
+//! It is stored in 256 shards by the hash of each attribute path written
+//! in lower case (`attrs/<revision>/<system>/<nn>`, zstd-compressed JSON),
+//! and a head written last (`attrs/<revision>/<system>/head`), so that a
+//! function with a cold start reads one small object and then only the
+//! shards of the names asked for (one per level of a dotted name), and
+//! keeps what it read for a while ([`Catalog`]).
+//!
+//! [`look_up`] answers a name exactly as `nix/resolve.nix` would: at each
+//! level the attribute of that exact name, else the one equal to it
+//! ignoring ASCII case that sorts first by bytes; a derivation at the end
+//! is the package; a name that stops at anything else is not a package;
+//! a name that goes below a set the index did not list is one only Nix
+//! can answer.
+//!
+//! ```
+//! use nixery::assembly::attrs::{look_up, Lookup};
+//! use nixery::builder::nix::{AttributeKind, ListedAttribute};
+//! let attr = |path: &[&str], kind| ListedAttribute {
+//!     path: path.iter().map(|s| s.to_string()).collect(),
+//!     kind, drv_path: None, outputs: vec![], paths: vec![], meta: Default::default(),
+//! };
+//! let entries = vec![attr(&["python3Packages"], AttributeKind::Set), attr(&["python3Packages", "numpy"], AttributeKind::None)];
+//! let found = look_up("python3packages.numpy", &|lower: &str| {
+//!     entries.iter().filter(|e| e.path.join(".").to_ascii_lowercase() == lower).collect()
+//! });
+//! assert!(matches!(found, Lookup::NotAPackage));
+//! ```
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::builder::nix::{AttributeKind, ListedAttribute};
+use crate::source::SourceArg;
+use crate::storage::keys::{AttrsHeadKey, AttrsShardKey, RevisionKey};
+use crate::storage::records::{self, RecordError};
+use crate::storage::{Storage, StorageError};
+
+/// Bumped whenever the stored form changes (an older index is rebuilt).
+pub const FORMAT: u32 = 1;
+/// Shards of an index: one byte of a path's hash.
+pub const SHARDS: usize = 256;
+/// The most bytes one shard may decompress to.
+const MAX_SHARD: u64 = 256 << 20;
+/// How long a head read from storage is believed.
+const HEAD_TTL: Duration = Duration::from_secs(60);
+/// Shards kept in memory at most.
+const SHARDS_KEPT: usize = 512;
+
+/// The revision an index is of: the resolved package source's identity.
+pub fn revision_of(source: &SourceArg) -> RevisionKey {
+    let canonical = serde_json::to_vec(source).expect("a source always serialises");
+    RevisionKey::hash_of(&canonical)
+}
+
+/// What an index is of, and when it was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub format: u32,
+    pub source: SourceArg,
+    pub system: String,
+    /// Unix seconds.
+    pub indexed_at: u64,
+    pub entries: u64,
+}
+
+impl Head {
+    /// Whether the index is recent enough for a build that accepts nothing
+    /// made before `not_before` (the freshness rule of images).
+    pub fn is_current(&self, not_before: u64) -> bool {
+        records::is_current(self.indexed_at, not_before)
+    }
+}
+
+/// An attribute path as the shards are keyed: names joined by `.`, ASCII
+/// lower case.
+pub fn lower_path(path: &[String]) -> String {
+    path.join(".").to_ascii_lowercase()
+}
+
+/// The shard of a lower-case path.
+pub fn shard_of(lower: &str) -> u8 {
+    Sha256::digest(lower.as_bytes())[0]
+}
+
+/// What the index says of a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// A package: its outputs and their store paths.
+    Package(Box<ListedAttribute>),
+    /// Not a package (Nix would say "unknown" too).
+    NotAPackage,
+    /// Only Nix can say (below a set the index did not list, or a package
+    /// that does not evaluate).
+    Unknown,
+}
+
+/// Looks up `name` (`a.b.c`) as `nix/resolve.nix` would. `candidates`
+/// gives the listed attributes whose lower-case path is the one it is
+/// given (from that path's shard).
+pub fn look_up<'a>(name: &str, candidates: &dyn Fn(&str) -> Vec<&'a ListedAttribute>) -> Lookup {
+    let parts: Vec<&str> = name.split('.').filter(|p| !p.is_empty()).collect();
+    if parts.is_empty() {
+        return Lookup::NotAPackage;
+    }
+    let mut chosen: Vec<String> = Vec::new();
+    for (level, part) in parts.iter().enumerate() {
+        let wanted: Vec<String> = parts[..=level].iter().map(|p| p.to_string()).collect();
+        let here: Vec<&ListedAttribute> = candidates(&lower_path(&wanted))
+            .into_iter()
+            .filter(|a| a.path.len() == level + 1 && a.path[..level] == chosen[..])
+            .collect();
+        // The exact name, else the first equal to it ignoring case.
+        let exact = here.iter().find(|a| a.path[level] == *part);
+        let attribute = match exact {
+            Some(found) => *found,
+            None => match here
+                .iter()
+                .min_by(|a, b| a.path[level].as_bytes().cmp(b.path[level].as_bytes()))
+            {
+                Some(found) => *found,
+                // The parent set (the top level, or a listed set) has no
+                // such attribute.
+                None => return Lookup::NotAPackage,
+            },
+        };
+        let last = level + 1 == parts.len();
+        match (attribute.kind, last) {
+            (AttributeKind::Drv, true) => return Lookup::Package(Box::new(attribute.clone())),
+            (AttributeKind::Broken, true) => return Lookup::Unknown,
+            (AttributeKind::Opaque, false) => return Lookup::Unknown,
+            (AttributeKind::Set, false) => {}
+            // A derivation is not looked into; a set or a non-package is
+            // not a package.
+            (AttributeKind::Drv | AttributeKind::Broken | AttributeKind::None, false)
+            | (AttributeKind::Set | AttributeKind::Opaque | AttributeKind::None, true) => {
+                return Lookup::NotAPackage
+            }
+        }
+        chosen = attribute.path.clone();
+    }
+    Lookup::NotAPackage
+}
+
+/// Why an index could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum AttrsError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("attribute index shard {key} is unreadable: {message}")]
+    Shard { key: String, message: String },
+}
+
+/// A head read, when it was read, by revision and system.
+type Heads = HashMap<(RevisionKey, String), (Instant, Option<Head>)>;
+
+/// Attribute indexes in storage, with what was read of them kept in
+/// memory (heads for a minute, shards up to a bound).
+pub struct Catalog {
+    storage: Arc<dyn Storage>,
+    heads: Mutex<Heads>,
+    shards: Mutex<HashMap<String, Arc<Vec<ListedAttribute>>>>,
+}
+
+impl Catalog {
+    pub fn new(storage: Arc<dyn Storage>) -> Catalog {
+        Catalog {
+            storage,
+            heads: Mutex::default(),
+            shards: Mutex::default(),
+        }
+    }
+
+    /// The head of the index of `source` for `system`, if there is one of
+    /// this format.
+    pub async fn head(&self, source: &SourceArg, system: &str) -> Result<Option<Head>, AttrsError> {
+        let revision = revision_of(source);
+        let slot = (revision.clone(), system.to_string());
+        if let Some((at, head)) = self.heads.lock().expect("never poisoned").get(&slot) {
+            if at.elapsed() < HEAD_TTL {
+                return Ok(head.clone());
+            }
+        }
+        let head: Option<Head> =
+            records::read(&*self.storage, &AttrsHeadKey::of(&revision, system)).await?;
+        let head = head.filter(|h| h.format == FORMAT && h.system == system && h.source == *source);
+        let mut heads = self.heads.lock().expect("never poisoned");
+        if heads.len() > 1024 {
+            heads.clear();
+        }
+        heads.insert(slot, (Instant::now(), head.clone()));
+        Ok(head)
+    }
+
+    /// Looks up `names` in the index `head` heads.
+    pub async fn look_up(&self, head: &Head, names: &[String]) -> Result<Vec<Lookup>, AttrsError> {
+        let revision = revision_of(&head.source);
+        // Every level of every name: its shard.
+        let mut wanted: Vec<u8> = names
+            .iter()
+            .flat_map(|name| {
+                let parts: Vec<String> = name.split('.').map(str::to_string).collect();
+                (1..=parts.len())
+                    .map(|n| shard_of(&lower_path(&parts[..n])))
+                    .collect::<Vec<u8>>()
+            })
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut loaded: Vec<Arc<Vec<ListedAttribute>>> = Vec::new();
+        for shard in wanted {
+            loaded.push(self.shard(&revision, &head.system, shard).await?);
+        }
+        let all: Vec<&ListedAttribute> = loaded.iter().flat_map(|s| s.iter()).collect();
+        let candidates = |lower: &str| -> Vec<&ListedAttribute> {
+            all.iter()
+                .copied()
+                .filter(|a| lower_path(&a.path) == lower)
+                .collect()
+        };
+        Ok(names
+            .iter()
+            .map(|name| look_up(name, &candidates))
+            .collect())
+    }
+
+    /// Every attribute the index `head` heads lists.
+    pub async fn all_entries(&self, head: &Head) -> Result<Vec<ListedAttribute>, AttrsError> {
+        let revision = revision_of(&head.source);
+        let mut all = Vec::new();
+        for shard in 0..=u8::MAX {
+            all.extend(
+                self.shard(&revision, &head.system, shard)
+                    .await?
+                    .iter()
+                    .cloned(),
+            );
+        }
+        Ok(all)
+    }
+
+    async fn shard(
+        &self,
+        revision: &RevisionKey,
+        system: &str,
+        shard: u8,
+    ) -> Result<Arc<Vec<ListedAttribute>>, AttrsError> {
+        let key = AttrsShardKey::of(revision, system, shard);
+        if let Some(found) = self.shards.lock().expect("never poisoned").get(&*key) {
+            return Ok(found.clone());
+        }
+        let entries = match self.storage.get(&key).await? {
+            None => Vec::new(),
+            Some(bytes) => {
+                decode_shard(&bytes, MAX_SHARD).map_err(|message| AttrsError::Shard {
+                    key: key.to_string(),
+                    message,
+                })?
+            }
+        };
+        let entries = Arc::new(entries);
+        let mut shards = self.shards.lock().expect("never poisoned");
+        if shards.len() >= SHARDS_KEPT {
+            shards.clear();
+        }
+        shards.insert(key.to_string(), entries.clone());
+        Ok(entries)
+    }
+
+    /// Stores the index of `source` for `system`: every shard, then the
+    /// head (the commit point). Replaces an older index of the same
+    /// revision (a moving source's).
+    pub async fn write(
+        &self,
+        source: &SourceArg,
+        system: &str,
+        entries: Vec<ListedAttribute>,
+        indexed_at: u64,
+    ) -> Result<Head, AttrsError> {
+        let revision = revision_of(source);
+        let count = entries.len() as u64;
+        let mut shards: Vec<Vec<ListedAttribute>> = vec![Vec::new(); SHARDS];
+        for entry in entries {
+            shards[shard_of(&lower_path(&entry.path)) as usize].push(entry);
+        }
+        for (n, mut shard) in shards.into_iter().enumerate() {
+            shard.sort_by(|a, b| a.path.cmp(&b.path));
+            let key = AttrsShardKey::of(&revision, system, n as u8);
+            self.storage.put(&key, encode_shard(&shard)).await?;
+        }
+        let head = Head {
+            format: FORMAT,
+            source: source.clone(),
+            system: system.to_string(),
+            indexed_at,
+            entries: count,
+        };
+        records::write(&*self.storage, &AttrsHeadKey::of(&revision, system), &head).await?;
+        self.heads
+            .lock()
+            .expect("never poisoned")
+            .remove(&(revision.clone(), system.to_string()));
+        self.shards.lock().expect("never poisoned").clear();
+        Ok(head)
+    }
+}
+
+fn encode_shard(entries: &[ListedAttribute]) -> Bytes {
+    let json = serde_json::to_vec(entries).expect("attributes always serialise");
+    Bytes::from(zstd::encode_all(&json[..], 9).expect("compressing into memory never fails"))
+}
+
+fn decode_shard(bytes: &[u8], limit: u64) -> Result<Vec<ListedAttribute>, String> {
+    let mut json = Vec::new();
+    zstd::stream::read::Decoder::new(bytes)
+        .map_err(|e| e.to_string())?
+        .take(limit + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| e.to_string())?;
+    if json.len() as u64 > limit {
+        return Err(format!("more than {limit} bytes"));
+    }
+    serde_json::from_slice(&json).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    fn attr(path: &[&str], kind: AttributeKind) -> ListedAttribute {
+        let drv = kind == AttributeKind::Drv;
+        let name = path.join("-");
+        ListedAttribute {
+            path: path.iter().map(|s| s.to_string()).collect(),
+            kind,
+            drv_path: drv.then(|| format!("/nix/store/{}-{name}.drv", "a".repeat(32))),
+            outputs: if drv { vec!["out".into()] } else { vec![] },
+            paths: if drv {
+                vec![format!("/nix/store/{}-{name}", "b".repeat(32))]
+            } else {
+                vec![]
+            },
+            meta: Default::default(),
+        }
+    }
+
+    fn set() -> Vec<ListedAttribute> {
+        vec![
+            attr(&["hello"], AttributeKind::Drv),
+            attr(&["Hello"], AttributeKind::Drv),
+            attr(&["bashInteractive"], AttributeKind::Drv),
+            attr(&["BashInteractive2"], AttributeKind::Drv),
+            attr(&["python3Packages"], AttributeKind::Set),
+            attr(&["python3Packages", "numpy"], AttributeKind::Drv),
+            attr(&["python3Packages", "NumPy"], AttributeKind::Drv),
+            attr(&["python3Packages", "lib"], AttributeKind::None),
+            attr(&["haskellPackages"], AttributeKind::Opaque),
+            attr(&["broken"], AttributeKind::Broken),
+            attr(&["lib"], AttributeKind::None),
+        ]
+    }
+
+    fn find(entries: &[ListedAttribute], name: &str) -> Lookup {
+        look_up(name, &|lower: &str| {
+            entries
+                .iter()
+                .filter(|e| lower_path(&e.path) == lower)
+                .collect()
+        })
+    }
+
+    fn package_path(lookup: Lookup) -> Vec<String> {
+        match lookup {
+            Lookup::Package(found) => found.path.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_resolve_as_nix_resolves_them() {
+        let entries = set();
+        // The exact name first, then case-insensitively.
+        assert_eq!(package_path(find(&entries, "hello")), ["hello"]);
+        assert_eq!(package_path(find(&entries, "Hello")), ["Hello"]);
+        assert_eq!(package_path(find(&entries, "HELLO")), ["Hello"]);
+        assert_eq!(
+            package_path(find(&entries, "bashinteractive")),
+            ["bashInteractive"]
+        );
+        // Nested, at each level.
+        assert_eq!(
+            package_path(find(&entries, "python3packages.numpy")),
+            ["python3Packages", "numpy"]
+        );
+        assert_eq!(
+            package_path(find(&entries, "python3Packages.NUMPY")),
+            ["python3Packages", "NumPy"]
+        );
+        // Not packages.
+        for name in [
+            "lib",
+            "nope",
+            "python3packages",
+            "python3Packages.lib",
+            "hello.out",
+            "python3Packages.nope",
+        ] {
+            assert_eq!(find(&entries, name), Lookup::NotAPackage, "{name}");
+        }
+        // Only Nix knows.
+        for name in ["haskellPackages.aeson", "broken"] {
+            assert_eq!(find(&entries, name), Lookup::Unknown, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_index_is_written_in_shards_and_read_back_by_name() {
+        let storage = Arc::new(MemoryStorage::new());
+        let catalog = Catalog::new(storage.clone());
+        let source = SourceArg::Path {
+            path: "/pkgs".into(),
+        };
+        assert_eq!(catalog.head(&source, "x86_64-linux").await.unwrap(), None);
+        let head = Catalog::new(storage.clone())
+            .write(&source, "x86_64-linux", set(), 1000)
+            .await
+            .unwrap();
+        assert_eq!(head.entries, set().len() as u64);
+        // A fresh catalog (a cold start) reads the head and few shards.
+        let catalog = Catalog::new(storage.clone());
+        let head = catalog
+            .head(&source, "x86_64-linux")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(head.is_current(1000) && !head.is_current(1001));
+        let before = storage.calls();
+        let names = vec!["python3packages.numpy".to_string(), "nope".to_string()];
+        let found = catalog.look_up(&head, &names).await.unwrap();
+        assert_eq!(package_path(found[0].clone()), ["python3Packages", "numpy"]);
+        assert_eq!(found[1], Lookup::NotAPackage);
+        assert!(
+            storage.calls() - before <= 3,
+            "read more shards than the names need"
+        );
+        // Another system has no index.
+        assert_eq!(catalog.head(&source, "aarch64-linux").await.unwrap(), None);
+        // Every object is a key of the layout.
+        for key in storage.keys() {
+            assert!(
+                matches!(
+                    crate::storage::keys::Parsed::of(&key),
+                    Some(crate::storage::keys::Parsed::Attrs(_))
+                ),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shard_that_decompresses_without_end_is_refused() {
+        let bomb = zstd::encode_all(std::io::repeat(b' ').take(1 << 20), 19).unwrap();
+        assert!(bomb.len() < 1000);
+        assert!(decode_shard(&bomb, 1 << 16)
+            .unwrap_err()
+            .contains("more than"));
+        assert!(decode_shard(b"not zstd", 1 << 16).is_err());
+        let good = encode_shard(&set());
+        assert_eq!(decode_shard(&good, 1 << 16).unwrap(), set());
+    }
+}
