@@ -183,12 +183,13 @@ impl App {
                             Builder::new(store, storage.clone(), popularity, nix.limits)
                         }
                         FromCache::First | FromCache::Never => {
+                            let catalog = Arc::new(Catalog::new(storage.clone()));
                             let jobs = Arc::new(LocalIndexer::new(
                                 Nix::new(nix.timeout),
-                                Arc::new(Catalog::new(storage.clone())),
+                                catalog.clone(),
                                 storage.clone(),
                             ));
-                            builder.trying_first(cache_store(cache, nix, &storage, jobs)?)
+                            builder.trying_first(cache_store_on(cache, nix, catalog, jobs)?)
                         }
                     };
                     tracing::info!(cache = %cache.substituter, mode = %cache.mode, "images are assembled from the binary cache");
@@ -245,6 +246,18 @@ fn cache_store(
     storage: &Arc<dyn Storage>,
     jobs: Arc<dyn IndexJobs>,
 ) -> Result<Arc<CacheStore>, AppError> {
+    let catalog = Arc::new(Catalog::new(storage.clone()));
+    cache_store_on(cache, nix, catalog, jobs)
+}
+
+/// The binary cache as a source of store paths, with the attribute
+/// indexes of `catalog` (shared with the index jobs that write them).
+fn cache_store_on(
+    cache: &CacheConfig,
+    nix: &NixConfig,
+    catalog: Arc<Catalog>,
+    jobs: Arc<dyn IndexJobs>,
+) -> Result<Arc<CacheStore>, AppError> {
     let keys =
         TrustedKeys::parse(&cache.trusted_keys).map_err(|e| AppError::Cache(e.to_string()))?;
     let options = CacheOptions {
@@ -257,7 +270,7 @@ fn cache_store(
         .map_err(|e| AppError::Cache(e.to_string()))?;
     Ok(Arc::new(CacheStore::new(
         client,
-        Arc::new(Catalog::new(storage.clone())),
+        catalog,
         jobs,
         cache.mode == FromCache::Only,
     )))

@@ -8,13 +8,14 @@
 
 mod common;
 
+use common::binary_cache::{build_fixture, nix, nix_copy, SigningKey, StaticServer};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -39,52 +40,21 @@ const ATTRIBUTES: &[&str] = &[
 
 struct Fixture {
     roots: Vec<StorePath>,
-    secret_key: PathBuf,
-    public_key: String,
+    key: SigningKey,
     /// `nix path-info --json -r` of the roots: path -> (NarSize, NarHash, references).
     path_info: BTreeMap<StorePath, (u64, Sha256Hash, BTreeSet<StorePath>)>,
-    _dir: tempfile::TempDir,
-}
-
-fn nix(args: &[&str]) -> Command {
-    let mut command = Command::new(args[0]);
-    command
-        .args(&args[1..])
-        .env("NIX_CONF_DIR", common::nix_conf_dir());
-    command
 }
 
 /// Builds the packages and a signing key, once for every test here.
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let pkgs = common::fixture_pkgs();
-        let mut build = nix(&["nix-build", "--no-out-link"]);
-        build.arg(&pkgs);
-        for attribute in ATTRIBUTES {
-            build.args(["-A", attribute]);
-        }
-        let roots: Vec<StorePath> = common::run(&mut build)
-            .lines()
+        let roots: Vec<StorePath> = build_fixture(ATTRIBUTES)
+            .iter()
             .map(|l| l.parse().unwrap())
             .collect();
         assert_eq!(roots.len(), ATTRIBUTES.len());
-
-        let dir = tempfile::tempdir().unwrap();
-        let secret_key = dir.path().join("secret-key");
-        let secret = common::run(&mut nix(&[
-            "nix",
-            "key",
-            "generate-secret",
-            "--key-name",
-            "nixery-test-1",
-        ]));
-        std::fs::write(&secret_key, &secret).unwrap();
-        let mut convert = nix(&["nix", "key", "convert-secret-to-public"]);
-        convert.stdin(File::open(&secret_key).unwrap());
-        let output = convert.output().unwrap();
-        assert!(output.status.success());
-        let public_key = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        let key = SigningKey::generate("nixery-test-1");
 
         let mut info = nix(&["nix", "path-info", "--json", "-r"]);
         info.args(roots.iter().map(StorePath::as_str));
@@ -119,10 +89,8 @@ fn fixture() -> &'static Fixture {
             .collect();
         Fixture {
             roots,
-            secret_key,
-            public_key,
+            key,
             path_info,
-            _dir: dir,
         }
     })
 }
@@ -174,64 +142,9 @@ fn expected_closure(
 }
 
 /// A cache of the closure of `roots` made by `nix copy`, in `compression`.
-fn nix_copy(compression: Compression, roots: &[StorePath], dir: &Path) {
-    let fixture = fixture();
-    // Nix's fastest levels: enough to test the decoders.
-    let speed = match compression {
-        Compression::Xz => "&compression-level=0&parallel-compression=true",
-        Compression::Bzip2 => "&compression-level=1",
-        Compression::Zstd | Compression::None => "",
-    };
-    let to = format!(
-        "file://{}?compression={compression}&secret-key={}{speed}",
-        dir.display(),
-        fixture.secret_key.display()
-    );
-    let mut copy = nix(&["nix", "copy", "--to", &to]);
-    copy.args(roots.iter().map(StorePath::as_str));
-    common::run(&mut copy);
-}
-
-/// Serves `dir` on 127.0.0.1 (GET only, files only); stopped on drop.
-struct StaticServer {
-    url: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl StaticServer {
-    async fn start(dir: PathBuf) -> StaticServer {
-        use axum::extract::State;
-        use axum::http::{StatusCode, Uri};
-        use axum::response::{IntoResponse, Response};
-
-        async fn get(State(dir): State<PathBuf>, uri: Uri) -> Response {
-            let name = uri.path().trim_start_matches('/');
-            if name
-                .split('/')
-                .any(|s| s.is_empty() || s == "." || s == "..")
-            {
-                return StatusCode::BAD_REQUEST.into_response();
-            }
-            match tokio::fs::read(dir.join(name)).await {
-                Ok(bytes) => bytes.into_response(),
-                Err(_) => StatusCode::NOT_FOUND.into_response(),
-            }
-        }
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let router = axum::Router::new().fallback(get).with_state(dir);
-        let task = tokio::spawn(async move {
-            axum::serve(listener, router).await.unwrap();
-        });
-        StaticServer { url, task }
-    }
-}
-
-impl Drop for StaticServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+fn copy_to(compression: Compression, roots: &[StorePath], dir: &Path) {
+    let paths: Vec<String> = roots.iter().map(|p| p.as_str().to_string()).collect();
+    nix_copy(&paths, dir, compression.as_str(), &fixture().key);
 }
 
 /// Walks the verified NAR of `info` and checks it against the store path
@@ -342,10 +255,10 @@ async fn closure_and_nars_match_the_store(compression: Compression) {
     let fixture = fixture();
     let dir = tempfile::tempdir().unwrap();
     let roots = roots_for(compression);
-    nix_copy(compression, &roots, dir.path());
+    copy_to(compression, &roots, dir.path());
     let expected = expected_closure(&roots);
-    let keys = TrustedKeys::parse(&fixture.public_key).unwrap();
-    let server = StaticServer::start(dir.path().to_path_buf()).await;
+    let keys = TrustedKeys::parse(&fixture.key.public_key).unwrap();
+    let server = StaticServer::start(dir.path().to_path_buf());
     let file_url = format!("file://{}", dir.path().display());
     for url in [file_url.as_str(), server.url.as_str()] {
         let cache = BinaryCache::new(url, keys.clone(), CacheOptions::default()).unwrap();
@@ -394,8 +307,8 @@ async fn uncompressed_cache_reproduces_the_store() {
 async fn tampering_and_limits_on_a_real_cache() {
     let fixture = fixture();
     let dir = tempfile::tempdir().unwrap();
-    nix_copy(Compression::Zstd, &fixture.roots, dir.path());
-    let keys = TrustedKeys::parse(&fixture.public_key).unwrap();
+    copy_to(Compression::Zstd, &fixture.roots, dir.path());
+    let keys = TrustedKeys::parse(&fixture.key.public_key).unwrap();
     let cache = BinaryCache::new(
         &format!("file://{}", dir.path().display()),
         keys.clone(),
@@ -456,7 +369,7 @@ async fn throughput_of_the_big_nar() {
         .find(|p| p.name().starts_with("big"))
         .unwrap()
         .clone();
-    let keys = TrustedKeys::parse(&fixture.public_key).unwrap();
+    let keys = TrustedKeys::parse(&fixture.key.public_key).unwrap();
 
     let started = Instant::now();
     let bytes = tokio::task::spawn_blocking({
@@ -477,7 +390,7 @@ async fn throughput_of_the_big_nar() {
         let to = format!(
             "file://{}?compression={compression}&secret-key={}",
             dir.path().display(),
-            fixture.secret_key.display()
+            fixture.key.secret_key.display()
         );
         common::run(&mut nix(&["nix", "copy", "--to", &to, big.as_str()]));
         let cache = BinaryCache::new(

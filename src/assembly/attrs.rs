@@ -52,8 +52,10 @@ pub const FORMAT: u32 = 1;
 pub const SHARDS: usize = 256;
 /// The most bytes one shard may decompress to.
 const MAX_SHARD: u64 = 256 << 20;
-/// How long a head read from storage is believed.
+/// How long a head read from storage is believed; and that there is none
+/// (an index job may make one any moment).
 const HEAD_TTL: Duration = Duration::from_secs(60);
+const NO_HEAD_TTL: Duration = Duration::from_secs(5);
 /// Shards kept in memory at most.
 const SHARDS_KEPT: usize = 512;
 
@@ -189,7 +191,12 @@ impl Catalog {
         let revision = revision_of(source);
         let slot = (revision.clone(), system.to_string());
         if let Some((at, head)) = self.heads.lock().expect("never poisoned").get(&slot) {
-            if at.elapsed() < HEAD_TTL {
+            let ttl = if head.is_some() {
+                HEAD_TTL
+            } else {
+                NO_HEAD_TTL
+            };
+            if at.elapsed() < ttl {
                 return Ok(head.clone());
             }
         }

@@ -71,3 +71,6 @@ pub struct CacheConfig {
     pub trusted_keys: String,
     pub mode: FromCache,
 }
+
+#[cfg(test)]
+mod tests;

@@ -1051,107 +1051,11 @@ mod tests {
     use crate::binary_cache::testing::{
         narinfo_text, sha256_nix32, store_path, test_key, TestCache, TestKey, TestNode,
     };
-    use std::net::SocketAddr;
     use std::path::Path;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
     use std::time::Instant;
 
-    /// A cache served over HTTP on 127.0.0.1, with faults on demand;
-    /// stopped on drop.
-    struct Server {
-        addr: SocketAddr,
-        state: Arc<ServerState>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    #[derive(Default)]
-    struct ServerState {
-        files: Mutex<BTreeMap<String, Vec<u8>>>,
-        /// Request paths, and their Authorization header.
-        log: Mutex<Vec<(String, Option<String>)>>,
-        /// Answer this many requests with `fail_status` first.
-        fail_first: AtomicUsize,
-        fail_status: AtomicUsize,
-        /// Never answer.
-        hang: AtomicBool,
-    }
-
-    impl Server {
-        async fn start(cache: &TestCache) -> Server {
-            use axum::extract::State;
-            use axum::http::{HeaderMap, StatusCode, Uri};
-            use axum::response::{IntoResponse, Response};
-
-            async fn handle(
-                State(state): State<Arc<ServerState>>,
-                uri: Uri,
-                headers: HeaderMap,
-            ) -> Response {
-                let name = uri.path().trim_start_matches('/').to_string();
-                let auth = headers
-                    .get("authorization")
-                    .map(|v| v.to_str().unwrap().to_string());
-                state.log.lock().unwrap().push((name.clone(), auth));
-                if state.hang.load(Ordering::SeqCst) {
-                    std::future::pending::<()>().await;
-                }
-                let failing = state
-                    .fail_first
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_ok();
-                if failing {
-                    let status = state.fail_status.load(Ordering::SeqCst) as u16;
-                    return StatusCode::from_u16(status).unwrap().into_response();
-                }
-                // The cache is served under /cache/.
-                let file = name.strip_prefix("cache/").unwrap_or_default();
-                match state.files.lock().unwrap().get(file) {
-                    Some(bytes) => bytes.clone().into_response(),
-                    None => StatusCode::NOT_FOUND.into_response(),
-                }
-            }
-
-            let state = Arc::new(ServerState::default());
-            *state.files.lock().unwrap() = cache.files.clone();
-            let router = axum::Router::new()
-                .fallback(handle)
-                .with_state(state.clone());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let task = tokio::spawn(async move {
-                axum::serve(listener, router).await.unwrap();
-            });
-            Server { addr, state, task }
-        }
-
-        fn url(&self) -> String {
-            format!("http://{}/cache", self.addr)
-        }
-
-        fn requests(&self) -> Vec<String> {
-            self.state
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(p, _)| p.clone())
-                .collect()
-        }
-
-        fn fail(&self, times: usize, status: u16) {
-            self.state
-                .fail_status
-                .store(status as usize, Ordering::SeqCst);
-            self.state.fail_first.store(times, Ordering::SeqCst);
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
-    }
+    use crate::binary_cache::testing::Server;
 
     fn file(contents: &str) -> TestNode {
         TestNode::File {

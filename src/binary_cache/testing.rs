@@ -3,6 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -235,4 +238,100 @@ pub fn narinfo_text(info: &NarInfo) -> Vec<u8> {
         text.push_str(&format!("CA: {ca}\n"));
     }
     text.into_bytes()
+}
+
+/// A cache served over HTTP on 127.0.0.1, with faults on demand;
+/// stopped on drop.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: Arc<ServerState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct ServerState {
+    pub files: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Request paths, and their Authorization header.
+    pub log: Mutex<Vec<(String, Option<String>)>>,
+    /// Answer this many requests with `fail_status` first.
+    pub fail_first: AtomicUsize,
+    pub fail_status: AtomicUsize,
+    /// Never answer.
+    pub hang: AtomicBool,
+}
+
+impl Server {
+    pub async fn start(cache: &TestCache) -> Server {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode, Uri};
+        use axum::response::{IntoResponse, Response};
+
+        async fn handle(
+            State(state): State<Arc<ServerState>>,
+            uri: Uri,
+            headers: HeaderMap,
+        ) -> Response {
+            let name = uri.path().trim_start_matches('/').to_string();
+            let auth = headers
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_string());
+            state.log.lock().unwrap().push((name.clone(), auth));
+            if state.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            let failing = state
+                .fail_first
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                let status = state.fail_status.load(Ordering::SeqCst) as u16;
+                return StatusCode::from_u16(status).unwrap().into_response();
+            }
+            // The cache is served under /cache/.
+            let file = name.strip_prefix("cache/").unwrap_or_default();
+            match state.files.lock().unwrap().get(file) {
+                Some(bytes) => bytes.clone().into_response(),
+                None => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+
+        let state = Arc::new(ServerState::default());
+        *state.files.lock().unwrap() = cache.files.clone();
+        let router = axum::Router::new()
+            .fallback(handle)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        Server { addr, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/cache", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    pub fn fail(&self, times: usize, status: u16) {
+        self.state
+            .fail_status
+            .store(status as usize, Ordering::SeqCst);
+        self.state.fail_first.store(times, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -3,6 +3,7 @@
 //! real pull clients.
 #![allow(dead_code)]
 
+pub mod binary_cache;
 pub mod containerd;
 pub mod docker;
 pub mod forge;
