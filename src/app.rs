@@ -23,7 +23,7 @@ use crate::config::{AuthScope, BuildMode, NixConfig, PopularityConfig, ServeConf
 use crate::dispatch::git::QueueGit;
 use crate::dispatch::in_process::InProcess;
 use crate::dispatch::queue::{sqs_client, BySystem, SqsInbox, SqsQueue};
-use crate::dispatch::single_flight::SingleFlight;
+use crate::dispatch::single_flight::{SingleFlight, Turns};
 use crate::dispatch::sqs::SqsDispatch;
 use crate::dispatch::worker::Worker;
 use crate::dispatch::Dispatch;
@@ -145,10 +145,7 @@ impl App {
             }
             (None, BuildMode::Local(nix)) => {
                 let builder = builder(nix, &storage, &config.storage).await?;
-                Arc::new(SingleFlight::new(Arc::new(InProcess::new(
-                    builder,
-                    metrics.clone(),
-                ))))
+                local_dispatch(builder, metrics.clone(), config.max_queued_builds)
             }
         };
         let images = Images::new(storage.clone(), dispatch, Arc::new(sources), images);
@@ -175,6 +172,21 @@ impl App {
     pub fn router(&self) -> axum::Router {
         crate::registry::router(self.state.clone())
     }
+}
+
+/// The local mode's builds: in this process, as many at once as the
+/// builder has slots, at most `max_queued` more waiting for one.
+pub(crate) fn local_dispatch(
+    builder: Builder,
+    metrics: Arc<Metrics>,
+    max_queued: usize,
+) -> Arc<dyn Dispatch> {
+    let turns = Turns {
+        running: builder.limits().max_builds,
+        waiting: max_queued,
+    };
+    let in_process = Arc::new(InProcess::new(builder, metrics));
+    Arc::new(SingleFlight::taking_turns(in_process, turns))
 }
 
 /// A build worker: the builder, on the configured queue.

@@ -148,6 +148,10 @@ impl Builder {
         self.objects.storage()
     }
 
+    pub fn limits(&self) -> &BuildLimits {
+        &self.limits
+    }
+
     /// Builds one image, telling `progress` how far it is as it goes; or
     /// returns the stored record if a current one is there already. (The
     /// caller runs it in a span naming the image: see [`build_span`].)
