@@ -137,11 +137,9 @@ impl App {
                     config.failure_ttl,
                     timings.build_timeout,
                 )));
-                Arc::new(SingleFlight::new(Arc::new(SqsDispatch::new(
-                    storage.clone(),
-                    queue,
-                    *timings,
-                ))))
+                let to_workers = SqsDispatch::new(storage.clone(), queue, *timings)
+                    .queueing_at_most(config.max_queued_builds);
+                Arc::new(SingleFlight::new(Arc::new(to_workers)))
             }
             (None, BuildMode::Local(nix)) => {
                 let builder = builder(nix, &storage, &config.storage).await?;
