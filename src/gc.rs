@@ -432,6 +432,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
+mod beside_builds;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
