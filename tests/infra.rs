@@ -798,7 +798,14 @@ fn the_function_writes_only_build_status_served_markers_and_indexes() {
                     assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
                 }
                 "s3:PutObject" if statement["Sid"] == "RecordIndexes" => {
-                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/indexes/*" }));
+                    // Index records, and the hold on the manifest each names.
+                    assert_eq!(
+                        statement["Resource"],
+                        json!([
+                            { "Fn::Sub": "${ImageBucket.Arn}/indexes/*" },
+                            { "Fn::Sub": "${ImageBucket.Arn}/holds/*" }
+                        ])
+                    );
                 }
                 "s3:PutObject" => assert_eq!(
                     statement["Resource"],

@@ -1,12 +1,19 @@
 //! Garbage collection beside the registry and its builds, in process: the
 //! real builder (over the fake store of paths), the real image service
 //! and the collection, on filesystem storage whose objects are aged by
-//! setting their files' modification times. A live index must keep all
-//! of its platforms' images.
+//! setting their files' modification times. What a collection has doomed
+//! when it listed, and a build or the registry then relies on before the
+//! sweep, must be kept; and a live index must keep all of its platforms'
+//! images.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::*;
 use crate::builder::fake::FakeStore;
@@ -20,7 +27,7 @@ use crate::oci::name::{Arch, ImageSpec};
 use crate::source::{PackageSource, Sources};
 use crate::storage::keys::{BlobKey, ImageRecordKey, ReferrersKey};
 use crate::storage::records::unix_now;
-use crate::storage::{Check, FsStorage};
+use crate::storage::{Check, Download, ETag, FsStorage};
 
 const DAY: u64 = 86_400;
 
@@ -46,6 +53,65 @@ fn age_all(root: &Path, seconds: u64) {
                 file.set_modified(then).unwrap();
             }
         }
+    }
+}
+
+type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Filesystem storage that runs `hook` (a build, a pull) when the
+/// collection first looks at an object again before deleting it: after
+/// it listed and marked, before it swept anything.
+struct SweptAfter {
+    inner: Arc<FsStorage>,
+    hook: Mutex<Option<Hook>>,
+}
+
+#[async_trait]
+impl Storage for SweptAfter {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+        self.inner.get(key).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        self.inner.head(key).await
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        self.inner.put(key, data).await
+    }
+    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        self.inner.put_if_absent(key, data).await
+    }
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        self.inner.put_file(key, path).await
+    }
+    async fn replace_file(
+        &self,
+        key: &str,
+        path: &Path,
+        damaged: &ETag,
+    ) -> Result<(), StorageError> {
+        self.inner.replace_file(key, path, damaged).await
+    }
+    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+        self.inner.check(key, size, hex).await
+    }
+    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
+        self.inner.download(key).await
+    }
+    fn local_staging_dir(&self) -> Option<PathBuf> {
+        self.inner.local_staging_dir()
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.inner.delete(key).await
+    }
+    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+        let hook = self.hook.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook.await;
+        }
+        self.inner.modified(key).await
     }
 }
 
@@ -139,6 +205,102 @@ async fn whole(storage: &dyn Storage, record_key: &str) {
     );
     let referrers = ReferrersKey::of(hex_of(&record.manifest_digest));
     assert!(storage.get(&referrers).await.unwrap().is_some());
+}
+
+/// The race the create-only writes opened: a build that finds its config
+/// and manifest stored (and good) does not write them again, so a
+/// collection that doomed them before the build began deleted them under
+/// it, and the image record it wrote named a manifest that was gone.
+#[tokio::test]
+async fn a_build_reusing_a_doomed_config_and_manifest_keeps_them() {
+    let root = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FsStorage::open(root.path()).unwrap());
+    // Built 40 days ago; its record is gone since (collected, say), and
+    // nothing names its manifest and config any more.
+    let built = builder(fs.clone())
+        .build(&request(&["hello"]), None)
+        .await
+        .unwrap();
+    let record_key = ImageRecordKey::of(&request(&["hello"]).image_key()).to_string();
+    fs.delete(&record_key).await.unwrap();
+    age_all(root.path(), 40 * DAY);
+
+    // The collection lists and dooms them; then the same image is built
+    // again before it sweeps.
+    let rebuilt = {
+        let fs = fs.clone();
+        async move {
+            builder(fs).build(&request(&["hello"]), None).await.unwrap();
+        }
+    };
+    let storage = SweptAfter {
+        inner: fs.clone(),
+        hook: Mutex::new(Some(Box::pin(rebuilt))),
+    };
+    let report = collect(&storage, &settings(), unix_now()).await.unwrap();
+    assert!(storage.hook.lock().unwrap().is_none(), "nothing was doomed");
+    let config = BlobKey::of_digest(&{
+        let bytes = fs
+            .get(&ManifestKey::of_digest(&built.record.manifest_digest))
+            .await
+            .unwrap()
+            .expect("the manifest the build relied on is gone");
+        serde_json::from_slice::<Manifest>(&bytes)
+            .unwrap()
+            .config
+            .digest
+    })
+    .to_string();
+    let rescued: Vec<&String> = report.rescued.iter().collect();
+    assert!(rescued.contains(&&config), "{rescued:?}");
+    whole(&*fs, &record_key).await;
+}
+
+/// The registry composing an index whose manifest is stored already (old,
+/// named by no record, doomed by a collection that is running) writes
+/// the record naming it and does not write the manifest again: the
+/// collection must not delete it then.
+#[tokio::test]
+async fn an_index_composed_over_a_doomed_manifest_keeps_it() {
+    let root = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FsStorage::open(root.path()).unwrap());
+    let index = images(fs.clone())
+        .get_or_build(&hello(), "latest", true, true)
+        .await
+        .unwrap();
+    // The index's record is gone (its image unused for long), its
+    // platforms' images are pulled directly (their markers are fresh).
+    let record = fs.list(Prefix::Indexes.as_str()).await.unwrap();
+    assert_eq!(record.len(), 1);
+    fs.delete(&record[0].key).await.unwrap();
+    age_all(root.path(), 40 * DAY);
+    for request in platform_requests() {
+        let marker = crate::storage::keys::ServedKey::of(request.image_key().as_str());
+        fs.put(&marker, Bytes::from_static(b"{}")).await.unwrap();
+    }
+
+    let composed = {
+        let fs = fs.clone();
+        async move {
+            images(fs)
+                .get_or_build(&hello(), "latest", true, true)
+                .await
+                .unwrap();
+        }
+    };
+    let storage = SweptAfter {
+        inner: fs.clone(),
+        hook: Mutex::new(Some(Box::pin(composed))),
+    };
+    collect(&storage, &settings(), unix_now()).await.unwrap();
+    assert!(storage.hook.lock().unwrap().is_none(), "nothing was doomed");
+    let again = pull(&images(fs.clone()), true)
+        .await
+        .expect("the index's record names a manifest that was collected");
+    assert_eq!(again.digest, index.digest);
+    for request in platform_requests() {
+        whole(&*fs, &ImageRecordKey::of(&request.image_key())).await;
+    }
 }
 
 /// Serving an index serves each of its platforms' images: once the index
