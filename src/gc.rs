@@ -25,15 +25,14 @@
 //! **Sweep.** Expired image records go first (and with them their
 //! markers), then referrers indexes of manifests no longer live, then
 //! manifests, layer records and blobs nothing live names, then leftovers
-//! of `staging/`, `builds/` and `sources/`, and old holds: everything only
-//! once older than `grace`. Right before each delete the object is looked
-//! at again (and its hold, and, for a blob, the layer records that name
-//! it): one a build rewrote or held since the listing, to rely on it, is
-//! kept. An object that
-//! cannot be looked at or deleted after the image records is kept and
-//! reported, and the sweep goes on; an image record that cannot be deleted
-//! stops it, since what it names was counted as garbage. A dry run
-//! deletes nothing and reports the same.
+//! of `staging/`, `builds/` and `sources/`, and old holds: everything
+//! only once older than `grace`. Right before each delete the object is
+//! looked at again (and its hold, and, for a blob, the layer records that
+//! name it): one a build rewrote or held since the listing, to rely on
+//! it, is kept. An object that cannot be looked at or deleted after the
+//! image records is kept and reported, and the sweep goes on; an image
+//! record that cannot be deleted stops it, since what it names was
+//! counted as garbage. A dry run deletes nothing and reports the same.
 //!
 //! Unlike distribution's `garbage-collect`, nothing is stopped: reads never
 //! wait, and a pull of an image collected a moment ago builds it again.
