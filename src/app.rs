@@ -32,7 +32,7 @@ use crate::config::{
 use crate::dispatch::git::QueueGit;
 use crate::dispatch::in_process::InProcess;
 use crate::dispatch::queue::{sqs_client, BySystem, SqsInbox, SqsQueue};
-use crate::dispatch::single_flight::SingleFlight;
+use crate::dispatch::single_flight::{SingleFlight, Turns};
 use crate::dispatch::sqs::SqsDispatch;
 use crate::dispatch::worker::Worker;
 use crate::dispatch::Dispatch;
@@ -149,7 +149,8 @@ impl App {
                     config.failure_ttl,
                     timings.build_timeout,
                 )));
-                let mut dispatch = SqsDispatch::new(storage.clone(), queue.clone(), *timings);
+                let mut dispatch = SqsDispatch::new(storage.clone(), queue.clone(), *timings)
+                    .queueing_at_most(config.max_queued_builds);
                 if let Some((cache, nix)) = &config.assembly {
                     // Index jobs go to the workers, as builds do; never
                     // where no package-set code may run.
@@ -194,10 +195,7 @@ impl App {
                     };
                     tracing::info!(cache = %cache.substituter, mode = %cache.mode, "images are assembled from the binary cache");
                 }
-                Arc::new(SingleFlight::new(Arc::new(InProcess::new(
-                    builder,
-                    metrics.clone(),
-                ))))
+                local_dispatch(builder, metrics.clone(), config.max_queued_builds)
             }
         };
         let images = Images::new(storage.clone(), dispatch, Arc::new(sources), images);
@@ -224,6 +222,21 @@ impl App {
     pub fn router(&self) -> axum::Router {
         crate::registry::router(self.state.clone())
     }
+}
+
+/// The local mode's builds: in this process, as many at once as the
+/// builder has slots, at most `max_queued` more waiting for one.
+pub(crate) fn local_dispatch(
+    builder: Builder,
+    metrics: Arc<Metrics>,
+    max_queued: usize,
+) -> Arc<dyn Dispatch> {
+    let turns = Turns {
+        running: builder.limits().max_builds,
+        waiting: max_queued,
+    };
+    let in_process = Arc::new(InProcess::new(builder, metrics));
+    Arc::new(SingleFlight::taking_turns(in_process, turns))
 }
 
 /// A build worker: the builder, on the configured queue; it makes the

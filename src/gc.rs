@@ -12,23 +12,27 @@
 //! rewrites its layer record first (see `Objects::store_layer`), so a
 //! grace longer than the longest build keeps the new objects and reused
 //! layers a running build relies on. A config or manifest a build finds
-//! stored and good is not written again (nothing good is overwritten), so
-//! it is kept only if something live names it or it is young.
+//! stored and good is not written again (nothing good is overwritten):
+//! the build writes a hold on it instead (`holds/<hex>`; see
+//! `Objects::store_blob`), as the registry does on an index manifest it
+//! composes, and a young hold keeps what it names like a young layer
+//! record keeps its blob.
 //!
-//! Index records (`indexes/`) are image records too. A live manifest's
-//! referrers index keeps what it lists.
+//! Index records (`indexes/`) are image records too; serving an index
+//! marks each of its platforms' images served, so they stay live with it.
+//! A live manifest's referrers index keeps what it lists.
 //!
 //! **Sweep.** Expired image records go first (and with them their
 //! markers), then referrers indexes of manifests no longer live, then
 //! manifests, layer records and blobs nothing live names, then leftovers
-//! of `staging/`, `builds/` and `sources/`: everything only
-//! once older than `grace`. Right before each delete the object is looked
-//! at again (and, for a blob, the layer records that name it): one a build
-//! rewrote since the listing, to rely on it, is kept. An object that
-//! cannot be looked at or deleted after the image records is kept and
-//! reported, and the sweep goes on; an image record that cannot be deleted
-//! stops it, since what it names was counted as garbage. A dry run
-//! deletes nothing and reports the same.
+//! of `staging/`, `builds/` and `sources/`, and old holds: everything
+//! only once older than `grace`. Right before each delete the object is
+//! looked at again (and its hold, and, for a blob, the layer records that
+//! name it): one a build rewrote or held since the listing, to rely on
+//! it, is kept. An object that cannot be looked at or deleted after the
+//! image records is kept and reported, and the sweep goes on; an image
+//! record that cannot be deleted stops it, since what it names was
+//! counted as garbage. A dry run deletes nothing and reports the same.
 //!
 //! Unlike distribution's `garbage-collect`, nothing is stopped: reads never
 //! wait, and a pull of an image collected a moment ago builds it again.
@@ -38,7 +42,7 @@ use std::time::Duration;
 
 use crate::oci::digest::hex_of;
 use crate::oci::manifest::{ImageIndex, Manifest, MEDIA_TYPE_INDEX};
-use crate::storage::keys::{ManifestKey, Parsed, Prefix};
+use crate::storage::keys::{HoldKey, ManifestKey, Parsed, Prefix};
 use crate::storage::records::{self, ImageRecord, LayerRecord, RecordError};
 use crate::storage::{Listed, Storage, StorageError};
 
@@ -62,7 +66,8 @@ pub struct Report {
     pub deleted: Vec<Listed>,
     /// Records that could not be read, kept (with what they name unknown).
     pub unreadable: Vec<String>,
-    /// Objects a build rewrote between the listing and their delete: kept.
+    /// Objects a build rewrote or held between the listing and their
+    /// delete: kept.
     pub rescued: Vec<String>,
     /// Objects that could not be looked at again or deleted (a storage
     /// error, such as a role without the right), with the error: kept,
@@ -94,6 +99,7 @@ pub async fn collect(
         named_by: HashMap::new(),
     };
     gc.images().await?;
+    gc.holds().await?;
     gc.indexes().await?;
     gc.referrers().await?;
     gc.manifests().await?;
@@ -190,6 +196,23 @@ impl Collection<'_> {
         for (name, marker) in markers {
             if !live_images.contains(&name) && !self.young(&marker) {
                 self.doomed.push(marker);
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds: a young one keeps the blob or manifest it names (a build or
+    /// the registry relies on it), with what that names; old ones go.
+    async fn holds(&mut self) -> Result<(), StorageError> {
+        for hold in self.list(Prefix::Holds).await? {
+            let Some(Parsed::Hold(hex)) = Parsed::of(&hold.key) else {
+                continue;
+            };
+            if self.young(&hold) {
+                self.live_manifests.insert(hex.clone());
+                self.live_blobs.insert(hex);
+            } else {
+                self.doomed.push(hold);
             }
         }
         Ok(())
@@ -317,8 +340,8 @@ impl Collection<'_> {
     }
 
     /// Deletes what was doomed, each looked at again right before: one a
-    /// build rewrote since the listing (or, for a blob, whose layer record
-    /// it rewrote) is kept.
+    /// build rewrote or held since the listing (or, for a blob, whose layer
+    /// record it rewrote) is kept.
     async fn sweep(&mut self) -> Result<(), StorageError> {
         for object in std::mem::take(&mut self.doomed) {
             if !self.settings.dry_run {
@@ -362,8 +385,16 @@ impl Collection<'_> {
             return Ok(Sweep::Gone);
         };
         let mut rewritten = self.fresh(modified);
-        if let (false, Some(Parsed::Blob(hex))) = (rewritten, Parsed::of(key)) {
-            for record in self.named_by.get(&hex).into_iter().flatten() {
+        let parsed = Parsed::of(key);
+        if let (false, Some(Parsed::Blob(hex) | Parsed::Manifest(hex))) = (rewritten, &parsed) {
+            rewritten |= self
+                .storage
+                .modified(&HoldKey::of(hex))
+                .await?
+                .is_some_and(|m| self.fresh(m));
+        }
+        if let (false, Some(Parsed::Blob(hex))) = (rewritten, &parsed) {
+            for record in self.named_by.get(hex).into_iter().flatten() {
                 rewritten |= self
                     .storage
                     .modified(record)
@@ -430,6 +461,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{value:?} is too long"))
 }
+
+#[cfg(test)]
+mod beside_builds;
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,8 @@
 //! `nixery gc` on the filesystem and on S3 (s3s-fs): a storage with images
 //! used and unused, objects shared between them, SBOMs and their
 //! referrers, a multi-platform index whose platforms' own records expired,
-//! a build under way, a layer a build is reusing, leftovers and a damaged
-//! record. Objects are
+//! a build under way, a layer a build is reusing, a config a build holds,
+//! leftovers and a damaged record. Objects are
 //! aged by setting their files' modification times (s3s-fs reports a
 //! file's as the object's). A dry run deletes nothing; a real run deletes
 //! exactly the garbage; afterwards every image record's objects are there
@@ -23,7 +23,7 @@ use nixery::oci::manifest::{
     MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_MANIFEST,
 };
 use nixery::storage::keys::{
-    BlobKey, ImageKey, ImageRecordKey, IndexKey, IndexRecordKey, LayerKey, LayerRecordKey,
+    BlobKey, HoldKey, ImageKey, ImageRecordKey, IndexKey, IndexRecordKey, LayerKey, LayerRecordKey,
     ManifestKey, ReferrersKey, ServedKey,
 };
 use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
@@ -53,6 +53,9 @@ fn manifest_key(hex: &str) -> String {
 }
 fn referrers_key(hex: &str) -> String {
     ReferrersKey::of(hex).to_string()
+}
+fn hold_key(object: &str) -> String {
+    HoldKey::on(object).unwrap().to_string()
 }
 
 fn settings(dry_run: bool) -> GcSettings {
@@ -187,6 +190,7 @@ async fn keys(storage: &dyn Storage) -> BTreeSet<String> {
         "staging/",
         "builds/",
         "sources/",
+        "holds/",
     ] {
         all.extend(storage.list(dir).await.unwrap().into_iter().map(|o| o.key));
     }
@@ -340,6 +344,16 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
     .await
     .unwrap();
 
+    // A build under way relies on an old config nothing names (stored
+    // before, so not written again): it held it a moment ago. An old hold
+    // is a leftover of a build long over.
+    let held = blob(storage, "held-config").await;
+    files.age(&held, old);
+    put(storage, &hold_key(&held), b"{}").await;
+    let old_hold = HoldKey::of(&"0".repeat(64)).to_string();
+    put(storage, &old_hold, b"{}").await;
+    files.age(&old_hold, 2 * DAY);
+
     // Leftovers, old and young; a blob nothing names, old and young.
     for (key, age) in [
         ("staging/put-old", 2 * DAY),
@@ -375,6 +389,7 @@ async fn scenario(storage: &dyn Storage, files: &Files) -> BTreeSet<String> {
             "builds/abc.1".to_string(),
             "sources/old-answer".to_string(),
             orphan_old,
+            old_hold,
         ])
         .collect()
 }

@@ -131,6 +131,11 @@ const CONTRACT: &[(&str, SetOn, &str)] = &[
         "a worker takes one message at a time; more builds at once means more worker tasks (WorkerMaxCount)",
     ),
     (
+        "NIXERY_MAX_QUEUED_BUILDS",
+        SetOn::Neither,
+        "a function instance answers one request at a time, so it has at most one build in the queue: ReservedConcurrency bounds what the function enqueues",
+    ),
+    (
         "NIXERY_MAX_IMAGE_SIZE",
         SetOn::Neither,
         "the default (8 GiB) bounds a worker's disk use; operators with bigger images set it on the worker",
@@ -793,7 +798,14 @@ fn the_function_writes_only_build_status_served_markers_and_indexes() {
                     assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
                 }
                 "s3:PutObject" if statement["Sid"] == "RecordIndexes" => {
-                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/indexes/*" }));
+                    // Index records, and the hold on the manifest each names.
+                    assert_eq!(
+                        statement["Resource"],
+                        json!([
+                            { "Fn::Sub": "${ImageBucket.Arn}/indexes/*" },
+                            { "Fn::Sub": "${ImageBucket.Arn}/holds/*" }
+                        ])
+                    );
                 }
                 "s3:PutObject" => assert_eq!(
                     statement["Resource"],

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use common::images::{store_image, LAYER};
 use nixery::app::{App, Parts};
 use nixery::builder::{BuildRequest, Failure, Step};
-use nixery::dispatch::single_flight::SingleFlight;
+use nixery::dispatch::single_flight::{SingleFlight, Turns};
 use nixery::dispatch::{Dispatch, DispatchError, Service};
 use nixery::images::cache::CacheLimits;
 use nixery::images::ImageSettings;
@@ -91,6 +91,23 @@ impl Registry {
     /// packages), its settings changed by
     /// `change`, on memory storage and the test dispatch.
     async fn with(change: impl FnOnce(&mut ImageSettings)) -> Registry {
+        Registry::dispatching(change, |dispatch| Arc::new(SingleFlight::new(dispatch))).await
+    }
+
+    /// A registry whose builds take turns as the local mode's do.
+    async fn taking_turns(turns: Turns) -> Registry {
+        Registry::dispatching(
+            |_| {},
+            |dispatch| Arc::new(SingleFlight::taking_turns(dispatch, turns)),
+        )
+        .await
+    }
+
+    /// [`Registry::with`], the test dispatch wrapped by `wrap`.
+    async fn dispatching(
+        change: impl FnOnce(&mut ImageSettings),
+        wrap: impl FnOnce(Arc<TestDispatch>) -> Arc<dyn Dispatch>,
+    ) -> Registry {
         let storage = Arc::new(MemoryStorage::new());
         let dispatch = Arc::new(TestDispatch {
             storage: storage.clone(),
@@ -105,7 +122,7 @@ impl Registry {
         change(&mut config.images);
         let parts = Parts {
             storage: Some(storage.clone()),
-            dispatch: Some(Arc::new(SingleFlight::new(dispatch.clone()))),
+            dispatch: Some(wrap(dispatch.clone())),
         };
         let app = App::with(&config, false, parts).await.unwrap();
         Registry {
@@ -262,6 +279,65 @@ async fn many_concurrent_pulls_start_one_build() {
     }
     assert_eq!(digests.len(), 1);
     assert_eq!(registry.builds(), 1);
+}
+
+/// The flood an attacker's review found: with one build at a time, 40
+/// pulls of new images, each given up by its client after 0.2 s, queued
+/// 37 builds, and a legitimate new image waited behind them all. Now what
+/// has not started when its last client leaves is dropped, and pulls
+/// beyond the queue's bound are refused at once, building nothing.
+#[tokio::test]
+async fn abandoned_pulls_are_dropped_and_a_full_queue_answers_429() {
+    let registry = Arc::new(
+        Registry::taking_turns(Turns {
+            running: 1,
+            waiting: 2,
+        })
+        .await,
+    );
+    let hold = registry.dispatch.gate.write().await;
+    let pulls = (0..40).map(|i| {
+        let registry = registry.clone();
+        async move {
+            let uri = format!("/v2/flood{i}/manifests/latest");
+            tokio::time::timeout(Duration::from_millis(200), registry.get(&uri)).await
+        }
+    });
+    let answered: Vec<_> = futures_util::future::join_all(pulls)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    // One started, two waited for it; the others were told at once.
+    assert_eq!(answered.len(), 37);
+    for (response, body) in &answered {
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(header(response, "retry-after"), "30");
+        let (code, message, detail) = error(response, body);
+        assert_eq!(code, "TOOMANYREQUESTS");
+        assert!(message.contains("pull again in 30 s"), "{message}");
+        assert!(detail.get("status_url").is_none(), "{detail}");
+    }
+    assert_eq!(registry.builds(), 1, "only the build that started runs");
+
+    // A legitimate pull of a new image is next once that build is done,
+    // and the one that had started when its client left is stored.
+    let legit = tokio::spawn({
+        let registry = registry.clone();
+        async move { registry.get("/v2/legit/manifests/latest").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(registry.builds(), 1);
+    drop(hold);
+    let (response, _) = tokio::time::timeout(Duration::from_secs(5), legit)
+        .await
+        .expect("the legitimate pull waited behind abandoned builds")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(registry.builds(), 2);
+    let images = registry.storage.keys();
+    let images: Vec<_> = images.iter().filter(|k| k.starts_with("images/")).collect();
+    assert_eq!(images.len(), 2, "{images:?}");
 }
 
 #[tokio::test]

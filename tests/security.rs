@@ -172,6 +172,75 @@ async fn builds_beyond_the_limit_wait_their_turn() {
     assert!(log.contains("waiting for a build slot"), "{log}");
 }
 
+/// Pulls whose clients give up: each still gets its request line (status
+/// 499, saying the client left), a build that started goes on, and the
+/// builds still waiting for the slot are dropped, so the next new image
+/// builds right after the one under way.
+#[tokio::test]
+async fn pulls_whose_clients_leave_are_logged_and_their_waiting_builds_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkgs = fixture_copy(
+        dir.path(),
+        serde_json::json!({ "salt": unique(), "slowSeconds": 3 }),
+    );
+    let server = Server::start_with(
+        &dir.path().join("storage"),
+        &[
+            ("NIXERY_PKGS_PATH", pkgs.to_str().unwrap()),
+            ("NIXERY_MAX_BUILDS", "1"),
+        ],
+    );
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap();
+    for name in ["slow", "slow2", "slow3"] {
+        let url = server.url(&format!("/v2/{name}/manifests/latest"));
+        assert!(impatient.get(url).send().await.unwrap_err().is_timeout());
+    }
+    let left = |name: &str| {
+        let path = format!("path=\"/v2/{name}/manifests/latest\"");
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains(" request ") && l.contains(&path) && l.contains("status=499"))
+    };
+    // Waiting without blocking the runtime, which closes the client's
+    // connections.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !["slow", "slow2", "slow3"].into_iter().all(left) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request line for a client that left:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(server.log().contains("the client left before the answer"));
+
+    let ok = reqwest::get(server.url("/v2/hello/manifests/latest"))
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let log = server.log();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("build started"))
+        .collect();
+    assert_eq!(started.len(), 2, "{log}");
+    assert!(
+        started[0].contains("slow") && started[1].contains("hello"),
+        "{log}"
+    );
+    assert_eq!(log.matches("build dropped").count(), 2, "{log}");
+    // The build that had started is there for the next pull.
+    let slow = reqwest::get(server.url("/v2/slow/manifests/latest"))
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), StatusCode::OK);
+    assert_eq!(server.builds_started(), 2);
+}
+
 #[tokio::test]
 async fn a_revision_only_a_pull_request_holds_is_never_evaluated() {
     let dir = tempfile::tempdir().unwrap();

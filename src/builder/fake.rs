@@ -46,6 +46,9 @@ pub struct FakeStore {
     pub realised: AtomicUsize,
     pub packed: AtomicUsize,
     pub collected: Mutex<Vec<u64>>,
+    /// Realisations wait while a test holds this for writing (a build
+    /// that takes as long as the test wants).
+    pub gate: tokio::sync::RwLock<()>,
 }
 
 /// `/nix/store/<hash>-<name>`, with a hash made of `name`.
@@ -143,6 +146,7 @@ impl StorePaths for FakeStore {
         _progress: Progress<'_>,
     ) -> Result<(), BuildError> {
         self.realised.fetch_add(1, Ordering::SeqCst);
+        let _open = self.gate.read().await;
         let full = self
             .disk_full
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

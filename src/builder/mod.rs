@@ -168,6 +168,10 @@ impl Builder {
         self.objects.storage()
     }
 
+    pub fn limits(&self) -> &BuildLimits {
+        &self.limits
+    }
+
     /// Free bytes of the local store's disk, if a source has one.
     fn free_bytes(&self) -> Option<u64> {
         self.stores.iter().find_map(|s| s.free_bytes())

@@ -3,6 +3,14 @@
 //! [`Objects::store_blob`], the SBOM through [`Objects::store_artifact`].
 //! So reuse, the check of what is stored, scratch-file clean-up and layer
 //! records work the same for every layer and every source of store paths.
+//!
+//! A build that relies on an object it finds stored tells garbage
+//! collection so before it relies on it (see `crate::gc`): a reused layer's
+//! record is written again, and any other object found good, which is
+//! never written again, gets a hold (`holds/<hex>`). Then it looks once
+//! more that the object is there: a collection that doomed it earlier may
+//! have deleted it between the check and the record, and it is stored
+//! again.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -82,7 +90,7 @@ impl Objects {
     /// `job` writes it (on a blocking thread), the blob is stored and the
     /// record written. `true`: reused. A reused layer's record is written
     /// again, which tells garbage collection that a build relies on its
-    /// blob (see `crate::gc`).
+    /// blob (see `crate::gc`), and the blob is looked at once more.
     pub async fn store_layer(
         &self,
         image: &str,
@@ -101,7 +109,10 @@ impl Objects {
             {
                 Check::Good => {
                     records::write(&*self.storage, &record_key, &record).await?;
-                    return Ok((record, true));
+                    if self.storage.head(&blob).await?.is_some() {
+                        return Ok((record, true));
+                    }
+                    tracing::warn!(image, layer = %key, digest = %record.digest, "stored layer was collected while this build checked it; packing it again");
                 }
                 Check::Absent => {}
                 Check::Corrupt(_) => {
@@ -251,10 +262,28 @@ impl Objects {
         };
         let written = found != Check::Good;
         // Each consumes the file, whatever the outcome. A good object is
-        // never written over (storage offers no way to), small or not.
+        // never written over (storage offers no way to), small or not: it is
+        // held instead, and stored again if it went meanwhile.
         match found {
             Check::Good => {
-                let _ = tokio::fs::remove_file(&path).await;
+                let held = async {
+                    records::hold(&*self.storage, key).await?;
+                    self.storage.head(key).await
+                };
+                match held.await {
+                    Ok(Some(_)) => {
+                        let _ = tokio::fs::remove_file(&path).await;
+                    }
+                    Ok(None) => {
+                        tracing::warn!(%digest, key, "stored object was collected while this build checked it; writing it again");
+                        self.storage.put_file(key, &path).await?;
+                        return Ok(true);
+                    }
+                    Err(error) => {
+                        let _ = tokio::fs::remove_file(&path).await;
+                        return Err(error.into());
+                    }
+                }
             }
             Check::Absent => self.storage.put_file(key, &path).await?,
             Check::Corrupt(damaged) => {

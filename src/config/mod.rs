@@ -500,6 +500,14 @@ pub struct DispatchArgs {
     #[arg(long, env = "NIXERY_FAILURE_TTL", value_name = "NIXERY_FAILURE_TTL", hide_env = true, default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub failure_ttl: u64,
+    /// Builds of new images that may wait to start at once: in this
+    /// process for a build slot (`local`), or sent to the queue by this
+    /// instance and not yet taken by a worker (`sqs`). A pull of yet
+    /// another new image gets 429 TOOMANYREQUESTS with Retry-After, and
+    /// nothing is built.
+    #[arg(long, env = "NIXERY_MAX_QUEUED_BUILDS", value_name = "NIXERY_MAX_QUEUED_BUILDS", hide_env = true,
+          default_value_t = 16, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub max_queued_builds: u64,
     /// The queue of the arm64 workers (`sqs` builder): aarch64-linux
     /// builds go there, so that no build needs emulation; unset, they go
     /// to `NIXERY_QUEUE_URL` with the rest.
@@ -621,6 +629,8 @@ pub struct ServeConfig {
     /// The binary cache images are assembled from, if any, and the
     /// limits and popularity data of that assembly.
     pub assembly: Option<(CacheConfig, NixConfig)>,
+    /// Builds of new images that may wait to start at once.
+    pub max_queued_builds: usize,
 }
 
 /// Bearer tokens and login limits of a private registry.
@@ -787,6 +797,7 @@ impl ServeArgs {
             },
             declared_images: self.image.images.clone(),
             builds,
+            max_queued_builds: self.dispatch.max_queued_builds as usize,
             assembly,
         })
     }
@@ -1235,6 +1246,7 @@ mod tests {
             matches!(&config.builds, BuildMode::Local(nix) if nix.timeout == Duration::from_secs(600))
         );
         assert_eq!(config.images.layer_budget, 94);
+        assert_eq!(config.max_queued_builds, 16);
         assert_eq!(
             config.storage,
             StorageConfig::Filesystem {
@@ -1374,6 +1386,10 @@ mod tests {
                 "NIXERY_ALLOWED_REFS",
             ),
             (vec!["serve", "--max-builds", "0"], "NIXERY_MAX_BUILDS"),
+            (
+                vec!["serve", "--max-queued-builds", "many"],
+                "NIXERY_MAX_QUEUED_BUILDS",
+            ),
             (vec!["serve", "--token-key", "../key"], "NIXERY_TOKEN_KEY"),
             (vec!["serve", "--token-ttl", "5"], "NIXERY_TOKEN_TTL"),
             (
@@ -1417,7 +1433,7 @@ mod tests {
     #[test]
     fn every_setting_has_a_variable_and_help() {
         let vars = variables();
-        assert_eq!(vars.len(), 45, "{vars:?}");
+        assert_eq!(vars.len(), 46, "{vars:?}");
         let table = markdown_table();
         for var in &vars {
             let row = table

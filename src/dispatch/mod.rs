@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | [`in_process::InProcess`] | this process, with the local Nix | local mode |
 //! | [`sqs::SqsDispatch`] | a worker, through an SQS queue | the Lambda function |
-//! | [`single_flight::SingleFlight`] | wraps either: one call per image per process | both |
+//! | [`single_flight::SingleFlight`] | wraps either: one call per image per process (in local mode also a bounded queue, whose builds are dropped if their clients leave before they start) | both |
 //!
 //! [`worker::Worker`] is the other end of the queue, and [`status`] the
 //! shared build status with the claim policy that makes one build per image
@@ -77,6 +77,11 @@ pub enum DispatchError {
     /// is for the log only: it is not part of the displayed error.
     #[error("the {service} is unavailable")]
     Unavailable { service: Service, message: String },
+    /// As many builds as this process lets wait for their turn are
+    /// waiting already (`NIXERY_MAX_QUEUED_BUILDS`): nothing was started,
+    /// nothing was queued; trying again later may work.
+    #[error("{waiting} builds are waiting to start already; try again later")]
+    Busy { waiting: usize },
 }
 
 impl From<BuildError> for DispatchError {

@@ -9,11 +9,18 @@
 //! source is a binary cache), the pull that wins a claim first assembles
 //! the image here, reporting in the build status as a worker would, and
 //! sends the build to the queue only if the cache cannot give it.
+//!
+//! What one instance enqueues is bounded (`NIXERY_MAX_QUEUED_BUILDS`): a
+//! build it sent holds one of a fixed number of places until this
+//! instance sees a worker take it (or it ends, or the wait does); a claim
+//! when every place is held is refused ([`DispatchError::Busy`]) before
+//! anything is written or sent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use tracing::Instrument;
@@ -58,7 +65,15 @@ pub struct SqsDispatch {
     timings: Timings,
     /// Assembles images from a binary cache here, before any worker.
     assembler: Option<(Builder, Arc<Metrics>)>,
+    /// One permit per build this instance may have sent and no worker
+    /// has taken yet.
+    queued: Arc<Semaphore>,
+    max_queued: usize,
 }
+
+/// A place in the queue: held from the claim until a worker takes the
+/// build.
+type Place = OwnedSemaphorePermit;
 
 /// What one pull's wait for a build has seen so far.
 struct Waiting {
@@ -132,11 +147,14 @@ impl Waiting {
 }
 
 impl SqsDispatch {
+    /// With no bound on what it enqueues (see [`SqsDispatch::queueing_at_most`]).
     pub fn new(storage: Arc<dyn Storage>, queue: Arc<dyn Queue>, timings: Timings) -> SqsDispatch {
         SqsDispatch {
             storage,
             queue,
             timings,
+            queued: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            max_queued: Semaphore::MAX_PERMITS,
             assembler: None,
         }
     }
@@ -180,10 +198,39 @@ impl SqsDispatch {
         }
     }
 
-    /// Claims an attempt; `true` if this caller got it and sent the build.
-    async fn claim(&self, request: &BuildRequest, attempt: u32) -> Result<bool, DispatchError> {
+    /// At most `max` builds sent by this instance and not taken by a
+    /// worker yet; a claim beyond them is refused.
+    pub fn queueing_at_most(self, max: usize) -> SqsDispatch {
+        SqsDispatch {
+            queued: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            max_queued: max,
+            ..self
+        }
+    }
+
+    /// Claims an attempt; `true` if this caller got it and sent the
+    /// build, which then holds `place` (taken here) until a worker takes it.
+    async fn claim(
+        &self,
+        request: &BuildRequest,
+        attempt: u32,
+        place: &mut Option<Place>,
+    ) -> Result<bool, DispatchError> {
         let key = request.image_key();
         let storage_error = |e| DispatchError::from(BuildError::Storage(e));
+        // A takeover keeps the place of the attempt it replaces.
+        let taken = match place.take() {
+            Some(held) => held,
+            None => match self.queued.clone().try_acquire_owned() {
+                Ok(taken) => taken,
+                Err(_) => {
+                    tracing::warn!(image = %key, attempt, waiting = self.max_queued, "build refused: this instance's builds fill the queue");
+                    return Err(DispatchError::Busy {
+                        waiting: self.max_queued,
+                    });
+                }
+            },
+        };
         if !status::claim(&*self.storage, &key, attempt)
             .await
             .map_err(storage_error)?
@@ -205,6 +252,7 @@ impl SqsDispatch {
             })
             .await?;
         tracing::info!(image = %key, attempt, packages = ?request.packages, "build dispatched");
+        *place = Some(taken);
         Ok(true)
     }
 
@@ -220,13 +268,14 @@ impl SqsDispatch {
         attempt: u32,
         status: Option<&BuildStatus>,
         orphan: &mut Option<(u32, Instant)>,
+        place: &mut Option<Place>,
     ) -> Result<(), DispatchError> {
         let stale_after = self.timings.stale_after();
         let key = request.image_key();
         let mut attempt = attempt;
         // Each step needs an orphan at least `stale_after` old: the loop
         // ends at the first claim won or still young.
-        while !self.claim(request, attempt).await? {
+        while !self.claim(request, attempt, place).await? {
             if status.is_some_and(|s| s.attempt >= attempt) {
                 return Ok(());
             }
@@ -291,6 +340,8 @@ impl Dispatch for SqsDispatch {
         let key = request.image_key();
         let stale_after = self.timings.stale_after();
         let mut wait = Waiting::new(self.timings.build_timeout);
+        // The place in the queue of the build this pull sent, if it did.
+        let mut place = None;
         loop {
             // A failed read while waiting (a record caught mid-write, a
             // storage hiccup) is retried until the deadline.
@@ -311,6 +362,11 @@ impl Dispatch for SqsDispatch {
             if let Some(record) = record {
                 return Ok(record);
             }
+            if status.as_ref().is_some_and(|s| s.state != State::Queued) {
+                // Taken by a worker (or ended): no longer waiting in the
+                // queue.
+                place = None;
+            }
             let action = decide(
                 status.as_ref(),
                 now(),
@@ -320,8 +376,14 @@ impl Dispatch for SqsDispatch {
             );
             match action {
                 Action::Claim(attempt) => {
-                    self.claim_or_adopt(&request, attempt, status.as_ref(), &mut wait.orphan)
-                        .await?;
+                    self.claim_or_adopt(
+                        &request,
+                        attempt,
+                        status.as_ref(),
+                        &mut wait.orphan,
+                        &mut place,
+                    )
+                    .await?;
                 }
                 Action::Wait => {}
                 Action::Fail(failure) => {
@@ -532,6 +594,70 @@ mod tests {
         assert!(storage
             .keys()
             .contains(&ClaimKey::of(&request().image_key(), 1).to_string()));
+    }
+
+    /// `request()` for other packages: another image.
+    fn request_for(package: &str) -> BuildRequest {
+        BuildRequest {
+            packages: vec![package.into()],
+            name: package.into(),
+            ..request()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_enqueues_a_bounded_number_of_builds() {
+        let (storage, queue, dispatch) = setup();
+        let dispatch = Arc::new(dispatch.queueing_at_most(2));
+        // Two pulls of new images send their builds, and wait.
+        let waiting: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|package| {
+                let dispatch = dispatch.clone();
+                tokio::spawn(async move { dispatch.build(request_for(package)).await })
+            })
+            .collect();
+        while queue.sent.lock().unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A third is refused at once: nothing claimed, nothing sent.
+        assert_eq!(
+            dispatch.build(request_for("c")).await.unwrap_err(),
+            DispatchError::Busy { waiting: 2 }
+        );
+        assert_eq!(queue.sent.lock().unwrap().len(), 2);
+        let c = request_for("c").image_key();
+        assert!(
+            !storage.keys().iter().any(|k| k.contains(c.as_str())),
+            "{:?}",
+            storage.keys()
+        );
+        // A pull of an image already on its way joins it: not refused.
+        let joined = tokio::spawn({
+            let dispatch = dispatch.clone();
+            async move { dispatch.build(request_for("a")).await }
+        });
+        // Once a worker takes one of them, the next build is sent.
+        let a = request_for("a").image_key();
+        let running = BuildStatus {
+            state: State::Running,
+            step: Some(Step::Realising),
+            ..BuildStatus::queued(&request_for("a"), 1)
+        };
+        status::write(&*storage, &a, &running).await.unwrap();
+        tokio::time::sleep(MAX_POLL * 2).await;
+        assert!(!joined.is_finished(), "the pull that joined a queued build");
+        let third = tokio::spawn({
+            let dispatch = dispatch.clone();
+            async move { dispatch.build(request_for("c")).await }
+        });
+        while queue.sent.lock().unwrap().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(queue.sent.lock().unwrap()[2].request, request_for("c"));
+        for pull in waiting.into_iter().chain([joined, third]) {
+            pull.abort();
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -299,9 +299,14 @@ impl Images {
         let bytes = ImageIndex::new(manifests).to_bytes();
         let digest = sha256_digest(&bytes);
         // Content-addressed: one stored already is these bytes (and the
-        // function may only create manifests, never replace them).
+        // function may only create manifests, never replace them). The
+        // record about to name it relies on it, stored now or before: a
+        // hold, written first, keeps it from a collection that doomed it
+        // (see `crate::gc`), and the write then creates it if it is gone.
+        let manifest_key = ManifestKey::of_digest(&digest);
+        records::hold(&*self.storage, &manifest_key).await?;
         self.storage
-            .put_if_absent(&ManifestKey::of_digest(&digest), Bytes::from(bytes.clone()))
+            .put_if_absent(&manifest_key, Bytes::from(bytes.clone()))
             .await?;
         let record = ImageRecord {
             manifest_digest: digest,

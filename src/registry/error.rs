@@ -124,6 +124,11 @@ impl RegistryError {
                 self.to_string(),
                 json!({ "key": key }),
             ),
+            // Nothing was built, so there is no status to point to.
+            Build {
+                error: error @ DispatchError::Busy { .. },
+                ..
+            } => build_parts(error),
             Build { error, status_url } => {
                 let (status, code, message, mut detail) = build_parts(error);
                 if detail.is_null() {
@@ -246,8 +251,19 @@ fn build_parts(error: &DispatchError) -> (StatusCode, &'static str, String, Valu
             Value::Null,
         ),
         DispatchError::Unavailable { service, .. } => unavailable(&service.to_string()),
+        DispatchError::Busy { waiting } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOOMANYREQUESTS",
+            format!("too many new images are waiting to be built ({waiting}); nothing was started: pull again in {BUSY_RETRY_AFTER} s"),
+            json!({ "waiting": waiting, "retry_after": BUSY_RETRY_AFTER }),
+        ),
     }
 }
+
+/// Seconds a client refused because the build queue is full is told to
+/// wait: a slot frees when a build ends, which takes tens of seconds at
+/// least.
+pub const BUSY_RETRY_AFTER: u64 = 30;
 
 /// A service the registry depends on failed; the client may retry.
 fn unavailable(service: &str) -> (StatusCode, &'static str, String, Value) {
@@ -291,11 +307,15 @@ impl IntoResponse for RegistryError {
         }
         // An error is about this moment (and may name the host asked).
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        }
-        if let RegistryError::TooManyRequests { retry_after } = &self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        let retry_after = match (&self, status) {
+            (RegistryError::TooManyRequests { retry_after }, _) => Some(*retry_after),
+            // The build queue is full.
+            (_, StatusCode::TOO_MANY_REQUESTS) => Some(BUSY_RETRY_AFTER),
+            (_, StatusCode::SERVICE_UNAVAILABLE) => Some(5),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -247,21 +247,70 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, RegistryErro
     Ok(response)
 }
 
+/// The one log line of a request, written when it is answered, or, if
+/// its client leaves first (the server then drops the request's work),
+/// when it is dropped: with status 499, as nginx logs a client that
+/// closed the connection.
+struct RequestLine {
+    span: tracing::Span,
+    method: Method,
+    path: String,
+    started: Instant,
+    metrics: Arc<Metrics>,
+    answered: bool,
+}
+
+/// The status logged for a request whose client left before its answer.
+pub const CLIENT_LEFT: u16 = 499;
+
+impl RequestLine {
+    fn write(&mut self, status: u16, code: Option<&'static str>) {
+        self.answered = true;
+        let note = (status == CLIENT_LEFT).then_some("the client left before the answer");
+        self.span.in_scope(|| {
+            tracing::info!(
+                method = %self.method,
+                path = self.path,
+                status,
+                code,
+                note,
+                elapsed_ms = self.started.elapsed().as_millis() as u64,
+                "request"
+            )
+        });
+        self.metrics.request(status, code);
+        self.metrics.flush();
+    }
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.write(CLIENT_LEFT, None);
+        }
+    }
+}
+
 /// Headers on every response, one log line per request, and every line
 /// logged while answering it in a span with the request's id (Lambda's
 /// own, in Lambda), which the response states as `X-Request-Id`.
 async fn common_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
     use lambda_http::RequestExt;
     use tracing::Instrument;
-    let started = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
     let id = req
         .lambda_context_ref()
         .map(|context| context.request_id.clone())
         .unwrap_or_else(|| state.request_ids.next());
     let span = tracing::info_span!("request", id = %id);
-    let mut response = next.run(req).instrument(span.clone()).await;
+    let mut line = RequestLine {
+        span: span.clone(),
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        started: Instant::now(),
+        metrics: state.metrics.clone(),
+        answered: false,
+    };
+    let mut response = next.run(req).instrument(span).await;
     response
         .headers_mut()
         .insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
@@ -284,18 +333,7 @@ async fn common_headers(State(state): State<AppState>, req: Request, next: Next)
     );
     let status = response.status().as_u16();
     let code = response.extensions().get::<error::ErrorCode>().map(|c| c.0);
-    span.in_scope(|| {
-        tracing::info!(
-            %method,
-            path,
-            status,
-            code,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "request"
-        )
-    });
-    state.metrics.request(status, code);
-    state.metrics.flush();
+    line.write(status, code);
     response
 }
 

@@ -104,6 +104,7 @@ pub enum Prefix {
     Builds,
     Served,
     Sources,
+    Holds,
     Staging,
     Attrs,
 }
@@ -121,6 +122,7 @@ impl Prefix {
             Prefix::Builds => "builds/",
             Prefix::Served => "served/",
             Prefix::Sources => "sources/",
+            Prefix::Holds => "holds/",
             Prefix::Staging => "staging/",
             Prefix::Attrs => "attrs/",
         }
@@ -198,6 +200,12 @@ key_kind!(
 key_kind!(
     /// `sources/<lookup-hash>`: a worker's answer to a git lookup.
     GitAnswerKey
+);
+key_kind!(
+    /// `holds/<hex>`: that a build (or the registry composing an index)
+    /// relies on the stored blob or manifest with sha256 `<hex>`, which it
+    /// found and did not write.
+    HoldKey
 );
 key_kind!(
     /// `staging/<unique>`: an upload in flight.
@@ -306,6 +314,19 @@ impl GitAnswerKey {
     }
 }
 
+impl HoldKey {
+    /// The hold on the content with sha256 `hex` (a blob or a manifest).
+    pub fn of(hex: &str) -> HoldKey {
+        HoldKey(format!("holds/{hex}"))
+    }
+
+    /// The hold on what a content-addressed key names (`blobs/...`,
+    /// `manifests/...`), if it is one.
+    pub fn on(key: &str) -> Option<HoldKey> {
+        super::digest_of_key(key).map(HoldKey::of)
+    }
+}
+
 impl StagingKey {
     /// A name no other upload uses (see [`super::unique_name`]).
     pub fn unique(what: &str) -> StagingKey {
@@ -368,6 +389,8 @@ pub enum Parsed {
     /// The marker of an image or index key (both are hashes).
     Served(String),
     GitAnswer(String),
+    /// A hold, on the content with this sha256 (hex).
+    Hold(String),
     Staging,
     /// Part of the attribute index of a revision (its head, a shard, a
     /// claim).
@@ -420,6 +443,7 @@ impl Parsed {
             "referrers" => hex(rest).map(Parsed::Referrers),
             "served" => hex(rest).map(Parsed::Served),
             "sources" => hex(rest).map(Parsed::GitAnswer),
+            "holds" => hex(rest).map(Parsed::Hold),
             _ => None,
         }
     }
@@ -478,6 +502,7 @@ mod tests {
                 GitAnswerKey::of(&hex).to_string(),
                 Parsed::GitAnswer(hex.clone()),
             ),
+            (HoldKey::of(&hex).to_string(), Parsed::Hold(hex.clone())),
             (StagingKey::unique("layer").to_string(), Parsed::Staging),
             (
                 AttrsHeadKey::of(&revision, "x86_64-linux").to_string(),

@@ -15,6 +15,7 @@
 //! | `builds/recent/<inverted-ms>-<image-key>` | that a build was asked for (newest sort first) | when it is queued |
 //! | `served/<image-key>` | that the image was pulled (for `nixery gc`) | at most once a day per process |
 //! | `sources/<lookup-hash>` | a worker's answer to a git lookup (for a registry without git) | by the worker |
+//! | `holds/<hex>` | that a build relies on the blob or manifest `<hex>`, stored before and not written again (for `nixery gc`) | by a build, or the registry composing an index, when it finds the object stored |
 //! | `staging/...` | uploads in flight | anything left here is garbage |
 //!
 //! Nothing is visible under `blobs/`, `manifests/` or `images/` unless it is

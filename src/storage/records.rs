@@ -1,6 +1,7 @@
 //! The JSON records kept beside the content-addressed objects: what an image
-//! is (`images/<image-key>`) and what a reusable layer is
-//! (`layers/<layer-key>`), and how they are read and written.
+//! is (`images/<image-key>`), what a reusable layer is
+//! (`layers/<layer-key>`), that a build relies on a stored object
+//! (`holds/<hex>`), and how they are read and written.
 //!
 //! Records are small, written whole, and read whole. A record that does not
 //! parse is an error naming its key, never a silent miss.
@@ -9,6 +10,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::keys::HoldKey;
 use super::{Storage, StorageError};
 
 /// The time in Unix seconds, as records store it.
@@ -86,6 +88,31 @@ pub struct LayerRecord {
     pub diff_id: String,
     pub size: u64,
     pub media_type: String,
+}
+
+/// `holds/<hex>`: a build (or the registry composing an index) relies on
+/// a stored blob or manifest that it found there and did not write
+/// (content-addressed objects are never rewritten when good). Garbage
+/// collection reads only when the hold was written: a young hold keeps
+/// the object, as a young layer record keeps its blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The key of the object held.
+    pub object: String,
+    /// When (Unix seconds), for people reading it.
+    pub held_at: u64,
+}
+
+/// Writes (or rewrites) the hold on the content-addressed object `key`.
+pub async fn hold(storage: &dyn Storage, key: &str) -> Result<(), StorageError> {
+    let hold_key = HoldKey::on(key).ok_or_else(|| StorageError::InvalidKey {
+        key: key.to_string(),
+    })?;
+    let hold = Hold {
+        object: key.to_string(),
+        held_at: unix_now(),
+    };
+    write(storage, &hold_key, &hold).await
 }
 
 /// A record that is there but cannot be read.
