@@ -397,6 +397,84 @@ async fn every_content_addressed_write_to_s3_is_conditional() {
     assert!(writes.iter().all(|w| w.conditional), "{writes:?}");
 }
 
+/// Writes `content` through a streamed upload, as a packing thread does;
+/// the staged object.
+async fn stream(storage: &dyn Storage, content: &[u8]) -> nixery::storage::Staged {
+    use std::io::Write;
+    let streamed = storage.begin_stream().await.unwrap().expect("S3 streams");
+    let upload = tokio::spawn(streamed.upload);
+    let mut writer = streamed.writer;
+    let content = content.to_vec();
+    tokio::task::spawn_blocking(move || {
+        // In pieces of odd sizes, as a compressor writes.
+        for piece in content.chunks(300_007) {
+            writer.write_all(piece).unwrap();
+        }
+        writer.finish().unwrap();
+    })
+    .await
+    .unwrap();
+    upload.await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn streamed_objects_on_s3_are_placed_create_only_with_their_digest() {
+    let server = S3Server::start();
+    let storage = S3Storage::new(server.client().await, BUCKET, "", Duration::from_secs(600));
+    // Larger than three parts of a stream, and smaller than one.
+    for len in [20 << 20, 70_000] {
+        let content = pattern(len, 57);
+        let key = blob_key_of(&content);
+        let hex = hex_of(&content);
+        let staged = stream(&storage, &content).await;
+        assert_eq!(staged.size, len as u64);
+        assert!(staged.key.starts_with("staging/"), "{}", staged.key);
+        assert_eq!(
+            storage.check(&key, len as u64, &hex).await.unwrap(),
+            Check::Absent
+        );
+        assert!(storage.place_streamed(staged, &key, None).await.unwrap());
+        assert_eq!(
+            storage.check(&key, len as u64, &hex).await.unwrap(),
+            Check::Good
+        );
+        assert!(fetch(storage.download(&key).await.unwrap().unwrap()).await == content);
+        // A second writer of the same object writes nothing.
+        let modified = storage.modified(&key).await.unwrap();
+        let again = stream(&storage, &content).await;
+        assert!(!storage.place_streamed(again, &key, None).await.unwrap());
+        assert_eq!(storage.modified(&key).await.unwrap(), modified);
+        // Damaged, and repaired over the damaged version only.
+        let stored = server.root.join(BUCKET).join(&key);
+        std::fs::write(&stored, &content[..len / 2]).unwrap();
+        let Check::Corrupt(damaged) = storage.check(&key, len as u64, &hex).await.unwrap() else {
+            panic!("{len}: truncated, and good?")
+        };
+        let repair = stream(&storage, &content).await;
+        assert!(storage
+            .place_streamed(repair, &key, Some(&damaged))
+            .await
+            .unwrap());
+        assert_eq!(
+            storage.check(&key, len as u64, &hex).await.unwrap(),
+            Check::Good
+        );
+    }
+    // Nothing is left staged.
+    assert_eq!(storage.list("staging/").await.unwrap(), vec![]);
+    // Every write that makes an object under blobs/ named a precondition
+    // (two sizes: a create, a second writer's refused create, a repair).
+    let writes: Vec<_> = server
+        .served()
+        .into_iter()
+        .filter(|s| s.path.contains("/blobs/"))
+        .filter(|s| s.method == "POST" && !s.query.starts_with("uploads"))
+        .collect();
+    assert_eq!(writes.len(), 6, "{writes:?}");
+    assert_eq!(writes.iter().filter(|w| w.status == 412).count(), 2);
+    assert!(writes.iter().all(|w| w.conditional), "{writes:?}");
+}
+
 #[tokio::test]
 async fn filesystem_backend() {
     let root = tempfile::tempdir().unwrap();
@@ -710,6 +788,16 @@ fn a_writer_killed_at_any_point_leaves_no_partial_object() {
         });
         assert!(writing, "the writer never started writing");
         std::thread::sleep(Duration::from_millis(20 + round * 37));
+        if round == 7 {
+            // However slow the machine, the last writer lives until it
+            // has finished one object, so the check below has whole
+            // objects to look at as well as killed ones.
+            let finished = common::wait_until(Duration::from_secs(120), || {
+                std::fs::read_dir(root.path().join("blobs/sha256"))
+                    .is_ok_and(|mut d| d.next().is_some())
+            });
+            assert!(finished, "the writer never finished an object");
+        }
         child.kill().unwrap();
         child.wait().unwrap();
     }

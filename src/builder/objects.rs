@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::compress::Compression;
-use super::pack::{self, LayerWriter, PackError, Packed};
+use super::pack::{LayerWriter, PackError, Packed};
 use super::BuildError;
 use crate::oci::digest::{hex_of, sha256_digest};
 use crate::oci::manifest::{self, Descriptor, Manifest};
@@ -29,8 +29,57 @@ use crate::storage::keys::{BlobKey, LayerKey, LayerRecordKey, ManifestKey, Refer
 use crate::storage::records::{self, LayerRecord};
 use crate::storage::{self, Check, Storage, StorageError};
 
-/// Where a layer's bytes go while it is packed.
-pub type Sink = std::io::BufWriter<std::fs::File>;
+/// Where a layer's bytes go while it is packed: a local file, or parts of
+/// an upload streamed to the backend (no disk needed).
+pub enum Sink {
+    File(std::io::BufWriter<std::fs::File>),
+    Parts(storage::PartWriter),
+}
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sink::File(file) => file.write(buf),
+            Sink::Parts(parts) => parts.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::File(file) => file.flush(),
+            Sink::Parts(parts) => parts.flush(),
+        }
+    }
+}
+
+impl Sink {
+    /// Everything written is where it goes: on disk, or handed to the
+    /// upload.
+    fn close(self) -> std::io::Result<()> {
+        match self {
+            Sink::File(file) => file.into_inner().map_err(|e| e.into_error())?.sync_all(),
+            Sink::Parts(parts) => parts.finish(),
+        }
+    }
+}
+
+/// Packs a layer into `sink` with `job`, on this (blocking) thread.
+fn pack_into(
+    sink: Sink,
+    compression: Compression,
+    cancelled: Arc<AtomicBool>,
+    job: Job,
+) -> Result<Packed, PackError> {
+    let mut writer = LayerWriter::new(sink, compression)?;
+    writer.cancel_on(cancelled);
+    job(&mut writer)?;
+    let (packed, sink) = writer.finish()?;
+    sink.close().map_err(|source| PackError::Io {
+        path: PathBuf::from("<layer>"),
+        source,
+    })?;
+    Ok(packed)
+}
 
 /// What writes a layer's entries, on a blocking thread.
 pub type Job = Box<dyn FnOnce(&mut LayerWriter<Sink>) -> Result<(), PackError> + Send>;
@@ -67,6 +116,11 @@ impl BuildStats {
 enum Blob {
     /// A packed file in scratch space; consumed by storing it.
     File { path: PathBuf, packed: Packed },
+    /// A packed layer streamed to the backend, staged there.
+    Staged {
+        staged: storage::Staged,
+        packed: Packed,
+    },
     /// Small bytes (an image config, a manifest).
     Bytes { digest: String, bytes: Bytes },
 }
@@ -121,30 +175,58 @@ impl Objects {
             }
         }
         let started = Instant::now();
-        let out = self.scratch_file("layer");
-        let path = out.clone();
         let cancelled = cancelled.clone();
-        let packed = tokio::task::spawn_blocking(move || {
-            pack::pack_file(&path, compression, |writer| {
-                writer.cancel_on(cancelled);
-                job(writer)
-            })
-        })
-        .await
-        .map_err(|e| BuildError::Task(e.to_string()))
-        .and_then(|packed| {
-            packed.map_err(|error| match error {
-                // The source cannot give this layer: the build may go to
-                // another source.
-                PackError::NotHere(reason) => BuildError::NotHere(reason),
-                other => BuildError::from(other),
-            })
-        });
-        let packed = match packed {
-            Ok(packed) => packed,
-            Err(error) => {
-                let _ = tokio::fs::remove_file(&out).await;
-                return Err(error);
+        let (packed, blob) = match self.storage.begin_stream().await? {
+            // Streamed to the backend as it is packed: no local file.
+            Some(streamed) => {
+                let upload = tokio::spawn(streamed.upload);
+                let sink = Sink::Parts(streamed.writer);
+                let packed = tokio::task::spawn_blocking(move || {
+                    pack_into(sink, compression, cancelled, job)
+                })
+                .await;
+                let packed = match packed_or_error(packed) {
+                    Ok(packed) => packed,
+                    Err(error) => {
+                        // An unfinished multipart upload: nothing is
+                        // visible, and the bucket's lifecycle rule ends it.
+                        upload.abort();
+                        return Err(error);
+                    }
+                };
+                let staged = upload
+                    .await
+                    .map_err(|e| BuildError::Task(e.to_string()))??;
+                let blob = Blob::Staged {
+                    staged,
+                    packed: packed.clone(),
+                };
+                (packed, blob)
+            }
+            None => {
+                let out = self.scratch_file("layer");
+                let path = out.clone();
+                let packed = tokio::task::spawn_blocking(move || {
+                    let file = std::fs::File::create(&path).map_err(|source| PackError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let sink = Sink::File(std::io::BufWriter::with_capacity(256 * 1024, file));
+                    pack_into(sink, compression, cancelled, job)
+                })
+                .await;
+                let packed = match packed_or_error(packed) {
+                    Ok(packed) => packed,
+                    Err(error) => {
+                        let _ = tokio::fs::remove_file(&out).await;
+                        return Err(error);
+                    }
+                };
+                let blob = Blob::File {
+                    path: out,
+                    packed: packed.clone(),
+                };
+                (packed, blob)
             }
         };
         let record = LayerRecord {
@@ -162,8 +244,7 @@ impl Objects {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "layer packed"
         );
-        let blob = BlobKey::of_digest(&packed.digest);
-        self.store_blob(&blob, Blob::File { path: out, packed })
+        self.store_blob(&BlobKey::of_digest(&packed.digest), blob)
             .await?;
         records::write(&*self.storage, &record_key, &record).await?;
         Ok((record, false))
@@ -233,13 +314,16 @@ impl Objects {
     /// version only); never overwritten otherwise. `true`: written.
     async fn store_blob(&self, key: &str, blob: Blob) -> Result<bool, BuildError> {
         let (digest, size) = match &blob {
-            Blob::File { packed, .. } => (packed.digest.clone(), packed.size),
+            Blob::File { packed, .. } | Blob::Staged { packed, .. } => {
+                (packed.digest.clone(), packed.size)
+            }
             Blob::Bytes { digest, bytes } => (digest.clone(), bytes.len() as u64),
         };
         // Small objects take the same way as files, so that every write of
         // a content-addressed key is a conditional one.
-        let path = match blob {
-            Blob::File { path, .. } => path,
+        let body = match blob {
+            Blob::File { path, .. } => Body::File(path),
+            Blob::Staged { staged, .. } => Body::Staged(staged),
             Blob::Bytes { bytes, .. } => {
                 let path = self.scratch_file("object");
                 if let Err(source) = tokio::fs::write(&path, &bytes).await {
@@ -250,13 +334,13 @@ impl Objects {
                     }
                     .into());
                 }
-                path
+                Body::File(path)
             }
         };
         let found = match self.storage.check(key, size, hex_of(&digest)).await {
             Ok(found) => found,
             Err(error) => {
-                let _ = tokio::fs::remove_file(&path).await;
+                body.discard(&*self.storage).await;
                 return Err(error.into());
             }
         };
@@ -271,30 +355,29 @@ impl Objects {
                     self.storage.head(key).await
                 };
                 match held.await {
-                    Ok(Some(_)) => {
-                        let _ = tokio::fs::remove_file(&path).await;
-                    }
+                    Ok(Some(_)) => body.discard(&*self.storage).await,
                     Ok(None) => {
                         tracing::warn!(%digest, key, "stored object was collected while this build checked it; writing it again");
-                        self.storage.put_file(key, &path).await?;
+                        body.put(&*self.storage, key, None).await?;
                         return Ok(true);
                     }
                     Err(error) => {
-                        let _ = tokio::fs::remove_file(&path).await;
+                        body.discard(&*self.storage).await;
                         return Err(error.into());
                     }
                 }
             }
-            Check::Absent => self.storage.put_file(key, &path).await?,
+            Check::Absent => body.put(&*self.storage, key, None).await?,
             Check::Corrupt(damaged) => {
                 tracing::warn!(%digest, key, "stored object is damaged; writing it again");
-                self.storage.replace_file(key, &path, &damaged).await?
+                body.put(&*self.storage, key, Some(&damaged)).await?
             }
         }
         Ok(written)
     }
 
-    /// A fresh path for a file bound for storage.
+    /// A fresh path for a file bound for storage (only when the backend
+    /// takes no streamed objects).
     fn scratch_file(&self, what: &str) -> PathBuf {
         let dir = self
             .storage
@@ -302,4 +385,58 @@ impl Objects {
             .unwrap_or_else(std::env::temp_dir);
         dir.join(storage::unique_name(what))
     }
+}
+
+/// What a content-addressed object is stored from.
+enum Body {
+    /// A local file, consumed by storing it.
+    File(PathBuf),
+    /// An object streamed to the backend.
+    Staged(storage::Staged),
+}
+
+impl Body {
+    /// Stores it under `key`: created, or over the `damaged` version.
+    async fn put(
+        self,
+        storage: &dyn Storage,
+        key: &str,
+        damaged: Option<&storage::ETag>,
+    ) -> Result<(), StorageError> {
+        match (self, damaged) {
+            (Body::File(path), None) => storage.put_file(key, &path).await,
+            (Body::File(path), Some(damaged)) => storage.replace_file(key, &path, damaged).await,
+            // Placed, or stored by someone else meanwhile (`false`): either
+            // way it is there now.
+            (Body::Staged(staged), damaged) => {
+                storage.place_streamed(staged, key, damaged).await.map(drop)
+            }
+        }
+    }
+
+    /// Drops it, unstored.
+    async fn discard(self, storage: &dyn Storage) {
+        match self {
+            Body::File(path) => {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+            Body::Staged(staged) => storage.discard_streamed(staged).await,
+        }
+    }
+}
+
+/// What a packing task gave: the layer, or the build's error.
+fn packed_or_error(
+    joined: Result<Result<Packed, PackError>, tokio::task::JoinError>,
+) -> Result<Packed, BuildError> {
+    joined
+        .map_err(|e| BuildError::Task(e.to_string()))
+        .and_then(|packed| {
+            packed.map_err(|error| match error {
+                // The source cannot give this layer: the build may go to
+                // another source.
+                PackError::NotHere(reason) => BuildError::NotHere(reason),
+                other => BuildError::from(other),
+            })
+        })
 }

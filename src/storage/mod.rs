@@ -95,7 +95,7 @@ pub enum Check {
 /// ETag; on the filesystem the file's identity (device, inode, size,
 /// change time); in memory a hash of the bytes. Only a backend makes one,
 /// so a replacement can only ever go over an object found damaged.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ETag(String);
 
 impl ETag {
@@ -105,6 +105,77 @@ impl ETag {
 
     pub(crate) fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// An object being written whose key (its digest) is known only once it
+/// is written, streamed to the backend as it is made: memory holds a few
+/// parts at most, and no local file is needed (the Lambda function's case).
+/// The bytes go into [`Streamed::writer`] (on a blocking thread); the
+/// backend's upload ([`Streamed::upload`]) runs meanwhile and ends once
+/// the writer is finished, with the object staged; then
+/// [`Storage::place_streamed`] moves it into place.
+pub struct Streamed {
+    pub writer: PartWriter,
+    pub upload: futures_util::future::BoxFuture<'static, Result<Staged, StorageError>>,
+}
+
+/// A streamed object, uploaded whole under a `staging/` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub key: String,
+    pub size: u64,
+}
+
+/// A blocking writer that hands what it is given to an upload in parts of
+/// a fixed size, waiting while the upload is behind (so memory is bounded).
+pub struct PartWriter {
+    part: Vec<u8>,
+    part_size: usize,
+    parts: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl PartWriter {
+    /// A writer and the receiving end of its parts, of `part_size` bytes
+    /// (the last one shorter).
+    pub fn new(part_size: usize) -> (PartWriter, tokio::sync::mpsc::Receiver<Bytes>) {
+        let (parts, received) = tokio::sync::mpsc::channel(1);
+        let writer = PartWriter {
+            part: Vec::with_capacity(part_size),
+            part_size,
+            parts,
+        };
+        (writer, received)
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        let part = std::mem::replace(&mut self.part, Vec::with_capacity(self.part_size));
+        self.parts
+            .blocking_send(Bytes::from(part))
+            .map_err(|_| std::io::Error::other("the upload stopped"))
+    }
+
+    /// Sends what is left; the upload then completes.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        if !self.part.is_empty() {
+            self.send()?;
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Write for PartWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.part_size - self.part.len());
+        self.part.extend_from_slice(&buf[..n]);
+        if self.part.len() == self.part_size {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -179,6 +250,37 @@ pub trait Storage: Send + Sync + 'static {
     /// A local directory where files bound for [`Storage::put_file`] can be
     /// written so the move costs nothing, if the backend has one.
     fn local_staging_dir(&self) -> Option<PathBuf>;
+
+    /// Starts a [`Streamed`] object, where the backend takes one (S3);
+    /// `None`: write a local file and [`Storage::put_file`] it.
+    async fn begin_stream(&self) -> Result<Option<Streamed>, StorageError> {
+        Ok(None)
+    }
+
+    /// Moves a streamed object into place under `key` (which names its
+    /// digest, computed by the writer from the bytes it streamed): created
+    /// if absent, or put over the `damaged` version found by
+    /// [`Storage::check`], never over anything else; then the staged copy
+    /// is deleted. `false`: the precondition failed (the object was
+    /// stored meanwhile, or changed), and nothing was written.
+    async fn place_streamed(
+        &self,
+        staged: Staged,
+        key: &str,
+        damaged: Option<&ETag>,
+    ) -> Result<bool, StorageError> {
+        let _ = (staged, damaged);
+        Err(StorageError::Backend {
+            key: key.to_string(),
+            operation: "place_streamed",
+            message: "this backend takes no streamed objects".to_string(),
+        })
+    }
+
+    /// Deletes a streamed object that is not to be placed.
+    async fn discard_streamed(&self, staged: Staged) {
+        let _ = self.delete(&staged.key).await;
+    }
 
     /// Every object under `prefix` (a directory of the layout, such as
     /// `blobs/`: a valid key followed by `/`), in no particular order.

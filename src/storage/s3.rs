@@ -309,6 +309,100 @@ impl S3Storage {
     }
 }
 
+/// Parts of a streamed upload: the least S3 takes but for the last part,
+/// with room to spare. Memory holds about three (the writer's, one in the
+/// channel, the one being sent).
+const STREAM_PART: usize = 8 << 20;
+/// What one UploadPartCopy copies of a staged object at most.
+const COPY_PART: u64 = 1 << 30;
+
+impl S3Storage {
+    /// The multipart upload of a streamed object to `staging/`, one part
+    /// as each arrives, two in flight; completed when the writer ends.
+    async fn stream_to_staging(
+        self,
+        mut parts: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> Result<super::Staged, StorageError> {
+        let key = super::keys::StagingKey::unique("layer").to_string();
+        let full = self.full(&key)?;
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| s3_error(&key, "CreateMultipartUpload", e))?;
+        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut completed = Vec::new();
+        let mut size = 0u64;
+        let sent = async {
+            let mut number = 0i32;
+            while let Some(bytes) = parts.recv().await {
+                number += 1;
+                if number as u64 > MAX_PARTS {
+                    return Err(StorageError::TooLarge {
+                        key: key.clone(),
+                        size: number as u64 * STREAM_PART as u64,
+                        limit: MAX_PARTS * STREAM_PART as u64,
+                    });
+                }
+                size += bytes.len() as u64;
+                let send = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .body(ByteStream::from(bytes))
+                    .send();
+                in_flight.push_back((number, tokio::spawn(send)));
+                if in_flight.len() >= 2 {
+                    let (number, task) = in_flight.pop_front().expect("not empty");
+                    completed.push(finished_part(&key, number, task).await?);
+                }
+            }
+            while let Some((number, task)) = in_flight.pop_front() {
+                completed.push(finished_part(&key, number, task).await?);
+            }
+            if completed.is_empty() {
+                return Err(StorageError::Backend {
+                    key: key.clone(),
+                    operation: "UploadPart",
+                    message: "nothing was written".to_string(),
+                });
+            }
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(std::mem::take(&mut completed)))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| s3_error(&key, "CompleteMultipartUpload", e))?;
+            Ok(())
+        }
+        .await;
+        match sent {
+            Ok(()) => Ok(super::Staged { key, size }),
+            Err(error) => {
+                for (_, task) in in_flight {
+                    task.abort();
+                }
+                self.abort(&full, &upload_id).await;
+                Err(error)
+            }
+        }
+    }
+}
+
 /// The part an upload task sent, or why it failed.
 async fn finished_part(
     key: &str,
@@ -378,6 +472,99 @@ impl S3Storage {
             }
             Err(e) => Err(s3_error(key, "HeadObject", e)),
         }
+    }
+
+    /// A staged object copied to `key` (see [`Storage::place_streamed`]).
+    async fn copy_into_place(
+        &self,
+        staged: &super::Staged,
+        key: &str,
+        damaged: Option<&ETag>,
+    ) -> Result<bool, StorageError> {
+        let full = self.full(key)?;
+        let source = format!("{}/{}", self.bucket, self.full(&staged.key)?);
+        let claimed = super::claimed_digest(key)?;
+        if staged.size > MAX_OBJECT {
+            return Err(StorageError::TooLarge {
+                key: key.to_string(),
+                size: staged.size,
+                limit: MAX_OBJECT,
+            });
+        }
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_metadata(digest_metadata(claimed))
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "CreateMultipartUpload", e))?;
+        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        let copied = async {
+            let mut parts = Vec::new();
+            let mut start = 0u64;
+            let mut number = 1i32;
+            while start < staged.size || number == 1 {
+                let end = (start + COPY_PART).min(staged.size);
+                let copy = self
+                    .client
+                    .upload_part_copy()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .copy_source(&source)
+                    .copy_source_range(format!("bytes={start}-{}", end.saturating_sub(1)))
+                    .send()
+                    .await
+                    .map_err(|e| s3_error(key, "UploadPartCopy", e))?;
+                let etag = copy
+                    .copy_part_result()
+                    .and_then(|r| r.e_tag())
+                    .map(str::to_string);
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(etag)
+                        .build(),
+                );
+                start = end;
+                number += 1;
+                if start >= staged.size {
+                    break;
+                }
+            }
+            let (if_none_match, if_match) = match damaged {
+                None => (Some("*".to_string()), None),
+                Some(etag) => (None, Some(etag.as_str().to_string())),
+            };
+            let completed = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .set_if_none_match(if_none_match)
+                .set_if_match(if_match)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await;
+            match completed {
+                Ok(_) => Ok(true),
+                Err(e) if status(&e) == Some(412) => Ok(false),
+                Err(e) => Err(s3_error(key, "CompleteMultipartUpload", e)),
+            }
+        }
+        .await;
+        if !matches!(copied, Ok(true)) {
+            self.abort(&full, &upload_id).await;
+        }
+        copied
     }
 
     /// Uploads a file to `key` under a precondition; `false` if it failed.
@@ -537,6 +724,32 @@ impl Storage for S3Storage {
             .await
             .map_err(|e| s3_error(key, "presign GetObject", e))?;
         Ok(Some(Download::Url(request.uri().to_string())))
+    }
+
+    async fn begin_stream(&self) -> Result<Option<super::Streamed>, StorageError> {
+        let (writer, parts) = super::PartWriter::new(STREAM_PART);
+        let storage = self.clone();
+        Ok(Some(super::Streamed {
+            writer,
+            upload: Box::pin(storage.stream_to_staging(parts)),
+        }))
+    }
+
+    /// The staged object is copied into place by S3 itself (UploadPartCopy
+    /// of ranges into a multipart upload of `key`, with the digest the
+    /// writer computed as metadata), completed only under the
+    /// precondition (`If-None-Match: *`, or `If-Match` the damaged
+    /// version): the policy's conditional writes hold for streamed
+    /// objects too. The staged object is deleted either way.
+    async fn place_streamed(
+        &self,
+        staged: super::Staged,
+        key: &str,
+        damaged: Option<&ETag>,
+    ) -> Result<bool, StorageError> {
+        let placed = self.copy_into_place(&staged, key, damaged).await;
+        self.discard_streamed(staged).await;
+        placed
     }
 
     fn local_staging_dir(&self) -> Option<PathBuf> {
