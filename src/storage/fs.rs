@@ -42,9 +42,11 @@ const STAGING: &str = "staging";
 #[derive(Debug)]
 pub struct FsStorage {
     root: PathBuf,
-    /// Verification passes of large blobs being served, by file (device,
-    /// inode): alive while the pass runs or a read relying on it streams.
-    passes: std::sync::Mutex<std::collections::HashMap<(u64, u64), std::sync::Weak<Pass>>>,
+    /// Verification passes of large blobs being served, by file identity
+    /// (device, inode, size and times, so a file rewritten in place gets a
+    /// pass of its own): alive while the pass runs or a read relying on it
+    /// streams.
+    passes: std::sync::Mutex<std::collections::HashMap<ETag, std::sync::Weak<Pass>>>,
     /// How many times a blob was hashed to be served.
     hashes: Arc<AtomicU64>,
     /// Held while a damaged object is replaced or moved aside.
@@ -143,8 +145,7 @@ impl FsStorage {
         file: &std::fs::File,
         meta: &std::fs::Metadata,
     ) -> Arc<Pass> {
-        use std::os::unix::fs::MetadataExt;
-        let id = (meta.dev(), meta.ino());
+        let id = identity(meta);
         let mut passes = self.passes.lock().expect("never poisoned");
         let fresh = |pass: &Arc<Pass>| match *pass.verdict.borrow() {
             None => true,
