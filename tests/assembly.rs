@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::binary_cache::{build_fixture, nix_copy, SigningKey, StaticServer};
+use common::binary_cache::SignedCache;
 use common::{fixture_pkgs, Server};
 use serde_json::Value;
 
@@ -49,27 +49,10 @@ const CACHED: &[&str] = &[
     "iana-etc",
 ];
 
-struct Cache {
-    key: SigningKey,
-    server: StaticServer,
-    /// Holds the cache's files.
-    _dir: tempfile::TempDir,
-}
-
 /// The signed cache, once for every test here.
-fn cache() -> &'static Cache {
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    CACHE.get_or_init(|| {
-        let key = SigningKey::generate("nixery-assembly-1");
-        let dir = tempfile::tempdir().unwrap();
-        nix_copy(&build_fixture(CACHED), dir.path(), "zstd", &key);
-        let server = StaticServer::start(dir.path().to_path_buf());
-        Cache {
-            key,
-            server,
-            _dir: dir,
-        }
-    })
+fn cache() -> &'static SignedCache {
+    static CACHE: OnceLock<SignedCache> = OnceLock::new();
+    CACHE.get_or_init(|| SignedCache::of(CACHED, "nixery-assembly-1"))
 }
 
 /// `nixery index` of the fixture package set into `storage`.

@@ -1,7 +1,9 @@
 //! The registry as a Lambda function under `cargo lambda watch` (the local
 //! Lambda emulator), on S3 storage: skopeo and containerd pull through it,
 //! every blob GET to the function is a 307, and the bytes come from S3;
-//! docker logs in to a private function and pulls through its tokens.
+//! docker logs in to a private function and pulls through its tokens; and
+//! a function dispatching to SQS assembles a new image from a signed
+//! binary cache itself, with no worker to build it.
 // The integration tier: needs cargo lambda, real Nix, skopeo, containerd and dockerd (`.ci/test` turns it on).
 #![cfg(feature = "integration")]
 
@@ -13,8 +15,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::binary_cache::SignedCache;
 use common::containerd::Containerd;
 use common::docker::Docker;
+use common::moto::Moto;
 use common::s3::S3Server;
 use common::{fixture_pkgs, nix_conf_dir, repo, run, skopeo_copy_from, wait_until};
 
@@ -30,7 +34,9 @@ impl LambdaWatch {
         let env_file = dir.join("function.env");
         let mut file = std::fs::File::create(&env_file).unwrap();
         for (k, v) in env {
-            writeln!(file, "{k}={v}").unwrap();
+            // Quoted: a value such as a public key ends in `=`.
+            assert!(!v.contains('\''), "{k}");
+            writeln!(file, "{k}='{v}'").unwrap();
         }
         // A free port: bind, note it, release it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -317,5 +323,114 @@ fn docker_logs_in_and_pulls_through_the_function_s_tokens() {
     assert!(
         blob_gets.iter().all(|l| l.contains("status=307")),
         "{blob_gets:#?}"
+    );
+}
+
+#[test]
+fn the_function_assembles_a_new_image_from_the_binary_cache_with_no_worker() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let s3 = S3Server::start();
+    let moto = Moto::start();
+    let queue = runtime.block_on(moto.queue("builds-assembly", 30, 3));
+    let cache = SignedCache::of(
+        &[
+            "hello",
+            "bashInteractive",
+            "coreutils",
+            "moreutils",
+            "nano",
+            "cacert",
+            "iana-etc",
+        ],
+        "nixery-lambda-1",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let mut env = s3.nixery_env();
+    env.extend([
+        (
+            "NIXERY_PKGS_PATH",
+            fixture_pkgs().to_string_lossy().into_owned(),
+        ),
+        (
+            "NIX_CONF_DIR",
+            nix_conf_dir().to_string_lossy().into_owned(),
+        ),
+    ]);
+    // The attribute index, as the scheduled index task makes it.
+    let mut index = Command::new(env!("CARGO_BIN_EXE_nixery"));
+    index.arg("index").envs(env.iter().map(|(k, v)| (k, v)));
+    let indexed = run(&mut index);
+    assert!(indexed.contains("stored attrs/"), "{indexed}");
+
+    env.extend([
+        ("NIXERY_BUILDER", "sqs".to_string()),
+        ("NIXERY_QUEUE_URL", queue.clone()),
+        ("NIXERY_SQS_ENDPOINT", moto.endpoint.clone()),
+        ("NIXERY_SUBSTITUTER", cache.server.url.clone()),
+        ("NIXERY_TRUSTED_KEYS", cache.key.public_key.clone()),
+        ("NIXERY_FROM_CACHE", "first".to_string()),
+        ("RUST_LOG", "info".to_string()),
+    ]);
+    let function = LambdaWatch::start(&env, work.path());
+
+    // No worker runs: the image comes from the cache, or not at all.
+    let out = work.path().join("skopeo");
+    skopeo_copy_from(
+        &function.addr,
+        "shell/hello:latest",
+        &format!("dir:{}", out.display()),
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert!(!manifest["layers"].as_array().unwrap().is_empty());
+    let output = function.output();
+    let steps: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("build step"))
+        .filter_map(|l| l.split("step=").nth(1)?.split_whitespace().next())
+        .collect();
+    assert!(steps.contains(&"fetching"), "{output}");
+    for step in ["evaluating", "realising", "packing"] {
+        assert!(!steps.contains(&step), "{step}: {output}");
+    }
+    // Nothing was queued for a worker.
+    let waiting = runtime.block_on(async {
+        moto.client()
+            .await
+            .receive_message()
+            .queue_url(&queue)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap()
+            .messages()
+            .len()
+    });
+    assert_eq!(waiting, 0, "a build was queued:\n{output}");
+    // The layers went into the bucket, and out of it by redirect.
+    let blob_gets: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains("method=GET") && l.contains("/blobs/sha256:"))
+        .collect();
+    assert!(!blob_gets.is_empty(), "{output}");
+    assert!(
+        blob_gets.iter().all(|l| l.contains("status=307")),
+        "{blob_gets:#?}"
+    );
+    for layer in manifest["layers"].as_array().unwrap() {
+        let hex = layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        assert!(
+            s3.keys().contains(&format!("blobs/sha256/{hex}")),
+            "{hex} is not in the bucket"
+        );
+    }
+    // Streamed in: nothing is left under staging/.
+    assert!(
+        !s3.keys().iter().any(|k| k.starts_with("staging/")),
+        "{:?}",
+        s3.keys()
     );
 }

@@ -76,6 +76,29 @@ pub fn nix_copy(paths: &[String], dir: &Path, compression: &str, key: &SigningKe
     super::run(&mut copy);
 }
 
+/// A signed cache of some fixture packages' closures, compressed with
+/// zstd, served over loopback HTTP: its signing key, its URL.
+pub struct SignedCache {
+    pub key: SigningKey,
+    pub server: StaticServer,
+    /// Holds the cache's files.
+    _dir: tempfile::TempDir,
+}
+
+impl SignedCache {
+    pub fn of(attributes: &[&str], key_name: &str) -> SignedCache {
+        let key = SigningKey::generate(key_name);
+        let dir = tempfile::tempdir().unwrap();
+        nix_copy(&build_fixture(attributes), dir.path(), "zstd", &key);
+        let server = StaticServer::start(dir.path().to_path_buf());
+        SignedCache {
+            key,
+            server,
+            _dir: dir,
+        }
+    }
+}
+
 /// Serves a directory on 127.0.0.1 (GET only, files only), on a thread of
 /// its own; stopped on drop.
 pub struct StaticServer {
