@@ -140,7 +140,13 @@ async fn assembled_images_are_byte_for_byte_what_nix_builds() {
         .json()
         .await
         .unwrap();
-    assert!(builds["builds"].as_array().unwrap().len() >= IMAGES.len());
+    let done = builds["builds"].as_array().unwrap();
+    assert!(done.len() >= IMAGES.len(), "{builds}");
+    assert!(
+        done.iter()
+            .all(|b| b["state"] == "done" && b["assembled"] == true),
+        "{builds}"
+    );
 
     // A Nix build of the same names, on empty storage: the same manifests.
     let built = Server::start_with(&work.path().join("built"), &[]);

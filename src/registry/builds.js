@@ -44,7 +44,8 @@
     if (b.state !== "done") return "";
     const layers = b.layers_new === null ? "" :
       b.layers_new + " new and " + b.layers_reused + " reused layers, " + bytes(b.bytes_uploaded) + " uploaded";
-    return "built in " + duration(b.elapsed_ms) + (layers ? "; " + layers : "");
+    const how = b.assembled ? "assembled from the binary cache in " : "built in ";
+    return how + duration(b.elapsed_ms) + (layers ? "; " + layers : "");
   }
 
   function stateCell(b) {

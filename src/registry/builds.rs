@@ -65,6 +65,8 @@ pub struct BuildView {
     pub layers_new: Option<usize>,
     pub layers_reused: Option<usize>,
     pub bytes_uploaded: Option<u64>,
+    /// Done, and assembled from the binary cache rather than built.
+    pub assembled: bool,
     pub attempt: u32,
 }
 
@@ -134,6 +136,7 @@ impl BuildView {
             layers_new: info.stats.map(|s| s.layers_new),
             layers_reused: info.stats.map(|s| s.layers_reused),
             bytes_uploaded: info.stats.map(|s| s.bytes_uploaded),
+            assembled: info.stats.is_some_and(|s| s.assembled),
             attempt: status.attempt,
         }
     }
@@ -369,6 +372,7 @@ mod tests {
         assert_eq!(view.elapsed_ms, Some(25_000));
         assert_eq!((view.layers_new, view.layers_reused), (Some(3), Some(2)));
         assert_eq!(view.step, None);
+        assert!(!view.assembled);
 
         let mut failed = status(BuildState::Failed, 1_030);
         failed.failure = Some(Failure::UnknownPackages {
