@@ -2471,7 +2471,7 @@ fn the_index_task_runs_nixery_index_below_the_tag_ttl_with_memory_for_nixpkgs() 
         let mib = number(value);
         assert!(mib >= 8192, "{mib} MiB is too little to evaluate nixpkgs");
         assert!(
-            (4096..=16384).contains(&mib) && mib % 1024 == 0,
+            (4096..=16384).contains(&mib) && mib.is_multiple_of(1024),
             "{mib} MiB with 2 vCPU"
         );
     }
