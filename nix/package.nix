@@ -31,7 +31,9 @@ rustPlatform.buildRustPackage {
       ../Cargo.lock
       ../src
       ../benches # declared in Cargo.toml, so cargo looks for it
-      ../nix/resolve.nix # embedded in the binary (include_str!)
+      # Embedded in the binary (include_str!).
+      ../nix/resolve.nix
+      ../nix/index.nix
     ];
   };
   cargoLock.lockFile = ../Cargo.lock;

@@ -1,7 +1,10 @@
 //! The deployment: `infra/template.yaml` passes cfn-lint and SAM's own
-//! checks, sets exactly the settings the code reads (the environment
-//! contract below), and the Nix expressions of the worker image parse, with
-//! the parts that need no nixpkgs evaluated and checked by a real Nix.
+//! checks, sets exactly the settings the code reads, on each side that
+//! runs a command reading them (the environment contract below), gives each
+//! role what its side does and no more, sizes the function for assembling
+//! images and schedules the index task, and the Nix expressions of the
+//! worker image parse, with the parts that need no nixpkgs evaluated and
+//! checked by a real Nix.
 //!
 //! Needs cfn-lint and aws-sam-cli (`.ci/setup --test` installs them with pip;
 //! the template is read with cfn-lint's own YAML decoder, which understands
@@ -24,130 +27,216 @@ use serde_json::{json, Value};
 
 const TEMPLATE: &str = "infra/template.yaml";
 
-/// Which part of the deployment a variable is set on by the template.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SetOn {
-    /// The registry function (Lambda) only.
+/// A part of the deployment that runs `nixery` with settings from the
+/// template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    /// The registry function (Lambda): `nixery serve`.
     Function,
-    /// The build worker (ECS task) only.
+    /// The build workers (ECS service): `nixery worker`.
     Worker,
-    /// Both, to the same value.
-    Both,
-    /// The scheduled garbage collection task only.
+    /// The scheduled garbage collection task: `nixery gc`.
     Gc,
-    /// Neither: the template must not set it (the reason says why).
-    Neither,
+    /// The scheduled index task: `nixery index`.
+    Index,
 }
+
+impl Side {
+    const ALL: [Side; 4] = [Side::Function, Side::Worker, Side::Gc, Side::Index];
+
+    /// As the deployment guide names it.
+    fn name(self) -> &'static str {
+        match self {
+            Side::Function => "function",
+            Side::Worker => "worker",
+            Side::Gc => "gc",
+            Side::Index => "index",
+        }
+    }
+
+    /// The command it runs (the Lambda runtime starts the function with
+    /// none, which means `serve`).
+    fn command(self) -> &'static str {
+        match self {
+            Side::Function => "serve",
+            Side::Worker => "worker",
+            Side::Gc => "gc",
+            Side::Index => "index",
+        }
+    }
+
+    /// Its environment, as the template sets it.
+    fn env(self) -> BTreeMap<String, Setting> {
+        match self {
+            Side::Function => function_env(),
+            Side::Worker => worker_env(),
+            Side::Gc => task_env("GcTaskDefinition"),
+            Side::Index => index_env(),
+        }
+    }
+}
+
+/// Set nowhere.
+const NOWHERE: &[Side] = &[];
+const FUNCTION: &[Side] = &[Side::Function];
+const WORKER: &[Side] = &[Side::Worker];
+const BOTH: &[Side] = &[Side::Function, Side::Worker];
+const GC: &[Side] = &[Side::Gc];
+/// Where the package source is read: the function resolves it for pulls,
+/// the index task lists the same source's attributes.
+const SOURCE: &[Side] = &[Side::Function, Side::Index];
+/// Everything that reads or writes the bucket.
+const STORAGE: &[Side] = &[Side::Function, Side::Worker, Side::Gc, Side::Index];
 
 /// The environment contract: every variable the code reads
 /// (`nixery::config::variables()`), where the template sets it, and why.
+/// A variable set in several places has the same value in each, and each
+/// place runs a command that reads it (checked against clap's definition).
 ///
 /// The function resolves the package source and decides everything that
-/// goes into an image's key, then sends a BuildRequest that carries it (the
-/// source, the layer budget, the implicit packages); the worker needs only
-/// what it takes requests from and writes to, and how it runs Nix.
-const CONTRACT: &[(&str, SetOn, &str)] = &[
+/// goes into an image's key, then assembles the image from the binary cache
+/// or sends a BuildRequest that carries it (the source, the layer budget,
+/// the implicit packages); the worker needs only what it takes requests
+/// from and writes to, and how it runs Nix; the index task, the source it
+/// lists and how it runs Nix.
+const CONTRACT: &[(&str, &[Side], &str)] = &[
     // Local mode only.
-    ("PORT", SetOn::Neither, "the local server's port; Lambda has no port"),
-    ("NIXERY_LISTEN", SetOn::Neither, "the local server's address"),
-    ("STORAGE_PATH", SetOn::Neither, "filesystem storage; AWS uses S3"),
-    ("NIXERY_PKGS_PATH", SetOn::Neither, "a local package set; AWS uses a channel or a git repository"),
-    ("NIXERY_S3_ENDPOINT", SetOn::Neither, "S3-compatible servers outside AWS; in AWS the SDK finds S3"),
-    ("NIXERY_SQS_ENDPOINT", SetOn::Neither, "SQS-compatible servers outside AWS (local testing)"),
+    ("PORT", NOWHERE, "the local server's port; Lambda has no port"),
+    ("NIXERY_LISTEN", NOWHERE, "the local server's address"),
+    ("STORAGE_PATH", NOWHERE, "filesystem storage; AWS uses S3"),
+    ("NIXERY_PKGS_PATH", NOWHERE, "a local package set; AWS uses a channel or a git repository"),
+    ("NIXERY_S3_ENDPOINT", NOWHERE, "S3-compatible servers outside AWS; in AWS the SDK finds S3"),
+    ("NIXERY_SQS_ENDPOINT", NOWHERE, "SQS-compatible servers outside AWS (local testing)"),
     (
         "NIXERY_S3_PREFIX",
-        SetOn::Neither,
+        NOWHERE,
         "the stack owns its bucket, so keys start at its root; the IAM policies and the lifecycle rule name builds/ and staging/ there",
     ),
-    // Storage and the queue: both sides.
-    ("NIXERY_STORAGE_BACKEND", SetOn::Both, "s3"),
-    ("NIXERY_S3_BUCKET", SetOn::Both, "the stack's bucket"),
-    ("NIXERY_QUEUE_URL", SetOn::Both, "the function sends build requests, the worker receives them"),
+    // Storage and the queue.
+    ("NIXERY_STORAGE_BACKEND", STORAGE, "s3"),
+    ("NIXERY_S3_BUCKET", STORAGE, "the stack's bucket"),
+    ("NIXERY_QUEUE_URL", BOTH, "the function sends build requests, the worker receives them"),
     (
         "NIXERY_HEARTBEAT_SECONDS",
-        SetOn::Both,
+        BOTH,
         "the worker records progress this often; the function takes six silent intervals for a dead worker",
     ),
     // The function: serving, dispatching, and what goes into image keys.
-    ("NIXERY_PRESIGN_SECONDS", SetOn::Function, "blob GETs redirect to presigned URLs"),
-    ("NIXERY_BUILDER", SetOn::Function, "sqs: builds go to the worker"),
-    ("NIXERY_BUILD_TIMEOUT", SetOn::Function, "how long a pull waits for a build, below the function's timeout"),
-    ("NIXERY_FAILURE_TTL", SetOn::Function, "the function reads build status before dispatching again"),
-    ("NIXERY_CHANNEL", SetOn::Function, "the function resolves the source; the request carries it"),
-    ("NIXERY_PKGS_REPO", SetOn::Function, "the function resolves the source; the request carries it"),
-    ("NIXERY_TAG_TTL", SetOn::Function, "the function decides when an image from a moving source is stale"),
-    ("NIXERY_LAYER_BUDGET", SetOn::Function, "part of the image key; the request carries it"),
-    ("NIXERY_IMPLICIT_PACKAGES", SetOn::Function, "part of the image key; the request carries it"),
-    ("NIXERY_COMPRESSION", SetOn::Function, "part of the image key; the request carries it"),
+    ("NIXERY_PRESIGN_SECONDS", FUNCTION, "blob GETs redirect to presigned URLs"),
+    ("NIXERY_BUILDER", FUNCTION, "sqs: builds go to the worker"),
+    ("NIXERY_BUILD_TIMEOUT", FUNCTION, "how long a pull waits for a build, below the function's timeout"),
+    ("NIXERY_FAILURE_TTL", FUNCTION, "the function reads build status before dispatching again"),
+    (
+        "NIXERY_CHANNEL",
+        SOURCE,
+        "the function resolves the source (the request carries it); the index task lists the same source",
+    ),
+    (
+        "NIXERY_PKGS_REPO",
+        SOURCE,
+        "the function resolves the source (the request carries it); the index task lists the same source",
+    ),
+    (
+        "NIXERY_TAG_TTL",
+        FUNCTION,
+        "the function decides when an image or an index of a moving source is stale; the index task resolves one tag once",
+    ),
+    ("NIXERY_LAYER_BUDGET", FUNCTION, "part of the image key; the request carries it"),
+    ("NIXERY_IMPLICIT_PACKAGES", FUNCTION, "part of the image key; the request carries it"),
+    ("NIXERY_COMPRESSION", FUNCTION, "part of the image key; the request carries it"),
     (
         "NIXERY_PLATFORMS",
-        SetOn::Function,
-        "the function answers a tag with one image or an index of one per platform, and sends one build per platform",
+        SOURCE,
+        "the function answers a tag with one image or an index of one per platform, and sends one build per platform; the index task indexes each platform",
     ),
     (
         "NIXERY_ARM64_QUEUE_URL",
-        SetOn::Function,
+        FUNCTION,
         "the function sends aarch64-linux builds to the arm64 workers' queue, when the stack has arm64 workers; they read it as their NIXERY_QUEUE_URL",
     ),
     (
         "NIXERY_CACHE_TTL",
-        SetOn::Neither,
+        NOWHERE,
         "the default (an hour) is far below the unused time after which images are collected",
     ),
     (
         "NIXERY_CACHE_SIZE",
-        SetOn::Neither,
+        NOWHERE,
         "the default (64 MiB, tens of thousands of manifests) fits the smallest function memory",
     ),
-    // The worker: running Nix and layering.
-    ("NIX_TIMEOUT", SetOn::Worker, "only the worker runs Nix"),
-    ("NIXERY_GC_UNUSED_FOR", SetOn::Gc, "how long an unused image is kept (GcUnusedFor)"),
+    // The binary cache: the function assembles from it.
+    (
+        "NIXERY_SUBSTITUTER",
+        FUNCTION,
+        "the function assembles images from the cache; workers build with Nix, and the index task reads it only for --popularity, which it does not run",
+    ),
+    (
+        "NIXERY_TRUSTED_KEYS",
+        FUNCTION,
+        "the function checks every narinfo it assembles from; as NIXERY_SUBSTITUTER for the others",
+    ),
+    (
+        "NIXERY_FROM_CACHE",
+        FUNCTION,
+        "the function decides whether a new image is assembled, built, or both in turn",
+    ),
+    // Running Nix and layering.
+    (
+        "NIX_TIMEOUT",
+        &[Side::Worker, Side::Index],
+        "the worker runs Nix for builds and index jobs, the index task for its batches of attributes; the function runs no Nix",
+    ),
+    ("NIXERY_GC_UNUSED_FOR", GC, "how long an unused image is kept (GcUnusedFor)"),
     (
         "NIXERY_GC_GRACE",
-        SetOn::Neither,
+        NOWHERE,
         "the default (a day) is longer than the longest build (2 x NixTimeout + 600 s, at most 4.2 hours)",
     ),
-    ("NIXERY_GC_DRY_RUN", SetOn::Neither, "for runs by hand"),
-    ("NIXERY_MIN_FREE", SetOn::Worker, "the worker's Nix store is a cache it collects before running out of disk"),
-    ("NIX_POPULARITY_URL", SetOn::Worker, "layering happens in the worker"),
-    ("NIXERY_HTPASSWD", SetOn::Function, "the function answers requests, so it checks credentials"),
-    ("NIXERY_IMAGES", SetOn::Function, "the function answers pulls, so it reads the declared images"),
-    ("NIXERY_PUBLIC_URL", SetOn::Function, "the custom domain, which CloudFront does not pass on as Host"),
-    ("NIXERY_AUTH_SCOPE", SetOn::Function, "the function answers requests, so it checks credentials"),
+    ("NIXERY_GC_DRY_RUN", NOWHERE, "for runs by hand"),
+    ("NIXERY_MIN_FREE", WORKER, "the worker's Nix store is a cache it collects before running out of disk"),
+    (
+        "NIX_POPULARITY_URL",
+        BOTH,
+        "layering happens where images are made: in the worker's builds and the function's assemblies alike",
+    ),
+    ("NIXERY_HTPASSWD", FUNCTION, "the function answers requests, so it checks credentials"),
+    ("NIXERY_IMAGES", FUNCTION, "the function answers pulls, so it reads the declared images"),
+    ("NIXERY_PUBLIC_URL", FUNCTION, "the custom domain, which CloudFront does not pass on as Host"),
+    ("NIXERY_AUTH_SCOPE", FUNCTION, "the function answers requests, so it checks credentials"),
     (
         "NIXERY_TOKEN_KEY",
-        SetOn::Neither,
+        NOWHERE,
         "the default (auth/token-key) is the one key the function's role may create",
     ),
-    ("NIXERY_TOKEN_TTL", SetOn::Neither, "the default (five minutes) covers a pull's requests"),
+    ("NIXERY_TOKEN_TTL", NOWHERE, "the default (five minutes) covers a pull's requests"),
     (
         "NIXERY_LOGIN_FAILURES",
-        SetOn::Neither,
+        NOWHERE,
         "the default (ten a minute per address) stops guessing and lets typos through",
     ),
     (
         "NIXERY_MAX_BUILDS",
-        SetOn::Neither,
+        NOWHERE,
         "a worker takes one message at a time; more builds at once means more worker tasks (WorkerMaxCount)",
     ),
     (
         "NIXERY_MAX_QUEUED_BUILDS",
-        SetOn::Neither,
+        NOWHERE,
         "a function instance answers one request at a time, so it has at most one build in the queue: ReservedConcurrency bounds what the function enqueues",
     ),
     (
         "NIXERY_MAX_IMAGE_SIZE",
-        SetOn::Neither,
-        "the default (8 GiB) bounds a worker's disk use; operators with bigger images set it on the worker",
+        NOWHERE,
+        "the default (8 GiB) bounds a worker's disk use, and an assembly's scratch files fit the function's /tmp (10 GiB, Lambda's most); a larger limit would not fit there",
     ),
     (
         "NIXERY_NIXPKGS_API",
-        SetOn::Neither,
+        NOWHERE,
         "GitHub's API, the default, is where nixpkgs lives; a mirror is for tests and private forges",
     ),
     (
         "NIXERY_ALLOWED_REFS",
-        SetOn::Neither,
+        NOWHERE,
         "the default (branches and tags only) is the safe one; widening it is a deliberate choice",
     ),
 ];
@@ -310,9 +399,9 @@ fn worker_env() -> BTreeMap<String, Setting> {
     task_env("WorkerTaskDefinition")
 }
 
-/// The garbage collection task's environment.
-fn gc_env() -> BTreeMap<String, Setting> {
-    task_env("GcTaskDefinition")
+/// The index task's environment.
+fn index_env() -> BTreeMap<String, Setting> {
+    task_env("IndexTaskDefinition")
 }
 
 /// A task definition's resource by name.
@@ -388,21 +477,33 @@ fn sam_validate_passes() {
 
 // --- the environment contract ------------------------------------------------
 
+/// The variables a command reads, from its clap definition.
+fn read_by(command: &str) -> BTreeSet<String> {
+    let cli = <Cli as clap::CommandFactory>::command();
+    let sub = cli
+        .find_subcommand(command)
+        .unwrap_or_else(|| panic!("nixery has no command {command}"));
+    sub.get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|var| var.to_string_lossy().into_owned())
+        .collect()
+}
+
 #[test]
 fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
     let all = variables();
     let read: BTreeSet<&str> = all.iter().map(String::as_str).collect();
-    let placed: BTreeMap<&str, SetOn> = CONTRACT.iter().map(|(var, on, _)| (*var, *on)).collect();
-    let function = function_env();
-    let worker = worker_env();
+    let placed: BTreeMap<&str, &[Side]> = CONTRACT.iter().map(|(var, on, _)| (*var, *on)).collect();
+    let envs: Vec<(Side, BTreeMap<String, Setting>)> =
+        Side::ALL.iter().map(|side| (*side, side.env())).collect();
     let mut problems = Vec::new();
 
     for var in &read {
         if !placed.contains_key(var) {
             problems.push(format!(
                 "the code reads {var} (nixery::config::variables()) but tests/infra.rs's CONTRACT does not say where the \
-                 deployment sets it: set it in {TEMPLATE} (the function's Environment, the worker's ContainerDefinitions \
-                 Environment, or both) and add it to CONTRACT, or add it there as SetOn::Neither with the reason"
+                 deployment sets it: set it in {TEMPLATE} (the function's Environment, or a task's ContainerDefinitions \
+                 Environment) and add it to CONTRACT with the sides, or add it there as NOWHERE with the reason"
             ));
         }
     }
@@ -412,38 +513,62 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
         }
     }
     for (var, on) in &placed {
-        let want_function = matches!(on, SetOn::Function | SetOn::Both);
-        let want_worker = matches!(on, SetOn::Worker | SetOn::Both);
-        for (side, env, want) in [
-            ("function", &function, want_function),
-            ("worker", &worker, want_worker),
-        ] {
-            match (env.contains_key(*var), want) {
+        for (side, env) in &envs {
+            match (env.contains_key(*var), on.contains(side)) {
                 (false, true) => problems.push(format!(
-                    "{TEMPLATE} does not set {var} on the {side} (CONTRACT: {on:?})"
+                    "{TEMPLATE} does not set {var} on the {} (CONTRACT: {on:?})",
+                    side.name()
                 )),
                 (true, false) => problems.push(format!(
-                    "{TEMPLATE} sets {var} on the {side}, but CONTRACT says {on:?}"
+                    "{TEMPLATE} sets {var} on the {}, but CONTRACT says {on:?}",
+                    side.name()
                 )),
                 _ => {}
             }
         }
-        if *on == SetOn::Both {
-            if let (Some(f), Some(w)) = (function.get(*var), worker.get(*var)) {
-                if f != w {
+        // Set in several places: to one value.
+        let values: Vec<(Side, &Setting)> = envs
+            .iter()
+            .filter_map(|(side, env)| env.get(*var).map(|setting| (*side, setting)))
+            .collect();
+        if let Some((first_side, first)) = values.first() {
+            for (side, setting) in &values[1..] {
+                if setting != first {
                     problems.push(format!(
-                        "{var} differs between the function ({f:?}) and the worker ({w:?})"
+                        "{var} differs between the {} ({first:?}) and the {} ({setting:?})",
+                        first_side.name(),
+                        side.name()
                     ));
                 }
             }
         }
     }
-    for (side, env) in [("function", &function), ("worker", &worker)] {
+    for (side, env) in &envs {
+        let command_reads = read_by(side.command());
         for var in env.keys() {
-            if looks_like_a_setting(var) && !read.contains(var.as_str()) {
-                problems.push(format!("{TEMPLATE} sets {var} on the {side}, but the code never reads it (not in nixery::config::variables())"));
+            if !looks_like_a_setting(var) {
+                continue;
+            }
+            if !read.contains(var.as_str()) {
+                problems.push(format!(
+                    "{TEMPLATE} sets {var} on the {}, but the code never reads it (not in nixery::config::variables())",
+                    side.name()
+                ));
+            } else if !command_reads.contains(var) {
+                problems.push(format!(
+                    "{TEMPLATE} sets {var} on the {}, which runs `nixery {}`: that command does not read it",
+                    side.name(),
+                    side.command()
+                ));
             }
         }
+        // Every side logs at the stack's level.
+        assert_eq!(
+            env.get("RUST_LOG").map(|s| &s.value),
+            Some(&json!({ "Ref": "LogLevel" })),
+            "RUST_LOG on the {}",
+            side.name()
+        );
     }
     assert!(
         problems.is_empty(),
@@ -453,33 +578,8 @@ fn the_template_sets_every_setting_the_code_reads_and_nothing_else() {
 }
 
 #[test]
-fn the_gc_task_gets_the_storage_and_its_own_settings_only() {
-    let gc = gc_env();
-    let worker = worker_env();
-    let placed: BTreeMap<&str, SetOn> = CONTRACT.iter().map(|(var, on, _)| (*var, *on)).collect();
-    for var in ["NIXERY_STORAGE_BACKEND", "NIXERY_S3_BUCKET", "RUST_LOG"] {
-        assert_eq!(
-            gc.get(var),
-            worker.get(var),
-            "{var}: the same storage as the worker"
-        );
-    }
-    for (var, on) in &placed {
-        assert_eq!(
-            gc.contains_key(*var),
-            *on == SetOn::Gc || ["NIXERY_STORAGE_BACKEND", "NIXERY_S3_BUCKET"].contains(var),
-            "{var} ({on:?}) on the gc task"
-        );
-    }
-    let read = variables();
-    for var in gc.keys() {
-        assert!(
-            var == "RUST_LOG" || read.contains(var),
-            "the gc task sets {var}, which the code never reads"
-        );
-    }
-    // It runs `nixery gc` from the worker's image, with a role that can
-    // list, read records and delete, and write nothing.
+fn the_gc_task_runs_gc_from_the_workers_image_and_writes_nothing() {
+    // Its environment is in CONTRACT: the storage and its own settings.
     let task = resource("GcTaskDefinition");
     let container = &task["Properties"]["ContainerDefinitions"][0];
     assert_eq!(container["Command"], json!(["gc"]));
@@ -487,16 +587,24 @@ fn the_gc_task_gets_the_storage_and_its_own_settings_only() {
         container["Image"],
         resource("WorkerTaskDefinition")["Properties"]["ContainerDefinitions"][0]["Image"]
     );
+    // A role that can list, read records and delete, and write nothing;
+    // nor touch the attribute indexes, which `nixery gc` leaves alone.
     let role = resource("GcTaskRole").to_string();
-    for forbidden in ["s3:PutObject", "s3:*", "sqs:"] {
+    for forbidden in ["s3:PutObject", "s3:*", "sqs:", "/attrs/"] {
         assert!(!role.contains(forbidden), "the gc role allows {forbidden}");
     }
 }
 
 #[test]
 fn exactly_one_package_source_is_set() {
-    // The code refuses to start with more than one of these.
-    let env = function_env();
+    // The code refuses to start with more than one of these; the function
+    // and the index task read the same one (CONTRACT: the same values).
+    for env in [function_env(), index_env()] {
+        exactly_one_package_source(&env);
+    }
+}
+
+fn exactly_one_package_source(env: &BTreeMap<String, Setting>) {
     let channel = env.get("NIXERY_CHANNEL").expect("NIXERY_CHANNEL");
     let repo = env.get("NIXERY_PKGS_REPO").expect("NIXERY_PKGS_REPO");
     let (Some((c1, when_channel)), Some((c2, when_repo))) = (&channel.condition, &repo.condition)
@@ -636,9 +744,41 @@ fn actions(statement: &Value) -> Vec<&str> {
     }
 }
 
+/// The registry function's role.
+fn function_role() -> &'static str {
+    let (function, _) = only_resource("AWS::Serverless::Function");
+    role_of(function, "Role")
+}
+
+/// A role's statements as deployed with these parameter values (the
+/// others at their defaults).
+fn statements_given(role: &str, given: &[(&str, &str)]) -> Vec<Value> {
+    let policies = resolve_ifs(&resource(role)["Properties"]["Policies"], given)
+        .unwrap_or_else(|| panic!("{role} has inline Policies"));
+    policies
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["PolicyDocument"]["Statement"].as_array().unwrap().clone())
+        .collect()
+}
+
+/// The statement of a role with this `Sid`, under any condition.
+fn statement_with_sid(role: &str, sid: &str) -> &'static Value {
+    statements(role)
+        .into_iter()
+        .find(|s| s["Sid"] == sid)
+        .unwrap_or_else(|| panic!("{role} has no statement {sid}"))
+}
+
 #[test]
-fn the_worker_cannot_overwrite_a_blob_or_delete_outside_staging() {
-    let role = "WorkerTaskRole";
+fn no_role_overwrites_a_blob_or_deletes_outside_staging_but_gc() {
+    for role in ["WorkerTaskRole", function_role(), "IndexTaskRole"] {
+        cannot_overwrite_a_blob_or_delete_outside_staging(role);
+    }
+}
+
+fn cannot_overwrite_a_blob_or_delete_outside_staging(role: &str) {
     let resources = |statement: &Value| -> Vec<String> {
         match &statement["Resource"] {
             Value::Array(items) => items.iter().map(|r| r.to_string()).collect(),
@@ -745,6 +885,34 @@ fn the_docs_quote_the_workers_storage_statements_word_for_word() {
 }
 
 #[test]
+fn the_docs_quote_the_assembly_and_index_statements_word_for_word() {
+    // The function's statements of its own for assembling (its
+    // content-addressed ones are the worker's, quoted above).
+    let function: Vec<Value> = [
+        "ReadIndexesAndLayers",
+        "WriteAssembledRecords",
+        "ClaimIndexJobs",
+    ]
+    .iter()
+    .map(|sid| with_bucket_placeholder(statement_with_sid(function_role(), sid)))
+    .collect();
+    assert_eq!(
+        doc_json("docs/security.md", "function-assembly-statements"),
+        Value::Array(function),
+        "docs/security.md quotes other statements than infra/template.yaml has"
+    );
+    let index: Vec<Value> = statements("IndexTaskRole")
+        .into_iter()
+        .map(with_bucket_placeholder)
+        .collect();
+    assert_eq!(
+        doc_json("docs/security.md", "index-task-statements"),
+        Value::Array(index),
+        "docs/security.md quotes other statements than infra/template.yaml has"
+    );
+}
+
+#[test]
 fn only_the_function_reads_the_htpasswd_file_and_the_token_key() {
     let secrets = json!({ "Fn::Sub": "${ImageBucket.Arn}/auth/*" });
     let (_, function) = only_resource("AWS::Serverless::Function");
@@ -768,36 +936,65 @@ fn only_the_function_reads_the_htpasswd_file_and_the_token_key() {
         s["Effect"] == "Deny" && actions(s).contains(&"s3:GetObject") && s["Resource"] == secrets
     });
     assert!(denied, "WorkerTaskRole may read auth/");
-    // Garbage collection reads only what it names, and not auth/.
-    for statement in statements("GcTaskRole") {
+    // Garbage collection and the index task touch only what they name,
+    // and not auth/.
+    for statement in statements("GcTaskRole")
+        .into_iter()
+        .chain(statements("IndexTaskRole"))
+    {
         assert!(!statement.to_string().contains("/auth/"), "{statement}");
         assert!(!statement.to_string().contains("Arn}/*"), "{statement}");
     }
 }
 
+/// The function's statements that exist only where it assembles images
+/// from the binary cache; the content-addressed ones are the worker's.
+const ASSEMBLY_STATEMENTS: &[&str] = &[
+    "ReadIndexesAndLayers",
+    "CreateContentAddressed",
+    "RepairContentAddressed",
+    "UploadLayerParts",
+    "AbandonLayerUploads",
+    "WriteAssembledRecords",
+];
+const WORKERS_CONTENT_ADDRESSED: &[&str] = &[
+    "CreateContentAddressed",
+    "RepairContentAddressed",
+    "UploadLayerParts",
+    "AbandonLayerUploads",
+];
+
 #[test]
-fn the_function_writes_only_build_status_served_markers_and_indexes() {
-    let (_, function) = only_resource("AWS::Serverless::Function");
-    let role = function["Properties"]["Role"]["Fn::GetAtt"][0]
-        .as_str()
-        .expect("the function has its own role");
+fn the_function_writes_only_what_it_serves_assembles_and_claims() {
+    let role = function_role();
     for statement in statements(role) {
         assert_eq!(statement["Effect"], "Allow");
+        let sid = statement["Sid"].as_str().unwrap_or_default();
+        if WORKERS_CONTENT_ADDRESSED.contains(&sid) {
+            // Assembling, it stores layers, configs and manifests exactly
+            // as a worker does: created, or replacing a damaged version.
+            assert_eq!(
+                statement,
+                statement_with_sid("WorkerTaskRole", sid),
+                "{role}'s {sid} is not the worker's"
+            );
+            continue;
+        }
         for action in actions(statement) {
             assert!(!action.contains('*'), "{role}: wildcard action {action}");
             match action {
                 "s3:GetObject" | "s3:ListBucket" | "sqs:SendMessage" | "logs:CreateLogStream" | "logs:PutLogEvents" => {}
-                "s3:PutObject" if statement["Sid"] == "ComposeIndexes" => {
+                "s3:PutObject" if sid == "ComposeIndexes" => {
                     // Index manifests: created, never replaced.
                     assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/manifests/*" }));
                     assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
                 }
-                "s3:PutObject" if statement["Sid"] == "CreateTokenKey" => {
+                "s3:PutObject" if sid == "CreateTokenKey" => {
                     // The token signing key: created once, never replaced.
                     assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/auth/token-key" }));
                     assert_eq!(statement["Condition"], json!({ "Null": { "s3:if-none-match": "false" } }));
                 }
-                "s3:PutObject" if statement["Sid"] == "RecordIndexes" => {
+                "s3:PutObject" if sid == "RecordIndexes" => {
                     // Index records, and the hold on the manifest each names.
                     assert_eq!(
                         statement["Resource"],
@@ -807,6 +1004,26 @@ fn the_function_writes_only_build_status_served_markers_and_indexes() {
                         ])
                     );
                 }
+                "s3:PutObject" if sid == "WriteAssembledRecords" => {
+                    // What a build records, image records included; not
+                    // sources/, which only the workers' git answers.
+                    assert_eq!(
+                        statement["Resource"],
+                        json!([
+                            { "Fn::Sub": "${ImageBucket.Arn}/images/*" },
+                            { "Fn::Sub": "${ImageBucket.Arn}/layers/*" },
+                            { "Fn::Sub": "${ImageBucket.Arn}/referrers/*" },
+                            { "Fn::Sub": "${ImageBucket.Arn}/holds/*" }
+                        ])
+                    );
+                }
+                "s3:PutObject" if sid == "ClaimIndexJobs" => {
+                    // Index claims only (attrs/<revision>/<system>/claim),
+                    // without a condition: a claim older than an hour, whose
+                    // job died, is written over.
+                    assert_eq!(statement["Resource"], json!({ "Fn::Sub": "${ImageBucket.Arn}/attrs/*/*/claim" }));
+                    assert!(statement["Condition"].is_null(), "{statement}");
+                }
                 "s3:PutObject" => assert_eq!(
                     statement["Resource"],
                     json!([
@@ -814,9 +1031,41 @@ fn the_function_writes_only_build_status_served_markers_and_indexes() {
                         { "Fn::Sub": "${ImageBucket.Arn}/served/*" }
                     ])
                 ),
-                other => panic!("{role} allows {other}: the function reads the bucket, writes builds/ and served/ and sends to the queue"),
+                other => panic!("{role} allows {other}: the function reads the bucket, writes builds/ and served/, what it assembles and index claims, and sends to the queue"),
             }
         }
+    }
+    // What it reads for an assembly: the attribute indexes, and layer
+    // records (to reuse stored layers).
+    assert_eq!(
+        statement_with_sid(role, "ReadIndexesAndLayers")["Resource"],
+        json!([
+            { "Fn::Sub": "${ImageBucket.Arn}/attrs/*" },
+            { "Fn::Sub": "${ImageBucket.Arn}/layers/*" }
+        ])
+    );
+
+    // The assembly's rights exist only where it assembles; the claim's only
+    // where it asks the workers for indexes (with first: with only, no
+    // package-set code runs for a pull).
+    for (given, assembles, claims) in [
+        (&[][..], true, true),
+        (&[("FromCache", "only")][..], true, false),
+        (&[("FromCache", "never")][..], false, false),
+        (&[("Substituter", "none")][..], false, false),
+    ] {
+        let sids: BTreeSet<String> = statements_given(role, given)
+            .iter()
+            .filter_map(|s| s["Sid"].as_str().map(str::to_string))
+            .collect();
+        for sid in ASSEMBLY_STATEMENTS {
+            assert_eq!(sids.contains(*sid), assembles, "{sid} with {given:?}");
+        }
+        assert_eq!(
+            sids.contains("ClaimIndexJobs"),
+            claims,
+            "ClaimIndexJobs with {given:?}"
+        );
     }
 }
 
@@ -858,7 +1107,8 @@ const MONITORING_ALARMS: &[&str] = &[
 /// And those of the arm64 workers, which exist only with them.
 const ARM64_MONITORING_ALARMS: &[&str] = &["Arm64DeadLetterAlarm"];
 
-/// What the function and the worker write (src/metrics.rs), by service.
+/// What the function and the worker write (src/metrics.rs), by service:
+/// the function's assemblies are timed and counted as the worker's builds.
 const FUNCTION_METRICS: &[&str] = &[
     metrics::REQUESTS,
     metrics::ERRORS,
@@ -866,6 +1116,13 @@ const FUNCTION_METRICS: &[&str] = &[
     metrics::CACHE_MISSES,
     metrics::BYTES_SERVED,
     metrics::BYTES_REDIRECTED,
+    metrics::ASSEMBLIES,
+    metrics::ASSEMBLIES_PASSED_ON,
+    metrics::ASSEMBLY_FAILURES,
+    metrics::BUILD_DURATION,
+    metrics::LAYERS_NEW,
+    metrics::LAYERS_REUSED,
+    metrics::BYTES_UPLOADED,
 ];
 const WORKER_METRICS: &[&str] = &[
     metrics::BUILDS,
@@ -876,15 +1133,44 @@ const WORKER_METRICS: &[&str] = &[
     metrics::BYTES_UPLOADED,
 ];
 
-/// The service that writes a metric of the Nixery namespace, if any does.
-fn service_of(metric: &str) -> Option<&'static str> {
+/// The services that write a metric of the Nixery namespace.
+fn services_of(metric: &str) -> Vec<&'static str> {
+    let mut services = Vec::new();
     if FUNCTION_METRICS.contains(&metric) {
-        Some(metrics::SERVICE_FUNCTION)
-    } else if WORKER_METRICS.contains(&metric) {
-        Some(metrics::SERVICE_WORKER)
-    } else {
-        None
+        services.push(metrics::SERVICE_FUNCTION);
     }
+    if WORKER_METRICS.contains(&metric) {
+        services.push(metrics::SERVICE_WORKER);
+    }
+    services
+}
+
+#[test]
+fn every_metric_the_code_names_is_listed_here() {
+    // The names in src/metrics.rs (the namespace and dimensions apart):
+    // a metric added there must be placed in FUNCTION_METRICS or
+    // WORKER_METRICS, and so on the dashboard.
+    let source = std::fs::read_to_string(repo().join("src/metrics.rs")).unwrap();
+    let not_metrics = [
+        metrics::NAMESPACE,
+        metrics::SERVICE_DIMENSION,
+        metrics::SERVICE_FUNCTION,
+        metrics::SERVICE_WORKER,
+        metrics::ERROR_CODE_DIMENSION,
+    ];
+    let named: BTreeSet<&str> = source
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .filter_map(|l| l.split_once(": &str = \""))
+        .map(|(_, rest)| rest.trim_end_matches("\";"))
+        .filter(|name| !not_metrics.contains(name))
+        .collect();
+    let listed: BTreeSet<&str> = FUNCTION_METRICS
+        .iter()
+        .chain(WORKER_METRICS)
+        .copied()
+        .collect();
+    assert_eq!(named, listed);
 }
 
 fn alarm(name: &str) -> &'static Value {
@@ -1364,23 +1650,29 @@ fn check_dashboard_body(dashboard: &str, body: &Value, given: &[(&str, &str)], a
     }
 
     let (shown, expressions) = dashboard_metrics(&body);
+    // Each (metric, service) shown.
     let mut nixery = BTreeSet::new();
     for metric in &shown {
         if metric.namespace != metrics::NAMESPACE {
             continue;
         }
-        let service = service_of(&metric.name).unwrap_or_else(|| {
-            panic!(
-                "the dashboard shows {}, which nixery::metrics does not name",
-                metric.name
-            )
-        });
-        assert_eq!(
-            metric.dimensions,
-            BTreeMap::from([(metrics::SERVICE_DIMENSION.to_string(), service.to_string())]),
-            "{metric:?}"
+        let services = services_of(&metric.name);
+        assert!(
+            !services.is_empty(),
+            "the dashboard shows {}, which nixery::metrics does not name",
+            metric.name
         );
-        nixery.insert(metric.name.as_str());
+        let service = metric
+            .dimensions
+            .get(metrics::SERVICE_DIMENSION)
+            .map(String::as_str)
+            .unwrap_or_default();
+        assert!(
+            services.contains(&service),
+            "{metric:?}: written by {services:?}"
+        );
+        assert_eq!(metric.dimensions.len(), 1, "{metric:?}");
+        nixery.insert((metric.name.as_str(), service));
     }
     // Searches (errors by code) name metrics and dimensions too.
     let mut by_code = false;
@@ -1406,44 +1698,51 @@ fn check_dashboard_body(dashboard: &str, body: &Value, given: &[(&str, &str)], a
         let names = search_terms(expression, "MetricName");
         assert!(!names.is_empty(), "{expression}: name the metric");
         for name in names {
-            let service = service_of(name)
-                .unwrap_or_else(|| panic!("{expression}: nixery::metrics does not name {name}"));
-            assert_eq!(
-                search_terms(expression, metrics::SERVICE_DIMENSION),
-                [service],
-                "{expression}"
+            let services = services_of(name);
+            assert!(
+                !services.is_empty(),
+                "{expression}: nixery::metrics does not name {name}"
             );
+            let service = match search_terms(expression, metrics::SERVICE_DIMENSION)[..] {
+                [one] if services.contains(&one) => one,
+                ref other => panic!("{expression}: Service {other:?}, written by {services:?}"),
+            };
             if dimensions.contains(metrics::ERROR_CODE_DIMENSION) {
                 assert_eq!(name, metrics::ERRORS, "only Errors has an ErrorCode");
                 by_code = true;
             }
-            nixery.insert(name);
+            nixery.insert((name, service));
         }
     }
     assert!(by_code, "the dashboard shows errors by code");
-    let written: BTreeSet<&str> = FUNCTION_METRICS
+    let written: BTreeSet<(&str, &str)> = FUNCTION_METRICS
         .iter()
-        .chain(WORKER_METRICS)
-        .copied()
+        .map(|m| (*m, metrics::SERVICE_FUNCTION))
+        .chain(WORKER_METRICS.iter().map(|m| (*m, metrics::SERVICE_WORKER)))
         .collect();
     assert_eq!(
         nixery, written,
-        "the dashboard shows every metric the code writes"
+        "the dashboard shows every metric the code writes, for each service that writes it"
     );
 
-    let stats_of = |namespace: &str, name: &str| -> BTreeSet<&str> {
-        shown
+    for service in [metrics::SERVICE_WORKER, metrics::SERVICE_FUNCTION] {
+        let duration: BTreeSet<&str> = shown
             .iter()
-            .filter(|m| m.namespace == namespace && m.name == name)
+            .filter(|m| m.namespace == metrics::NAMESPACE && m.name == metrics::BUILD_DURATION)
+            .filter(|m| {
+                m.dimensions
+                    .get(metrics::SERVICE_DIMENSION)
+                    .map(String::as_str)
+                    == Some(service)
+            })
             .filter_map(|m| m.stat.as_deref())
-            .collect()
-    };
-    let duration = stats_of(metrics::NAMESPACE, metrics::BUILD_DURATION);
-    for stat in ["p50", "p90", "Maximum"] {
-        assert!(
-            duration.contains(stat),
-            "build duration {stat}: {duration:?}"
-        );
+            .collect();
+        for stat in ["p50", "p90", "Maximum"] {
+            assert!(
+                duration.contains(stat),
+                "{service}: build duration {stat}: {duration:?}"
+            );
+        }
     }
 
     // The queues and the function, by the stack's own names.
@@ -1868,14 +2167,413 @@ fn rules_allow_arm64_images_without_arm64_workers() {
     );
 }
 
+// --- cold pulls from the binary cache --------------------------------------------
+
+/// The registry's configuration with these cache settings, as the
+/// function is deployed (S3, builds on workers); the code's answer.
+fn function_config(
+    from_cache: &str,
+    substituter: &str,
+) -> Result<nixery::config::ServeConfig, String> {
+    let cli = <Cli as clap::Parser>::try_parse_from([
+        "nixery",
+        "serve",
+        "--storage-backend",
+        "s3",
+        "--s3-bucket",
+        "bucket",
+        "--builder",
+        "sqs",
+        "--queue-url",
+        "https://sqs.us-east-1.amazonaws.com/123456789012/builds",
+        "--from-cache",
+        from_cache,
+        "--substituter",
+        substituter,
+    ])
+    .map_err(|e| e.to_string())?;
+    match cli.mode(false).map_err(|e| e.to_string())? {
+        nixery::config::Mode::Serve(config) => Ok(*config),
+        other => panic!("serve gave {other:?}"),
+    }
+}
+
+/// The values a clap argument of `serve` accepts, and its default.
+fn serve_arg(id: &str) -> (Vec<String>, Vec<String>) {
+    let cli = <Cli as clap::CommandFactory>::command();
+    let serve = cli.find_subcommand("serve").unwrap();
+    let arg = serve
+        .get_arguments()
+        .find(|a| a.get_id() == id)
+        .unwrap_or_else(|| panic!("serve has no argument {id}"));
+    (
+        arg.get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect(),
+        arg.get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect(),
+    )
+}
+
+fn string_default(name: &str) -> String {
+    parameter(name)["Default"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name}'s Default is a string"))
+        .to_string()
+}
+
+#[test]
+fn the_function_gets_the_binary_cache_settings_with_the_codes_defaults() {
+    let env = function_env();
+    for (var, parameter_name) in [
+        ("NIXERY_FROM_CACHE", "FromCache"),
+        ("NIXERY_SUBSTITUTER", "Substituter"),
+        ("NIXERY_TRUSTED_KEYS", "TrustedKeys"),
+    ] {
+        assert_eq!(
+            env.get(var),
+            Some(&Setting {
+                value: json!({ "Ref": parameter_name }),
+                condition: None,
+            }),
+            "{var}"
+        );
+    }
+    // The defaults are the code's: cache.nixos.org, its key, first.
+    assert_eq!(
+        string_default("Substituter"),
+        nixery::config::DEFAULT_SUBSTITUTER
+    );
+    assert_eq!(
+        string_default("TrustedKeys"),
+        nixery::binary_cache::CACHE_NIXOS_ORG_KEY
+    );
+    let (modes, default_mode) = serve_arg("from_cache");
+    assert_eq!(vec![string_default("FromCache")], default_mode);
+    let allowed: Vec<String> = parameter("FromCache")["AllowedValues"]
+        .as_array()
+        .expect("FromCache has AllowedValues")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(allowed, modes, "FromCache allows the code's modes");
+
+    // Every combination the template deploys, the code starts with; the
+    // one it refuses, a rule refuses first. And the conditions the roles,
+    // the sizes and the index task depend on say what the code does.
+    for mode in &allowed {
+        for substituter in [string_default("Substituter"), "none".to_string()] {
+            let given = [
+                ("FromCache", mode.as_str()),
+                ("Substituter", substituter.as_str()),
+            ];
+            let rules = failing_rules(&given);
+            match function_config(mode, &substituter) {
+                Err(refused) => assert_eq!(
+                    rules,
+                    ["OnlyNeedsASubstituter"],
+                    "{given:?}: the code refuses it ({refused}), so must a rule"
+                ),
+                Ok(config) => {
+                    assert_eq!(rules, Vec::<&str>::new(), "{given:?}");
+                    assert_eq!(
+                        condition_holds("AssemblesInFunction", &given),
+                        config.assembly.is_some(),
+                        "AssemblesInFunction with {given:?}"
+                    );
+                    let sends_index_jobs = config
+                        .assembly
+                        .as_ref()
+                        .is_some_and(|(cache, _)| cache.mode == nixery::assembly::FromCache::First);
+                    assert_eq!(
+                        condition_holds("SendsIndexJobs", &given),
+                        sends_index_jobs,
+                        "SendsIndexJobs with {given:?}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(condition_holds("AssemblesInFunction", &[]), "on by default");
+}
+
+/// What a parameter's AllowedPattern says of these values (Python's re,
+/// which agrees with CloudFormation's on the patterns used here).
+fn pattern_matches(pattern: &str, values: &[&str]) -> Vec<bool> {
+    const MATCH: &str = r#"
+import json, re, sys
+pattern = sys.argv[1]
+print(json.dumps([re.fullmatch(pattern, v) is not None for v in sys.argv[2:]]))
+"#;
+    let out = assert_success(
+        Command::new("python3")
+            .args(["-c", MATCH, pattern])
+            .args(values),
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn every_parameters_default_matches_its_pattern() {
+    for (name, p) in template()["Parameters"].as_object().unwrap() {
+        let (Some(pattern), Some(default)) = (p["AllowedPattern"].as_str(), p["Default"].as_str())
+        else {
+            continue;
+        };
+        assert_eq!(
+            pattern_matches(pattern, &[default]),
+            [true],
+            "{name}: {default:?}"
+        );
+    }
+    // The cache: http(s) or none (the function has no file system to share).
+    let substituter = parameter("Substituter")["AllowedPattern"].as_str().unwrap();
+    assert_eq!(
+        pattern_matches(
+            substituter,
+            &[
+                "https://cache.nixos.org",
+                "http://10.0.0.1:8080",
+                "none",
+                "file:///cache",
+                ""
+            ]
+        ),
+        [true, true, true, false, false]
+    );
+    // Popularity data both the workers and the function can read.
+    let popularity = parameter("PopularityUrl")["AllowedPattern"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        pattern_matches(
+            popularity,
+            &[
+                "",
+                "https://example.org/popularity.json",
+                "s3://bucket/attrs/5f/x86_64-linux/popularity",
+                "s3://bucket/popularity.json",
+                "s3://bucket/auth/popularity.json",
+            ]
+        ),
+        [true, true, true, false, false]
+    );
+}
+
+#[test]
+fn the_function_is_sized_for_assembly_and_reaches_the_cache() {
+    let (name, function) = only_resource("AWS::Serverless::Function");
+    let props = &function["Properties"];
+    // Packing runs on every core: Lambda gives a second core above 1,769
+    // MB, and CPU in proportion to memory.
+    assert_eq!(props["MemorySize"], json!({ "Ref": "FunctionMemory" }));
+    let memory = number(&parameter("FunctionMemory")["Default"]);
+    assert!(
+        (1770..=3008).contains(&memory),
+        "FunctionMemory {memory}: two cores, within what any account may set"
+    );
+    // An assembly is not cut short by BuildTimeout: it has the function's
+    // whole time, Lambda's maximum.
+    assert_eq!(number(&props["Timeout"]), 900, "{name}");
+    // Layers are packed into /tmp before upload: the largest image the
+    // code allows by default fits there whole.
+    let ephemeral_mb = number(&props["EphemeralStorage"]["Size"]);
+    assert!(ephemeral_mb <= 10240, "Lambda's maximum is 10240 MB");
+    let max_image = nixery::config::default_limits().max_image_size;
+    assert!(
+        ephemeral_mb << 20 >= max_image,
+        "/tmp of {ephemeral_mb} MB cannot hold an image of NIXERY_MAX_IMAGE_SIZE ({max_image} bytes)"
+    );
+    // Outside any VPC, it reaches the binary cache on the internet (in a
+    // VPC it would need a NAT gateway: docs/deploy.md).
+    assert!(props["VpcConfig"].is_null(), "{name} is in a VPC");
+}
+
+/// Seconds between two runs of an EventBridge `rate(...)` expression.
+fn rate_seconds(expression: &str) -> u64 {
+    let inner = expression
+        .strip_prefix("rate(")
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{expression:?} is not a rate expression"));
+    let (n, unit) = inner.split_once(' ').expect("rate(<n> <unit>)");
+    let n: u64 = n.parse().expect("a whole number");
+    n * match unit {
+        "minute" | "minutes" => 60,
+        "hour" | "hours" => 3600,
+        "day" | "days" => 86400,
+        other => panic!("unit {other}"),
+    }
+}
+
+/// Where the function assembles: the index task's resources exist then.
+const INDEX_CONDITION: &str = "AssemblesInFunction";
+const INDEX_RESOURCES: &[&str] = &[
+    "IndexTaskRole",
+    "IndexTaskDefinition",
+    "IndexScheduleRole",
+    "IndexRule",
+];
+
+#[test]
+fn the_index_task_runs_nixery_index_below_the_tag_ttl_with_memory_for_nixpkgs() {
+    for name in INDEX_RESOURCES {
+        assert_eq!(resource(name)["Condition"], INDEX_CONDITION, "{name}");
+    }
+    let task = &resource("IndexTaskDefinition")["Properties"];
+    let container = &task["ContainerDefinitions"][0];
+    // `nixery index` of the worker's image (which has Nix and git).
+    assert_eq!(
+        container["Image"],
+        resource("WorkerTaskDefinition")["Properties"]["ContainerDefinitions"][0]["Image"]
+    );
+    assert_eq!(container["EntryPoint"], json!(["/bin/nixery"]));
+    let mut argv = vec!["nixery".to_string()];
+    argv.extend(
+        container["Command"]
+            .as_array()
+            .expect("a Command")
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string()),
+    );
+    let cli =
+        <Cli as clap::Parser>::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let Some(CliCommand::Index(args)) = cli.command else {
+        panic!("{argv:?} is not `nixery index`");
+    };
+    assert_eq!(args.tag, "latest", "the source as it is now");
+    assert!(
+        !args.popularity,
+        "--popularity fetches every narinfo of every package on each run"
+    );
+    // The same architecture and network as the other tasks.
+    assert_eq!(
+        task["RuntimePlatform"],
+        resource("GcTaskDefinition")["Properties"]["RuntimePlatform"]
+    );
+    assert_eq!(
+        resource("IndexRule")["Properties"]["Targets"][0]["EcsParameters"]["NetworkConfiguration"],
+        resource("GcRule")["Properties"]["Targets"][0]["EcsParameters"]["NetworkConfiguration"]
+    );
+
+    // Memory for evaluating nixpkgs: 8 GiB or more, each a Fargate pair
+    // with its CPU (2 vCPU: 4-16 GiB in steps of 1 GiB).
+    assert_eq!(task["Cpu"], "2048");
+    assert_eq!(task["Memory"], json!({ "Ref": "IndexMemory" }));
+    let memory = parameter("IndexMemory");
+    let allowed = memory["AllowedValues"]
+        .as_array()
+        .expect("IndexMemory has AllowedValues");
+    assert!(allowed.contains(&memory["Default"]));
+    for value in allowed {
+        let mib = number(value);
+        assert!(mib >= 8192, "{mib} MiB is too little to evaluate nixpkgs");
+        assert!(
+            (4096..=16384).contains(&mib) && mib.is_multiple_of(1024),
+            "{mib} MiB with 2 vCPU"
+        );
+    }
+
+    // Scheduled often enough that an index of a moving source is younger
+    // than the tag TTL when pulls read it, a run's time (allowed an hour)
+    // included: in first mode an older one is not used.
+    let rule = &resource("IndexRule")["Properties"];
+    assert_eq!(
+        rule["ScheduleExpression"],
+        json!({ "Ref": "IndexSchedule" })
+    );
+    let every = rate_seconds(&string_default("IndexSchedule"));
+    let tag_ttl = number(&parameter("TagTtl")["Default"]);
+    assert!(
+        every + 3600 <= tag_ttl,
+        "IndexSchedule every {every} s, plus an hour's run, is not below TagTtl ({tag_ttl} s)"
+    );
+    let pattern = parameter("IndexSchedule")["AllowedPattern"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        pattern_matches(
+            pattern,
+            &[
+                "rate(4 hours)",
+                "rate(90 minutes)",
+                "cron(0 * * * ? *)",
+                "rate(1 day)"
+            ]
+        ),
+        [true, true, false, false],
+        "rates in minutes or hours only, so that the period is plain"
+    );
+
+    // Run by its own role, on the workers' cluster.
+    let target = &rule["Targets"][0];
+    assert_eq!(get_att(&target["Arn"]), Some(("WorkerCluster", "Arn")));
+    assert_eq!(
+        get_att(&target["RoleArn"]),
+        Some(("IndexScheduleRole", "Arn"))
+    );
+    assert_eq!(
+        target["EcsParameters"]["TaskDefinitionArn"],
+        json!({ "Ref": "IndexTaskDefinition" })
+    );
+    let may = statements("IndexScheduleRole");
+    assert_eq!(may.len(), 2, "{may:?}");
+    assert_eq!(may[0]["Action"], "ecs:RunTask");
+    assert_eq!(may[0]["Resource"], json!({ "Ref": "IndexTaskDefinition" }));
+    assert_eq!(may[1]["Action"], "iam:PassRole");
+    let passed: BTreeSet<_> = may[1]["Resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(get_att)
+        .collect();
+    assert_eq!(
+        passed,
+        BTreeSet::from([("WorkerExecutionRole", "Arn"), ("IndexTaskRole", "Arn")])
+    );
+    assert_eq!(
+        role_of("IndexTaskDefinition", "TaskRoleArn"),
+        "IndexTaskRole"
+    );
+
+    // Without assembly there is no index to keep.
+    for given in [
+        &[("FromCache", "never")][..],
+        &[("Substituter", "none")][..],
+    ] {
+        assert!(!condition_holds(INDEX_CONDITION, given), "{given:?}");
+    }
+}
+
+#[test]
+fn the_index_task_writes_attrs_and_nothing_else() {
+    let attrs = json!({ "Fn::Sub": "${ImageBucket.Arn}/attrs/*" });
+    let statements = statements("IndexTaskRole");
+    assert!(!statements.is_empty());
+    for statement in &statements {
+        assert_eq!(statement["Effect"], "Allow", "{statement}");
+        assert_eq!(actions(statement), ["s3:PutObject"], "{statement}");
+        assert_eq!(statement["Resource"], attrs, "{statement}");
+    }
+    // The workers make the indexes the function asks them for.
+    assert!(statements_given("WorkerTaskRole", &[]).iter().any(|s| {
+        s["Effect"] == "Allow"
+            && actions(s).contains(&"s3:PutObject")
+            && s["Resource"].as_array().is_some_and(|r| r.contains(&attrs))
+    }));
+}
+
 // --- the deployment guide ----------------------------------------------------------
 
 /// A row of docs/deploy.md's settings table.
 struct GuideRow {
     /// The parameters it is about.
     parameters: Vec<String>,
-    /// The variables it says they set, with the side (`function`,
-    /// `worker`, `both`, `gc`).
+    /// The variables it says they set, with the sides (`function`,
+    /// `worker`, `gc`, `index`, comma separated; `both` is the function
+    /// and the worker).
     sets: Vec<(String, String)>,
 }
 
@@ -1983,52 +2681,59 @@ fn the_deploy_guide_lists_every_parameter_and_what_it_sets() {
         "docs/deploy.md's settings table and the template's parameters"
     );
 
-    let sides = [
-        ("function", function_env()),
-        ("worker", worker_env()),
-        ("gc", gc_env()),
-    ];
-    let env_of = |side: &str| &sides.iter().find(|(s, _)| *s == side).unwrap().1;
+    let sides: Vec<(Side, BTreeMap<String, Setting>)> =
+        Side::ALL.iter().map(|side| (*side, side.env())).collect();
+    let env_of = |side: &str| {
+        &sides
+            .iter()
+            .find(|(s, _)| s.name() == side)
+            .unwrap_or_else(|| {
+                panic!("docs/deploy.md names a side {side}: function, worker, both, gc or index")
+            })
+            .1
+    };
     for row in &rows {
-        let (names, sets) = (&row.parameters, &row.sets);
+        let names = &row.parameters;
+        // `(both)` is the function and the worker; `(a, b)` each of them.
+        let sets: BTreeSet<(String, String)> = row
+            .sets
+            .iter()
+            .flat_map(|(var, sides)| {
+                sides
+                    .split(',')
+                    .map(str::trim)
+                    .flat_map(|side| match side {
+                        "both" => vec!["function", "worker"],
+                        one => vec![one],
+                    })
+                    .map(|side| (var.clone(), side.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         // What the guide says is set, is, from one of the row's parameters.
-        for (var, side) in sets {
-            let on: Vec<&str> = match side.as_str() {
-                "both" => vec!["function", "worker"],
-                one @ ("function" | "worker" | "gc") => vec![one],
-                other => panic!("docs/deploy.md: {var} ({other}): function, worker, both or gc"),
-            };
-            for side in on {
-                let setting = env_of(side)
-                    .get(var)
-                    .unwrap_or_else(|| panic!("docs/deploy.md: {names:?} set {var} on the {side}, but the template does not"));
-                assert!(
-                    names.iter().any(|name| depends_on(setting, name)),
-                    "docs/deploy.md: {var} on the {side} does not come from {names:?}: {setting:?}"
-                );
-            }
+        for (var, side) in &sets {
+            let setting = env_of(side).get(var).unwrap_or_else(|| {
+                panic!(
+                    "docs/deploy.md: {names:?} set {var} on the {side}, but the template does not"
+                )
+            });
+            assert!(
+                names.iter().any(|name| depends_on(setting, name)),
+                "docs/deploy.md: {var} on the {side} does not come from {names:?}: {setting:?}"
+            );
         }
         // And every variable a parameter sets is in its row.
         for name in names {
-            let on = |side: &str| {
-                env_of(side)
-                    .iter()
-                    .filter(|(_, setting)| set_from(setting, name))
-                    .map(|(var, _)| var.clone())
-                    .collect::<BTreeSet<String>>()
-            };
-            let (function, worker, gc) = (on("function"), on("worker"), on("gc"));
-            for var in function.iter().chain(&worker).chain(&gc) {
-                let side = match (function.contains(var), worker.contains(var)) {
-                    (true, true) => "both",
-                    (true, false) => "function",
-                    (false, true) => "worker",
-                    (false, false) => "gc",
-                };
-                assert!(
-                    sets.contains(&(var.clone(), side.to_string())),
-                    "docs/deploy.md: the row of {name} does not say it sets `{var}` ({side})"
-                );
+            for (side, env) in &sides {
+                for (var, setting) in env {
+                    if set_from(setting, name) {
+                        assert!(
+                            sets.contains(&(var.clone(), side.name().to_string())),
+                            "docs/deploy.md: the row of {name} does not say it sets `{var}` ({})",
+                            side.name()
+                        );
+                    }
+                }
             }
         }
     }
