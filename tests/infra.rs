@@ -227,7 +227,7 @@ const CONTRACT: &[(&str, &[Side], &str)] = &[
     (
         "NIXERY_MAX_IMAGE_SIZE",
         NOWHERE,
-        "the default (8 GiB) bounds a worker's disk use, and an assembly's scratch files fit the function's /tmp (10 GiB, Lambda's most); a larger limit would not fit there",
+        "the default (8 GiB) bounds a worker's disk use and an assembly's time in the function (whose layers stream to S3 and need no disk)",
     ),
     (
         "NIXERY_NIXPKGS_API",
@@ -955,6 +955,7 @@ const ASSEMBLY_STATEMENTS: &[&str] = &[
     "RepairContentAddressed",
     "UploadLayerParts",
     "AbandonLayerUploads",
+    "StageLayers",
     "WriteAssembledRecords",
 ];
 const WORKERS_CONTENT_ADDRESSED: &[&str] = &[
@@ -962,6 +963,7 @@ const WORKERS_CONTENT_ADDRESSED: &[&str] = &[
     "RepairContentAddressed",
     "UploadLayerParts",
     "AbandonLayerUploads",
+    "StageLayers",
 ];
 
 #[test]
@@ -972,7 +974,8 @@ fn the_function_writes_only_what_it_serves_assembles_and_claims() {
         let sid = statement["Sid"].as_str().unwrap_or_default();
         if WORKERS_CONTENT_ADDRESSED.contains(&sid) {
             // Assembling, it stores layers, configs and manifests exactly
-            // as a worker does: created, or replacing a damaged version.
+            // as a worker does: created, or replacing a damaged version,
+            // layers streamed through staging/.
             assert_eq!(
                 statement,
                 statement_with_sid("WorkerTaskRole", sid),
@@ -2378,14 +2381,12 @@ fn the_function_is_sized_for_assembly_and_reaches_the_cache() {
     // An assembly is not cut short by BuildTimeout: it has the function's
     // whole time, Lambda's maximum.
     assert_eq!(number(&props["Timeout"]), 900, "{name}");
-    // Layers are packed into /tmp before upload: the largest image the
-    // code allows by default fits there whole.
-    let ephemeral_mb = number(&props["EphemeralStorage"]["Size"]);
-    assert!(ephemeral_mb <= 10240, "Lambda's maximum is 10240 MB");
-    let max_image = nixery::config::default_limits().max_image_size;
+    // Layers stream to S3 as they are packed: /tmp holds small objects
+    // only, and Lambda's default ephemeral storage (billed by the GB-s
+    // above it) is enough whatever NIXERY_MAX_IMAGE_SIZE says.
     assert!(
-        ephemeral_mb << 20 >= max_image,
-        "/tmp of {ephemeral_mb} MB cannot hold an image of NIXERY_MAX_IMAGE_SIZE ({max_image} bytes)"
+        props["EphemeralStorage"].is_null(),
+        "{name} pays for ephemeral storage it does not use"
     );
     // Outside any VPC, it reaches the binary cache on the internet (in a
     // VPC it would need a NAT gateway: docs/deploy.md).

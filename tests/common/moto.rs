@@ -18,11 +18,14 @@ pub struct Moto {
 }
 
 /// moto's server, with two of its gaps in authorising S3 requests filled
-/// (moto 5): it computes a signature over a query whose `/` it had
+/// and one in its answers (moto 5): it computes a signature over a query whose `/` it had
 /// decoded (so every listing by prefix fails), and it cannot read a
 /// presigned URL's credentials (a 500). Here the query is encoded again as
 /// SigV4 does, and a presigned request is authorised as the user whose key
-/// signed it; its signature is not checked (the s3s tests do that).
+/// signed it; its signature is not checked (the s3s tests do that). And
+/// it answers CompleteMultipartUpload under a root element no SDK reads
+/// (`CompleteMultipartUploadResponse`; S3's is
+/// `CompleteMultipartUploadResult`), which is renamed here.
 const MOTO_WITH_IAM: &str = r#"
 import sys
 from urllib.parse import urlsplit, parse_qsl, quote
@@ -57,6 +60,19 @@ def create_encoded(self):
             quote(k, safe="-_.~") + "=" + quote(v, safe="-_.~") for k, v in pairs)
     return create(self)
 ac.IAMRequestBase._create_aws_request = create_encoded
+
+import moto.s3.responses as s3r
+serialized = s3r.S3Response.serialized
+def serialized_as_s3(self, result):
+    status, headers, body = serialized(self, result)
+    if self.data.get("Action") == "CompleteMultipartUpload":
+        wrong, right = "CompleteMultipartUploadResponse", "CompleteMultipartUploadResult"
+        if isinstance(body, bytes):
+            body = body.replace(wrong.encode(), right.encode())
+        else:
+            body = body.replace(wrong, right)
+    return status, headers, body
+s3r.S3Response.serialized = serialized_as_s3
 
 moto.server.main(sys.argv[1:])
 "#;
