@@ -457,10 +457,19 @@ async fn count_popularity(
         .flat_map(|e| e.paths.iter())
         .filter_map(|p| p.parse().ok())
         .collect();
-    let closure = match cache.closure(&roots).await {
-        Ok(closure) => closure,
-        Err(error) => return Err(error.to_string()),
-    };
+    // A package set holds packages its cache never has (unfree ones,
+    // those that failed to build): they count for nothing.
+    let closure = cache
+        .closure_of_what_it_holds(&roots)
+        .await
+        .map_err(|e| e.to_string())?;
+    if closure.missing > 0 {
+        tracing::info!(
+            missing = closure.missing,
+            counted = closure.paths.len(),
+            "store paths the cache lacks are left out of the popularity counts"
+        );
+    }
     let graph: crate::builder::nix::Closure = closure
         .paths
         .iter()

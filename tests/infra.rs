@@ -2378,8 +2378,8 @@ fn the_function_is_sized_for_assembly_and_reaches_the_cache() {
         (1770..=3008).contains(&memory),
         "FunctionMemory {memory}: two cores, within what any account may set"
     );
-    // An assembly is not cut short by BuildTimeout: it has the function's
-    // whole time, Lambda's maximum.
+    // An assembly has BuildTimeout (less than this) and then is handed
+    // over: Lambda's maximum leaves room for the hand-over.
     assert_eq!(number(&props["Timeout"]), 900, "{name}");
     // Layers stream to S3 as they are packed: /tmp holds small objects
     // only, and Lambda's default ephemeral storage (billed by the GB-s

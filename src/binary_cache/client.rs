@@ -350,6 +350,22 @@ impl BinaryCache {
 
     /// The verified narinfos of `roots` and everything they reference.
     pub async fn closure(&self, roots: &[StorePath]) -> Result<Closure, CacheError> {
+        self.walk(roots, false).await
+    }
+
+    /// As [`BinaryCache::closure`], but a path the cache lacks is left
+    /// out (with what only it refers to) instead of failing the walk, and
+    /// counted in [`Closure::missing`]: for statistics over a whole
+    /// package set, some of which a cache never holds (unfree packages,
+    /// those that failed to build).
+    pub async fn closure_of_what_it_holds(
+        &self,
+        roots: &[StorePath],
+    ) -> Result<Closure, CacheError> {
+        self.walk(roots, true).await
+    }
+
+    async fn walk(&self, roots: &[StorePath], skip_missing: bool) -> Result<Closure, CacheError> {
         let options = &self.inner.options;
         let mut seen: BTreeSet<StorePath> = BTreeSet::new();
         let mut queue: VecDeque<StorePath> = VecDeque::new();
@@ -380,7 +396,14 @@ impl BinaryCache {
             let Some(result) = in_flight.next().await else {
                 break;
             };
-            let info = result?;
+            let info = match result {
+                Ok(info) => info,
+                Err(CacheError::NotFound { .. }) if skip_missing => {
+                    closure.missing += 1;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             // Saturating: a hostile NarSize must not wrap the total.
             closure.nar_size = closure.nar_size.saturating_add(info.nar_size);
             if closure.nar_size > options.max_nar_size {
@@ -668,6 +691,9 @@ pub struct Closure {
     pub paths: BTreeMap<StorePath, NarInfo>,
     /// The NarSize total.
     pub nar_size: u64,
+    /// Paths left out because the cache lacks them (only ever non-zero
+    /// from [`BinaryCache::closure_of_what_it_holds`]).
+    pub missing: usize,
 }
 
 /// An open NAR file, not yet read.
@@ -1190,6 +1216,34 @@ mod tests {
                 .count();
             assert_eq!(narinfos, 4);
         }
+    }
+
+    #[tokio::test]
+    async fn a_closure_of_what_it_holds_leaves_out_what_the_cache_lacks() {
+        let sample = sample(Compression::Zstd);
+        let dir = tempfile::tempdir().unwrap();
+        sample.cache.write_to(dir.path());
+        // libc is gone (and libd, which only libc refers to, with it), and
+        // one root was never there.
+        let libc = sample.all.keys().find(|p| p.name() == "libc-2.37").unwrap();
+        std::fs::remove_file(dir.path().join(format!("{}.narinfo", libc.hash_part()))).unwrap();
+        let absent = store_path("unfree-1.0");
+        let cache = BinaryCache::new(
+            &format!("file://{}", dir.path().display()),
+            trusted(),
+            options(),
+        )
+        .unwrap();
+        let roots = [sample.hello.clone(), absent];
+        assert!(matches!(
+            cache.closure(&roots).await,
+            Err(CacheError::NotFound { .. })
+        ));
+        let held = cache.closure_of_what_it_holds(&roots).await.unwrap();
+        let names: Vec<&str> = held.paths.keys().map(|p| p.name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"hello-2.12") && names.contains(&"bash-5.2"));
+        assert_eq!(held.missing, 2);
     }
 
     #[tokio::test]

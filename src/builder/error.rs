@@ -33,9 +33,13 @@ pub enum Failure {
         cache: String,
         reason: String,
     },
-    /// The package set at this revision is being indexed.
-    #[error("this revision of the package set is being indexed for {system}; pull again in a few minutes")]
+    /// The package set at this revision has no attribute index yet.
+    #[error("this revision of the package set has no attribute index for {system} yet; images of it are assembled once `nixery index` has made one: pull again later")]
     Indexing { system: String },
+    /// Images come from the binary cache only, and assembling this one
+    /// was interrupted or ran out of time.
+    #[error("assembling the image from the binary cache did not finish ({reason}); pull again to try again")]
+    Unassembled { reason: String },
 }
 
 /// Why a source of store paths cannot give an image, where another may

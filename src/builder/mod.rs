@@ -164,6 +164,12 @@ impl Builder {
         self
     }
 
+    /// Whether an image none of its sources can give is to be built
+    /// elsewhere (see [`Builder::passing_on`]).
+    pub fn passes_on(&self) -> bool {
+        self.elsewhere
+    }
+
     pub fn storage(&self) -> &dyn Storage {
         self.objects.storage()
     }

@@ -169,12 +169,19 @@ impl SqsDispatch {
 
     /// Assembles the image of a claimed attempt here: `true` if that
     /// settled it (the image, or its failure, is in storage now).
+    ///
+    /// An assembly has the pull's own time (`build_timeout`, within
+    /// Lambda's), never more: one that cannot finish in it, or is
+    /// interrupted, is handed to the workers where images may be built,
+    /// and otherwise (`only`) ends the attempt with a failure that says to
+    /// pull again, so the function never assembles one image over and
+    /// over.
     async fn assemble(&self, request: &BuildRequest, queued: BuildStatus) -> bool {
         let Some((builder, metrics)) = &self.assembler else {
             return false;
         };
         let key = request.image_key();
-        let ended = report::build_reported(
+        let assembly = report::build_reported(
             builder,
             &*self.storage,
             metrics,
@@ -182,20 +189,35 @@ impl SqsDispatch {
             request,
             queued.clone(),
             std::future::pending(),
-        )
-        .instrument(build_span(request))
-        .await;
-        match ended {
-            Ended::Built(_) | Ended::Failed { .. } => true,
-            Ended::Retry { retry, .. } => {
-                tracing::info!(image = %key, %retry, "not assembled here; sending the build to the workers");
-                // Queued again, for the worker that takes it.
-                if let Err(error) = status::write_own(&*self.storage, &key, &queued).await {
-                    tracing::warn!(image = %key, %error, "recording the hand-over failed");
-                }
-                false
+        );
+        let ended = tokio::time::timeout(self.timings.build_timeout, assembly)
+            .instrument(build_span(request))
+            .await;
+        let reason = match ended {
+            Ok(Ended::Built(_) | Ended::Failed { .. }) => return true,
+            Ok(Ended::Retry { retry, .. }) => retry.to_string(),
+            Err(_) => {
+                tracing::warn!(image = %key, limit_s = self.timings.build_timeout.as_secs(), "assembly cut short: it outlasted the pull's wait");
+                format!(
+                    "it did not finish within {} s",
+                    self.timings.build_timeout.as_secs()
+                )
             }
+        };
+        if builder.passes_on() {
+            tracing::info!(image = %key, reason, "not assembled here; sending the build to the workers");
+            // Queued again, for the worker that takes it.
+            if let Err(error) = status::write_own(&*self.storage, &key, &queued).await {
+                tracing::warn!(image = %key, %error, "recording the hand-over failed");
+            }
+            return false;
         }
+        // Nothing builds where images come from the cache only.
+        let failed = queued.ended(Err(Failure::Unassembled { reason }));
+        if let Err(error) = status::write_own(&*self.storage, &key, &failed).await {
+            tracing::warn!(image = %key, %error, "recording the failed assembly failed");
+        }
+        true
     }
 
     /// At most `max` builds sent by this instance and not taken by a
@@ -258,7 +280,8 @@ impl SqsDispatch {
 
     /// Claims `attempt`, or, if it is taken by an orphan (a claim whose
     /// status never came, older than a dead worker's silence), the next
-    /// one, and so on. `status`: what the build's status says now.
+    /// one, and so on; `true` if it claimed one. `status`: what the
+    /// build's status says now.
     /// A claim's age is the larger of what its time says and how long
     /// this waiter has seen it without a status (`orphan`), so that clocks
     /// that disagree cannot keep an orphan alive.
@@ -269,7 +292,7 @@ impl SqsDispatch {
         status: Option<&BuildStatus>,
         orphan: &mut Option<(u32, Instant)>,
         place: &mut Option<Place>,
-    ) -> Result<(), DispatchError> {
+    ) -> Result<bool, DispatchError> {
         let stale_after = self.timings.stale_after();
         let key = request.image_key();
         let mut attempt = attempt;
@@ -277,12 +300,12 @@ impl SqsDispatch {
         // ends at the first claim won or still young.
         while !self.claim(request, attempt, place).await? {
             if status.is_some_and(|s| s.attempt >= attempt) {
-                return Ok(());
+                return Ok(false);
             }
             let claim = match status::read_claim(&*self.storage, &key, attempt).await {
                 Ok(Some(claim)) => claim,
                 // Gone since (collected): claim it again next round.
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(false),
                 // Unreadable: as old as can be.
                 Err(RecordError::Unreadable { .. }) => Claim { claimed_at: 0 },
                 Err(RecordError::Storage(e)) => return Err(BuildError::Storage(e).into()),
@@ -296,12 +319,12 @@ impl SqsDispatch {
             };
             let age = Duration::from_secs(now().saturating_sub(claim.claimed_at)).max(seen_for);
             if age < stale_after {
-                return Ok(());
+                return Ok(false);
             }
             tracing::warn!(image = %key, attempt, "claim without a status (its writer died or failed); claiming the next attempt");
             attempt += 1;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The image record (if current) and the build status, as stored now.
@@ -376,14 +399,20 @@ impl Dispatch for SqsDispatch {
             );
             match action {
                 Action::Claim(attempt) => {
-                    self.claim_or_adopt(
-                        &request,
-                        attempt,
-                        status.as_ref(),
-                        &mut wait.orphan,
-                        &mut place,
-                    )
-                    .await?;
+                    if self
+                        .claim_or_adopt(
+                            &request,
+                            attempt,
+                            status.as_ref(),
+                            &mut wait.orphan,
+                            &mut place,
+                        )
+                        .await?
+                    {
+                        // Look again at once: an assembly here may have
+                        // settled it, however long it took.
+                        continue;
+                    }
                 }
                 Action::Wait => {}
                 Action::Fail(failure) => {
@@ -690,6 +719,76 @@ mod tests {
             "{waited:?}"
         );
         assert_eq!(queue.sent.lock().unwrap().len(), 1);
+    }
+
+    /// An assembler on a fake store whose realisations wait while the test
+    /// holds its gate: an assembly that takes as long as the test wants.
+    fn assembling(
+        passing_on: bool,
+    ) -> (
+        Arc<MemoryStorage>,
+        Arc<Recorded>,
+        Arc<crate::builder::fake::FakeStore>,
+        SqsDispatch,
+    ) {
+        let (storage, queue, dispatch) = setup();
+        let store = Arc::new(crate::builder::fake::FakeStore::default().with_package("hello", &[]));
+        let builder = Builder::new(
+            store.clone(),
+            storage.clone(),
+            Arc::new(crate::builder::popularity::Popularity::none()),
+            crate::config::default_limits(),
+        );
+        let builder = if passing_on {
+            builder.passing_on()
+        } else {
+            builder
+        };
+        let dispatch = dispatch.assembling_with(builder, Arc::new(Metrics::new(None)));
+        (storage, queue, store, dispatch)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_assembly_that_outlasts_the_pull_goes_to_the_workers_or_ends() {
+        // `first`: handed to the workers, queued for them, once.
+        let (storage, queue, store, dispatch) = assembling(true);
+        let gate = store.gate.write().await;
+        let pulled = dispatch.build(request()).await;
+        assert!(
+            matches!(pulled, Err(DispatchError::StillBuilding { .. })),
+            "{pulled:?}"
+        );
+        assert_eq!(queue.attempts(), vec![1]);
+        let status = status::read(&*storage, &request().image_key())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((status.state, status.attempt), (State::Queued, 1));
+        drop(gate);
+
+        // `only`: nothing is sent; the attempt ends with a failure that
+        // says to pull again, and the next pull (within the failure TTL)
+        // is told the same without another assembly.
+        let (_storage, queue, store, dispatch) = assembling(false);
+        let gate = store.gate.write().await;
+        let pulled = dispatch.build(request()).await;
+        let Err(DispatchError::Failed(failure)) = pulled else {
+            panic!("{pulled:?}");
+        };
+        assert!(matches!(failure, Failure::Unassembled { .. }), "{failure}");
+        assert!(failure.to_string().contains("pull again"), "{failure}");
+        assert!(queue.attempts().is_empty());
+        let realised = store.realised.load(std::sync::atomic::Ordering::Relaxed);
+        let again = dispatch.build(request()).await;
+        assert!(matches!(
+            again,
+            Err(DispatchError::Failed(Failure::Unassembled { .. }))
+        ));
+        assert_eq!(
+            store.realised.load(std::sync::atomic::Ordering::Relaxed),
+            realised
+        );
+        drop(gate);
     }
 
     #[tokio::test(start_paused = true)]

@@ -238,6 +238,12 @@ fn build_parts(error: &DispatchError) -> (StatusCode, &'static str, String, Valu
             failure.to_string(),
             json!({ "cache": cache }),
         ),
+        DispatchError::Failed(failure @ Failure::Unassembled { .. }) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            failure.to_string(),
+            Value::Null,
+        ),
         DispatchError::Failed(failure @ Failure::Indexing { system }) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",

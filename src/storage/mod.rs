@@ -16,6 +16,8 @@
 //! | `served/<image-key>` | that the image was pulled (for `nixery gc`) | at most once a day per process |
 //! | `sources/<lookup-hash>` | a worker's answer to a git lookup (for a registry without git) | by the worker |
 //! | `holds/<hex>` | that a build relies on the blob or manifest `<hex>`, stored before and not written again (for `nixery gc`) | by a build, or the registry composing an index, when it finds the object stored |
+//! | `attrs/<revision>/<system>/{head,00..ff,popularity}` | a revision's attribute index (names to store paths, in 256 zstd shards), for assembling from a binary cache | by `nixery index` or an index job, head last |
+//! | `attrs/<revision>/<system>/claim` | that an index job was asked for | by the pull that asks |
 //! | `staging/...` | uploads in flight | anything left here is garbage |
 //!
 //! Nothing is visible under `blobs/`, `manifests/` or `images/` unless it is
