@@ -22,9 +22,9 @@
 //! | `store.rs` | [`store::CacheStore`], the binary cache as a source of store paths |
 //! | `jobs.rs` | index jobs: made with Nix, asked for by pulls |
 
-pub mod attrs;
-pub mod jobs;
-pub mod store;
+pub(crate) mod attrs;
+pub(crate) mod jobs;
+pub(crate) mod store;
 
 use std::str::FromStr;
 

@@ -30,9 +30,9 @@
 //! | `nix.rs`, `layers.rs`, `pack.rs`, `compress.rs`, `customisation.rs`, `popularity.rs`, `sbom.rs` | the parts |
 
 pub mod compress;
-pub mod customisation;
+pub(crate) mod customisation;
 mod error;
-pub mod layers;
+pub(crate) mod layers;
 pub mod nix;
 pub(crate) mod objects;
 pub mod pack;
