@@ -275,7 +275,7 @@ async fn deployment(platforms: &str) {
     for (k, v) in env_as(&keys_of["worker"], &shared) {
         worker.env(k, v);
     }
-    let mut worker = worker.spawn().expect("starting nixery worker");
+    let worker = common::KillOnDrop(worker.spawn().expect("starting nixery worker"));
     let cache = cache();
     let mut function_env = env_as(&keys_of["function"], &shared);
     function_env.push(("NIXERY_BUILDER", "sqs".into()));
@@ -378,8 +378,7 @@ async fn deployment(platforms: &str) {
         "{}",
         worker_log_text()
     );
-    let _ = worker.kill();
-    let _ = worker.wait();
+    drop(worker);
     drop(registry);
 
     // gc, under its role, collects everything but the attribute indexes,

@@ -771,12 +771,15 @@ async fn killed_writer_child() {
 fn a_writer_killed_at_any_point_leaves_no_partial_object() {
     let root = tempfile::tempdir().unwrap();
     for round in 0..8u64 {
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "killed_writer_child", "--nocapture"])
-            .env(WRITER_ROOT, root.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        // Killed on drop too, should a check below fail first.
+        let mut child = common::KillOnDrop(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "killed_writer_child", "--nocapture"])
+                .env(WRITER_ROOT, root.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         // Kill it at a different point of its writes each round, once it
         // writes at all (on a busy machine the child takes a while to
         // start; waiting for it, not for a fixed time, keeps every round
@@ -798,8 +801,8 @@ fn a_writer_killed_at_any_point_leaves_no_partial_object() {
             });
             assert!(finished, "the writer never finished an object");
         }
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
     }
     let blobs = root.path().join("blobs/sha256");
     let mut complete = 0;
