@@ -19,8 +19,8 @@
 # 1. Builds the fixture packages (tests/fixtures/pkgs) with Nix, makes a
 #    signing key and one signed binary cache per NAR compression with
 #    `nix copy --to file://...?compression=...&secret-key=...` (at Nix's
-#    default levels), serves each with Python's http.server (keep-alive, a
-#    deep listen backlog), and indexes the package set with `nixery index`
+#    default levels), serves each with Python's http.server (keep-alive,
+#    no Nagle, a deep listen backlog), and indexes the package set with `nixery index`
 #    into the registry's storage.
 # 2. Runs the deployed topology: S3 (s3s-fs, the `s3-server` example),
 #    SQS (moto's server), the registry as `nixery serve` with
@@ -248,13 +248,17 @@ build_binaries() {
 }
 
 # A binary cache's files over HTTP: `python3 -m http.server`, with keep-alive
-# (HTTP/1.1) as a CDN has, and a listen backlog that takes the clients'
-# parallel requests (http.server's default of 5 drops the connections
-# beyond it, which their clients retry a second later).
+# (HTTP/1.1) and Nagle's algorithm off, as a CDN has them, and a listen
+# backlog that takes the clients' parallel requests. (http.server's default
+# backlog of 5 drops the connections beyond it, which their clients retry a
+# second later; and it sends headers and body in separate writes, so with
+# Nagle's algorithm on every response on a kept-alive connection waits
+# 40 ms for a delayed ACK.)
 CACHE_SERVER='
 import functools, http.server, sys
 class Handler(http.server.SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     def log_message(self, *args):
         pass
 class Server(http.server.ThreadingHTTPServer):
@@ -630,8 +634,9 @@ print(f"NAR → layer throughput: the layer of `{big_path.split('-', 1)[1]}` "
       "(the `layer packed` line: NAR download, decompression and checks, tar, layer "
       "compression, digests), `nixery serve` in local mode, min / median:")
 print()
-print("| layer | packed from | tar size | time | MB/s (median) | cache / store (median) | target ≥ 0.9 | CPU time of the pull (median) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| layer | packed from | tar size | time | MB/s (median) | cache / store (median) | target ≥ 0.9 "
+      "| CPU time of the pull (median) | cache / store by CPU time |")
+print("|---|---|---|---|---|---|---|---|---|")
 for layer in sorted({l for (l, _) in layers}):
     base = layers.get((layer, "store"))
     for source in ["store"] + sorted(s for (l, s) in layers if l == layer and s != "store"):
@@ -643,13 +648,14 @@ for layer in sorted({l for (l, _) in layers}):
         cpu_s = med([c for _, _, c in samples])
         rate = size / 1e6 / (med(times) / 1000)
         if source == "store" or not base:
-            ratio, target = "", ""
+            ratio, target, cpu_ratio = "", "", ""
         else:
             r = med([t for _, t, _ in base]) / med(times)
             ratio, target = f"{r:.2f}", "met" if r >= 0.9 else "not met"
+            cpu_ratio = f"{med([c for _, _, c in base]) / cpu_s:.2f}"
         what = "the Nix store" if source == "store" else f"{source} NARs over HTTP"
         print(f"| {layer} | {what} | {size / 1e6:.1f} MB | {min(times) / 1000:.2f} / {med(times) / 1000:.2f} s "
-              f"| {rate:.0f} | {ratio} | {target} | {cpu_s:.2f} s ({cpu_s * 1000 / (size / 1e6):.1f} ms/MB) |")
+              f"| {rate:.0f} | {ratio} | {target} | {cpu_s:.2f} s ({cpu_s * 1000 / (size / 1e6):.1f} ms/MB) | {cpu_ratio} |")
 
 # Peak memory.
 print()
