@@ -168,7 +168,7 @@ impl App {
                         FromCache::First | FromCache::Never => assembler.passing_on(),
                     };
                     dispatch = dispatch.assembling_with(assembler, metrics.clone());
-                    tracing::info!(cache = %cache.substituter, mode = %cache.mode, "images are assembled from the binary cache");
+                    tracing::info!(cache = %crate::source::redact_urls(&cache.substituter), mode = %cache.mode, "images are assembled from the binary cache");
                 }
                 Arc::new(SingleFlight::new(Arc::new(dispatch)))
             }
@@ -193,7 +193,7 @@ impl App {
                             builder.trying_first(cache_store_on(cache, nix, catalog, jobs)?)
                         }
                     };
-                    tracing::info!(cache = %cache.substituter, mode = %cache.mode, "images are assembled from the binary cache");
+                    tracing::info!(cache = %crate::source::redact_urls(&cache.substituter), mode = %cache.mode, "images are assembled from the binary cache");
                 }
                 local_dispatch(builder, metrics.clone(), config.max_queued_builds)
             }
@@ -470,23 +470,7 @@ async fn count_popularity(
             "store paths the cache lacks are left out of the popularity counts"
         );
     }
-    let graph: crate::builder::nix::Closure = closure
-        .paths
-        .iter()
-        .map(|(path, info)| {
-            let references = info
-                .references
-                .iter()
-                .map(|r| r.as_str().to_string())
-                .collect();
-            (
-                path.as_str().to_string(),
-                crate::builder::nix::PathInfo {
-                    nar_size: info.nar_size,
-                    references,
-                },
-            )
-        })
-        .collect();
-    Ok(Popularity::compute([&graph]))
+    Ok(Popularity::compute([
+        &crate::assembly::store::closure_graph(&closure),
+    ]))
 }

@@ -31,12 +31,16 @@ use crate::builder::pack::PackError;
 use crate::builder::store::{Steps, StorePaths, WalkLimits};
 use crate::builder::{BuildError, NotHere, Progress, Step, StepProgress};
 
-/// Narinfos and listings kept between the steps of builds (and for the
-/// next builds): the most of each.
-const KEPT: usize = 50_000;
 /// A path's listing is kept (for the customisation layer) when it has at
 /// most this many entries.
 const LISTING_KEPT_ENTRIES: usize = 20_000;
+/// Narinfos and listings are kept between the steps of builds (and for
+/// the next builds) up to this many listing entries, and as many narinfo
+/// references: what bounds the memory they take (a few hundred bytes
+/// each at most).
+const KEPT_ENTRIES_TOTAL: usize = 1_000_000;
+/// Listings fetched at once for the customisation layer.
+const LISTINGS_AT_ONCE: usize = 8;
 
 /// Store paths from a binary cache.
 pub struct CacheStore {
@@ -47,9 +51,9 @@ pub struct CacheStore {
     /// up (when nothing else can build the image).
     stale_index_ok: bool,
     /// Verified narinfos of closures read lately, by store path.
-    narinfos: Mutex<HashMap<String, NarInfo>>,
+    narinfos: Mutex<Kept<NarInfo>>,
     /// Listings of store paths walked lately, by store path.
-    listings: Arc<Mutex<HashMap<String, Arc<customisation::Listing>>>>,
+    listings: Arc<Mutex<Kept<Arc<customisation::Listing>>>>,
 }
 
 impl CacheStore {
@@ -76,7 +80,7 @@ impl CacheStore {
     /// The narinfo of `path`: kept from its closure, or fetched.
     async fn narinfo(&self, path: &str) -> Result<NarInfo, NotHere> {
         if let Some(info) = self.narinfos.lock().expect("never poisoned").get(path) {
-            return Ok(info.clone());
+            return Ok(info);
         }
         let store_path = self.store_path(path)?;
         let info = self
@@ -91,10 +95,8 @@ impl CacheStore {
     fn keep_narinfos(&self, infos: impl IntoIterator<Item = NarInfo>) {
         let mut kept = self.narinfos.lock().expect("never poisoned");
         for info in infos {
-            if kept.len() >= KEPT {
-                kept.clear();
-            }
-            kept.insert(info.store_path.as_str().to_string(), info);
+            let weight = 1 + info.references.len();
+            kept.keep(info.store_path.as_str().to_string(), info, weight);
         }
     }
 
@@ -109,7 +111,7 @@ impl CacheStore {
     /// The listing of `path`, from a NAR walked lately or by walking it.
     async fn listing(&self, path: &str) -> Result<Arc<customisation::Listing>, NotHere> {
         if let Some(found) = self.listings.lock().expect("never poisoned").get(path) {
-            return Ok(found.clone());
+            return Ok(found);
         }
         let info = self.narinfo(path).await?;
         let cache = self.cache_url();
@@ -141,16 +143,59 @@ impl CacheStore {
     }
 }
 
+/// Keeps a listing of at most [`LISTING_KEPT_ENTRIES`] entries.
 fn keep_listing(
-    listings: &Mutex<HashMap<String, Arc<customisation::Listing>>>,
+    listings: &Mutex<Kept<Arc<customisation::Listing>>>,
     path: &str,
     listing: Arc<customisation::Listing>,
 ) {
-    let mut kept = listings.lock().expect("never poisoned");
-    if kept.len() >= KEPT {
-        kept.clear();
+    let weight = listing.len().max(1);
+    if weight <= LISTING_KEPT_ENTRIES {
+        let mut kept = listings.lock().expect("never poisoned");
+        kept.keep(path.to_string(), listing, weight);
     }
-    kept.insert(path.to_string(), listing);
+}
+
+/// Items kept by store path, with a weight (entries, references) whose
+/// total is bounded: past [`KEPT_ENTRIES_TOTAL`] everything goes and
+/// keeping starts again.
+struct Kept<T> {
+    by_path: HashMap<String, (T, usize)>,
+    weight: usize,
+}
+
+impl<T> Default for Kept<T> {
+    fn default() -> Kept<T> {
+        Kept {
+            by_path: HashMap::new(),
+            weight: 0,
+        }
+    }
+}
+
+impl<T: Clone> Kept<T> {
+    fn get(&self, path: &str) -> Option<T> {
+        self.by_path.get(path).map(|(item, _)| item.clone())
+    }
+
+    fn keep(&mut self, path: String, item: T, weight: usize) {
+        if weight > KEPT_ENTRIES_TOTAL {
+            return;
+        }
+        if self.weight + weight > KEPT_ENTRIES_TOTAL {
+            self.by_path.clear();
+            self.weight = 0;
+        }
+        if let Some((_, old)) = self.by_path.insert(path, (item, weight)) {
+            self.weight -= old;
+        }
+        self.weight += weight;
+    }
+
+    #[cfg(test)]
+    fn total(&self) -> usize {
+        self.weight
+    }
 }
 
 /// What a cache error means for the image: the cache lacks it, is down,
@@ -324,25 +369,7 @@ impl StorePaths for CacheStore {
                 (p.done, p.total) = (Some(n), Some(n));
             });
         }
-        let closure: Closure = found
-            .paths
-            .iter()
-            .map(|(path, info)| {
-                let references = info
-                    .references
-                    .iter()
-                    .filter(|r| *r != path)
-                    .map(|r| r.as_str().to_string())
-                    .collect();
-                (
-                    path.as_str().to_string(),
-                    PathInfo {
-                        nar_size: info.nar_size,
-                        references,
-                    },
-                )
-            })
-            .collect();
+        let closure = closure_graph(&found);
         self.keep_narinfos(found.paths.into_values());
         Ok(closure)
     }
@@ -358,7 +385,6 @@ impl StorePaths for CacheStore {
                     .lock()
                     .expect("never poisoned")
                     .get(p)
-                    .cloned()
                     .ok_or_else(|| p.clone())
             })
             .collect();
@@ -449,11 +475,31 @@ impl StorePaths for CacheStore {
         closure: &Closure,
         limits: WalkLimits,
     ) -> Result<Customisation, BuildError> {
+        self.customise_in_rounds(outputs, closure, limits)
+            .await
+            .map(|(custom, _)| custom)
+    }
+}
+
+impl CacheStore {
+    /// The customisation walk over listings fetched as it asks for them,
+    /// and how many walks that took. A walk stops at the first path it
+    /// has no listing of; that one is fetched together with every other
+    /// path the listings held so far link into, so an output linking into
+    /// many packages (an env's `bin/`) costs a few walks, not one per
+    /// package.
+    async fn customise_in_rounds(
+        &self,
+        outputs: Vec<String>,
+        closure: &Closure,
+        limits: WalkLimits,
+    ) -> Result<(Customisation, usize), BuildError> {
+        use futures_util::{StreamExt, TryStreamExt};
         let paths: Vec<String> = closure.keys().cloned().collect();
+        let in_closure: std::collections::HashSet<&str> =
+            paths.iter().map(String::as_str).collect();
         let mut tree = ListedTree::default();
-        // Listings are fetched as the walk asks for them: the outputs' at
-        // least, and those of paths their links lead into.
-        for _ in 0..=paths.len() {
+        for round in 1..=paths.len() + 1 {
             let walk = {
                 let (outputs, paths, tree, limits) =
                     (outputs.clone(), paths.clone(), tree.clone(), limits.clone());
@@ -461,19 +507,208 @@ impl StorePaths for CacheStore {
                     .await
                     .map_err(|e| BuildError::Task(e.to_string()))?
             };
-            match walk {
-                Err(CustomisationError::Unlisted { store_path }) => {
-                    let listing = self
-                        .listing(&store_path)
-                        .await
-                        .map_err(BuildError::NotHere)?;
-                    tree.listings.insert(store_path, (*listing).clone());
-                }
-                other => return other.map_err(BuildError::from),
-            }
+            let missing = match walk {
+                Err(CustomisationError::Unlisted { store_path }) => store_path,
+                other => return other.map(|c| (c, round)).map_err(BuildError::from),
+            };
+            let mut wanted = tree.linked_unlisted(&in_closure);
+            wanted.insert(missing);
+            let fetched: Vec<(String, Arc<customisation::Listing>)> =
+                futures_util::stream::iter(wanted)
+                    .map(|path| async move {
+                        let listing = self.listing(&path).await?;
+                        Ok::<_, NotHere>((path, listing))
+                    })
+                    .buffer_unordered(LISTINGS_AT_ONCE)
+                    .try_collect()
+                    .await
+                    .map_err(BuildError::NotHere)?;
+            tree.listings.extend(fetched);
         }
         Err(BuildError::Task(
             "the customisation layer asked for more listings than the closure has".to_string(),
         ))
+    }
+}
+
+/// A closure from the cache's narinfos as the builder reads one (as
+/// `nix path-info` gives it from a store): sizes, NarHashes, references
+/// without the path itself.
+pub(crate) fn closure_graph(found: &crate::binary_cache::Closure) -> Closure {
+    found
+        .paths
+        .iter()
+        .map(|(path, info)| {
+            let references = info
+                .references
+                .iter()
+                .filter(|r| *r != path)
+                .map(|r| r.as_str().to_string())
+                .collect();
+            (
+                path.as_str().to_string(),
+                PathInfo {
+                    nar_size: info.nar_size,
+                    nar_hash: info.nar_hash.to_nix32_string(),
+                    references,
+                },
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! What the store keeps between builds, and how the customisation
+    //! walk fetches listings.
+    use super::*;
+    use crate::binary_cache::decompress::Compression;
+    use crate::binary_cache::testing::{self, Server, TestCache, TestNode};
+    use crate::binary_cache::{CacheOptions, TrustedKeys};
+    use crate::builder::nix::PathInfo;
+    use crate::storage::MemoryStorage;
+    use std::sync::atomic::AtomicBool;
+
+    fn store_over(cache: BinaryCache) -> CacheStore {
+        let storage = Arc::new(MemoryStorage::new());
+        CacheStore::new(
+            cache,
+            Arc::new(Catalog::new(storage)),
+            Arc::new(super::super::jobs::NoIndexJobs),
+            true,
+        )
+    }
+
+    fn files(n: usize) -> TestNode {
+        TestNode::Directory(vec![(
+            b"share".to_vec(),
+            TestNode::Directory(
+                (0..n)
+                    .map(|i| {
+                        (
+                            format!("f{i:06}").into_bytes(),
+                            TestNode::File {
+                                executable: false,
+                                contents: Vec::new(),
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+        )])
+    }
+
+    /// A listing too large to keep is walked and used, not kept: what the
+    /// process keeps stays within its bounds.
+    #[tokio::test]
+    async fn a_listing_over_the_kept_bound_is_used_but_not_kept() {
+        let key = testing::test_key();
+        let mut cache = TestCache::new();
+        let big = testing::store_path("big-1");
+        cache.add(
+            &big,
+            &files(LISTING_KEPT_ENTRIES + 5_000),
+            &[],
+            Compression::Zstd,
+            Some(&key),
+        );
+        let server = Server::start(&cache).await;
+        let keys = TrustedKeys::parse(&key.public_key()).unwrap();
+        let client = BinaryCache::new(&server.url(), keys, CacheOptions::default()).unwrap();
+        let store = store_over(client);
+        let listing = store.listing(big.as_str()).await.unwrap();
+        assert!(listing.len() > LISTING_KEPT_ENTRIES);
+        let kept = store.listings.lock().unwrap().total();
+        assert!(
+            kept <= LISTING_KEPT_ENTRIES,
+            "the process keeps {kept} listing entries of one path, over LISTING_KEPT_ENTRIES ({LISTING_KEPT_ENTRIES})"
+        );
+        // However many are kept, their total stays bounded.
+        let mut kept = Kept::default();
+        for i in 0..10 {
+            kept.keep(format!("p{i}"), (), KEPT_ENTRIES_TOTAL / 4);
+            assert!(kept.total() <= KEPT_ENTRIES_TOTAL);
+        }
+        kept.keep("huge".to_string(), (), KEPT_ENTRIES_TOTAL + 1);
+        assert!(kept.get("huge").is_none());
+    }
+
+    /// An output whose `bin/` links into many packages (an env) takes a
+    /// few walks, each fetching every listing the last one showed links
+    /// into, not one walk per package.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn customising_links_into_many_paths_takes_a_few_walks() {
+        const N: usize = 600;
+        const FILLER: usize = 200;
+        let client = BinaryCache::new(
+            "file:///nonexistent-cache",
+            TrustedKeys::cache_nixos_org(),
+            CacheOptions::default(),
+        )
+        .unwrap();
+        let store = store_over(client);
+        let env = testing::store_path("env-1");
+        let mut closure = Closure::new();
+        let mut env_listing = customisation::Listing::new();
+        env_listing.insert(PathBuf::new(), Entry::Dir);
+        env_listing.insert(PathBuf::from("bin"), Entry::Dir);
+        for i in 0..N {
+            let dep = testing::store_path(&format!("dep{i}-1"));
+            let mut listing = customisation::Listing::new();
+            listing.insert(PathBuf::new(), Entry::Dir);
+            listing.insert(PathBuf::from("bin"), Entry::Dir);
+            listing.insert(
+                PathBuf::from(format!("bin/tool{i}")),
+                Entry::File {
+                    executable: true,
+                    size: 1,
+                },
+            );
+            listing.insert(PathBuf::from("share"), Entry::Dir);
+            for j in 0..FILLER {
+                listing.insert(
+                    PathBuf::from(format!("share/f{j}")),
+                    Entry::File {
+                        executable: false,
+                        size: 1,
+                    },
+                );
+            }
+            keep_listing(&store.listings, dep.as_str(), Arc::new(listing));
+            env_listing.insert(
+                PathBuf::from(format!("bin/tool{i}")),
+                Entry::Symlink {
+                    target: PathBuf::from(format!("{dep}/bin/tool{i}")),
+                },
+            );
+            closure.insert(
+                dep.as_str().to_string(),
+                PathInfo {
+                    nar_size: 1,
+                    nar_hash: String::new(),
+                    references: vec![],
+                },
+            );
+        }
+        keep_listing(&store.listings, env.as_str(), Arc::new(env_listing));
+        closure.insert(
+            env.as_str().to_string(),
+            PathInfo {
+                nar_size: 1,
+                nar_hash: String::new(),
+                references: vec![],
+            },
+        );
+        let limits = WalkLimits {
+            max_entries: 200_000,
+            max_bytes: 1 << 40,
+            cancelled: Arc::new(AtomicBool::new(false)),
+        };
+        let (custom, walks) = store
+            .customise_in_rounds(vec![env.as_str().to_string()], &closure, limits)
+            .await
+            .unwrap();
+        assert!(custom.tree.len() > N);
+        assert!(walks <= 3, "{walks} walks for {N} linked packages");
     }
 }

@@ -679,3 +679,135 @@ async fn clients_see_each_refusal_as_a_clear_error() {
         .unwrap()
         .contains("unavailable"));
 }
+
+/// A binary cache URL with credentials (`https://user:token@host/...`)
+/// is shown without them where the registry logs its settings.
+#[tokio::test]
+async fn a_cache_password_in_its_url_never_reaches_the_log() {
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let world = world();
+    let server = Server::start(&world.cache).await;
+    let storage = Arc::new(MemoryStorage::new());
+    let mut config = crate::config::defaults();
+    config.source = PackageSource::Path("/pkgs".into());
+    config.images.implicit_packages = vec![];
+    let nix = NixConfig {
+        timeout: Duration::from_secs(10),
+        popularity_url: None,
+        limits: limits(),
+    };
+    let with_secret = server
+        .url()
+        .replace("http://", "http://alice:cache-s3cret-token@");
+    config.assembly = Some((
+        CacheConfig {
+            substituter: with_secret,
+            trusted_keys: world.key.public_key(),
+            mode: FromCache::Only,
+        },
+        nix,
+    ));
+    let parts = Parts {
+        storage: Some(storage.clone()),
+        dispatch: None,
+    };
+    let _app = App::with(&config, false, parts).await.unwrap();
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(
+        log.contains("assembled from the binary cache"),
+        "the start was not logged: {log}"
+    );
+    assert!(
+        !log.contains("cache-s3cret-token"),
+        "the cache's password is in the log:\n{log}"
+    );
+}
+
+/// A layer is found again by its store paths and their NarHashes: an
+/// image assembled from the cache never reuses a layer a Nix build packed
+/// from other bytes of the same paths (a build that is not reproducible,
+/// or a tampered store), so it holds only bytes the cache signed.
+#[tokio::test]
+async fn an_assembled_image_never_reuses_a_layer_of_other_bytes_of_its_paths() {
+    let mut world = world();
+    let hello = testing::store_path("hello-2.12");
+    let other_bytes = dir(vec![(
+        "bin",
+        dir(vec![(
+            "hello",
+            file(true, "#!/bin/sh\necho unsigned-bytes\n"),
+        )]),
+    )]);
+    world.fake.paths.get_mut(hello.as_str()).unwrap().nodes = fake_tree(&other_bytes);
+    // A third package, so that the assembled image is another image.
+    let extra = testing::store_path("extra-1");
+    world.cache.add(
+        &extra,
+        &package("extra"),
+        &[],
+        Compression::Zstd,
+        Some(&world.key),
+    );
+    world.index.push(attribute("extra", &extra));
+    let storage = Arc::new(MemoryStorage::new());
+    let server = Server::start(&world.cache).await;
+    let assembler = only(&world, &server, storage.clone(), limits()).await;
+    // A build with Nix of `hello` (the same store paths) into the same bucket.
+    Builder::new(
+        Arc::new(world.fake),
+        storage.clone(),
+        Arc::new(Popularity::none()),
+        limits(),
+    )
+    .build(&request(&["bash", "hello"]), None)
+    .await
+    .unwrap();
+    // Then a pull of another image with hello, assembled from the cache.
+    let assembled = assembler
+        .build(&request(&["bash", "extra", "hello"]), None)
+        .await
+        .unwrap();
+    assert!(assembled.stats.unwrap().assembled);
+    let manifest = storage
+        .get(&crate::storage::keys::ManifestKey::of_digest(
+            &assembled.record.manifest_digest,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let digest = layer["digest"].as_str().unwrap();
+        let blob = storage
+            .get(&crate::storage::keys::BlobKey::of_digest(digest))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut tar = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut tar).unwrap();
+        assert!(
+            !tar.windows(14).any(|w| w == b"unsigned-bytes"),
+            "layer {digest} of an image assembled from the signed cache holds bytes the cache never signed ({:?})",
+            layer_names(&blob)
+        );
+    }
+}

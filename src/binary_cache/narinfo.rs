@@ -117,6 +117,25 @@ impl Sha256Hash {
         out.copy_from_slice(&bytes);
         Ok(Sha256Hash(out))
     }
+
+    /// As [`Sha256Hash::parse`], and also the SRI form (`sha256-<base64>`)
+    /// newer Nix prints in `nix path-info --json`.
+    pub fn parse_any(text: &str) -> Result<Sha256Hash, HashError> {
+        use base64::Engine;
+        let Some(encoded) = text.strip_prefix("sha256-") else {
+            return Sha256Hash::parse(text);
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| HashError::Base64 {
+                text: text.chars().take(100).collect(),
+            })?;
+        let mut out = [0; 32];
+        out.copy_from_slice(&bytes);
+        Ok(Sha256Hash(out))
+    }
 }
 
 /// Why a narinfo hash is not a sha256 Nix can have written.
@@ -128,6 +147,8 @@ pub enum HashError {
     Nix32 { text: String, source: Nix32Error },
     #[error("{text:?} is not hexadecimal")]
     Hex { text: String },
+    #[error("{text:?} is not the base64 of a sha256")]
+    Base64 { text: String },
     #[error("{text:?} has a digest of {length} characters, not 52 (nix32) or 64 (hex)")]
     Length { text: String, length: usize },
 }

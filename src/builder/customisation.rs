@@ -137,11 +137,28 @@ pub type Listing = BTreeMap<PathBuf, Entry>;
 /// Store paths known by their listings only (from a binary cache).
 #[derive(Debug, Clone, Default)]
 pub struct ListedTree {
-    /// Store path (`/nix/store/<hash>-<name>`) -> its listing.
-    pub listings: BTreeMap<String, Listing>,
+    /// Store path (`/nix/store/<hash>-<name>`) -> its listing (shared: a
+    /// tree is cloned for each walk, its listings never are).
+    pub listings: BTreeMap<String, std::sync::Arc<Listing>>,
 }
 
 impl ListedTree {
+    /// Store paths of `closure` that entries of the listings held link
+    /// into and that have no listing here yet: what a walk that stopped
+    /// at one unlisted path will most likely ask for next, so that all of
+    /// them can be fetched at once.
+    pub fn linked_unlisted(&self, closure: &HashSet<&str>) -> BTreeSet<String> {
+        self.listings
+            .values()
+            .flat_map(|listing| listing.values())
+            .filter_map(|entry| match entry {
+                Entry::Symlink { target } => store_path_of(target),
+                _ => None,
+            })
+            .filter(|path| closure.contains(path.as_str()) && !self.listings.contains_key(path))
+            .collect()
+    }
+
     /// The listing holding `path`, and `path` relative to its store path.
     fn locate<'a>(&self, path: &'a Path) -> Result<(&Listing, &'a Path), CustomisationError> {
         let store_path = store_path_of(path).ok_or_else(|| CustomisationError::Io {
@@ -791,7 +808,9 @@ mod tests {
                 }
                 listing.insert(rel, entry);
             }
-            listed.listings.insert(path.clone(), listing);
+            listed
+                .listings
+                .insert(path.clone(), std::sync::Arc::new(listing));
         }
         let cancelled = AtomicBool::new(false);
         let outputs = [bash, coreutils];

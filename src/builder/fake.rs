@@ -64,6 +64,36 @@ pub fn store_path(name: &str) -> String {
     format!("/nix/store/{hash}-{name}")
 }
 
+impl FakePath {
+    /// The NarHash of its tree, as Nix computes it: the same as a binary
+    /// cache's narinfo says for the same tree.
+    pub fn nar_hash(&self) -> String {
+        use crate::binary_cache::testing::{nar, TestNode};
+        fn node(nodes: &BTreeMap<PathBuf, FakeNode>, at: &std::path::Path) -> TestNode {
+            match &nodes[at] {
+                FakeNode::File { executable, data } => TestNode::File {
+                    executable: *executable,
+                    contents: data.clone(),
+                },
+                FakeNode::Symlink { target } => TestNode::Symlink(target.as_bytes().to_vec()),
+                FakeNode::Dir => TestNode::Directory(
+                    nodes
+                        .keys()
+                        .filter(|p| p.parent() == Some(at) && p.as_os_str() != at.as_os_str())
+                        .map(|p| {
+                            let name = p.file_name().expect("a child has a name");
+                            (name.as_encoded_bytes().to_vec(), node(nodes, p))
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        let bytes = nar(&node(&self.nodes, std::path::Path::new("")));
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
+        crate::binary_cache::Sha256Hash(digest).to_nix32_string()
+    }
+}
+
 impl FakeStore {
     /// A package `name` whose one output holds `bin/<name>` and refers to
     /// `references` (other packages' outputs).
@@ -186,6 +216,7 @@ impl StorePaths for FakeStore {
                 path,
                 PathInfo {
                     nar_size: size,
+                    nar_hash: fake.nar_hash(),
                     references: fake.references.clone(),
                 },
             );
@@ -236,7 +267,7 @@ impl StorePaths for FakeStore {
         let tree = ListedTree {
             listings: closure
                 .keys()
-                .map(|p| (p.clone(), self.listing(p)))
+                .map(|p| (p.clone(), std::sync::Arc::new(self.listing(p))))
                 .collect(),
         };
         let paths: Vec<String> = closure.keys().cloned().collect();

@@ -84,16 +84,25 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// The layer's storage key: what its bytes depend on (its paths and how
-    /// it is compressed), hashed. Equal keys mean reusable layers.
-    pub fn key(&self, compression: &str) -> LayerKey {
+    /// The layer's storage key: what its bytes depend on (its paths, what
+    /// they hold, and how it is compressed), hashed. Equal keys mean
+    /// reusable layers. Each path counts with its NarHash (from
+    /// `closure`), so a layer packed from a Nix store is reused for an
+    /// image assembled from a binary cache, and the other way round, only
+    /// where the bytes are the same: never a local build that differs
+    /// from what the cache signed.
+    pub fn key(&self, compression: &str, closure: &Closure) -> LayerKey {
         let mut hash = Sha256::new();
-        // v2: entries normalised as a NAR has them (see `pack`).
-        hash.update(b"nixery-layer-v2\0");
+        // v3: entries normalised as a NAR has them (see `pack`), and
+        // each path's NarHash.
+        hash.update(b"nixery-layer-v3\0");
         hash.update(compression.as_bytes());
         for path in &self.paths {
             hash.update(b"\0");
             hash.update(path.as_bytes());
+            hash.update(b"\0");
+            let nar_hash = closure.get(path).map_or("", |info| info.nar_hash.as_str());
+            hash.update(nar_hash.as_bytes());
         }
         LayerKey::parse(&hex::encode(hash.finalize())).expect("a sha256 is a layer key")
     }
@@ -308,6 +317,7 @@ mod tests {
                     p(name),
                     PathInfo {
                         nar_size: *size,
+                        nar_hash: String::new(),
                         references: refs.iter().map(|r| p(r)).collect(),
                     },
                 )
@@ -422,6 +432,7 @@ mod tests {
                             path(i),
                             PathInfo {
                                 nar_size: nodes[i].1,
+                                nar_hash: String::new(),
                                 references: vec![],
                             },
                         )
@@ -729,6 +740,7 @@ mod tests {
                 path(i),
                 PathInfo {
                     nar_size: next() % 100_000,
+                    nar_hash: String::new(),
                     references,
                 },
             );
@@ -751,15 +763,31 @@ mod tests {
     }
 
     #[test]
-    fn keys_depend_on_paths_and_compression() {
+    fn keys_depend_on_paths_what_they_hold_and_compression() {
         let a = Layer {
             paths: vec!["/nix/store/a".into()],
         };
         let b = Layer {
             paths: vec!["/nix/store/b".into()],
         };
-        assert_ne!(a.key("gzip"), b.key("gzip"));
-        assert_ne!(a.key("gzip"), a.key("zstd"));
-        assert_eq!(a.key("gzip"), a.clone().key("gzip"));
+        let hashed = |hash: &str| -> Closure {
+            ["/nix/store/a", "/nix/store/b"]
+                .iter()
+                .map(|p| {
+                    let info = PathInfo {
+                        nar_size: 1,
+                        nar_hash: hash.to_string(),
+                        references: vec![],
+                    };
+                    (p.to_string(), info)
+                })
+                .collect()
+        };
+        let (one, other) = (hashed("sha256:1"), hashed("sha256:2"));
+        assert_ne!(a.key("gzip", &one), b.key("gzip", &one));
+        assert_ne!(a.key("gzip", &one), a.key("zstd", &one));
+        assert_eq!(a.key("gzip", &one), a.clone().key("gzip", &one));
+        // The same path with other contents is another layer.
+        assert_ne!(a.key("gzip", &one), a.key("gzip", &other));
     }
 }

@@ -497,7 +497,7 @@ impl Builder {
         let results: Vec<Result<(LayerRecord, bool), BuildError>> =
             futures_util::stream::iter(groups)
                 .map(|layer| {
-                    let key = layer.key(compression.key());
+                    let key = layer.key(compression.key(), closure);
                     let job = store.pack(layer.paths, closure);
                     async move {
                         let stored = self
@@ -538,8 +538,7 @@ impl Builder {
         compression: Compression,
         cancelled: &Arc<AtomicBool>,
     ) -> Result<(LayerRecord, CustomConfig), BuildError> {
-        let paths: Vec<String> = closure.keys().cloned().collect();
-        let key = customisation_key(&roots, &paths, compression);
+        let key = customisation_key(&roots, closure, compression);
         let size: u64 = closure.values().map(|p| p.nar_size).sum();
         let limits = WalkLimits {
             max_entries: MAX_CUSTOM_ENTRIES,
@@ -641,9 +640,13 @@ struct CustomConfig {
 }
 
 /// The customisation layer's key: everything its bytes depend on (the
-/// requested outputs in order, the closure, the compression, and the
-/// version of the walk that reads them).
-fn customisation_key(roots: &[String], closure: &[String], compression: Compression) -> LayerKey {
+/// requested outputs in order, the closure's paths and what they hold,
+/// the compression, and the version of the walk that reads them).
+fn customisation_key(roots: &[String], closure: &Closure, compression: Compression) -> LayerKey {
+    let closure: Vec<[&str; 2]> = closure
+        .iter()
+        .map(|(path, info)| [path.as_str(), info.nar_hash.as_str()])
+        .collect();
     let canonical = serde_json::json!({
         "layer": "customisation",
         "format": IMAGE_FORMAT,

@@ -194,6 +194,10 @@ pub struct Resolved {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathInfo {
     pub nar_size: u64,
+    /// The hash of its NAR serialisation, `sha256:<nix32>` (as Nix signs
+    /// it): what its bytes are, so equal hashes mean equal contents
+    /// whether they come from a Nix store or a binary cache.
+    pub nar_hash: String,
     /// Other paths this one refers to (itself excluded).
     pub references: Vec<String>,
 }
@@ -720,6 +724,7 @@ fn parse_path_info(json: &[u8]) -> Result<Closure, String> {
     struct Entry {
         path: Option<String>,
         nar_size: u64,
+        nar_hash: String,
         #[serde(default)]
         references: Vec<String>,
     }
@@ -754,10 +759,15 @@ fn parse_path_info(json: &[u8]) -> Result<Closure, String> {
             .collect();
         references.sort();
         references.dedup();
+        // Any form Nix prints (nix32, hex, SRI), as Nix signs it.
+        let nar_hash = crate::binary_cache::narinfo::Sha256Hash::parse_any(&entry.nar_hash)
+            .map_err(|e| format!("{path}: {e}"))?
+            .to_nix32_string();
         closure.insert(
             path,
             PathInfo {
                 nar_size: entry.nar_size,
+                nar_hash,
                 references,
             },
         );
@@ -784,6 +794,7 @@ pub(crate) fn test_closure(edges: &[(&str, &[&str])]) -> Closure {
                 path.to_string(),
                 PathInfo {
                     nar_size: 1,
+                    nar_hash: String::new(),
                     references,
                 },
             )
@@ -795,19 +806,35 @@ pub(crate) fn test_closure(edges: &[(&str, &[&str])]) -> Closure {
 mod tests {
     use super::*;
 
+    /// sha256 of nothing, in the three forms Nix versions print.
+    const EMPTY_HEX: &str =
+        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    const EMPTY_SRI: &str = "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+
     #[test]
     fn path_info_array_and_object_agree() {
-        let array = br#"[{"path":"/nix/store/a-x","narSize":10,"references":["/nix/store/a-x","/nix/store/b-y"]},
-                         {"path":"/nix/store/b-y","narSize":5,"references":[]}]"#;
-        let object =
-            br#"{"/nix/store/a-x":{"narSize":10,"references":["/nix/store/b-y","/nix/store/a-x"]},
-                          "/nix/store/b-y":{"narSize":5,"references":[]}}"#;
-        let a = parse_path_info(array).unwrap();
-        assert_eq!(a, parse_path_info(object).unwrap());
+        let array = format!(
+            r#"[{{"path":"/nix/store/a-x","narSize":10,"narHash":"{EMPTY_HEX}","references":["/nix/store/a-x","/nix/store/b-y"]}},
+                {{"path":"/nix/store/b-y","narSize":5,"narHash":"{EMPTY_HEX}","references":[]}}]"#
+        );
+        let object = format!(
+            r#"{{"/nix/store/a-x":{{"narSize":10,"narHash":"{EMPTY_SRI}","references":["/nix/store/b-y","/nix/store/a-x"]}},
+                 "/nix/store/b-y":{{"narSize":5,"narHash":"{EMPTY_SRI}","references":[]}}}}"#
+        );
+        let a = parse_path_info(array.as_bytes()).unwrap();
+        assert_eq!(a, parse_path_info(object.as_bytes()).unwrap());
         assert_eq!(
             a["/nix/store/a-x"].references,
             vec!["/nix/store/b-y".to_string()]
         );
+        // Hex and SRI read as the nix32 a narinfo has.
+        let empty: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"").into();
+        assert_eq!(
+            a["/nix/store/b-y"].nar_hash,
+            crate::binary_cache::Sha256Hash(empty).to_nix32_string()
+        );
+        let missing = br#"[{"path":"/nix/store/a-x","narSize":10,"references":[]}]"#;
+        assert!(parse_path_info(missing).is_err());
     }
 
     #[test]
@@ -852,8 +879,12 @@ mod tests {
 
     #[test]
     fn path_info_rejects_an_open_graph() {
-        let json = br#"[{"path":"/nix/store/a-x","narSize":10,"references":["/nix/store/c-z"]}]"#;
-        assert!(parse_path_info(json).unwrap_err().contains("c-z"));
+        let json = format!(
+            r#"[{{"path":"/nix/store/a-x","narSize":10,"narHash":"{EMPTY_HEX}","references":["/nix/store/c-z"]}}]"#
+        );
+        assert!(parse_path_info(json.as_bytes())
+            .unwrap_err()
+            .contains("c-z"));
     }
 
     #[test]

@@ -280,7 +280,7 @@ mod tests {
             let name = |i: usize| path(&format!("{i:032}"), &format!("p{}", i % 5));
             let mut one = Closure::new();
             for (from, to) in &edges {
-                one.entry(name(*from)).or_insert(PathInfo { nar_size: 1, references: vec![] }).references.push(name(*to));
+                one.entry(name(*from)).or_insert(PathInfo { nar_size: 1, nar_hash: String::new(), references: vec![] }).references.push(name(*to));
             }
             let mut reversed = one.clone();
             for info in reversed.values_mut() {

@@ -335,9 +335,22 @@ async fn a_link_out_of_the_closure_is_an_image_link_not_a_listing() {
 
 #[test]
 fn the_customisation_key_follows_its_inputs() {
+    let hashed = |closure: &[&str], hash: &str| -> nix::Closure {
+        closure
+            .iter()
+            .map(|p| {
+                let info = nix::PathInfo {
+                    nar_size: 1,
+                    nar_hash: hash.to_string(),
+                    references: vec![],
+                };
+                (p.to_string(), info)
+            })
+            .collect()
+    };
     let key = |roots: &[&str], closure: &[&str], compression| {
-        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        customisation_key(&v(roots), &v(closure), compression)
+        let roots: Vec<String> = roots.iter().map(|s| s.to_string()).collect();
+        customisation_key(&roots, &hashed(closure, "sha256:1"), compression)
     };
     let a = key(&["/nix/store/a"], &["/nix/store/a"], Compression::Gzip);
     assert_eq!(
@@ -355,6 +368,16 @@ fn the_customisation_key_follows_its_inputs() {
     assert_ne!(
         a,
         key(&["/nix/store/a"], &["/nix/store/a"], Compression::Zstd)
+    );
+    // The same paths with other contents.
+    let roots = vec!["/nix/store/a".to_string()];
+    assert_ne!(
+        a,
+        customisation_key(
+            &roots,
+            &hashed(&["/nix/store/a"], "sha256:2"),
+            Compression::Gzip
+        )
     );
 }
 

@@ -1069,7 +1069,8 @@ fn substituter(value: &str) -> Result<String, String> {
         Ok(value.trim_end_matches('/').to_string())
     } else {
         Err(format!(
-            "{value:?} is not an http(s):// or file:// URL (or none)"
+            "{:?} is not an http(s):// or file:// URL (or none)",
+            crate::source::redact_urls(value)
         ))
     }
 }
