@@ -74,7 +74,7 @@ BIG=big
 export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}"
 export no_proxy="$NO_PROXY"
 
-# --- plumbing (as in serve.sh) ----------------------------------------------
+# --- plumbing -----------------------------------------------------------------
 
 log() { echo "==> $*" >&2; }
 warn() { echo "cold_pull.sh: WARNING: $*" >&2; }
@@ -101,81 +101,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# alive PID: whether the process runs (exists and is not a zombie).
-alive() {
-  local state
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-  [ -n "$state" ] && [ "$state" != Z ]
-}
-
-# start_bg NAME COMMAND...: runs COMMAND in the background with stdout in
-# $work/NAME.out and stderr in $work/NAME.err; its PID in $last_pid.
-last_pid=""
-start_bg() {
-  local name=$1
-  shift
-  : >"$work/$name.out"
-  : >"$work/$name.err"
-  "$@" >"$work/$name.out" 2>"$work/$name.err" </dev/null &
-  last_pid=$!
-  pids+=("$last_pid")
-}
-
-# stop PID: stops one process this script started (SIGTERM, then SIGKILL
-# after 10 s), and waits for it.
-stop() {
-  local pid=$1 kept=() p i
-  kill "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    alive "$pid" || break
-    sleep 0.1
-  done
-  if alive "$pid"; then kill -9 "$pid" 2>/dev/null || true; fi
-  wait "$pid" 2>/dev/null || true
-  for p in "${pids[@]}"; do
-    if [ "$p" != "$pid" ]; then kept+=("$p"); fi
-  done
-  pids=("${kept[@]}")
-}
-
-# wait_for_line NAME PID REGEX: waits (up to 60 s) until the process's stdout
-# has a line matching REGEX (an extended regex with one group); prints the
-# group. Fails with the process's stderr if it exits first.
-wait_for_line() {
-  local name=$1 pid=$2 regex=$3 i
-  for ((i = 0; i < 600; i++)); do
-    if [[ "$(cat "$work/$name.out")" =~ $regex ]]; then
-      echo "${BASH_REMATCH[1]}"
-      return
-    fi
-    if ! alive "$pid"; then
-      cat "$work/$name.err" >&2
-      die "$name exited before it was ready (its stderr is above)"
-    fi
-    sleep 0.1
-  done
-  cat "$work/$name.err" >&2
-  die "$name was not ready after 60 s"
-}
-
-# wait_for_http NAME PID URL: waits (up to 60 s) until URL answers at all.
-wait_for_http() {
-  local name=$1 pid=$2 url=$3 i
-  for ((i = 0; i < 600; i++)); do
-    if curl -s -o /dev/null "$url"; then return; fi
-    if ! alive "$pid"; then
-      cat "$work/$name.err" >&2
-      die "$name exited before it answered (its stderr is above)"
-    fi
-    sleep 0.1
-  done
-  cat "$work/$name.err" >&2
-  die "$name did not answer $url within 60 s"
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+# Starting, waiting for and stopping processes, by PID.
+# shellcheck source=benches/processes.sh
+. "$repo/benches/processes.sh"
 
 # check_idle: samples how busy the CPUs are over one second; warns when
 # other processes use them. Keeps the highest sample in $busy_max.
