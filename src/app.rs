@@ -33,7 +33,7 @@ use crate::dispatch::git::QueueGit;
 use crate::dispatch::in_process::InProcess;
 use crate::dispatch::queue::{sqs_client, BySystem, SqsInbox, SqsQueue};
 use crate::dispatch::single_flight::{SingleFlight, Turns};
-use crate::dispatch::sqs::SqsDispatch;
+use crate::dispatch::sqs::{SqsDispatch, Timings};
 use crate::dispatch::worker::Worker;
 use crate::dispatch::Dispatch;
 use crate::fetch::FetchError;
@@ -149,52 +149,10 @@ impl App {
                     config.failure_ttl,
                     timings.build_timeout,
                 )));
-                let mut dispatch = SqsDispatch::new(storage.clone(), queue.clone(), *timings)
-                    .queueing_at_most(config.max_queued_builds);
-                if let Some((cache, nix)) = &config.assembly {
-                    // Index jobs go to the workers, as builds do; never
-                    // where no package-set code may run.
-                    let jobs: Arc<dyn IndexJobs> = match cache.mode {
-                        FromCache::Only => Arc::new(NoIndexJobs),
-                        FromCache::First | FromCache::Never => {
-                            Arc::new(QueueIndexer::new(queue.clone(), storage.clone()))
-                        }
-                    };
-                    let store = cache_store(cache, nix, &storage, jobs)?;
-                    let popularity = Arc::new(load_popularity(nix, &config.storage).await?);
-                    let assembler = Builder::new(store, storage.clone(), popularity, nix.limits);
-                    let assembler = match cache.mode {
-                        FromCache::Only => assembler,
-                        FromCache::First | FromCache::Never => assembler.passing_on(),
-                    };
-                    dispatch = dispatch.assembling_with(assembler, metrics.clone());
-                    tracing::info!(cache = %crate::source::redact_urls(&cache.substituter), mode = %cache.mode, "images are assembled from the binary cache");
-                }
-                Arc::new(SingleFlight::new(Arc::new(dispatch)))
+                sqs_dispatch(config, *timings, queue, &storage, &metrics).await?
             }
             (None, BuildMode::Local(nix)) => {
-                let mut builder = builder(nix, &storage, &config.storage).await?;
-                if let Some((cache, _)) = &config.assembly {
-                    builder = match cache.mode {
-                        // Nothing of the package set runs here, indexing
-                        // included: indexes come from `nixery index`.
-                        FromCache::Only => {
-                            let store = cache_store(cache, nix, &storage, Arc::new(NoIndexJobs))?;
-                            let popularity = Arc::new(load_popularity(nix, &config.storage).await?);
-                            Builder::new(store, storage.clone(), popularity, nix.limits)
-                        }
-                        FromCache::First | FromCache::Never => {
-                            let catalog = Arc::new(Catalog::new(storage.clone()));
-                            let jobs = Arc::new(LocalIndexer::new(
-                                Nix::new(nix.timeout),
-                                catalog.clone(),
-                                storage.clone(),
-                            ));
-                            builder.trying_first(cache_store_on(cache, nix, catalog, jobs)?)
-                        }
-                    };
-                    tracing::info!(cache = %crate::source::redact_urls(&cache.substituter), mode = %cache.mode, "images are assembled from the binary cache");
-                }
+                let builder = local_builder(config, nix, &storage).await?;
                 local_dispatch(builder, metrics.clone(), config.max_queued_builds)
             }
         };
@@ -237,6 +195,76 @@ pub(crate) fn local_dispatch(
     };
     let in_process = Arc::new(InProcess::new(builder, metrics));
     Arc::new(SingleFlight::taking_turns(in_process, turns))
+}
+
+/// Builds sent to the workers over SQS; with a binary cache, images it
+/// holds are assembled here first.
+async fn sqs_dispatch(
+    config: &ServeConfig,
+    timings: Timings,
+    queue: Arc<BySystem>,
+    storage: &Arc<dyn Storage>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Dispatch>, AppError> {
+    let mut dispatch = SqsDispatch::new(storage.clone(), queue.clone(), timings)
+        .queueing_at_most(config.max_queued_builds);
+    if let Some((cache, nix)) = &config.assembly {
+        // Index jobs go to the workers, as builds do; never where no
+        // package-set code may run.
+        let jobs: Arc<dyn IndexJobs> = match cache.mode {
+            FromCache::Only => Arc::new(NoIndexJobs),
+            FromCache::First | FromCache::Never => {
+                Arc::new(QueueIndexer::new(queue, storage.clone()))
+            }
+        };
+        let store = cache_store(cache, nix, storage, jobs)?;
+        let popularity = Arc::new(load_popularity(nix, &config.storage).await?);
+        let assembler = Builder::new(store, storage.clone(), popularity, nix.limits);
+        let assembler = match cache.mode {
+            FromCache::Only => assembler,
+            FromCache::First | FromCache::Never => assembler.passing_on(),
+        };
+        dispatch = dispatch.assembling_with(assembler, metrics.clone());
+        log_assembly(cache);
+    }
+    Ok(Arc::new(SingleFlight::new(Arc::new(dispatch))))
+}
+
+/// The local mode's builder: Nix here, and with a binary cache, the
+/// cache first (`first`) or alone (`only`).
+async fn local_builder(
+    config: &ServeConfig,
+    nix: &NixConfig,
+    storage: &Arc<dyn Storage>,
+) -> Result<Builder, AppError> {
+    let builder = builder(nix, storage, &config.storage).await?;
+    let Some((cache, _)) = &config.assembly else {
+        return Ok(builder);
+    };
+    let builder = match cache.mode {
+        // Nothing of the package set runs here, indexing included:
+        // indexes come from `nixery index`.
+        FromCache::Only => {
+            let store = cache_store(cache, nix, storage, Arc::new(NoIndexJobs))?;
+            let popularity = Arc::new(load_popularity(nix, &config.storage).await?);
+            Builder::new(store, storage.clone(), popularity, nix.limits)
+        }
+        FromCache::First | FromCache::Never => {
+            let catalog = Arc::new(Catalog::new(storage.clone()));
+            let jobs = Arc::new(LocalIndexer::new(
+                Nix::new(nix.timeout),
+                catalog.clone(),
+                storage.clone(),
+            ));
+            builder.trying_first(cache_store_on(cache, nix, catalog, jobs)?)
+        }
+    };
+    log_assembly(cache);
+    Ok(builder)
+}
+
+fn log_assembly(cache: &CacheConfig) {
+    tracing::info!(cache = %crate::source::redact_urls(&cache.substituter), mode = %cache.mode, "images are assembled from the binary cache");
 }
 
 /// A build worker: the builder, on the configured queue; it makes the
