@@ -51,7 +51,8 @@
 //! use nixery::builder::popularity::Popularity;
 //! let mut closure = Closure::new();
 //! for (p, size) in [("/nix/store/a", 1), ("/nix/store/b", 9), ("/nix/store/c", 5)] {
-//!     closure.insert(p.to_string(), PathInfo { nar_size: size, references: vec![] });
+//!     let info = PathInfo { nar_size: size, nar_hash: String::new(), references: vec![] };
+//!     closure.insert(p.to_string(), info);
 //! }
 //! let roots: Vec<String> = closure.keys().cloned().collect();
 //! let layers = group(&closure, &roots, &Popularity::none(), 2);

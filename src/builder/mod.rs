@@ -32,7 +32,7 @@
 pub mod compress;
 pub(crate) mod customisation;
 mod error;
-pub(crate) mod layers;
+pub mod layers;
 pub mod nix;
 pub(crate) mod objects;
 pub mod pack;

@@ -44,8 +44,9 @@
 //! let hello = "/nix/store/0sd4izqfaqmcmqvjk51zk001a4xv7q74-hello-2.12.1";
 //! let bash = "/nix/store/pxjvj7jdcp3gj05xb4r5hzrjcn13h6ah-bash-interactive-5.2";
 //! let mut closure = BTreeMap::new();
-//! closure.insert(hello.to_string(), PathInfo { nar_size: 1, references: vec![bash.to_string()] });
-//! closure.insert(bash.to_string(), PathInfo { nar_size: 1, references: vec![] });
+//! let info = |references: Vec<String>| PathInfo { nar_size: 1, nar_hash: String::new(), references };
+//! closure.insert(hello.to_string(), info(vec![bash.to_string()]));
+//! closure.insert(bash.to_string(), info(vec![]));
 //! let roots = [ResolvedPackage {
 //!     name: "hello".into(),
 //!     drv_path: "/nix/store/yvk3jvafqy8dyj6y3dbddjn7brw8w4i4-hello-2.12.1.drv".into(),

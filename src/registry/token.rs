@@ -505,73 +505,9 @@ pub(super) async fn endpoint(
         });
     };
     let client = Client::of(&req);
-    let (parts, body) = req.into_parts();
-    let query = parts.uri.query().unwrap_or_default();
-    if query.len() > MAX_REQUEST {
-        return Err(RegistryError::TokenDenied {
-            reason: "the token request is too large",
-        });
-    }
-    let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
-        .into_owned()
-        .collect();
-    let mut credentials = None;
-    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
-        if value.len() > super::auth::MAX_AUTHORIZATION {
-            return Err(RegistryError::Unauthorized {
-                reason: "the Authorization header is too large",
-            });
-        }
-        credentials = Some(value.to_str().ok().and_then(super::auth::basic).ok_or(
-            RegistryError::Unauthorized {
-                reason: "the token endpoint takes Basic credentials",
-            },
-        )?);
-    }
-    if parts.method == Method::POST {
-        let form = axum::body::to_bytes(body, MAX_REQUEST).await.map_err(|_| {
-            RegistryError::TokenDenied {
-                reason: "the token request is too large",
-            }
-        })?;
-        let form: Vec<(String, String)> = form_urlencoded::parse(&form).into_owned().collect();
-        let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        if field("grant_type").as_deref() != Some("password") {
-            return Err(RegistryError::TokenDenied {
-                reason: "this registry grants tokens for passwords only (grant_type=password)",
-            });
-        }
-        credentials = Some((
-            field("username").unwrap_or_default(),
-            field("password").unwrap_or_default(),
-        ));
-        params.extend(
-            form.into_iter()
-                .filter(|(k, _)| k == "scope" || k == "service"),
-        );
-    }
-    if params
-        .iter()
-        .any(|(k, v)| k == "service" && v != auth.tokens().service())
-    {
-        return Err(RegistryError::TokenDenied {
-            reason: "the token request names another service",
-        });
-    }
-    // `scope` may repeat, and (in OAuth2 forms) hold several, spaced.
-    let scopes: Vec<&str> = params
-        .iter()
-        .filter(|(k, _)| k == "scope")
-        .flat_map(|(_, v)| v.split(' '))
-        .filter(|s| !s.is_empty())
-        .collect();
-    if scopes.len() > MAX_SCOPES {
-        return Err(RegistryError::TokenDenied {
-            reason: "a token request names at most 16 scopes",
-        });
-    }
+    let asked = TokenRequest::read(req, auth.tokens().service()).await?;
     // An empty Basic pair is anonymous, as elsewhere.
-    let user = match credentials {
+    let user = match asked.credentials {
         Some((user, password)) => match auth.login(client, &user, &password).await? {
             Caller::User(user) => Some(user),
             Caller::Anonymous | Caller::Token(_) => None,
@@ -587,18 +523,7 @@ pub(super) async fn endpoint(
         }
         None => ("", &[PULL]),
     };
-    let mut access: Vec<Access> = Vec::new();
-    for (name, requested) in scopes.iter().filter_map(|s| parse_scope(s)) {
-        // What is asked for and allowed; `build` comes with `pull`.
-        let wanted = |action: &&str| {
-            requested.contains(action) || (*action == BUILD && requested.contains(&PULL))
-        };
-        let granted: Vec<&str> = actions.iter().copied().filter(wanted).collect();
-        if granted.is_empty() || access.iter().any(|a| a.name == name) {
-            continue;
-        }
-        access.push(Access::repository(name, &granted));
-    }
+    let access = granted(&asked.scopes, actions);
     let issued = auth.tokens().issue(subject, access).await;
     let body = TokenResponse {
         token: issued.token.clone(),
@@ -612,6 +537,105 @@ pub(super) async fn endpoint(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+/// What a token request asks for: as a query (docker's GET) or an OAuth2
+/// password form (POST), with Basic credentials or the form's.
+struct TokenRequest {
+    credentials: Option<(String, String)>,
+    /// Each `scope`, split where a form holds several, spaced.
+    scopes: Vec<String>,
+}
+
+impl TokenRequest {
+    /// Reads and bounds the request; refused if it names a service other
+    /// than `service`.
+    async fn read(req: Request, service: &str) -> Result<TokenRequest, RegistryError> {
+        let (parts, body) = req.into_parts();
+        let query = parts.uri.query().unwrap_or_default();
+        if query.len() > MAX_REQUEST {
+            return Err(RegistryError::TokenDenied {
+                reason: "the token request is too large",
+            });
+        }
+        let mut params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        let mut credentials = None;
+        if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+            if value.len() > super::auth::MAX_AUTHORIZATION {
+                return Err(RegistryError::Unauthorized {
+                    reason: "the Authorization header is too large",
+                });
+            }
+            credentials = Some(value.to_str().ok().and_then(super::auth::basic).ok_or(
+                RegistryError::Unauthorized {
+                    reason: "the token endpoint takes Basic credentials",
+                },
+            )?);
+        }
+        if parts.method == Method::POST {
+            let form = axum::body::to_bytes(body, MAX_REQUEST).await.map_err(|_| {
+                RegistryError::TokenDenied {
+                    reason: "the token request is too large",
+                }
+            })?;
+            let form: Vec<(String, String)> = form_urlencoded::parse(&form).into_owned().collect();
+            let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            if field("grant_type").as_deref() != Some("password") {
+                return Err(RegistryError::TokenDenied {
+                    reason: "this registry grants tokens for passwords only (grant_type=password)",
+                });
+            }
+            credentials = Some((
+                field("username").unwrap_or_default(),
+                field("password").unwrap_or_default(),
+            ));
+            params.extend(
+                form.into_iter()
+                    .filter(|(k, _)| k == "scope" || k == "service"),
+            );
+        }
+        if params.iter().any(|(k, v)| k == "service" && v != service) {
+            return Err(RegistryError::TokenDenied {
+                reason: "the token request names another service",
+            });
+        }
+        // `scope` may repeat, and (in OAuth2 forms) hold several, spaced.
+        let scopes: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| k == "scope")
+            .flat_map(|(_, v)| v.split(' '))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if scopes.len() > MAX_SCOPES {
+            return Err(RegistryError::TokenDenied {
+                reason: "a token request names at most 16 scopes",
+            });
+        }
+        Ok(TokenRequest {
+            credentials,
+            scopes,
+        })
+    }
+}
+
+/// What of `scopes` the caller gets, given the `actions` it may take:
+/// one grant per repository, `build` coming with `pull`.
+fn granted(scopes: &[String], actions: &[&str]) -> Vec<Access> {
+    let mut access: Vec<Access> = Vec::new();
+    for (name, requested) in scopes.iter().filter_map(|s| parse_scope(s)) {
+        let wanted = |action: &&str| {
+            requested.contains(action) || (*action == BUILD && requested.contains(&PULL))
+        };
+        let granted: Vec<&str> = actions.iter().copied().filter(wanted).collect();
+        if granted.is_empty() || access.iter().any(|a| a.name == name) {
+            continue;
+        }
+        access.push(Access::repository(name, &granted));
+    }
+    access
 }
 
 /// One `scope` of a token request: `repository:<name>:<actions>`.
