@@ -7,29 +7,24 @@
 //! in lower case (`attrs/<revision>/<system>/<nn>`, zstd-compressed JSON),
 //! and a head written last (`attrs/<revision>/<system>/head`), so that a
 //! function with a cold start reads one small object and then only the
-//! shards of the names asked for (one per level of a dotted name), and
-//! keeps what it read for a while ([`Catalog`]).
+//! shards of the names asked for (one per level of a dotted name that the
+//! lookup reaches: a name whose first level is unknown costs one shard,
+//! however many dots follow), and keeps what it read for a while
+//! ([`Catalog`]).
 //!
-//! [`look_up`] answers a name exactly as `nix/resolve.nix` would: at each
-//! level the attribute of that exact name, else the one equal to it
-//! ignoring ASCII case that sorts first by bytes; a derivation at the end
-//! is the package; a name that stops at anything else is not a package;
-//! a name that goes below a set the index did not list is one only Nix
-//! can answer.
+//! [`Catalog::look_up`] answers a name exactly as `nix/resolve.nix`
+//! would, one level at a time ([`Resolving`]): at each level the attribute
+//! of that exact name, else the one equal to it ignoring ASCII case that
+//! sorts first by bytes; a derivation at the end is the package; a name
+//! that stops at anything else is not a package; a name that goes below a
+//! set the index did not list is one only Nix can answer.
 //!
-//! ```
-//! use nixery::assembly::attrs::{look_up, Lookup};
-//! use nixery::builder::nix::{AttributeKind, ListedAttribute};
-//! let attr = |path: &[&str], kind| ListedAttribute {
-//!     path: path.iter().map(|s| s.to_string()).collect(),
-//!     kind, drv_path: None, outputs: vec![], paths: vec![], meta: Default::default(),
-//! };
-//! let entries = vec![attr(&["python3Packages"], AttributeKind::Set), attr(&["python3Packages", "numpy"], AttributeKind::None)];
-//! let found = look_up("python3packages.numpy", &|lower: &str| {
-//!     entries.iter().filter(|e| e.path.join(".").to_ascii_lowercase() == lower).collect()
-//! });
-//! assert!(matches!(found, Lookup::NotAPackage));
-//! ```
+//! For example, `python3packages.numpy` reads the shard of
+//! `python3packages`, where it finds the set `python3Packages` (no
+//! attribute has the exact name; this one is equal to it ignoring case),
+//! then the shard of `python3packages.numpy`, where it finds the package
+//! `python3Packages.numpy`. `nope.numpy.x.y` reads the shard of `nope`
+//! alone, finds nothing, and is not a package.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -107,23 +102,49 @@ pub enum Lookup {
     Unknown,
 }
 
-/// Looks up `name` (`a.b.c`) as `nix/resolve.nix` would. `candidates`
-/// gives the listed attributes whose lower-case path is the one it is
-/// given (from that path's shard).
-pub fn look_up<'a>(name: &str, candidates: &dyn Fn(&str) -> Vec<&'a ListedAttribute>) -> Lookup {
-    let parts: Vec<&str> = name.split('.').filter(|p| !p.is_empty()).collect();
-    if parts.is_empty() {
-        return Lookup::NotAPackage;
+/// A name being looked up as `nix/resolve.nix` would, one level at a
+/// time, so that the candidates of a level are fetched only once the
+/// levels above it have been passed: [`Resolving::wanted`] names the
+/// lower-case path of the next level, [`Resolving::choose`] picks among
+/// the attributes listed under it, until it answers.
+struct Resolving<'n> {
+    parts: Vec<&'n str>,
+    /// The attribute path chosen so far: one name per level passed.
+    chosen: Vec<String>,
+}
+
+impl<'n> Resolving<'n> {
+    /// The lookup of `name`; its answer at once if it names nothing.
+    fn start(name: &'n str) -> Result<Resolving<'n>, Lookup> {
+        let parts: Vec<&str> = name.split('.').filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            return Err(Lookup::NotAPackage);
+        }
+        Ok(Resolving {
+            parts,
+            chosen: Vec::new(),
+        })
     }
-    let mut chosen: Vec<String> = Vec::new();
-    for (level, part) in parts.iter().enumerate() {
-        let wanted: Vec<String> = parts[..=level].iter().map(|p| p.to_string()).collect();
-        let here: Vec<&ListedAttribute> = candidates(&lower_path(&wanted))
+
+    /// The lower-case path the next level is chosen among.
+    fn wanted(&self) -> String {
+        let level = self.chosen.len();
+        let wanted: Vec<String> = self.parts[..=level].iter().map(|p| p.to_string()).collect();
+        lower_path(&wanted)
+    }
+
+    /// Chooses the next level among `candidates` (the listed attributes
+    /// whose lower-case path is [`Resolving::wanted`]); the answer, if
+    /// the name ends here (it always does at its last level).
+    fn choose(&mut self, candidates: Vec<&ListedAttribute>) -> Option<Lookup> {
+        let level = self.chosen.len();
+        let part = self.parts[level];
+        let here: Vec<&ListedAttribute> = candidates
             .into_iter()
-            .filter(|a| a.path.len() == level + 1 && a.path[..level] == chosen[..])
+            .filter(|a| a.path.len() == level + 1 && a.path[..level] == self.chosen[..])
             .collect();
         // The exact name, else the first equal to it ignoring case.
-        let exact = here.iter().find(|a| a.path[level] == *part);
+        let exact = here.iter().find(|a| a.path[level] == part);
         let attribute = match exact {
             Some(found) => *found,
             None => match here
@@ -133,25 +154,26 @@ pub fn look_up<'a>(name: &str, candidates: &dyn Fn(&str) -> Vec<&'a ListedAttrib
                 Some(found) => *found,
                 // The parent set (the top level, or a listed set) has no
                 // such attribute.
-                None => return Lookup::NotAPackage,
+                None => return Some(Lookup::NotAPackage),
             },
         };
-        let last = level + 1 == parts.len();
+        let last = level + 1 == self.parts.len();
         match (attribute.kind, last) {
-            (AttributeKind::Drv, true) => return Lookup::Package(Box::new(attribute.clone())),
-            (AttributeKind::Broken, true) => return Lookup::Unknown,
-            (AttributeKind::Opaque, false) => return Lookup::Unknown,
-            (AttributeKind::Set, false) => {}
+            (AttributeKind::Drv, true) => Some(Lookup::Package(Box::new(attribute.clone()))),
+            (AttributeKind::Broken, true) => Some(Lookup::Unknown),
+            (AttributeKind::Opaque, false) => Some(Lookup::Unknown),
+            (AttributeKind::Set, false) => {
+                self.chosen = attribute.path.clone();
+                None
+            }
             // A derivation is not looked into; a set or a non-package is
             // not a package.
             (AttributeKind::Drv | AttributeKind::Broken | AttributeKind::None, false)
             | (AttributeKind::Set | AttributeKind::Opaque | AttributeKind::None, true) => {
-                return Lookup::NotAPackage
+                Some(Lookup::NotAPackage)
             }
         }
-        chosen = attribute.path.clone();
     }
-    Lookup::NotAPackage
 }
 
 /// Why an index could not be read or written.
@@ -211,36 +233,36 @@ impl Catalog {
         Ok(head)
     }
 
-    /// Looks up `names` in the index `head` heads.
+    /// Looks up `names` in the index `head` heads, level by level: only
+    /// the shards of the levels a name reaches are read (see [`Resolving`]).
     pub async fn look_up(&self, head: &Head, names: &[String]) -> Result<Vec<Lookup>, AttrsError> {
         let revision = revision_of(&head.source);
-        // Every level of every name: its shard.
-        let mut wanted: Vec<u8> = names
-            .iter()
-            .flat_map(|name| {
-                let parts: Vec<String> = name.split('.').map(str::to_string).collect();
-                (1..=parts.len())
-                    .map(|n| shard_of(&lower_path(&parts[..n])))
-                    .collect::<Vec<u8>>()
-            })
-            .collect();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let mut loaded: Vec<Arc<Vec<ListedAttribute>>> = Vec::new();
-        for shard in wanted {
-            loaded.push(self.shard(&revision, &head.system, shard).await?);
+        let mut found = Vec::with_capacity(names.len());
+        for name in names {
+            let mut resolving = match Resolving::start(name) {
+                Ok(resolving) => resolving,
+                Err(answer) => {
+                    found.push(answer);
+                    continue;
+                }
+            };
+            let answer = loop {
+                let wanted = resolving.wanted();
+                let shard = self
+                    .shard(&revision, &head.system, shard_of(&wanted))
+                    .await?;
+                // Every attribute of this path is in this path's shard.
+                let candidates: Vec<&ListedAttribute> = shard
+                    .iter()
+                    .filter(|a| lower_path(&a.path) == wanted)
+                    .collect();
+                if let Some(answer) = resolving.choose(candidates) {
+                    break answer;
+                }
+            };
+            found.push(answer);
         }
-        let all: Vec<&ListedAttribute> = loaded.iter().flat_map(|s| s.iter()).collect();
-        let candidates = |lower: &str| -> Vec<&ListedAttribute> {
-            all.iter()
-                .copied()
-                .filter(|a| lower_path(&a.path) == lower)
-                .collect()
-        };
-        Ok(names
-            .iter()
-            .map(|name| look_up(name, &candidates))
-            .collect())
+        Ok(found)
     }
 
     /// Every attribute the index `head` heads lists.
@@ -380,13 +402,22 @@ mod tests {
         ]
     }
 
+    /// What `name` is among all of `entries` at once.
     fn find(entries: &[ListedAttribute], name: &str) -> Lookup {
-        look_up(name, &|lower: &str| {
-            entries
+        let mut resolving = match Resolving::start(name) {
+            Ok(resolving) => resolving,
+            Err(answer) => return answer,
+        };
+        loop {
+            let wanted = resolving.wanted();
+            let candidates = entries
                 .iter()
-                .filter(|e| lower_path(&e.path) == lower)
-                .collect()
-        })
+                .filter(|e| lower_path(&e.path) == wanted)
+                .collect();
+            if let Some(answer) = resolving.choose(candidates) {
+                return answer;
+            }
+        }
     }
 
     fn package_path(lookup: Lookup) -> Vec<String> {
@@ -487,5 +518,126 @@ mod tests {
         assert!(decode_shard(b"not zstd", 1 << 16).is_err());
         let good = encode_shard(&set());
         assert_eq!(decode_shard(&good, 1 << 16).unwrap(), set());
+    }
+
+    /// An index of `entries` written to fresh memory storage, and a cold
+    /// catalog that has read its head.
+    async fn stored(entries: Vec<ListedAttribute>) -> (Arc<MemoryStorage>, Catalog, Head) {
+        let storage = Arc::new(MemoryStorage::new());
+        let source = SourceArg::Path {
+            path: "/pkgs".into(),
+        };
+        Catalog::new(storage.clone())
+            .write(&source, "x86_64-linux", entries, 1000)
+            .await
+            .unwrap();
+        let catalog = Catalog::new(storage.clone());
+        let head = catalog
+            .head(&source, "x86_64-linux")
+            .await
+            .unwrap()
+            .unwrap();
+        (storage, catalog, head)
+    }
+
+    /// The distinct shards of these lower-case paths.
+    fn shards_of(paths: &[&str]) -> u64 {
+        let mut shards: Vec<u8> = paths.iter().map(|p| shard_of(p)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards.len() as u64
+    }
+
+    #[tokio::test]
+    async fn a_long_dotted_name_reads_only_the_shards_of_the_levels_it_reaches() {
+        let mut entries = set();
+        entries.extend([
+            attr(&["a"], AttributeKind::Set),
+            attr(&["a", "b"], AttributeKind::Set),
+            attr(&["a", "b", "c"], AttributeKind::Drv),
+        ]);
+        // 255 bytes, 128 levels.
+        let dots = |first: &str| {
+            let mut name = first.to_string();
+            while name.len() + 2 <= 255 {
+                name.push_str(".x");
+            }
+            name
+        };
+        let cases = [
+            // Unknown at the first level: one shard, not 128.
+            (dots("nope"), vec!["nope"]),
+            (dots("hello"), vec!["hello"]),
+            (dots("a.b.c"), vec!["a", "a.b", "a.b.c"]),
+            (dots("a.b"), vec!["a", "a.b", "a.b.x"]),
+            ("a.b.c".to_string(), vec!["a", "a.b", "a.b.c"]),
+        ];
+        for (name, reached) in cases {
+            let (storage, catalog, head) = stored(entries.clone()).await;
+            let before = storage.calls();
+            let found = catalog
+                .look_up(&head, std::slice::from_ref(&name))
+                .await
+                .unwrap();
+            assert_eq!(found, vec![find(&entries, &name)], "{name}");
+            assert_eq!(storage.calls() - before, shards_of(&reached), "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn looking_up_level_by_level_answers_as_the_whole_index_does() {
+        let mut entries = set();
+        entries.extend([
+            attr(&["a"], AttributeKind::Set),
+            attr(&["A"], AttributeKind::Drv),
+            attr(&["a", "b"], AttributeKind::Set),
+            attr(&["a", "B"], AttributeKind::Opaque),
+            attr(&["a", "b", "c"], AttributeKind::Drv),
+            attr(&["a", "b", "C"], AttributeKind::Broken),
+            attr(&["a", "b", "d"], AttributeKind::None),
+        ]);
+        let names: Vec<String> = [
+            "hello",
+            "HELLO",
+            "Hello",
+            "hello.out",
+            "nope",
+            "nope.hello",
+            "lib",
+            "broken",
+            "broken.x",
+            "python3packages",
+            "python3Packages.numpy",
+            "python3packages.NUMPY",
+            "python3packages.lib",
+            "python3packages.nope",
+            "haskellPackages.aeson",
+            "haskellpackages",
+            "a",
+            "A",
+            "a.b",
+            "a.B",
+            "a.B.c",
+            "a.b.c",
+            "a.b.C",
+            "a.B.C",
+            "a.b.d",
+            "a.b.e",
+            "a.b.c.d",
+            "A.b.c",
+            "",
+            ".",
+            "..hello",
+            "hello.",
+            "python3packages..numpy",
+            "a..b.c",
+        ]
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+        let (_, catalog, head) = stored(entries.clone()).await;
+        let found = catalog.look_up(&head, &names).await.unwrap();
+        let whole: Vec<Lookup> = names.iter().map(|n| find(&entries, n)).collect();
+        assert_eq!(found, whole);
     }
 }
