@@ -460,8 +460,14 @@ async fn streamed_objects_on_s3_are_placed_create_only_with_their_digest() {
             Check::Good
         );
     }
-    // Nothing is left staged.
+    // Nothing is left staged, nor any upload open.
     assert_eq!(storage.list("staging/").await.unwrap(), vec![]);
+    assert!(
+        server.keys().iter().all(|k| k.starts_with("blobs/")),
+        "{:?}",
+        server.keys()
+    );
+    assert_eq!(open_uploads(&server), Vec::<String>::new());
     // Every write that makes an object under blobs/ named a precondition
     // (two sizes: a create, a second writer's refused create, a repair).
     let writes: Vec<_> = server
@@ -821,4 +827,58 @@ fn a_writer_killed_at_any_point_leaves_no_partial_object() {
         complete > 0,
         "the writer wrote nothing before it was killed"
     );
+}
+
+/// Multipart uploads the S3 test server holds open, with their parts:
+/// s3s-fs keeps `.upload-<id>.json` and `.upload_id-<id>.part-<n>` beside
+/// its buckets until an upload is completed or aborted.
+fn open_uploads(server: &S3Server) -> Vec<String> {
+    let mut open: Vec<String> = std::fs::read_dir(&server.root)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".upload"))
+        .collect();
+    open.sort();
+    open
+}
+
+/// A layer whose packing fails (a NAR that fails its NarHash at the end,
+/// a cancelled build) drops its `PartWriter` without `finish`. That is
+/// not the end of the layer: the upload is aborted and fails, and nothing
+/// is left, neither a truncated object under `staging/` nor an open
+/// multipart upload.
+#[tokio::test]
+async fn a_stream_dropped_before_its_end_leaves_nothing() {
+    use std::io::Write;
+    let server = S3Server::start();
+    let storage = S3Storage::new(server.client().await, BUCKET, "", Duration::from_secs(600));
+    // More than one part, and less than one.
+    for len in [9 << 20, 70_000] {
+        let streamed = storage.begin_stream().await.unwrap().expect("S3 streams");
+        let upload = tokio::spawn(streamed.upload);
+        let mut writer = streamed.writer;
+        tokio::task::spawn_blocking(move || {
+            // Then the packing fails: no finish().
+            writer.write_all(&pattern(len, 3)).unwrap();
+            drop(writer);
+        })
+        .await
+        .unwrap();
+        let result = upload.await.unwrap();
+        assert!(
+            matches!(result, Err(StorageError::Abandoned { .. })),
+            "{len}: a stream dropped before its end was completed: {result:?}"
+        );
+        assert_eq!(storage.list("staging/").await.unwrap(), vec![], "{len}");
+        assert_eq!(server.keys(), Vec::<String>::new(), "{len}");
+        assert_eq!(open_uploads(&server), Vec::<String>::new(), "{len}");
+    }
+    // Each upload was aborted, once.
+    let aborted: Vec<_> = server
+        .served()
+        .into_iter()
+        .filter(|s| s.method == "DELETE" && s.query.contains("uploadId="))
+        .collect();
+    assert_eq!(aborted.len(), 2, "{aborted:?}");
+    assert!(aborted.iter().all(|s| s.status == 204), "{aborted:?}");
 }

@@ -54,7 +54,8 @@ impl std::io::Write for Sink {
 
 impl Sink {
     /// Everything written is where it goes: on disk, or handed to the
-    /// upload.
+    /// upload with the end of the layer (an upload whose writer is dropped
+    /// without this is abandoned, see [`storage::Streamed`]).
     fn close(self) -> std::io::Result<()> {
         match self {
             Sink::File(file) => file.into_inner().map_err(|e| e.into_error())?.sync_all(),
@@ -185,18 +186,32 @@ impl Objects {
                     pack_into(sink, compression, cancelled, job)
                 })
                 .await;
+                let uploaded = |joined: Result<_, tokio::task::JoinError>| {
+                    joined.map_err(|e| BuildError::Task(e.to_string()))
+                };
                 let packed = match packed_or_error(packed) {
                     Ok(packed) => packed,
                     Err(error) => {
-                        // An unfinished multipart upload: nothing is
-                        // visible, and the bucket's lifecycle rule ends it.
-                        upload.abort();
-                        return Err(error);
+                        // The writer went unfinished with the packing
+                        // task, so the upload drops what it sent: it is
+                        // awaited, never aborted, so that it does.
+                        return Err(match (uploaded(upload.await)?, error) {
+                            // The upload failed first, and the writer
+                            // could not go on: a failure of storage.
+                            (Err(failed), BuildError::Pack(PackError::Io { .. }))
+                                if !matches!(failed, StorageError::Abandoned { .. }) =>
+                            {
+                                failed.into()
+                            }
+                            (Err(_), error) => error,
+                            (Ok(staged), error) => {
+                                self.storage.discard_streamed(staged).await;
+                                error
+                            }
+                        });
                     }
                 };
-                let staged = upload
-                    .await
-                    .map_err(|e| BuildError::Task(e.to_string()))??;
+                let staged = uploaded(upload.await)??;
                 let blob = Blob::Staged {
                     staged,
                     packed: packed.clone(),
@@ -439,4 +454,183 @@ fn packed_or_error(
                 other => BuildError::from(other),
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::storage::{Download, ETag, Listed, MemoryStorage, Next, PartWriter, Streamed};
+
+    /// How the fake's upload ends when its writer stops unfinished.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Upload {
+        /// Takes every part, like S3.
+        Takes,
+        /// Fails at its first part, as against a dead endpoint.
+        FailsAtItsFirstPart,
+    }
+
+    /// Memory storage that takes streamed objects, noting how each
+    /// upload ended.
+    struct Streaming {
+        inner: MemoryStorage,
+        upload: Upload,
+        ended: Arc<Mutex<Vec<Next>>>,
+    }
+
+    impl Streaming {
+        fn new(upload: Upload) -> Arc<Streaming> {
+            Arc::new(Streaming {
+                inner: MemoryStorage::new(),
+                upload,
+                ended: Arc::default(),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Storage for Streaming {
+        async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
+            self.inner.get(key).await
+        }
+        async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
+            self.inner.head(key).await
+        }
+        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+            self.inner.put(key, data).await
+        }
+        async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+            self.inner.put_if_absent(key, data).await
+        }
+        async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+            self.inner.put_file(key, path).await
+        }
+        async fn replace_file(
+            &self,
+            key: &str,
+            path: &Path,
+            damaged: &ETag,
+        ) -> Result<(), StorageError> {
+            self.inner.replace_file(key, path, damaged).await
+        }
+        async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
+            self.inner.check(key, size, hex).await
+        }
+        async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
+            self.inner.download(key).await
+        }
+        fn local_staging_dir(&self) -> Option<PathBuf> {
+            None
+        }
+        async fn begin_stream(&self) -> Result<Option<Streamed>, StorageError> {
+            let (writer, mut parts) = PartWriter::new(1024);
+            let (upload, ended) = (self.upload, self.ended.clone());
+            let key = "staging/upload".to_string();
+            Ok(Some(Streamed {
+                writer,
+                upload: Box::pin(async move {
+                    loop {
+                        let next = parts.next().await;
+                        let failing = upload == Upload::FailsAtItsFirstPart;
+                        match next {
+                            Next::Part(_) if failing => {
+                                return Err(StorageError::Backend {
+                                    key,
+                                    operation: "UploadPart",
+                                    message: "connection refused".to_string(),
+                                })
+                            }
+                            Next::Part(_) => continue,
+                            Next::End => {
+                                ended.lock().unwrap().push(next);
+                                return Ok(storage::Staged { key, size: 0 });
+                            }
+                            Next::Abandoned => {
+                                // As S3 takes a while to abort an upload.
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                                ended.lock().unwrap().push(next);
+                                return Err(StorageError::Abandoned { key });
+                            }
+                        }
+                    }
+                }),
+            }))
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.inner.delete(key).await
+        }
+        async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
+            self.inner.modified(key).await
+        }
+    }
+
+    /// Writes far more than a part of bytes that do not compress, then
+    /// fails as `then` says.
+    fn job(then: Result<(), PackError>) -> Job {
+        Box::new(move |writer| {
+            let mut state = 0x2545_f491_4f6c_dd1du64;
+            let noise: Vec<u8> = (0..256 * 1024)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            writer.bytes(Path::new("noise"), 0o444, &noise)?;
+            then
+        })
+    }
+
+    async fn store(storage: Arc<Streaming>, job: Job) -> Result<(LayerRecord, bool), BuildError> {
+        let key = LayerKey::hash_of(b"a layer");
+        Objects::new(storage)
+            .store_layer(
+                "test",
+                &key,
+                Compression::Gzip,
+                &Arc::new(AtomicBool::new(false)),
+                job,
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_layer_that_fails_to_pack_abandons_its_upload_before_the_build_goes_on() {
+        let storage = Streaming::new(Upload::Takes);
+        let stored = store(storage.clone(), job(Err(PackError::Cancelled))).await;
+        assert!(
+            matches!(stored, Err(BuildError::Pack(PackError::Cancelled))),
+            "{stored:?}"
+        );
+        // Awaited to its end, which it took for an abandonment, not the
+        // end of the layer (nor was it cut short before it could tell).
+        assert_eq!(*storage.ended.lock().unwrap(), vec![Next::Abandoned]);
+        assert_eq!(storage.inner.list("layers/").await.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn an_upload_that_fails_under_the_packing_is_a_failure_of_storage() {
+        let storage = Streaming::new(Upload::FailsAtItsFirstPart);
+        let stored = store(storage.clone(), job(Ok(()))).await;
+        assert!(
+            matches!(
+                stored,
+                Err(BuildError::Storage(StorageError::Backend { .. }))
+            ),
+            "{stored:?}"
+        );
+        assert_eq!(
+            stored.unwrap_err().verdict(),
+            crate::builder::Verdict::Retry(crate::builder::Retry::Storage)
+        );
+    }
 }

@@ -73,6 +73,11 @@ pub enum StorageError {
     /// [`Storage::check`] found (repaired, rewritten or deleted since).
     #[error("{key} changed since it was found damaged; not replaced")]
     Changed { key: String },
+    /// The writer of a [`Streamed`] object stopped before its end (its
+    /// packing failed, or was cancelled): the upload was dropped, and
+    /// nothing is left of it.
+    #[error("{key}: the writer stopped before the end; the upload was dropped")]
+    Abandoned { key: String },
 }
 
 /// What an object in storage turned out to be, against the size and
@@ -114,9 +119,14 @@ impl ETag {
 /// is written, streamed to the backend as it is made: memory holds a few
 /// parts at most, and no local file is needed (the Lambda function's case).
 /// The bytes go into [`Streamed::writer`] (on a blocking thread); the
-/// backend's upload ([`Streamed::upload`]) runs meanwhile and ends once
-/// the writer is finished, with the object staged; then
-/// [`Storage::place_streamed`] moves it into place.
+/// backend's upload ([`Streamed::upload`]) runs meanwhile. It ends with the
+/// object staged only once the writer is [finished](PartWriter::finish);
+/// then [`Storage::place_streamed`] moves it into place. A writer dropped
+/// before that (packing failed, the build was cancelled) abandons the
+/// object: the upload drops what it sent and ends with
+/// [`StorageError::Abandoned`], leaving nothing behind. So the upload is
+/// always awaited, never aborted: aborting it would leave its parts
+/// unaccounted for.
 pub struct Streamed {
     pub writer: PartWriter,
     pub upload: futures_util::future::BoxFuture<'static, Result<Staged, StorageError>>,
@@ -129,40 +139,79 @@ pub struct Staged {
     pub size: u64,
 }
 
+/// What a [`PartWriter`] hands its upload: a part, or the end of the
+/// object. Without the end, a closed channel means the writer gave up.
+enum Message {
+    Part(Bytes),
+    End,
+}
+
 /// A blocking writer that hands what it is given to an upload in parts of
 /// a fixed size, waiting while the upload is behind (so memory is bounded).
+/// Only [`PartWriter::finish`] ends the object; dropped unfinished, it
+/// abandons it ([`Next::Abandoned`]).
 pub struct PartWriter {
     part: Vec<u8>,
     part_size: usize,
-    parts: tokio::sync::mpsc::Sender<Bytes>,
+    parts: tokio::sync::mpsc::Sender<Message>,
+}
+
+/// The upload's end of a [`PartWriter`].
+pub struct Parts {
+    received: tokio::sync::mpsc::Receiver<Message>,
+}
+
+/// What came next from a [`PartWriter`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    Part(Bytes),
+    /// The writer finished: the parts so far are the whole object.
+    End,
+    /// The writer was dropped unfinished: what it sent is not the object.
+    Abandoned,
+}
+
+impl Parts {
+    pub async fn next(&mut self) -> Next {
+        match self.received.recv().await {
+            Some(Message::Part(bytes)) => Next::Part(bytes),
+            Some(Message::End) => Next::End,
+            None => Next::Abandoned,
+        }
+    }
 }
 
 impl PartWriter {
     /// A writer and the receiving end of its parts, of `part_size` bytes
     /// (the last one shorter).
-    pub fn new(part_size: usize) -> (PartWriter, tokio::sync::mpsc::Receiver<Bytes>) {
+    pub fn new(part_size: usize) -> (PartWriter, Parts) {
         let (parts, received) = tokio::sync::mpsc::channel(1);
         let writer = PartWriter {
             part: Vec::with_capacity(part_size),
             part_size,
             parts,
         };
-        (writer, received)
+        (writer, Parts { received })
     }
 
-    fn send(&mut self) -> std::io::Result<()> {
-        let part = std::mem::replace(&mut self.part, Vec::with_capacity(self.part_size));
+    fn send(&mut self, message: Message) -> std::io::Result<()> {
         self.parts
-            .blocking_send(Bytes::from(part))
+            .blocking_send(message)
             .map_err(|_| std::io::Error::other("the upload stopped"))
     }
 
-    /// Sends what is left; the upload then completes.
+    fn send_part(&mut self) -> std::io::Result<()> {
+        let part = std::mem::replace(&mut self.part, Vec::with_capacity(self.part_size));
+        self.send(Message::Part(Bytes::from(part)))
+    }
+
+    /// Sends what is left and the end of the object; the upload then
+    /// completes.
     pub fn finish(mut self) -> std::io::Result<()> {
         if !self.part.is_empty() {
-            self.send()?;
+            self.send_part()?;
         }
-        Ok(())
+        self.send(Message::End)
     }
 }
 
@@ -171,7 +220,7 @@ impl std::io::Write for PartWriter {
         let n = buf.len().min(self.part_size - self.part.len());
         self.part.extend_from_slice(&buf[..n]);
         if self.part.len() == self.part_size {
-            self.send()?;
+            self.send_part()?;
         }
         Ok(n)
     }

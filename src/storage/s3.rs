@@ -318,10 +318,13 @@ const COPY_PART: u64 = 1 << 30;
 
 impl S3Storage {
     /// The multipart upload of a streamed object to `staging/`, one part
-    /// as each arrives, two in flight; completed when the writer ends.
+    /// as each arrives, two in flight; completed only once the writer
+    /// finishes. A writer dropped unfinished, or any failure, aborts the
+    /// upload: S3 keeps nothing of it, and nothing is left under
+    /// `staging/`.
     async fn stream_to_staging(
         self,
-        mut parts: tokio::sync::mpsc::Receiver<Bytes>,
+        mut parts: super::Parts,
     ) -> Result<super::Staged, StorageError> {
         let key = super::keys::StagingKey::unique("layer").to_string();
         let full = self.full(&key)?;
@@ -339,7 +342,14 @@ impl S3Storage {
         let mut size = 0u64;
         let sent = async {
             let mut number = 0i32;
-            while let Some(bytes) = parts.recv().await {
+            loop {
+                let bytes = match parts.next().await {
+                    super::Next::Part(bytes) => bytes,
+                    super::Next::End => break,
+                    super::Next::Abandoned => {
+                        return Err(StorageError::Abandoned { key: key.clone() })
+                    }
+                };
                 number += 1;
                 if number as u64 > MAX_PARTS {
                     return Err(StorageError::TooLarge {
@@ -393,8 +403,20 @@ impl S3Storage {
         match sent {
             Ok(()) => Ok(super::Staged { key, size }),
             Err(error) => {
+                // A writer still writing learns at once that it is over.
+                drop(parts);
+                // Parts of an abandoned object are still being sent to a
+                // working endpoint: they are waited for, since one that
+                // landed after the abort would outlive it (until the
+                // bucket's lifecycle rule). After a failure of S3 they are
+                // cut short: their retries could take minutes.
+                let abandoned = matches!(error, StorageError::Abandoned { .. });
                 for (_, task) in in_flight {
-                    task.abort();
+                    if abandoned {
+                        let _ = task.await;
+                    } else {
+                        task.abort();
+                    }
                 }
                 self.abort(&full, &upload_id).await;
                 Err(error)
