@@ -198,25 +198,24 @@ impl<T: Clone> Kept<T> {
     }
 }
 
-/// What a cache error means for the image: the cache lacks it, is down,
-/// or sent what a check refused.
+/// What a cache error means for the image: the cache lacks it; failed to
+/// give it (down, slow, cut off mid-NAR, or answering a status that says
+/// it is misconfigured), where another source or a later try may do
+/// better; or sent what a check refused.
 fn not_here(error: &CacheError, cache: &str) -> NotHere {
     match error {
         CacheError::NotFound { path, .. } => NotHere::NotInCache {
             path: path.to_string(),
             cache: cache.to_string(),
         },
-        CacheError::Unavailable { .. } => NotHere::Unavailable {
+        CacheError::Unavailable { .. }
+        | CacheError::Url { .. }
+        | CacheError::Http { .. }
+        | CacheError::Io { .. } => NotHere::Unavailable {
             cache: cache.to_string(),
             message: error.to_string(),
         },
-        CacheError::Url { .. } => NotHere::Unavailable {
-            cache: cache.to_string(),
-            message: error.to_string(),
-        },
-        CacheError::Http { path, .. }
-        | CacheError::Io { path, .. }
-        | CacheError::NarInfo { path, .. }
+        CacheError::NarInfo { path, .. }
         | CacheError::WrongPath { path, .. }
         | CacheError::Signature { path, .. }
         | CacheError::TooManyPaths { path, .. }

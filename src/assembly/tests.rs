@@ -580,6 +580,44 @@ async fn a_failing_cache_is_retried_then_built_with_first_and_unavailable_with_o
     assert_eq!(fake.realised.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+#[tokio::test]
+async fn a_nar_cut_off_mid_body_is_unavailable_with_only_and_built_with_first() {
+    let world = world();
+    let server = Server::start(&world.cache).await;
+    *server.state.cut_after.lock().unwrap() = Some(40);
+    let storage = Arc::new(MemoryStorage::new());
+    let error = only(&world, &server, storage.clone(), limits())
+        .await
+        .build(&request(&["hello"]), None)
+        .await
+        .unwrap_err();
+    match error.verdict() {
+        Verdict::Failed {
+            failure: Failure::CacheUnavailable { .. },
+            ..
+        } => {}
+        other => panic!("{error}: {other:?}"),
+    }
+    nothing_partial(&storage);
+
+    // With `first`, the next source builds it.
+    let storage = Arc::new(MemoryStorage::new());
+    let store = cache_store(&world, &server, storage.clone(), &limits()).await;
+    let fake = Arc::new(world.fake);
+    let built = Builder::new(
+        fake.clone(),
+        storage,
+        Arc::new(Popularity::none()),
+        limits(),
+    )
+    .trying_first(store)
+    .build(&request(&["hello"]), None)
+    .await
+    .unwrap();
+    assert!(!built.stats.unwrap().assembled);
+    assert_eq!(fake.realised.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
 /// The registry in `only` mode over the cache: what a client sees.
 #[tokio::test]
 async fn clients_see_each_refusal_as_a_clear_error() {

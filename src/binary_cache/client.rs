@@ -7,6 +7,8 @@
 //!   asked for, and verifies its signature ([`super::signature`]). A 404
 //!   (also 403 and 410, which S3 answers for a missing key, as Nix treats
 //!   them) is [`CacheError::NotFound`]: the path is not in this cache.
+//!   For a NAR only 404 and 410 are: a 403 for the NAR of a narinfo the
+//!   cache just gave means credentials or a policy in the way.
 //! - [`BinaryCache::closure`] follows `References` from the roots, up to
 //!   [`CacheOptions::concurrency`] narinfos at a time; it stops with an
 //!   error as soon as the paths found exceed [`CacheOptions::max_paths`] or
@@ -25,7 +27,11 @@
 //!
 //! Connection errors, timeouts, 5xx, 408 and 429 are retried
 //! ([`CacheOptions::attempts`], with doubling backoff), then are
-//! [`CacheError::Unavailable`]; other answers are not retried. Each request
+//! [`CacheError::Unavailable`]; other answers are not retried (any other
+//! status is [`CacheError::Http`]). A NAR body cut off or stalled is
+//! [`CacheError::Io`]. [`CacheError::is_unavailable`] is true of these
+//! three, the cache failing rather than lying, and false of everything a
+//! check refuses. Each request
 //! has [`CacheOptions::request_timeout`] to answer, and a NAR body that far
 //! between two pieces. Every error names the store path and the cache URL
 //! (without any `user:password`, which is sent as HTTP basic auth).
@@ -199,10 +205,14 @@ impl CacheError {
         matches!(self, CacheError::NotFound { .. })
     }
 
-    /// Whether the cache could not be reached in time (callers fall back or
-    /// answer 503).
+    /// Whether the cache failed to give what it has (down, slow, cut off
+    /// mid-NAR, or answering an unexpected status), as opposed to lacking
+    /// it or sending what a check refused: callers fall back or answer 503.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, CacheError::Unavailable { .. })
+        matches!(
+            self,
+            CacheError::Unavailable { .. } | CacheError::Http { .. } | CacheError::Io { .. }
+        )
     }
 }
 
@@ -231,6 +241,18 @@ enum Location {
         root: PathBuf,
     },
 }
+
+/// Statuses that say a narinfo is not in the cache: 404, and 403 and 410,
+/// which S3 answers for a missing key (Nix treats all three so).
+const NARINFO_MISSING: [StatusCode; 3] = [
+    StatusCode::NOT_FOUND,
+    StatusCode::FORBIDDEN,
+    StatusCode::GONE,
+];
+/// Statuses that say a NAR is not in the cache. Its narinfo was just
+/// there: a 401 or 403 now is credentials or a policy in the way (of a
+/// CDN the cache redirects to, say), which is [`CacheError::Http`].
+const NAR_MISSING: [StatusCode; 2] = [StatusCode::NOT_FOUND, StatusCode::GONE];
 
 /// A transient failure (retried) or a final answer.
 enum Attempt<T> {
@@ -435,7 +457,7 @@ impl BinaryCache {
             }
             Location::Http { .. } => {
                 let response = self
-                    .with_retries(path, &info.url, || self.send(path, &info.url))
+                    .with_retries(path, &info.url, || self.send(path, &info.url, &NAR_MISSING))
                     .await?;
                 Body::Http {
                     response,
@@ -497,7 +519,7 @@ impl BinaryCache {
             }
             Location::Http { .. } => {
                 self.with_retries(path, object, || async {
-                    let mut response = match self.send(path, object).await {
+                    let mut response = match self.send(path, object, &NARINFO_MISSING).await {
                         Attempt::Done(Ok(response)) => response,
                         Attempt::Done(Err(e)) => return Attempt::Done(Err(e)),
                         Attempt::Retry(reason) => return Attempt::Retry(reason),
@@ -526,8 +548,14 @@ impl BinaryCache {
         }
     }
 
-    /// One GET of `object`: its response if 2xx.
-    async fn send(&self, path: &StorePath, object: &str) -> Attempt<reqwest::Response> {
+    /// One GET of `object`: its response if 2xx; `missing` are the
+    /// statuses that say the cache lacks it.
+    async fn send(
+        &self,
+        path: &StorePath,
+        object: &str,
+        missing: &[StatusCode],
+    ) -> Attempt<reqwest::Response> {
         let Location::Http {
             base,
             client,
@@ -567,10 +595,7 @@ impl BinaryCache {
         {
             return Attempt::Retry(format!("HTTP {status}"));
         }
-        if matches!(
-            status,
-            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE
-        ) {
+        if missing.contains(&status) {
             return Attempt::Done(Err(CacheError::NotFound {
                 cache: self.cache(),
                 path: path.clone(),
@@ -1701,6 +1726,48 @@ mod tests {
             .await
             .unwrap_err()
             .is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn a_nar_cut_off_mid_body_is_the_cache_failing_not_lying() {
+        for compression in [Compression::Xz, Compression::None] {
+            let sample = sample(compression);
+            let (server, cache) = http(&sample.cache, options()).await;
+            *server.state.cut_after.lock().unwrap() = Some(100);
+            let stream = cache.nar(&sample.all[&sample.hello]).await.unwrap();
+            let error = tokio::task::spawn_blocking(move || {
+                io::copy(&mut stream.into_reader(), &mut io::sink())
+            })
+            .await
+            .unwrap()
+            .unwrap_err();
+            let error = CacheError::from_io(&error).expect("a cache error");
+            assert!(matches!(error, CacheError::Io { .. }), "{error}");
+            assert!(error.is_unavailable(), "{compression}: {error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nar_forbidden_after_its_narinfo_is_unavailable_not_missing() {
+        let sample = sample(Compression::Xz);
+        let (server, cache) = http(&sample.cache, options()).await;
+        let info = cache.narinfo(&sample.hello).await.unwrap();
+        for status in [401, 403] {
+            server.fail(1, status);
+            let Err(err) = cache.nar(&info).await else {
+                panic!("HTTP {status} opened the NAR");
+            };
+            assert!(
+                matches!(err, CacheError::Http { status: s, .. } if s == status),
+                "{err}"
+            );
+            assert!(err.is_unavailable(), "{err}");
+            assert!(err.to_string().contains(&format!("HTTP {status}")), "{err}");
+        }
+        // For a narinfo, 403 is S3's answer for a key it does not have.
+        server.fail(1, 403);
+        let err = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
     }
 
     #[tokio::test]

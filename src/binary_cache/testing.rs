@@ -258,6 +258,76 @@ pub struct ServerState {
     pub fail_status: AtomicUsize,
     /// Never answer.
     pub hang: AtomicBool,
+    /// NAR files (`nar/...`) are sent with their whole Content-Length,
+    /// then the connection is reset after this many bytes.
+    pub cut_after: Mutex<Option<usize>>,
+    /// NAR files are sent one byte at a time, this far apart.
+    pub trickle: Mutex<Option<std::time::Duration>>,
+    /// NAR bodies begun and not yet ended (sent whole, or dropped because
+    /// the client went away).
+    pub bodies: Arc<AtomicUsize>,
+}
+
+/// Counts a NAR body while it is being sent.
+struct Sending(Arc<AtomicUsize>);
+
+impl Sending {
+    fn new(count: &Arc<AtomicUsize>) -> Sending {
+        count.fetch_add(1, Ordering::SeqCst);
+        Sending(count.clone())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A NAR body as `state` says to send it: whole, cut, or trickling.
+fn nar_body(state: &ServerState, bytes: Vec<u8>) -> axum::response::Response {
+    use axum::body::Body;
+    use axum::http::header::CONTENT_LENGTH;
+    use futures_util::stream::{self, StreamExt};
+
+    let length = bytes.len();
+    let sending = Sending::new(&state.bodies);
+    let trickle = *state.trickle.lock().unwrap();
+    let cut = *state.cut_after.lock().unwrap();
+    let body = if let Some(every) = trickle {
+        let pieces = stream::unfold(
+            (bytes, 0, sending),
+            move |(bytes, at, sending)| async move {
+                if at == bytes.len() {
+                    return None;
+                }
+                tokio::time::sleep(every).await;
+                let piece = bytes::Bytes::copy_from_slice(&bytes[at..at + 1]);
+                Some((Ok::<_, std::io::Error>(piece), (bytes, at + 1, sending)))
+            },
+        );
+        Body::from_stream(pieces)
+    } else if let Some(cut) = cut.filter(|&cut| cut < length) {
+        let head = bytes::Bytes::copy_from_slice(&bytes[..cut]);
+        // The head is sent (and flushed) before the connection goes.
+        let reset = stream::once(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            drop(sending);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "cut off",
+            ))
+        });
+        let pieces = stream::once(async move { Ok(head) }).chain(reset);
+        Body::from_stream(pieces)
+    } else {
+        drop(sending);
+        Body::from(bytes)
+    };
+    axum::http::Response::builder()
+        .header(CONTENT_LENGTH, length)
+        .body(body)
+        .unwrap()
 }
 
 impl Server {
@@ -289,8 +359,10 @@ impl Server {
             }
             // The cache is served under /cache/.
             let file = name.strip_prefix("cache/").unwrap_or_default();
-            match state.files.lock().unwrap().get(file) {
-                Some(bytes) => bytes.clone().into_response(),
+            let bytes = state.files.lock().unwrap().get(file).cloned();
+            match bytes {
+                Some(bytes) if file.starts_with("nar/") => nar_body(&state, bytes),
+                Some(bytes) => bytes.into_response(),
                 None => StatusCode::NOT_FOUND.into_response(),
             }
         }

@@ -62,6 +62,7 @@ use layers::Layer;
 use nix::{Closure, ResolveRequest};
 pub use objects::BuildStats;
 use objects::Objects;
+use pack::PackError;
 use popularity::Popularity;
 pub use progress::StepProgress;
 pub use request::{build_span, BuildRequest, IMAGE_FORMAT};
@@ -402,7 +403,14 @@ impl Builder {
                     cancelled,
                 ),
             )
-            .await?;
+            .await
+            .map_err(|error| match error {
+                // A source that cannot give a path's contents passes the
+                // image on, as when it lacks the path: a binary cache that
+                // fails mid-NAR leaves it to Nix (or a worker).
+                BuildError::Pack(PackError::NotHere(reason)) => BuildError::NotHere(reason),
+                other => other,
+            })?;
         let (custom, config) = self
             .step(
                 image,
