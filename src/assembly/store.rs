@@ -208,10 +208,13 @@ fn not_here(error: &CacheError, cache: &str) -> NotHere {
             path: path.to_string(),
             cache: cache.to_string(),
         },
+        // Cancelled: only the reader's own caller, who gave up, sees it.
         CacheError::Unavailable { .. }
         | CacheError::Url { .. }
         | CacheError::Http { .. }
-        | CacheError::Io { .. } => NotHere::Unavailable {
+        | CacheError::Redirect { .. }
+        | CacheError::Io { .. }
+        | CacheError::Cancelled { .. } => NotHere::Unavailable {
             cache: cache.to_string(),
             message: error.to_string(),
         },
@@ -232,13 +235,19 @@ fn not_here(error: &CacheError, cache: &str) -> NotHere {
     }
 }
 
+/// The cache error that stopped a NAR's walk, if one did.
+fn cache_error(error: &NarError) -> Option<&CacheError> {
+    match error {
+        NarError::Read { source, .. } => CacheError::from_io(source),
+        _ => None,
+    }
+}
+
 /// A NAR that could not be walked: what the cache sent is refused, or
 /// (if reading it failed) what the cache error says.
 fn nar_error(error: &NarError, path: &str, cache: &str) -> NotHere {
-    if let NarError::Read { source, .. } = error {
-        if let Some(cache_error) = CacheError::from_io(source) {
-            return not_here(cache_error, cache);
-        }
+    if let Some(cache_error) = cache_error(error) {
+        return not_here(cache_error, cache);
     }
     NotHere::Refused {
         path: path.to_string(),
@@ -409,10 +418,13 @@ impl StorePaths for CacheStore {
                     }
                 };
                 let path = info.store_path.as_str().to_string();
-                let reader = runtime
+                let mut stream = runtime
                     .block_on(cache.nar(&info))
-                    .map_err(|e| PackError::NotHere(not_here(&e, cache.url())))?
-                    .into_reader();
+                    .map_err(|e| PackError::NotHere(not_here(&e, cache.url())))?;
+                if let Some(flag) = writer.cancel_flag() {
+                    stream = stream.cancel_on(flag.clone());
+                }
+                let reader = stream.into_reader();
                 let root = PathBuf::from(path.trim_start_matches('/'));
                 let mut listing = Some(customisation::Listing::new());
                 let mut failed: Option<PackError> = None;
@@ -456,10 +468,20 @@ impl StorePaths for CacheStore {
                         shown
                     })
                 });
-                if let Some(error) = failed {
-                    return Err(error);
+                match (walked, failed) {
+                    (Ok(_), None) => {}
+                    // The writer failed by itself: its sink, or the build
+                    // was cancelled between entries.
+                    (Err(NarError::Visitor { .. }) | Ok(_), Some(error)) => return Err(error),
+                    // The archive failed (under the writer too, if a file
+                    // was being copied: the writer saw only its effect).
+                    (Err(error), _) => {
+                        return Err(match cache_error(&error) {
+                            Some(CacheError::Cancelled { .. }) => PackError::Cancelled,
+                            _ => PackError::NotHere(nar_error(&error, &path, cache.url())),
+                        })
+                    }
                 }
-                walked.map_err(|e| PackError::NotHere(nar_error(&e, &path, cache.url())))?;
                 if let Some(listing) = listing {
                     keep_listing(&listings, &path, Arc::new(listing));
                 }

@@ -618,6 +618,44 @@ async fn a_nar_cut_off_mid_body_is_unavailable_with_only_and_built_with_first() 
     assert_eq!(fake.realised.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
+#[tokio::test]
+async fn an_assembly_given_up_stops_its_download() {
+    let world = world();
+    let server = Server::start(&world.cache).await;
+    // The first bytes, then one byte every 50 ms: seconds for the NAR.
+    *server.state.trickle.lock().unwrap() = Some((10, Duration::from_millis(50)));
+    let storage = Arc::new(MemoryStorage::new());
+    let builder = only(&world, &server, storage.clone(), limits()).await;
+    let request = request(&["hello"]);
+    let building = builder.build(&request, None);
+    // Whoever wanted the image gave up while a NAR downloads.
+    assert!(tokio::time::timeout(Duration::from_millis(500), building)
+        .await
+        .is_err());
+    assert!(
+        server
+            .state
+            .bodies
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    );
+    let mut stopped = false;
+    for _ in 0..100 {
+        if server
+            .state
+            .bodies
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stopped, "the NAR is still downloading for nobody");
+    nothing_partial(&storage);
+}
+
 /// The registry in `only` mode over the cache: what a client sees.
 #[tokio::test]
 async fn clients_see_each_refusal_as_a_clear_error() {

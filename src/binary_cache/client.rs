@@ -24,23 +24,32 @@
 //!   A mismatch, a truncation or corrupt compressed data is an error from a
 //!   read, at the latest the final one (the one that would return 0), so a
 //!   consumer that packs a layer while reading fails before it commits.
+//!   A reader stops at its next read, with [`CacheError::Cancelled`], once
+//!   a flag given to [`NarStream::cancel_on`] is set, or once the future
+//!   of [`BinaryCache::with_nar`] is dropped; an HTTP body it waits for
+//!   is abandoned then too.
 //!
 //! Connection errors, timeouts, 5xx, 408 and 429 are retried
 //! ([`CacheOptions::attempts`], with doubling backoff), then are
 //! [`CacheError::Unavailable`]; other answers are not retried (any other
-//! status is [`CacheError::Http`]). A NAR body cut off or stalled is
-//! [`CacheError::Io`]. [`CacheError::is_unavailable`] is true of these
-//! three, the cache failing rather than lying, and false of everything a
-//! check refuses. Each request
-//! has [`CacheOptions::request_timeout`] to answer, and a NAR body that far
-//! between two pieces. Every error names the store path and the cache URL
-//! (without any `user:password`, which is sent as HTTP basic auth).
-//! A query string in the cache URL (`?priority=40`, Nix's store settings)
-//! is not sent.
+//! status is [`CacheError::Http`]). A NAR body cut off, stalled, or not
+//! whole by its deadline is [`CacheError::Io`].
+//! [`CacheError::is_unavailable`] is true of these three, the cache
+//! failing rather than lying, and false of everything a check refuses.
+//! Each request has [`CacheOptions::request_timeout`] to answer, and a NAR
+//! body that long between two pieces, and [`CacheOptions::nar_deadline_base`]
+//! plus its size at [`CacheOptions::nar_min_rate`] in all. Every error
+//! names the store path and the cache URL (without any `user:password`,
+//! which is sent as HTTP basic auth). A query string in the cache URL
+//! (`?priority=40`, Nix's store settings) is not sent.
+//! Redirects are followed ([`MAX_REDIRECTS`] at most) except from `https`
+//! to `http` and from a public host to a local or private one: such a
+//! redirect is [`CacheError::Redirect`], which is not retried.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +69,13 @@ use super::store_path::StorePath;
 pub struct CacheOptions {
     /// Time for a request to be answered, and for each piece of a NAR body.
     pub request_timeout: Duration,
+    /// A NAR body must arrive whole within this plus its size at
+    /// [`CacheOptions::nar_min_rate`]: a cache that trickles, each piece
+    /// just within [`CacheOptions::request_timeout`], cannot hold a reader
+    /// (and its blocking thread) for ever.
+    pub nar_deadline_base: Duration,
+    /// The slowest NAR download allowed, in bytes per second.
+    pub nar_min_rate: u64,
     /// Tries of a request that fails transiently (at least 1).
     pub attempts: u32,
     /// The wait before the first retry; doubled before each next one, up
@@ -78,6 +94,8 @@ impl Default for CacheOptions {
     fn default() -> Self {
         CacheOptions {
             request_timeout: Duration::from_secs(30),
+            nar_deadline_base: Duration::from_secs(60),
+            nar_min_rate: 1 << 20,
             attempts: 4,
             backoff: Duration::from_millis(250),
             concurrency: 16,
@@ -114,6 +132,14 @@ pub enum CacheError {
         path: StorePath,
         object: String,
         status: u16,
+    },
+    /// A redirect the client would not follow (see [`MAX_REDIRECTS`]).
+    #[error("{cache}: {object} of {path} redirects where it may not go: {reason}")]
+    Redirect {
+        cache: String,
+        path: StorePath,
+        object: String,
+        reason: String,
     },
     #[error("{cache}: reading {object} of {path}: {source}")]
     Io {
@@ -190,6 +216,9 @@ pub enum CacheError {
         compression: &'static str,
         source: io::Error,
     },
+    /// Whoever read the NAR gave up on it ([`NarStream::cancel_on`]).
+    #[error("{cache}: reading the NAR of {path} was cancelled")]
+    Cancelled { cache: String, path: StorePath },
 }
 
 impl CacheError {
@@ -211,8 +240,16 @@ impl CacheError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            CacheError::Unavailable { .. } | CacheError::Http { .. } | CacheError::Io { .. }
+            CacheError::Unavailable { .. }
+                | CacheError::Http { .. }
+                | CacheError::Redirect { .. }
+                | CacheError::Io { .. }
         )
+    }
+
+    /// Whether the reader's own caller stopped it.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, CacheError::Cancelled { .. })
     }
 }
 
@@ -298,6 +335,7 @@ impl BinaryCache {
                 }
                 let client = reqwest::Client::builder()
                     .connect_timeout(options.request_timeout)
+                    .redirect(redirect_policy())
                     .build()
                     .map_err(|e| invalid(&shown, e.to_string()))?;
                 Location::Http {
@@ -459,9 +497,15 @@ impl BinaryCache {
                 let response = self
                     .with_retries(path, &info.url, || self.send(path, &info.url, &NAR_MISSING))
                     .await?;
+                let options = &self.inner.options;
+                let size = info.file_size.unwrap_or(info.nar_size);
+                let at_min_rate = Duration::from_secs(size / options.nar_min_rate.max(1));
                 Body::Http {
                     response,
-                    timeout: self.inner.options.request_timeout,
+                    limits: BodyLimits {
+                        between_pieces: options.request_timeout,
+                        whole: options.nar_deadline_base.saturating_add(at_min_rate),
+                    },
                     // The body is pulled by a task of the runtime that
                     // opened it, wherever the reader ends up.
                     runtime: tokio::runtime::Handle::current(),
@@ -472,17 +516,22 @@ impl BinaryCache {
             body,
             info: info.clone(),
             cache: self.cache(),
+            stop: Stop::default(),
         })
     }
 
     /// Runs `consume` on a blocking thread with the verified NAR of `info`
-    /// (see [`NarStream::into_reader`]).
+    /// (see [`NarStream::into_reader`]). Dropping the future stops the
+    /// reader at its next read ([`CacheError::Cancelled`]): the thread is
+    /// not kept reading for nobody.
     pub async fn with_nar<T, F>(&self, info: &NarInfo, consume: F) -> Result<T, CacheError>
     where
         F: FnOnce(NarReader) -> T + Send + 'static,
         T: Send + 'static,
     {
-        let stream = self.nar(info).await?;
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let stream = self.nar(info).await?.cancel_on(abandoned.clone());
+        let _abandon_on_drop = SetOnDrop(abandoned);
         match tokio::task::spawn_blocking(move || consume(stream.into_reader())).await {
             Ok(value) => Ok(value),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -582,6 +631,14 @@ impl BinaryCache {
         let timeout = self.inner.options.request_timeout;
         let response = match tokio::time::timeout(timeout, request.send()).await {
             Err(_) => return Attempt::Retry(format!("no answer in {timeout:?}")),
+            Ok(Err(e)) if e.is_redirect() => {
+                return Attempt::Done(Err(CacheError::Redirect {
+                    cache: self.cache(),
+                    path: path.clone(),
+                    object: object.to_string(),
+                    reason: describe(&e),
+                }))
+            }
             Ok(Err(e)) => return Attempt::Retry(describe(&e)),
             Ok(Ok(response)) => response,
         };
@@ -685,6 +742,71 @@ impl std::fmt::Debug for BinaryCache {
 
 /// A reqwest error and its causes, without the URL (the caller names the
 /// object).
+/// Redirects followed from one request, at most.
+pub const MAX_REDIRECTS: usize = 5;
+
+/// Where a cache may send its client (to a CDN, a mirror): at most
+/// [`MAX_REDIRECTS`] hops, never from `https` down to `http`, and never
+/// from a public host to a local or private one (a metadata service, a
+/// loopback port) that the function can reach and the cache should not.
+/// Credentials are not sent on to another host (reqwest drops them).
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let refused = match attempt.previous().first() {
+            Some(first) => refused_redirect(first, attempt.url(), attempt.previous().len()),
+            None => None,
+        };
+        match refused {
+            Some(reason) => attempt.error(reason),
+            None => attempt.follow(),
+        }
+    })
+}
+
+/// Why the `hops`th redirect of a request to `first`, to `next`, is not
+/// followed, if it is not.
+fn refused_redirect(first: &Url, next: &Url, hops: usize) -> Option<String> {
+    if hops > MAX_REDIRECTS {
+        Some(format!("more than {MAX_REDIRECTS} redirects"))
+    } else if first.scheme() == "https" && next.scheme() != "https" {
+        Some(format!("from https to {}", next.scheme()))
+    } else if is_inward(next) && !is_inward(first) {
+        let host = next.host_str().unwrap_or_default();
+        Some(format!("to {host}, a local or private host"))
+    } else {
+        None
+    }
+}
+
+/// Whether `url` names this machine or a private network: `localhost`, or
+/// an address that is loopback, private, link-local (cloud metadata
+/// services), unique-local or unspecified.
+fn is_inward(url: &Url) -> bool {
+    let v4 = |ip: std::net::Ipv4Addr| {
+        ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
+    };
+    let Some(host) = url.host_str() else {
+        return true;
+    };
+    match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => v4(ip),
+        Ok(std::net::IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
+            Some(mapped) => v4(mapped),
+            None => {
+                let first = ip.segments()[0];
+                ip.is_loopback()
+                    || ip.is_unspecified()
+                    || first & 0xfe00 == 0xfc00
+                    || first & 0xffc0 == 0xfe80
+            }
+        },
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    }
+}
+
 fn describe(error: &reqwest::Error) -> String {
     let mut text = if error.is_timeout() {
         "timed out".to_string()
@@ -726,21 +848,65 @@ pub struct NarStream {
     body: Body,
     info: NarInfo,
     cache: String,
+    stop: Stop,
 }
 
 enum Body {
     File(std::fs::File),
     Http {
         response: reqwest::Response,
-        timeout: Duration,
+        limits: BodyLimits,
         runtime: tokio::runtime::Handle,
     },
+}
+
+/// How long an HTTP body may take.
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    between_pieces: Duration,
+    whole: Duration,
+}
+
+/// Flags that stop a reader once any of them is set.
+#[derive(Clone, Default)]
+struct Stop(Vec<Arc<AtomicBool>>);
+
+impl Stop {
+    fn is_set(&self) -> bool {
+        self.0.iter().any(|flag| flag.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once a flag is set (looked at every [`STOP_POLL`]).
+    async fn set(&self) {
+        while !self.is_set() {
+            tokio::time::sleep(STOP_POLL).await;
+        }
+    }
+}
+
+/// How often a download waiting for its next piece looks at its flags.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl NarStream {
     /// The narinfo this stream checks against.
     pub fn info(&self) -> &NarInfo {
         &self.info
+    }
+
+    /// Stops the reader at its next read, and the download at once, when
+    /// `flag` is set (a build that is no longer wanted).
+    pub fn cancel_on(mut self, flag: Arc<AtomicBool>) -> NarStream {
+        self.stop.0.push(flag);
+        self
     }
 
     /// A blocking reader of the decompressed, checked NAR (see the module
@@ -754,11 +920,16 @@ impl NarStream {
             Body::File(file) => Box::new(file),
             Body::Http {
                 response,
-                timeout,
+                limits,
                 runtime,
-            } => Box::new(ChannelReader::spawn(&runtime, response, timeout)),
+            } => Box::new(ChannelReader::spawn(
+                &runtime,
+                response,
+                limits,
+                self.stop.clone(),
+            )),
         };
-        NarReader::new(source, self.info, self.cache)
+        NarReader::new(source, self.info, self.cache, self.stop)
     }
 }
 
@@ -772,22 +943,39 @@ impl ChannelReader {
     fn spawn(
         runtime: &tokio::runtime::Handle,
         mut response: reqwest::Response,
-        timeout: Duration,
+        limits: BodyLimits,
+        stop: Stop,
     ) -> ChannelReader {
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
         runtime.spawn(async move {
+            let now = tokio::time::Instant::now();
+            // A year stands for "no deadline" where the sum overflows.
+            let deadline = now
+                .checked_add(limits.whole)
+                .unwrap_or(now + Duration::from_secs(365 * 86_400));
             loop {
-                let piece = match tokio::time::timeout(timeout, response.chunk()).await {
-                    Err(_) => Err(io::Error::new(
+                let between = limits.between_pieces;
+                let piece = tokio::select! {
+                    biased;
+                    // The reader was dropped: stop downloading.
+                    () = sender.closed() => break,
+                    // The reader sees its flag at its next read.
+                    () = stop.set() => Err(io::Error::other("cancelled")),
+                    () = tokio::time::sleep_until(deadline) => Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("no data for {timeout:?}"),
+                        format!("not whole after {:?}", limits.whole),
                     )),
-                    Ok(Err(e)) => Err(io::Error::other(describe(&e))),
-                    Ok(Ok(None)) => break,
-                    Ok(Ok(Some(bytes))) => Ok(bytes),
+                    piece = tokio::time::timeout(between, response.chunk()) => match piece {
+                        Err(_) => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no data for {between:?}"),
+                        )),
+                        Ok(Err(e)) => Err(io::Error::other(describe(&e))),
+                        Ok(Ok(None)) => break,
+                        Ok(Ok(Some(bytes))) => Ok(bytes),
+                    },
                 };
                 let failed = piece.is_err();
-                // The reader was dropped: stop downloading.
                 if sender.send(piece).await.is_err() || failed {
                     break;
                 }
@@ -884,13 +1072,14 @@ pub struct NarReader {
     read: u64,
     info: NarInfo,
     context: Context,
+    stop: Stop,
     /// Set after the end was checked, or after an error: what every later
     /// read answers.
     finished: Option<Result<(), String>>,
 }
 
 impl NarReader {
-    fn new(source: Box<dyn Read + Send>, info: NarInfo, cache: String) -> NarReader {
+    fn new(source: Box<dyn Read + Send>, info: NarInfo, cache: String, stop: Stop) -> NarReader {
         let context = Context {
             cache,
             path: info.store_path.clone(),
@@ -941,7 +1130,15 @@ impl NarReader {
             read: 0,
             info,
             context,
+            stop,
             finished,
+        }
+    }
+
+    fn cancelled(&self) -> CacheError {
+        CacheError::Cancelled {
+            cache: self.context.cache.clone(),
+            path: self.context.path.clone(),
         }
     }
 
@@ -1046,9 +1243,14 @@ impl Read for NarReader {
         if out.is_empty() {
             return Ok(0);
         }
+        if self.stop.is_set() {
+            return Err(self.fail(self.cancelled()));
+        }
         let n = match self.decoder.read(out) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+            // The download stopped because the reader was cancelled.
+            Err(_) if self.stop.is_set() => return Err(self.fail(self.cancelled())),
             Err(e) => {
                 let kind = e.kind();
                 let error = unwrap_cache_error(e, &self.context, self.info.compression.as_str());
@@ -1747,6 +1949,94 @@ mod tests {
         }
     }
 
+    /// Waits (at most 5 s) for the server to have no NAR body in flight.
+    async fn no_body_in_flight(server: &Server) -> bool {
+        for _ in 0..100 {
+            if server.state.bodies.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// Reads the NAR of `info` to its end on a blocking thread.
+    async fn read_all(stream: NarStream) -> io::Result<u64> {
+        tokio::task::spawn_blocking(move || io::copy(&mut stream.into_reader(), &mut io::sink()))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_trickling_nar_is_unavailable_by_its_deadline() {
+        let sample = sample(Compression::None);
+        let strict = CacheOptions {
+            nar_deadline_base: Duration::from_millis(300),
+            // The size adds nothing: the deadline is the base alone.
+            nar_min_rate: u64::MAX,
+            ..options()
+        };
+        let (server, cache) = http(&sample.cache, strict).await;
+        // Each byte well within the 500 ms allowed between pieces.
+        *server.state.trickle.lock().unwrap() = Some((1000, Duration::from_millis(20)));
+        let started = Instant::now();
+        let stream = cache.nar(&sample.all[&sample.hello]).await.unwrap();
+        let error = read_all(stream).await.unwrap_err();
+        let error = CacheError::from_io(&error).expect("a cache error");
+        assert!(matches!(error, CacheError::Io { .. }), "{error}");
+        assert!(error.is_unavailable(), "{error}");
+        assert!(error.to_string().contains("not whole after"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(no_body_in_flight(&server).await, "the download goes on");
+    }
+
+    #[tokio::test]
+    async fn a_reader_stops_at_its_next_read_once_its_flag_is_set() {
+        let sample = sample(Compression::None);
+        let (server, cache) = http(&sample.cache, options()).await;
+        *server.state.trickle.lock().unwrap() = Some((1000, Duration::from_millis(20)));
+        let flag = Arc::new(AtomicBool::new(false));
+        let stream = cache
+            .nar(&sample.all[&sample.hello])
+            .await
+            .unwrap()
+            .cancel_on(flag.clone());
+        let reading = tokio::spawn(read_all(stream));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(server.state.bodies.load(Ordering::SeqCst), 1);
+        flag.store(true, Ordering::Relaxed);
+        let error = reading.await.unwrap().unwrap_err();
+        let error = CacheError::from_io(&error).expect("a cache error");
+        assert!(error.is_cancelled(), "{error}");
+        assert!(error.to_string().contains("hello-2.12"), "{error}");
+        assert!(no_body_in_flight(&server).await, "the download goes on");
+    }
+
+    #[tokio::test]
+    async fn dropping_with_nar_stops_its_reader_and_download() {
+        let sample = sample(Compression::None);
+        let (server, cache) = http(&sample.cache, options()).await;
+        *server.state.trickle.lock().unwrap() = Some((1000, Duration::from_millis(20)));
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let reading = cache.with_nar(&sample.all[&sample.hello], move |mut reader| {
+            sender.send(io::copy(&mut reader, &mut io::sink())).unwrap()
+        });
+        // The caller gives up long before the trickle could end.
+        assert!(tokio::time::timeout(Duration::from_millis(200), reading)
+            .await
+            .is_err());
+        let ended = tokio::task::spawn_blocking(move || {
+            receiver.recv_timeout(Duration::from_secs(5)).unwrap()
+        })
+        .await
+        .unwrap();
+        let error = CacheError::from_io(&ended.unwrap_err())
+            .expect("a cache error")
+            .to_string();
+        assert!(error.contains("cancelled"), "{error}");
+        assert!(no_body_in_flight(&server).await, "the download goes on");
+    }
+
     #[tokio::test]
     async fn a_nar_forbidden_after_its_narinfo_is_unavailable_not_missing() {
         let sample = sample(Compression::Xz);
@@ -1799,6 +2089,64 @@ mod tests {
         let err = cache.narinfo(&store_path("gone")).await.unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+    }
+
+    #[test]
+    fn redirects_stay_public_and_encrypted_once_they_were() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let public = url("https://cache.example.org/nix-cache-info");
+        for next in [
+            "https://cdn.example.net/nar/x.nar.xz",
+            "https://cache.example.org/other",
+        ] {
+            assert_eq!(refused_redirect(&public, &url(next), 1), None, "{next}");
+        }
+        for next in [
+            "http://cdn.example.net/nar/x.nar.xz",
+            "https://169.254.169.254/latest/meta-data/",
+            "https://169.254.170.2/v2/credentials",
+            "https://127.0.0.1:9000/",
+            "https://localhost/",
+            "https://10.0.0.7/",
+            "https://192.168.1.1/",
+            "https://[::1]/",
+            "https://[fe80::1]/",
+            "https://[fd00::1]/",
+            "https://[::ffff:127.0.0.1]/",
+            "https://0.0.0.0/",
+        ] {
+            let reason = refused_redirect(&public, &url(next), 1);
+            assert!(reason.is_some(), "{next} is followed");
+        }
+        assert!(refused_redirect(&public, &public, MAX_REDIRECTS + 1)
+            .unwrap()
+            .contains("more than 5"));
+        // A cache that is itself local (a test, a sidecar) may stay local.
+        let local = url("http://127.0.0.1:8080/cache/x.narinfo");
+        assert_eq!(
+            refused_redirect(&local, &url("http://127.0.0.1:9090/x"), 1),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_followed_and_a_redirect_loop_refused_at_once() {
+        let sample = sample(Compression::Xz);
+        let (target, _) = http(&sample.cache, options()).await;
+        let (front, cache) = http(&sample.cache, options()).await;
+        // To another server: followed, and its answers checked as ever.
+        *front.state.redirect_to.lock().unwrap() = Some(format!("http://{}", target.addr));
+        let info = cache.narinfo(&sample.hello).await.unwrap();
+        assert_eq!(info.store_path, sample.hello);
+        assert_eq!(target.requests().len(), 1);
+        // To itself, again and again: refused after 5 hops, not retried.
+        *front.state.redirect_to.lock().unwrap() = Some(format!("http://{}", front.addr));
+        let requests = front.requests().len();
+        let error = cache.narinfo(&sample.hello).await.unwrap_err();
+        assert!(matches!(error, CacheError::Redirect { .. }), "{error}");
+        assert!(error.is_unavailable(), "{error}");
+        assert!(error.to_string().contains("more than 5"), "{error}");
+        assert_eq!(front.requests().len() - requests, 1 + MAX_REDIRECTS);
     }
 
     #[test]

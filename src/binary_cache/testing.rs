@@ -261,8 +261,12 @@ pub struct ServerState {
     /// NAR files (`nar/...`) are sent with their whole Content-Length,
     /// then the connection is reset after this many bytes.
     pub cut_after: Mutex<Option<usize>>,
-    /// NAR files are sent one byte at a time, this far apart.
-    pub trickle: Mutex<Option<std::time::Duration>>,
+    /// NAR files are sent this many bytes at once, then one byte at a
+    /// time, this far apart.
+    pub trickle: Mutex<Option<(usize, std::time::Duration)>>,
+    /// Every request is answered with a redirect to this origin (same
+    /// path).
+    pub redirect_to: Mutex<Option<String>>,
     /// NAR bodies begun and not yet ended (sent whole, or dropped because
     /// the client went away).
     pub bodies: Arc<AtomicUsize>,
@@ -294,9 +298,11 @@ fn nar_body(state: &ServerState, bytes: Vec<u8>) -> axum::response::Response {
     let sending = Sending::new(&state.bodies);
     let trickle = *state.trickle.lock().unwrap();
     let cut = *state.cut_after.lock().unwrap();
-    let body = if let Some(every) = trickle {
-        let pieces = stream::unfold(
-            (bytes, 0, sending),
+    let body = if let Some((first, every)) = trickle {
+        let first = first.min(length);
+        let head = bytes::Bytes::copy_from_slice(&bytes[..first]);
+        let rest = stream::unfold(
+            (bytes, first, sending),
             move |(bytes, at, sending)| async move {
                 if at == bytes.len() {
                     return None;
@@ -306,7 +312,7 @@ fn nar_body(state: &ServerState, bytes: Vec<u8>) -> axum::response::Response {
                 Some((Ok::<_, std::io::Error>(piece), (bytes, at + 1, sending)))
             },
         );
-        Body::from_stream(pieces)
+        Body::from_stream(stream::once(async move { Ok(head) }).chain(rest))
     } else if let Some(cut) = cut.filter(|&cut| cut < length) {
         let head = bytes::Bytes::copy_from_slice(&bytes[..cut]);
         // The head is sent (and flushed) before the connection goes.
@@ -346,6 +352,11 @@ impl Server {
                 .get("authorization")
                 .map(|v| v.to_str().unwrap().to_string());
             state.log.lock().unwrap().push((name.clone(), auth));
+            let redirect = state.redirect_to.lock().unwrap().clone();
+            if let Some(origin) = redirect {
+                let location = format!("{origin}{}", uri.path());
+                return axum::response::Redirect::temporary(&location).into_response();
+            }
             if state.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }

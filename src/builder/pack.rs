@@ -149,6 +149,13 @@ impl<W: Write> LayerWriter<W> {
         self.cancelled = Some(flag);
     }
 
+    /// The flag given to [`LayerWriter::cancel_on`], for readers of the
+    /// entries to stop on too (a download need not run to the end of the
+    /// file it is in).
+    pub fn cancel_flag(&self) -> Option<&Arc<AtomicBool>> {
+        self.cancelled.as_ref()
+    }
+
     fn go_on(&self) -> Result<(), PackError> {
         match &self.cancelled {
             Some(flag) if flag.load(Ordering::Relaxed) => Err(PackError::Cancelled),
