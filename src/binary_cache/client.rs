@@ -76,6 +76,10 @@ pub struct CacheOptions {
     pub nar_deadline_base: Duration,
     /// The slowest NAR download allowed, in bytes per second.
     pub nar_min_rate: u64,
+    /// A NAR of at least this many bytes is decompressed and checked on a
+    /// thread of its own, a few pieces ahead of its reader, so that a core
+    /// the reader leaves free does that work (see [`NarStream::into_reader`]).
+    pub pipe_from: u64,
     /// Tries of a request that fails transiently (at least 1).
     pub attempts: u32,
     /// The wait before the first retry; doubled before each next one, up
@@ -96,6 +100,7 @@ impl Default for CacheOptions {
             request_timeout: Duration::from_secs(30),
             nar_deadline_base: Duration::from_secs(60),
             nar_min_rate: 1 << 20,
+            pipe_from: 1 << 20,
             attempts: 4,
             backoff: Duration::from_millis(250),
             concurrency: 16,
@@ -517,6 +522,7 @@ impl BinaryCache {
             info: info.clone(),
             cache: self.cache(),
             stop: Stop::default(),
+            pipe_from: self.inner.options.pipe_from,
         })
     }
 
@@ -849,6 +855,7 @@ pub struct NarStream {
     info: NarInfo,
     cache: String,
     stop: Stop,
+    pipe_from: u64,
 }
 
 enum Body {
@@ -914,7 +921,10 @@ impl NarStream {
     /// (`tokio::task::spawn_blocking`, or [`BinaryCache::with_nar`]), never
     /// on an async worker. An HTTP body is received by a task on the
     /// runtime that opened it and handed over in pieces, at most 16 in
-    /// flight; dropping the reader stops the download.
+    /// flight; dropping the reader stops the download. A NAR of at least
+    /// [`CacheOptions::pipe_from`] bytes is decompressed and checked by a
+    /// thread of its own, at most [`PIPED_PIECES`] pieces ahead; the
+    /// reader sees the same bytes and the same errors, in the same order.
     pub fn into_reader(self) -> NarReader {
         let source: Box<dyn Read + Send> = match self.body {
             Body::File(file) => Box::new(file),
@@ -929,7 +939,130 @@ impl NarStream {
                 self.stop.clone(),
             )),
         };
-        NarReader::new(source, self.info, self.cache, self.stop)
+        let piped = self.info.nar_size >= self.pipe_from;
+        let checked = CheckedNar::new(source, self.info, self.cache, self.stop);
+        NarReader(if piped {
+            Reader::Piped(PipedNar::spawn(checked))
+        } else {
+            Reader::Direct(Box::new(checked))
+        })
+    }
+}
+
+/// Pieces a piped NAR's thread may hold ready for its reader.
+pub const PIPED_PIECES: usize = 4;
+/// The size of each of those pieces.
+const PIECE: usize = 256 * 1024;
+
+/// A blocking [`Read`] of a NAR from a cache, checked against its narinfo
+/// (see the module doc). Errors are `io::Error`s that carry a
+/// [`CacheError`] ([`CacheError::from_io`]).
+pub struct NarReader(Reader);
+
+enum Reader {
+    Direct(Box<CheckedNar>),
+    Piped(PipedNar),
+}
+
+impl Read for NarReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Reader::Direct(checked) => checked.read(out),
+            Reader::Piped(piped) => piped.read(out),
+        }
+    }
+}
+
+/// A [`CheckedNar`] read by a thread of its own into a bounded channel.
+/// Dropping this ends the thread at its next piece.
+struct PipedNar {
+    receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+    /// The end, or the error, was handed over; later reads repeat it.
+    finished: Option<Result<(), String>>,
+}
+
+impl PipedNar {
+    fn spawn(mut checked: CheckedNar) -> PipedNar {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(PIPED_PIECES);
+        std::thread::spawn(move || loop {
+            let mut piece = vec![0; PIECE];
+            let mut filled = 0;
+            // Whole pieces, but what is decoded is handed on at the end
+            // or before an error.
+            let result = loop {
+                match checked.read(&mut piece[filled..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == piece.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            piece.truncate(filled);
+            let ended = filled == 0 && result.is_ok();
+            if filled > 0 && sender.send(Ok(piece)).is_err() {
+                return;
+            }
+            match result {
+                Err(e) => {
+                    let _ = sender.send(Err(e));
+                    return;
+                }
+                // The end: an empty piece says so.
+                Ok(()) if ended => {
+                    let _ = sender.send(Ok(Vec::new()));
+                    return;
+                }
+                Ok(()) => {}
+            }
+        });
+        PipedNar {
+            receiver,
+            current: Vec::new(),
+            at: 0,
+            finished: None,
+        }
+    }
+}
+
+impl Read for PipedNar {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        while self.at == self.current.len() {
+            match &self.finished {
+                Some(Ok(())) => return Ok(0),
+                Some(Err(message)) => return Err(io::Error::other(message.clone())),
+                None => {}
+            }
+            match self.receiver.recv() {
+                Ok(Ok(piece)) if piece.is_empty() => self.finished = Some(Ok(())),
+                Ok(Ok(piece)) => {
+                    self.current = piece;
+                    self.at = 0;
+                }
+                Ok(Err(error)) => {
+                    self.finished = Some(Err(error.to_string()));
+                    return Err(error);
+                }
+                Err(_) => {
+                    let gone = "the NAR's reading thread ended early".to_string();
+                    self.finished = Some(Err(gone.clone()));
+                    return Err(io::Error::other(gone));
+                }
+            }
+        }
+        let n = out.len().min(self.current.len() - self.at);
+        out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -1063,10 +1196,9 @@ impl Read for FileCheck {
     }
 }
 
-/// A blocking [`Read`] of a NAR from a cache, checked against its narinfo
-/// (see the module doc). Errors are `io::Error`s that carry a
-/// [`CacheError`] ([`CacheError::from_io`]).
-pub struct NarReader {
+/// The NAR decompressed and checked as it is read, on the reader's
+/// thread.
+struct CheckedNar {
     decoder: Decoder<BufReader<FileCheck>>,
     hasher: Sha256,
     read: u64,
@@ -1078,8 +1210,8 @@ pub struct NarReader {
     finished: Option<Result<(), String>>,
 }
 
-impl NarReader {
-    fn new(source: Box<dyn Read + Send>, info: NarInfo, cache: String, stop: Stop) -> NarReader {
+impl CheckedNar {
+    fn new(source: Box<dyn Read + Send>, info: NarInfo, cache: String, stop: Stop) -> CheckedNar {
         let context = Context {
             cache,
             path: info.store_path.clone(),
@@ -1124,7 +1256,7 @@ impl NarReader {
                 (decoder, Some(Err(message)))
             }
         };
-        NarReader {
+        CheckedNar {
             decoder,
             hasher: Sha256::new(),
             read: 0,
@@ -1204,11 +1336,6 @@ impl NarReader {
         }
         Ok(())
     }
-
-    /// The narinfo this reader checks against.
-    pub fn info(&self) -> &NarInfo {
-        &self.info
-    }
 }
 
 /// A decoder's error: ours from below (passed on), or corrupt data. When
@@ -1233,7 +1360,7 @@ fn unwrap_cache_error(e: io::Error, c: &Context, compression: &'static str) -> C
     }
 }
 
-impl Read for NarReader {
+impl Read for CheckedNar {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         match &self.finished {
             Some(Ok(())) => return Ok(0),
@@ -1965,6 +2092,82 @@ mod tests {
         tokio::task::spawn_blocking(move || io::copy(&mut stream.into_reader(), &mut io::sink()))
             .await
             .unwrap()
+    }
+
+    /// What reading the whole NAR of `info` gives: its bytes, and the
+    /// error that ended it, if one did.
+    async fn read_whole(cache: &BinaryCache, info: &NarInfo) -> (Vec<u8>, Option<String>) {
+        let stream = cache.nar(info).await.unwrap();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = stream.into_reader();
+            let mut bytes = Vec::new();
+            // Small reads, so that pieces are split across them.
+            let mut buf = [0; 1000];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return (bytes, None),
+                    Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                    Err(e) => {
+                        let shown = CacheError::from_io(&e).map(|c| c.to_string());
+                        // A later read repeats the error.
+                        assert!(reader.read(&mut buf).is_err());
+                        return (bytes, Some(shown.unwrap_or_else(|| e.to_string())));
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_piped_nar_reads_the_same_bytes_and_errors_as_a_direct_one() {
+        for compression in [Compression::Xz, Compression::None] {
+            let sample = sample(compression);
+            let server = Server::start(&sample.cache).await;
+            let client = |pipe_from| {
+                let options = CacheOptions {
+                    pipe_from,
+                    ..options()
+                };
+                BinaryCache::new(&server.url(), trusted(), options).unwrap()
+            };
+            let (direct, piped) = (client(u64::MAX), client(0));
+            let info = sample.all[&sample.hello].clone();
+            let mut forged = info.clone();
+            forged.nar_hash = Sha256Hash([7; 32]);
+            let half = info.file_size.unwrap() as usize / 2;
+            for (case, info, cut) in [
+                ("whole", &info, None),
+                ("cut off", &info, Some(half)),
+                ("another NarHash", &forged, None),
+            ] {
+                *server.state.cut_after.lock().unwrap() = cut;
+                let (d_bytes, d_error) = read_whole(&direct, info).await;
+                let (p_bytes, p_error) = read_whole(&piped, info).await;
+                assert_eq!(d_error, p_error, "{compression}, {case}");
+                // Cut off, how much of its last output a decoder gives
+                // before the error depends on the room it is given: the
+                // counts may differ, the bytes never.
+                let shorter = d_bytes.len().min(p_bytes.len());
+                assert!(
+                    d_bytes[..shorter] == p_bytes[..shorter],
+                    "{compression}, {case}"
+                );
+                if case != "cut off" {
+                    assert_eq!(d_bytes.len(), p_bytes.len(), "{compression}, {case}");
+                }
+                match case {
+                    "whole" => assert_eq!(p_bytes.len() as u64, info.nar_size),
+                    _ => assert!(p_error.is_some(), "{compression}, {case}"),
+                }
+                if case == "another NarHash" {
+                    // Every byte before the error, which is the last read.
+                    assert_eq!(p_bytes.len() as u64, info.nar_size);
+                    assert!(p_error.unwrap().contains("NarHash"));
+                }
+            }
+        }
     }
 
     #[tokio::test]
