@@ -106,6 +106,9 @@ fn report(progress: Progress<'_>, update: impl FnOnce(&mut StepProgress)) {
     }
 }
 
+/// A layer's record, and whether it was reused; or why it failed.
+type StoredLayer = Result<(LayerRecord, bool), BuildError>;
+
 /// Sets a build's cancel flag when the build is dropped (its caller gave
 /// up on it), so work on blocking threads stops at its next entry.
 struct CancelOnDrop(Arc<AtomicBool>);
@@ -502,9 +505,11 @@ impl Builder {
             (p.done, p.total, p.bytes) = (Some(0), Some(total), Some(0));
             p.detail = Some(format!("0 of {total} layers stored"));
         });
-        let results: Vec<Result<(LayerRecord, bool), BuildError>> =
-            futures_util::stream::iter(groups)
-                .map(|layer| {
+        // Unordered, so that a big layer does not hold back the small ones
+        // after it; put back in order afterwards.
+        let mut results: Vec<(usize, StoredLayer)> =
+            futures_util::stream::iter(groups.into_iter().enumerate())
+                .map(|(at, layer)| {
                     let key = layer.key(compression.key(), closure);
                     let job = store.pack(layer.paths, closure);
                     async move {
@@ -520,15 +525,16 @@ impl Builder {
                                 p.detail = Some(format!("{done} of {total} layers stored"));
                             });
                         }
-                        stored
+                        (at, stored)
                     }
                 })
-                .buffered(parallel)
+                .buffer_unordered(parallel)
                 .collect()
                 .await;
+        results.sort_by_key(|(at, _)| *at);
         let mut layers = Vec::with_capacity(results.len());
         let mut stats = BuildStats::default();
-        for result in results {
+        for (_, result) in results {
             let (record, reused) = result?;
             stats.count(&record, reused);
             layers.push(record);
