@@ -224,6 +224,7 @@ fn not_here(error: &CacheError, cache: &str) -> NotHere {
         | CacheError::TooManyPaths { path, .. }
         | CacheError::ClosureTooLarge { path, .. }
         | CacheError::FileSize { path, .. }
+        | CacheError::FileTooLarge { path, .. }
         | CacheError::FileHash { path, .. }
         | CacheError::NarSize { path, .. }
         | CacheError::NarHash { path, .. }

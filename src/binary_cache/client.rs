@@ -48,6 +48,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{self, BufRead, BufReader, Read};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -221,6 +222,16 @@ pub enum CacheError {
         compression: &'static str,
         source: io::Error,
     },
+    /// The unsigned FileSize claims more than any compression of a NAR of
+    /// the signed NarSize takes (see [`max_file_size`]).
+    #[error("{cache}: the narinfo of {path} says its NAR file is {file_size} bytes, more than {limit} for a NAR of {nar_size} bytes")]
+    FileTooLarge {
+        cache: String,
+        path: StorePath,
+        file_size: u64,
+        nar_size: u64,
+        limit: u64,
+    },
     /// Whoever read the NAR gave up on it ([`NarStream::cancel_on`]).
     #[error("{cache}: reading the NAR of {path} was cancelled")]
     Cancelled { cache: String, path: StorePath },
@@ -338,8 +349,13 @@ impl BinaryCache {
                     let path = format!("{}/", parsed.path());
                     parsed.set_path(&path);
                 }
+                let resolver = OutwardResolver {
+                    own: parsed.host_str().unwrap_or_default().to_string(),
+                    inward_allowed: is_inward(&parsed),
+                };
                 let client = reqwest::Client::builder()
                     .connect_timeout(options.request_timeout)
+                    .dns_resolver(Arc::new(resolver))
                     .redirect(redirect_policy())
                     .build()
                     .map_err(|e| invalid(&shown, e.to_string()))?;
@@ -490,6 +506,18 @@ impl BinaryCache {
     /// Opens the NAR file of `info` (a narinfo this cache verified).
     pub async fn nar(&self, info: &NarInfo) -> Result<NarStream, CacheError> {
         let path = &info.store_path;
+        // FileSize is not signed: bounded by what is, before any download,
+        // since it bounds the download's bytes and time.
+        let limit = max_file_size(info.nar_size);
+        if let Some(file_size) = info.file_size.filter(|&size| size > limit) {
+            return Err(CacheError::FileTooLarge {
+                cache: self.cache(),
+                path: path.clone(),
+                file_size,
+                nar_size: info.nar_size,
+                limit,
+            });
+        }
         let body = match &self.inner.location {
             Location::File { root } => {
                 let file = root.join(&info.url);
@@ -503,7 +531,7 @@ impl BinaryCache {
                     .with_retries(path, &info.url, || self.send(path, &info.url, &NAR_MISSING))
                     .await?;
                 let options = &self.inner.options;
-                let size = info.file_size.unwrap_or(info.nar_size);
+                let size = info.file_size.unwrap_or(limit);
                 let at_min_rate = Duration::from_secs(size / options.nar_min_rate.max(1));
                 Body::Http {
                     response,
@@ -779,37 +807,116 @@ fn refused_redirect(first: &Url, next: &Url, hops: usize) -> Option<String> {
     } else if is_inward(next) && !is_inward(first) {
         let host = next.host_str().unwrap_or_default();
         Some(format!("to {host}, a local or private host"))
+    } else if is_link_local(next) && next.host_str() != first.host_str() {
+        // Metadata services: never, unless the cache is there itself.
+        let host = next.host_str().unwrap_or_default();
+        Some(format!("to {host}, a link-local host"))
     } else {
         None
     }
 }
 
-/// Whether `url` names this machine or a private network: `localhost`, or
-/// an address that is loopback, private, link-local (cloud metadata
-/// services), unique-local or unspecified.
+/// Whether `url` names this machine or a private network: `localhost`,
+/// or an address [`is_inward_ip`].
 fn is_inward(url: &Url) -> bool {
-    let v4 = |ip: std::net::Ipv4Addr| {
-        ip.is_loopback() || ip.is_private() || ip.is_link_local() || ip.is_unspecified()
-    };
     let Some(host) = url.host_str() else {
         return true;
     };
-    match host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => v4(ip),
-        Ok(std::net::IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
-            Some(mapped) => v4(mapped),
-            None => {
-                let first = ip.segments()[0];
-                ip.is_loopback()
-                    || ip.is_unspecified()
-                    || first & 0xfe00 == 0xfc00
-                    || first & 0xffc0 == 0xfe80
-            }
-        },
+    match host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        Ok(ip) => is_inward_ip(ip),
         Err(_) => {
             let name = host.trim_end_matches('.').to_ascii_lowercase();
             name == "localhost" || name.ends_with(".localhost")
         }
+    }
+}
+
+/// Whether `url`'s host is a link-local address (169.254/16, fe80::/10),
+/// where clouds answer their metadata services.
+fn is_link_local(url: &Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    host.trim_matches(['[', ']'])
+        .parse::<IpAddr>()
+        .is_ok_and(is_link_local_ip)
+}
+
+/// Whether `ip` is link-local, or an IPv4 link-local address in IPv6.
+fn is_link_local_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => ip.is_link_local(),
+        IpAddr::V6(ip) => {
+            ip.segments()[0] & 0xffc0 == 0xfe80
+                || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+    }
+}
+
+/// Whether `ip` is not a public internet address: loopback, private,
+/// shared (100.64/10, where some clouds keep their metadata service),
+/// link-local (169.254/16: metadata services), IETF protocol space
+/// (192.0.0/24), unspecified, broadcast; for IPv6 also unique-local and
+/// link-local, and IPv4 addresses carried in IPv6 (mapped, compatible,
+/// NAT64 64:ff9b::/96) by the IPv4 they carry.
+pub fn is_inward_ip(ip: IpAddr) -> bool {
+    let v4 = |ip: Ipv4Addr| {
+        let [a, b, c, _] = ip.octets();
+        ip.is_loopback()
+            || ip.is_private()
+            || ip.is_link_local()
+            || ip.is_unspecified()
+            || ip.is_broadcast()
+            || (a == 100 && b & 0xc0 == 64)
+            || (a == 192 && b == 0 && c == 0)
+    };
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => {
+            let segments = ip.segments();
+            let carried = Ipv4Addr::from((u32::from(segments[6]) << 16) | u32::from(segments[7]));
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || segments[0] & 0xfe00 == 0xfc00
+                || segments[0] & 0xffc0 == 0xfe80
+                || ip.to_ipv4_mapped().is_some_and(v4)
+                // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::a.b.c.d)
+                || (segments[..6] == [0; 6] && v4(carried))
+                || (segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && v4(carried))
+        }
+    }
+}
+
+/// Resolves host names for a cache's client, leaving out inward addresses
+/// ([`is_inward_ip`]) for every name but the cache's own when the cache is
+/// public, and link-local ones whatever the cache: a redirect to a name that resolves to a metadata service or a
+/// loopback port (`metadata.google.internal`, `127.0.0.1.nip.io`) fails to
+/// connect. (IP literals are not resolved: [`refused_redirect`] checks
+/// those.)
+struct OutwardResolver {
+    /// The cache's own host name, resolved as it is.
+    own: String,
+    /// The cache itself is local or private: so may its redirects be.
+    inward_allowed: bool,
+}
+
+impl reqwest::dns::Resolve for OutwardResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        let own = host.eq_ignore_ascii_case(&self.own);
+        let inward_allowed = self.inward_allowed;
+        Box::pin(async move {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|addr| {
+                    own || !is_inward_ip(addr.ip())
+                        || (inward_allowed && !is_link_local_ip(addr.ip()))
+                })
+                .collect();
+            if found.is_empty() {
+                let message = format!("{host} has no public address");
+                return Err(message.into());
+            }
+            Ok(Box::new(found.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -926,6 +1033,14 @@ impl NarStream {
     /// thread of its own, at most [`PIPED_PIECES`] pieces ahead; the
     /// reader sees the same bytes and the same errors, in the same order.
     pub fn into_reader(self) -> NarReader {
+        let piped = self.info.nar_size >= self.pipe_from;
+        // A piped reader dropped stops its thread and download as a
+        // direct one does.
+        let dropped = Arc::new(AtomicBool::new(false));
+        let mut stop = self.stop;
+        if piped {
+            stop.0.push(dropped.clone());
+        }
         let source: Box<dyn Read + Send> = match self.body {
             Body::File(file) => Box::new(file),
             Body::Http {
@@ -936,17 +1051,24 @@ impl NarStream {
                 &runtime,
                 response,
                 limits,
-                self.stop.clone(),
+                stop.clone(),
             )),
         };
-        let piped = self.info.nar_size >= self.pipe_from;
-        let checked = CheckedNar::new(source, self.info, self.cache, self.stop);
+        let checked = CheckedNar::new(source, self.info, self.cache, stop);
         NarReader(if piped {
-            Reader::Piped(PipedNar::spawn(checked))
+            Reader::Piped(PipedNar::spawn(checked, SetOnDrop(dropped)))
         } else {
             Reader::Direct(Box::new(checked))
         })
     }
+}
+
+/// The most bytes a NAR file of a NAR of `nar_size` bytes may have: the
+/// NAR, an eighth more (incompressible data, a compressor's framing) and
+/// 1 MiB. FileSize is not signed, NarSize is: a file past this is refused,
+/// and padding that decodes to nothing cannot go on for ever.
+pub fn max_file_size(nar_size: u64) -> u64 {
+    nar_size.saturating_add(nar_size / 8 + (1 << 20))
 }
 
 /// Pieces a piped NAR's thread may hold ready for its reader.
@@ -974,52 +1096,45 @@ impl Read for NarReader {
 }
 
 /// A [`CheckedNar`] read by a thread of its own into a bounded channel.
-/// Dropping this ends the thread at its next piece.
+/// Dropping this sets a stop flag of the [`CheckedNar`] and its download:
+/// the thread ends at its next read, the download at once.
 struct PipedNar {
     receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     current: Vec<u8>,
     at: usize,
     /// The end, or the error, was handed over; later reads repeat it.
     finished: Option<Result<(), String>>,
+    context: Context,
+    _stop_on_drop: SetOnDrop,
 }
 
 impl PipedNar {
-    fn spawn(mut checked: CheckedNar) -> PipedNar {
+    fn spawn(mut checked: CheckedNar, stop_on_drop: SetOnDrop) -> PipedNar {
         let (sender, receiver) = std::sync::mpsc::sync_channel(PIPED_PIECES);
-        std::thread::spawn(move || loop {
+        let context = checked.context.clone();
+        let thread = std::thread::Builder::new().name("nar-reader".into());
+        // If no thread can be had, the receiver finds the channel closed.
+        // Each piece is what one read gives, handed on at once: bytes
+        // flow as they arrive, a slow download is not held back.
+        let _ = thread.spawn(move || loop {
             let mut piece = vec![0; PIECE];
-            let mut filled = 0;
-            // Whole pieces, but what is decoded is handed on at the end
-            // or before an error.
-            let result = loop {
-                match checked.read(&mut piece[filled..]) {
-                    Ok(0) => break Ok(()),
-                    Ok(n) => {
-                        filled += n;
-                        if filled == piece.len() {
-                            break Ok(());
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => break Err(e),
-                }
-            };
-            piece.truncate(filled);
-            let ended = filled == 0 && result.is_ok();
-            if filled > 0 && sender.send(Ok(piece)).is_err() {
-                return;
-            }
-            match result {
+            match checked.read(&mut piece) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let _ = sender.send(Err(e));
                     return;
                 }
-                // The end: an empty piece says so.
-                Ok(()) if ended => {
+                // The end, checked: an empty piece says so.
+                Ok(0) => {
                     let _ = sender.send(Ok(Vec::new()));
                     return;
                 }
-                Ok(()) => {}
+                Ok(n) => {
+                    piece.truncate(n);
+                    if sender.send(Ok(piece)).is_err() {
+                        return;
+                    }
+                }
             }
         });
         PipedNar {
@@ -1027,6 +1142,8 @@ impl PipedNar {
             current: Vec::new(),
             at: 0,
             finished: None,
+            context,
+            _stop_on_drop: stop_on_drop,
         }
     }
 }
@@ -1052,10 +1169,18 @@ impl Read for PipedNar {
                     self.finished = Some(Err(error.to_string()));
                     return Err(error);
                 }
+                // The thread could not start, or ended without the end
+                // or an error: this registry failed, not the cache's data.
                 Err(_) => {
-                    let gone = "the NAR's reading thread ended early".to_string();
-                    self.finished = Some(Err(gone.clone()));
-                    return Err(io::Error::other(gone));
+                    let c = self.context.clone();
+                    let error = CacheError::Io {
+                        cache: c.cache,
+                        path: c.path,
+                        object: c.object,
+                        source: io::Error::other("the thread reading the NAR ended early"),
+                    };
+                    self.finished = Some(Err(error.to_string()));
+                    return Err(io::Error::other(error));
                 }
             }
         }
@@ -1070,6 +1195,8 @@ impl Read for PipedNar {
 struct ChannelReader {
     receiver: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
+    /// The task said the body ended.
+    ended: bool,
 }
 
 impl ChannelReader {
@@ -1083,9 +1210,8 @@ impl ChannelReader {
         runtime.spawn(async move {
             let now = tokio::time::Instant::now();
             // A year stands for "no deadline" where the sum overflows.
-            let deadline = now
-                .checked_add(limits.whole)
-                .unwrap_or(now + Duration::from_secs(365 * 86_400));
+            let far = Duration::from_secs(365 * 86_400);
+            let mut deadline = now.checked_add(limits.whole).unwrap_or(now + far);
             loop {
                 let between = limits.between_pieces;
                 let piece = tokio::select! {
@@ -1104,19 +1230,31 @@ impl ChannelReader {
                             format!("no data for {between:?}"),
                         )),
                         Ok(Err(e)) => Err(io::Error::other(describe(&e))),
-                        Ok(Ok(None)) => break,
+                        // The end, said so (an empty piece): a channel that
+                        // closes without it is a download that failed.
+                        Ok(Ok(None)) => {
+                            let _ = sender.send(Ok(Bytes::new())).await;
+                            break;
+                        }
+                        Ok(Ok(Some(bytes))) if bytes.is_empty() => continue,
                         Ok(Ok(Some(bytes))) => Ok(bytes),
                     },
                 };
                 let failed = piece.is_err();
+                // Time spent waiting for the reader to take a piece is the
+                // registry's, not the cache's: the deadline moves with it.
+                let handed = tokio::time::Instant::now();
                 if sender.send(piece).await.is_err() || failed {
                     break;
                 }
+                let waited = handed.elapsed();
+                deadline = deadline.checked_add(waited).unwrap_or(deadline);
             }
         });
         ChannelReader {
             receiver,
             current: Bytes::new(),
+            ended: false,
         }
     }
 }
@@ -1124,9 +1262,15 @@ impl ChannelReader {
 impl Read for ChannelReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.current.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.receiver.blocking_recv() {
-                None => return Ok(0),
+                // The task went without saying the body ended (its
+                // runtime shut down): not a body that was whole.
+                None => return Err(io::Error::other("the download stopped")),
                 Some(Err(e)) => return Err(e),
+                Some(Ok(bytes)) if bytes.is_empty() => self.ended = true,
                 Some(Ok(bytes)) => self.current = bytes,
             }
         }
@@ -1221,7 +1365,8 @@ impl CheckedNar {
         // than the NAR (incompressible data), not without bound.
         let limit = info
             .file_size
-            .unwrap_or(info.nar_size.saturating_add(info.nar_size / 8 + (1 << 20)));
+            .unwrap_or(max_file_size(info.nar_size))
+            .min(max_file_size(info.nar_size));
         let check = FileCheck {
             source,
             hasher: Sha256::new(),
@@ -2194,6 +2339,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_slow_reader_does_not_count_against_the_cache_s_deadline() {
+        // Far more than the download task's channel and the socket hold.
+        let mut files = TestCache::new();
+        let path = store_path("large-1.0");
+        let node = dir(vec![("data", file(&"z".repeat(8 << 20)))]);
+        let info = files.add(&path, &node, &[], Compression::None, Some(&test_key()));
+        let strict = CacheOptions {
+            nar_deadline_base: Duration::from_millis(300),
+            nar_min_rate: u64::MAX,
+            pipe_from: u64::MAX,
+            ..options()
+        };
+        let (_server, cache) = http(&files, strict).await;
+        let stream = cache.nar(&info).await.unwrap();
+        let started = Instant::now();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut reader = stream.into_reader();
+            let mut buf = vec![0; 256 << 10];
+            let mut total = 0;
+            loop {
+                match reader.read(&mut buf)? {
+                    0 => return Ok::<_, io::Error>(total),
+                    n => total += n as u64,
+                }
+                // The registry is the slow one: a busy layer compressor.
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(read, info.nar_size);
+        assert!(started.elapsed() > Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn a_piped_reader_dropped_stops_its_thread_and_download() {
+        let sample = sample(Compression::None);
+        let piped = CacheOptions {
+            pipe_from: 0,
+            ..options()
+        };
+        let (server, cache) = http(&sample.cache, piped).await;
+        *server.state.trickle.lock().unwrap() = Some((1000, Duration::from_millis(20)));
+        let stream = cache.nar(&sample.all[&sample.hello]).await.unwrap();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = stream.into_reader();
+            reader.read_exact(&mut [0; 100]).unwrap();
+        })
+        .await
+        .unwrap();
+        assert!(no_body_in_flight(&server).await, "the download goes on");
+    }
+
+    #[tokio::test]
     async fn a_reader_stops_at_its_next_read_once_its_flag_is_set() {
         let sample = sample(Compression::None);
         let (server, cache) = http(&sample.cache, options()).await;
@@ -2330,6 +2530,76 @@ mod tests {
             refused_redirect(&local, &url("http://127.0.0.1:9090/x"), 1),
             None
         );
+    }
+
+    #[test]
+    fn inward_addresses_are_every_non_public_kind() {
+        for inward in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.0.1",
+            "169.254.169.254",
+            "100.100.100.200",
+            "192.0.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(is_inward_ip(inward.parse().unwrap()), "{inward}");
+        }
+        for outward in ["8.8.8.8", "100.128.0.1", "151.101.2.217", "2a04:4e42::1"] {
+            assert!(!is_inward_ip(outward.parse().unwrap()), "{outward}");
+        }
+        // A private cache may redirect within its network, never to a
+        // metadata service.
+        let url = |s: &str| Url::parse(s).unwrap();
+        let private = url("http://10.0.0.5/cache/x.narinfo");
+        assert_eq!(
+            refused_redirect(&private, &url("http://10.0.0.6/x"), 1),
+            None
+        );
+        for metadata in ["http://169.254.169.254/", "http://[fe80::1]/"] {
+            assert!(refused_redirect(&private, &url(metadata), 1).is_some());
+        }
+    }
+
+    #[tokio::test]
+    async fn names_that_resolve_inward_are_refused_unless_the_cache_is_there() {
+        use reqwest::dns::Resolve;
+        let resolve = |own: &str, inward_allowed: bool| {
+            let resolver = OutwardResolver {
+                own: own.to_string(),
+                inward_allowed,
+            };
+            resolver.resolve("localhost".parse().unwrap())
+        };
+        // A public cache redirecting to a name of this machine.
+        let error = resolve("cache.example.org", false).await.err().unwrap();
+        assert!(error.to_string().contains("no public address"), "{error}");
+        // The cache's own name, or a local cache: as resolved.
+        for (own, inward_allowed) in [("localhost", false), ("127.0.0.1", true)] {
+            let addrs: Vec<_> = resolve(own, inward_allowed).await.unwrap().collect();
+            assert!(addrs.iter().any(|a| a.ip().is_loopback()), "{addrs:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_size_beyond_any_compression_of_the_nar_is_refused_before_download() {
+        let sample = sample(Compression::Xz);
+        let (server, cache) = http(&sample.cache, options()).await;
+        let mut info = sample.all[&sample.hello].clone();
+        info.file_size = Some(u64::MAX);
+        let error = cache.nar(&info).await.err().unwrap();
+        assert!(matches!(error, CacheError::FileTooLarge { .. }), "{error}");
+        assert!(!error.is_unavailable());
+        assert!(server.requests().is_empty(), "{:?}", server.requests());
     }
 
     #[tokio::test]
