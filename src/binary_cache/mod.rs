@@ -53,14 +53,17 @@ pub mod client;
 pub mod decompress;
 pub mod nar;
 pub mod narinfo;
+pub mod network;
 pub mod nix32;
+pub mod reader;
 pub mod signature;
 pub mod store_path;
 
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use client::{BinaryCache, CacheError, CacheOptions, Closure, NarReader, NarStream};
+pub use client::{BinaryCache, CacheError, CacheOptions, Closure};
 pub use narinfo::{HashError, NarInfo, NarInfoError, NarInfoLimits, Sha256Hash};
+pub use reader::{NarReader, NarStream};
 pub use signature::{KeyError, SignatureError, TrustedKeys, CACHE_NIXOS_ORG_KEY};
 pub use store_path::{StorePath, StorePathError};
