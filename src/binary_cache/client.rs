@@ -1729,6 +1729,13 @@ mod tests {
         let err = cache.narinfo(&store_path("gone")).await.unwrap_err();
         assert!(!err.to_string().contains("s3cret"), "{err}");
         assert!(!format!("{err:?}").contains("s3cret"), "{err:?}");
+        // Redirected to another origin: the credentials stay behind.
+        let elsewhere = Server::start(&sample.cache).await;
+        *server.state.redirect_to.lock().unwrap() = Some(format!("http://{}", elsewhere.addr));
+        cache.narinfo(&sample.hello).await.unwrap();
+        let seen = elsewhere.state.log.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].1, None, "{seen:?}");
     }
 
     #[tokio::test]
