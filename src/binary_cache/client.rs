@@ -51,10 +51,11 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use reqwest::{StatusCode, Url};
 use tokio::io::AsyncReadExt;
 
-use super::narinfo::{NarInfo, NarInfoError, NarInfoLimits, Sha256Hash};
-use super::network::{is_inward, redirect_policy, OutwardResolver};
+use super::error::CacheError;
+use super::narinfo::{NarInfo, NarInfoError, NarInfoLimits};
+use super::network::{describe, is_inward, redirect_policy, OutwardResolver};
 use super::reader::{max_file_size, Body, BodyLimits, NarReader, NarStream, SetOnDrop};
-use super::signature::{SignatureError, TrustedKeys};
+use super::signature::TrustedKeys;
 use super::store_path::StorePath;
 
 /// How a [`BinaryCache`] behaves and what it may spend.
@@ -101,163 +102,6 @@ impl Default for CacheOptions {
             max_nar_size: 16 << 30,
             narinfo: NarInfoLimits::default(),
         }
-    }
-}
-
-/// Why a cache could not give what was asked. Every variant but `Url`
-/// names the cache (`cache`, without credentials) and the store path.
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("binary cache URL {url:?}: {reason}")]
-    Url { url: String, reason: String },
-    #[error("{path} is not in {cache} ({object} not found)")]
-    NotFound {
-        cache: String,
-        path: StorePath,
-        object: String,
-    },
-    #[error("{cache} is unavailable: {object} of {path} failed {attempts} times, last: {reason}")]
-    Unavailable {
-        cache: String,
-        path: StorePath,
-        object: String,
-        attempts: u32,
-        reason: String,
-    },
-    #[error("{cache} answered HTTP {status} for {object} of {path}")]
-    Http {
-        cache: String,
-        path: StorePath,
-        object: String,
-        status: u16,
-    },
-    /// A redirect the client would not follow (see [`super::network::MAX_REDIRECTS`]).
-    #[error("{cache}: {object} of {path} redirects where it may not go: {reason}")]
-    Redirect {
-        cache: String,
-        path: StorePath,
-        object: String,
-        reason: String,
-    },
-    #[error("{cache}: reading {object} of {path}: {source}")]
-    Io {
-        cache: String,
-        path: StorePath,
-        object: String,
-        source: io::Error,
-    },
-    #[error("{cache}: the narinfo of {path} is refused: {source}")]
-    NarInfo {
-        cache: String,
-        path: StorePath,
-        source: NarInfoError,
-    },
-    #[error("{cache}: asked for {path}, the narinfo is for {found}")]
-    WrongPath {
-        cache: String,
-        path: StorePath,
-        found: StorePath,
-    },
-    #[error("{cache}: {source}")]
-    Signature {
-        cache: String,
-        path: StorePath,
-        source: SignatureError,
-    },
-    #[error("{cache}: the closure has more than {limit} paths (at {path})")]
-    TooManyPaths {
-        cache: String,
-        path: StorePath,
-        limit: usize,
-    },
-    #[error("{cache}: the closure's NARs are at least {size} bytes, over the limit of {limit} (at {path})")]
-    ClosureTooLarge {
-        cache: String,
-        path: StorePath,
-        size: u64,
-        limit: u64,
-    },
-    #[error("{cache}: the NAR file of {path} is {found} bytes, not the FileSize {expected}")]
-    FileSize {
-        cache: String,
-        path: StorePath,
-        expected: u64,
-        /// Bytes read; `expected + 1` means "more than expected".
-        found: u64,
-    },
-    #[error("{cache}: the NAR file of {path} has hash {found}, not the FileHash {expected}")]
-    FileHash {
-        cache: String,
-        path: StorePath,
-        expected: Sha256Hash,
-        found: Sha256Hash,
-    },
-    #[error("{cache}: the NAR of {path} is {found} bytes, not the NarSize {expected}")]
-    NarSize {
-        cache: String,
-        path: StorePath,
-        expected: u64,
-        /// Bytes read; `expected + 1` means "more than expected".
-        found: u64,
-    },
-    #[error("{cache}: the NAR of {path} has hash {found}, not the NarHash {expected}")]
-    NarHash {
-        cache: String,
-        path: StorePath,
-        expected: Sha256Hash,
-        found: Sha256Hash,
-    },
-    #[error("{cache}: decompressing the NAR of {path} ({compression}): {source}")]
-    Decompress {
-        cache: String,
-        path: StorePath,
-        compression: &'static str,
-        source: io::Error,
-    },
-    /// The unsigned FileSize claims more than any compression of a NAR of
-    /// the signed NarSize takes (see [`max_file_size`]).
-    #[error("{cache}: the narinfo of {path} says its NAR file is {file_size} bytes, more than {limit} for a NAR of {nar_size} bytes")]
-    FileTooLarge {
-        cache: String,
-        path: StorePath,
-        file_size: u64,
-        nar_size: u64,
-        limit: u64,
-    },
-    /// Whoever read the NAR gave up on it ([`NarStream::cancel_on`]).
-    #[error("{cache}: reading the NAR of {path} was cancelled")]
-    Cancelled { cache: String, path: StorePath },
-}
-
-impl CacheError {
-    /// The cache error inside an `io::Error` that a [`NarReader`] returned
-    /// (or that a NAR walk reported as its reading error).
-    pub fn from_io(error: &io::Error) -> Option<&CacheError> {
-        error.get_ref()?.downcast_ref::<CacheError>()
-    }
-
-    /// Whether the path is missing from the cache (so another source may
-    /// have it), as opposed to the cache failing or lying.
-    pub fn is_not_found(&self) -> bool {
-        matches!(self, CacheError::NotFound { .. })
-    }
-
-    /// Whether the cache failed to give what it has (down, slow, cut off
-    /// mid-NAR, or answering an unexpected status), as opposed to lacking
-    /// it or sending what a check refused: callers fall back or answer 503.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            CacheError::Unavailable { .. }
-                | CacheError::Http { .. }
-                | CacheError::Redirect { .. }
-                | CacheError::Io { .. }
-        )
-    }
-
-    /// Whether the reader's own caller stopped it.
-    pub fn is_cancelled(&self) -> bool {
-        matches!(self, CacheError::Cancelled { .. })
     }
 }
 
@@ -765,25 +609,6 @@ impl std::fmt::Debug for BinaryCache {
     }
 }
 
-/// A reqwest error and its causes, without the URL (the caller names the
-/// object).
-pub(super) fn describe(error: &reqwest::Error) -> String {
-    let mut text = if error.is_timeout() {
-        "timed out".to_string()
-    } else if error.is_connect() {
-        "could not connect".to_string()
-    } else {
-        "request failed".to_string()
-    };
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 fn percent_decode(text: &str) -> String {
     let bytes: Vec<u8> = form_urlencoded::parse(format!("x={text}").as_bytes())
         .next()
@@ -808,7 +633,9 @@ mod tests {
     use super::*;
     use crate::binary_cache::decompress::Compression;
     use crate::binary_cache::nar::{self, Node};
+    use crate::binary_cache::narinfo::Sha256Hash;
     use crate::binary_cache::network::MAX_REDIRECTS;
+    use crate::binary_cache::signature::SignatureError;
     use crate::binary_cache::testing::{
         narinfo_text, sha256_nix32, store_path, test_key, TestCache, TestKey, TestNode,
     };

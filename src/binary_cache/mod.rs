@@ -51,6 +51,7 @@
 
 pub mod client;
 pub mod decompress;
+pub mod error;
 pub mod nar;
 pub mod narinfo;
 pub mod network;
@@ -62,7 +63,8 @@ pub mod store_path;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use client::{BinaryCache, CacheError, CacheOptions, Closure};
+pub use client::{BinaryCache, CacheOptions, Closure};
+pub use error::CacheError;
 pub use narinfo::{HashError, NarInfo, NarInfoError, NarInfoLimits, Sha256Hash};
 pub use reader::{NarReader, NarStream};
 pub use signature::{KeyError, SignatureError, TrustedKeys, CACHE_NIXOS_ORG_KEY};

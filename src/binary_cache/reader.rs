@@ -24,9 +24,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::client::{describe, CacheError};
 use super::decompress::Decoder;
+use super::error::CacheError;
 use super::narinfo::{NarInfo, Sha256Hash};
+use super::network::describe;
 use super::store_path::StorePath;
 
 /// An open NAR file, not yet read.
