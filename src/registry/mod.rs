@@ -27,6 +27,7 @@ pub mod login;
 mod manifests;
 mod pages;
 pub mod token;
+mod token_endpoint;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -153,7 +154,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/builds", get(builds::api_list))
         .route("/api/builds/{key}", get(builds::api_one))
         .route("/metrics", get(metrics))
-        .route(token::PATH, get(token::endpoint).post(token::endpoint))
+        .route(
+            token::PATH,
+            get(token_endpoint::endpoint).post(token_endpoint::endpoint),
+        )
         .route("/v2", get(base))
         .route("/v2/", get(base))
         .route("/v2/{*rest}", any(v2))
