@@ -145,17 +145,8 @@ impl S3Storage {
             source,
         };
         let size = tokio::fs::metadata(file).await.map_err(io)?.len();
-        let (if_none_match, if_match) = match precondition {
-            Precondition::Absent => (Some("*".to_string()), None),
-            Precondition::Replacing { etag } => (None, Some(etag.as_str().to_string())),
-        };
-        if size > MAX_OBJECT {
-            return Err(StorageError::TooLarge {
-                key: key.to_string(),
-                size,
-                limit: MAX_OBJECT,
-            });
-        }
+        within_max_object(key, size)?;
+        let (if_none_match, if_match) = precondition.headers();
         if size <= PART_SIZE {
             // The bytes hashed are the bytes sent (and sent again on a retry).
             let data = Bytes::from(tokio::fs::read(file).await.map_err(io)?);
@@ -181,16 +172,9 @@ impl S3Storage {
         // The metadata is set when the upload starts, so it is the digest
         // the key claims; the upload completes only if the bytes sent have it.
         let claimed = super::claimed_digest(key)?;
-        let upload = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(full)
-            .set_metadata(digest_metadata(claimed))
-            .send()
-            .await
-            .map_err(|e| s3_error(key, "CreateMultipartUpload", e))?;
-        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        let upload_id = self
+            .start_upload(key, full, digest_metadata(claimed))
+            .await?;
         let parts = match self.upload_parts(key, full, &upload_id, file, size).await {
             Ok((parts, found)) => match super::is_its_digest(key, &found) {
                 Ok(()) => parts,
@@ -205,11 +189,51 @@ impl S3Storage {
             }
         };
         let completed = self
+            .complete_upload(key, full, &upload_id, parts, Some(precondition))
+            .await;
+        if !matches!(completed, Ok(true)) {
+            self.abort(full, &upload_id).await;
+        }
+        completed
+    }
+
+    /// CreateMultipartUpload of `full`, with `metadata`: its upload id.
+    async fn start_upload(
+        &self,
+        key: &str,
+        full: &str,
+        metadata: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<String, StorageError> {
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .set_metadata(metadata)
+            .send()
+            .await
+            .map_err(|e| s3_error(key, "CreateMultipartUpload", e))?;
+        Ok(upload.upload_id().unwrap_or_default().to_string())
+    }
+
+    /// CompleteMultipartUpload of `parts`, under `precondition` if there is
+    /// one: `false` if it failed (412), and then the upload is left for
+    /// the caller to abort.
+    async fn complete_upload(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        precondition: Option<&Precondition<'_>>,
+    ) -> Result<bool, StorageError> {
+        let (if_none_match, if_match) = precondition.map(Precondition::headers).unwrap_or_default();
+        let completed = self
             .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(full)
-            .upload_id(&upload_id)
+            .upload_id(upload_id)
             .set_if_none_match(if_none_match)
             .set_if_match(if_match)
             .multipart_upload(
@@ -221,14 +245,8 @@ impl S3Storage {
             .await;
         match completed {
             Ok(_) => Ok(true),
-            Err(e) if status(&e) == Some(412) => {
-                self.abort(full, &upload_id).await;
-                Ok(false)
-            }
-            Err(e) => {
-                self.abort(full, &upload_id).await;
-                Err(s3_error(key, "CompleteMultipartUpload", e))
-            }
+            Err(e) if status(&e) == Some(412) => Ok(false),
+            Err(e) => Err(s3_error(key, "CompleteMultipartUpload", e)),
         }
     }
 
@@ -328,15 +346,7 @@ impl S3Storage {
     ) -> Result<super::Staged, StorageError> {
         let key = super::keys::StagingKey::unique("layer").to_string();
         let full = self.full(&key)?;
-        let upload = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await
-            .map_err(|e| s3_error(&key, "CreateMultipartUpload", e))?;
-        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        let upload_id = self.start_upload(&key, &full, None).await?;
         let mut in_flight = std::collections::VecDeque::new();
         let mut completed = Vec::new();
         let mut size = 0u64;
@@ -384,20 +394,19 @@ impl S3Storage {
                     message: "nothing was written".to_string(),
                 });
             }
-            self.client
-                .complete_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(&upload_id)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(std::mem::take(&mut completed)))
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| s3_error(&key, "CompleteMultipartUpload", e))?;
-            Ok(())
+            // Unconditional: it completes, or fails.
+            let parts = std::mem::take(&mut completed);
+            match self
+                .complete_upload(&key, &full, &upload_id, parts, None)
+                .await?
+            {
+                true => Ok(()),
+                false => Err(StorageError::Backend {
+                    key: key.clone(),
+                    operation: "CompleteMultipartUpload",
+                    message: "precondition failed".to_string(),
+                }),
+            }
         }
         .await;
         match sent {
@@ -470,6 +479,28 @@ enum Precondition<'a> {
     Replacing { etag: &'a ETag },
 }
 
+impl Precondition<'_> {
+    /// Its `If-None-Match` and `If-Match` headers.
+    fn headers(&self) -> (Option<String>, Option<String>) {
+        match self {
+            Precondition::Absent => (Some("*".to_string()), None),
+            Precondition::Replacing { etag } => (None, Some(etag.as_str().to_string())),
+        }
+    }
+}
+
+/// An object of `size` bytes is within S3's limit, or refused.
+fn within_max_object(key: &str, size: u64) -> Result<(), StorageError> {
+    if size > MAX_OBJECT {
+        return Err(StorageError::TooLarge {
+            key: key.to_string(),
+            size,
+            limit: MAX_OBJECT,
+        });
+    }
+    Ok(())
+}
+
 impl S3Storage {
     /// HeadObject: the object's size, ETag and metadata; `None` if absent.
     async fn head_object(
@@ -506,23 +537,10 @@ impl S3Storage {
         let full = self.full(key)?;
         let source = format!("{}/{}", self.bucket, self.full(&staged.key)?);
         let claimed = super::claimed_digest(key)?;
-        if staged.size > MAX_OBJECT {
-            return Err(StorageError::TooLarge {
-                key: key.to_string(),
-                size: staged.size,
-                limit: MAX_OBJECT,
-            });
-        }
-        let upload = self
-            .client
-            .create_multipart_upload()
-            .bucket(&self.bucket)
-            .key(&full)
-            .set_metadata(digest_metadata(claimed))
-            .send()
-            .await
-            .map_err(|e| s3_error(key, "CreateMultipartUpload", e))?;
-        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        within_max_object(key, staged.size)?;
+        let upload_id = self
+            .start_upload(key, &full, digest_metadata(claimed))
+            .await?;
         let copied = async {
             let mut parts = Vec::new();
             let mut start = 0u64;
@@ -557,30 +575,12 @@ impl S3Storage {
                     break;
                 }
             }
-            let (if_none_match, if_match) = match damaged {
-                None => (Some("*".to_string()), None),
-                Some(etag) => (None, Some(etag.as_str().to_string())),
+            let precondition = match damaged {
+                None => Precondition::Absent,
+                Some(etag) => Precondition::Replacing { etag },
             };
-            let completed = self
-                .client
-                .complete_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(&upload_id)
-                .set_if_none_match(if_none_match)
-                .set_if_match(if_match)
-                .multipart_upload(
-                    CompletedMultipartUpload::builder()
-                        .set_parts(Some(parts))
-                        .build(),
-                )
-                .send()
-                .await;
-            match completed {
-                Ok(_) => Ok(true),
-                Err(e) if status(&e) == Some(412) => Ok(false),
-                Err(e) => Err(s3_error(key, "CompleteMultipartUpload", e)),
-            }
+            self.complete_upload(key, &full, &upload_id, parts, Some(&precondition))
+                .await
         }
         .await;
         if !matches!(copied, Ok(true)) {
