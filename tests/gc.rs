@@ -12,6 +12,8 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -27,7 +29,7 @@ use nixery::storage::keys::{
     ManifestKey, ReferrersKey, ServedKey,
 };
 use nixery::storage::records::{self, unix_now, ImageRecord, LayerRecord};
-use nixery::storage::{Check, Download, ETag, FsStorage, Listed, S3Storage, Storage, StorageError};
+use nixery::storage::{FsStorage, Intercepted, Op, S3Storage, Storage, StorageError};
 
 const DAY: u64 = 86_400;
 
@@ -488,60 +490,27 @@ fn the_command_prints_what_it_deletes() {
 }
 
 /// Filesystem storage where a build rewrites some objects (to reuse them)
-/// at the moment the collection starts deleting: after its listing.
-struct ReusedMidway {
-    inner: FsStorage,
-    reuse: std::sync::Mutex<Vec<String>>,
-}
-
-#[async_trait::async_trait]
-impl Storage for ReusedMidway {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        self.inner.head(key).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
-        self.inner.put(key, data).await
-    }
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
-        self.inner.put_file(key, path).await
-    }
-    async fn replace_file(
-        &self,
-        key: &str,
-        path: &std::path::Path,
-        damaged: &ETag,
-    ) -> Result<(), StorageError> {
-        self.inner.replace_file(key, path, damaged).await
-    }
-    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
-        self.inner.check(key, size, hex).await
-    }
-    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
-        self.inner.download(key).await
-    }
-    fn local_staging_dir(&self) -> Option<PathBuf> {
-        self.inner.local_staging_dir()
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        let reuse = std::mem::take(&mut *self.reuse.lock().unwrap());
-        for reused in reuse {
-            let bytes = self.inner.get(&reused).await?.unwrap();
-            self.inner.put(&reused, bytes).await?;
-        }
-        self.inner.delete(key).await
-    }
-    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        self.inner.modified(key).await
-    }
+/// at the moment the collection starts deleting: after its listing. The
+/// objects are those in the second value when that moment comes.
+fn reused_midway(inner: FsStorage) -> (Intercepted, Arc<Mutex<Vec<String>>>) {
+    let inner = Arc::new(inner);
+    let reuse: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (fs, pending) = (inner.clone(), reuse.clone());
+    let storage = Intercepted::new_async(inner, move |op, _| {
+        let reused = match op {
+            Op::Delete => std::mem::take(&mut *pending.lock().unwrap()),
+            _ => Vec::new(),
+        };
+        let fs = fs.clone();
+        Box::pin(async move {
+            for key in reused {
+                let bytes = fs.get(&key).await?.unwrap();
+                fs.put(&key, bytes).await?;
+            }
+            Ok(())
+        })
+    });
+    (storage, reuse)
 }
 
 #[tokio::test]
@@ -550,10 +519,7 @@ async fn what_a_build_reuses_after_the_listing_is_kept() {
     let files = Files {
         root: root.path().to_path_buf(),
     };
-    let storage = ReusedMidway {
-        inner: FsStorage::open(root.path()).unwrap(),
-        reuse: Default::default(),
-    };
+    let (storage, reuse) = reused_midway(FsStorage::open(root.path()).unwrap());
     let expected = scenario(&storage, &files).await;
     // A build of another image reuses the unused image's own layer (its
     // record rewritten) and its manifest, right after the listing.
@@ -564,7 +530,7 @@ async fn what_a_build_reuses_after_the_listing_is_kept() {
         .find(|k| k.starts_with("manifests/"))
         .unwrap()
         .clone();
-    *storage.reuse.lock().unwrap() = vec![layer_record.clone(), manifest.clone()];
+    *reuse.lock().unwrap() = vec![layer_record.clone(), manifest.clone()];
 
     let report = collect(&storage, &settings(false), unix_now())
         .await
@@ -578,20 +544,24 @@ async fn what_a_build_reuses_after_the_listing_is_kept() {
     assert!(kept.is_subset(&left));
 }
 
-/// Filesystem storage that refuses to say when objects under a prefix
-/// were written, or to delete them, as S3 answers a role without the
-/// right (403).
-struct Refusing {
+/// Filesystem storage that refuses to say when objects under `prefix`
+/// were written (or, with `refuse_delete`, to delete them), as S3 answers
+/// a role without the right (403): once the second value is set, not
+/// while the scenario is set up.
+fn refusing(
     inner: FsStorage,
     prefix: &'static str,
     refuse_delete: bool,
-    /// Refusing from now on (not while the scenario is set up).
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl Refusing {
-    fn refused(&self, key: &str, operation: &'static str) -> Result<(), StorageError> {
-        if self.armed.load(std::sync::atomic::Ordering::Relaxed) && key.starts_with(self.prefix) {
+) -> (Intercepted, Arc<AtomicBool>) {
+    let armed = Arc::new(AtomicBool::new(false));
+    let refusing = armed.clone();
+    let storage = Intercepted::new(Arc::new(inner), move |op, key| {
+        let operation = match op {
+            Op::Delete if refuse_delete => "DeleteObject",
+            Op::Modified if !refuse_delete => "HeadObject",
+            _ => return Ok(()),
+        };
+        if refusing.load(Ordering::Relaxed) && key.starts_with(prefix) {
             return Err(StorageError::Backend {
                 key: key.to_string(),
                 operation,
@@ -599,58 +569,8 @@ impl Refusing {
             });
         }
         Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl Storage for Refusing {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        self.inner.head(key).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
-        self.inner.put(key, data).await
-    }
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
-        self.inner.put_file(key, path).await
-    }
-    async fn replace_file(
-        &self,
-        key: &str,
-        path: &std::path::Path,
-        damaged: &ETag,
-    ) -> Result<(), StorageError> {
-        self.inner.replace_file(key, path, damaged).await
-    }
-    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
-        self.inner.check(key, size, hex).await
-    }
-    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
-        self.inner.download(key).await
-    }
-    fn local_staging_dir(&self) -> Option<PathBuf> {
-        self.inner.local_staging_dir()
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        if self.refuse_delete {
-            self.refused(key, "DeleteObject")?;
-        }
-        self.inner.delete(key).await
-    }
-    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        if !self.refuse_delete {
-            self.refused(key, "HeadObject")?;
-        }
-        self.inner.modified(key).await
-    }
+    });
+    (storage, armed)
 }
 
 #[tokio::test]
@@ -659,16 +579,9 @@ async fn an_object_gc_cannot_look_at_is_kept_and_the_rest_still_goes() {
     let files = Files {
         root: root.path().to_path_buf(),
     };
-    let storage = Refusing {
-        inner: FsStorage::open(root.path()).unwrap(),
-        prefix: "served/",
-        refuse_delete: false,
-        armed: false.into(),
-    };
+    let (storage, armed) = refusing(FsStorage::open(root.path()).unwrap(), "served/", false);
     let expected = scenario(&storage, &files).await;
-    storage
-        .armed
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    armed.store(true, Ordering::Relaxed);
     let report = collect(&storage, &settings(false), unix_now())
         .await
         .expect("one object it cannot look at does not stop the collection");
@@ -688,16 +601,9 @@ async fn an_image_record_gc_cannot_delete_keeps_everything_it_names() {
     let files = Files {
         root: root.path().to_path_buf(),
     };
-    let storage = Refusing {
-        inner: FsStorage::open(root.path()).unwrap(),
-        prefix: "images/",
-        refuse_delete: true,
-        armed: false.into(),
-    };
+    let (storage, armed) = refusing(FsStorage::open(root.path()).unwrap(), "images/", true);
     scenario(&storage, &files).await;
-    storage
-        .armed
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    armed.store(true, Ordering::Relaxed);
     let before = keys(&storage).await;
     // The collection counted on the expired records being gone: it stops.
     assert!(collect(&storage, &settings(false), unix_now())

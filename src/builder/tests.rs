@@ -2,83 +2,26 @@
 //! and in-memory storage: the order of writes, layer reuse, a full disk,
 //! the keys and the verdicts. Milliseconds each; no Nix.
 
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-
-use async_trait::async_trait;
-use bytes::Bytes;
 
 use super::fake::{store_path, FakeStore};
 use super::*;
 use crate::source::SourceArg;
 use crate::storage::keys::{BlobKey, ManifestKey, Parsed};
-use crate::storage::{Check, Download, ETag, Listed, MemoryStorage, StorageError};
+use crate::storage::{Intercepted, MemoryStorage};
 
 /// Memory storage that notes every key written, in order.
-#[derive(Debug, Default)]
-struct Recording {
-    inner: MemoryStorage,
-    writes: Mutex<Vec<String>>,
-}
-
-impl Recording {
-    fn wrote(&self, key: &str) {
-        self.writes.lock().unwrap().push(key.to_string());
-    }
-
-    fn writes(&self) -> Vec<String> {
-        self.writes.lock().unwrap().clone()
-    }
-}
-
-#[async_trait]
-impl Storage for Recording {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        self.inner.head(key).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
-        self.wrote(key);
-        self.inner.put(key, data).await
-    }
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
-        self.wrote(key);
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
-        self.wrote(key);
-        self.inner.put_file(key, path).await
-    }
-    async fn replace_file(
-        &self,
-        key: &str,
-        path: &Path,
-        damaged: &ETag,
-    ) -> Result<(), StorageError> {
-        self.wrote(key);
-        self.inner.replace_file(key, path, damaged).await
-    }
-    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
-        self.inner.check(key, size, hex).await
-    }
-    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
-        self.inner.download(key).await
-    }
-    fn local_staging_dir(&self) -> Option<std::path::PathBuf> {
-        None
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        self.inner.delete(key).await
-    }
-    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        self.inner.modified(key).await
-    }
+fn recording() -> (Arc<Intercepted>, Arc<Mutex<Vec<String>>>) {
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let noted = writes.clone();
+    let storage = Intercepted::new(Arc::new(MemoryStorage::new()), move |op, key| {
+        if op.writes() {
+            noted.lock().unwrap().push(key.to_string());
+        }
+        Ok(())
+    });
+    (Arc::new(storage), writes)
 }
 
 fn store() -> FakeStore {
@@ -117,10 +60,10 @@ fn builder(store: Arc<FakeStore>, storage: Arc<dyn Storage>, limits: BuildLimits
 
 #[tokio::test]
 async fn the_image_record_is_written_last_after_everything_it_names() {
-    let storage = Arc::new(Recording::default());
+    let (storage, writes) = recording();
     let builder = builder(Arc::new(store()), storage.clone(), limits());
     let built = builder.build(&request(&["hello"]), None).await.unwrap();
-    let writes = storage.writes();
+    let writes = writes.lock().unwrap().clone();
     let last = writes.last().unwrap();
     assert_eq!(
         Parsed::of(last),
@@ -129,7 +72,7 @@ async fn the_image_record_is_written_last_after_everything_it_names() {
     );
     // Everything the record names was there before it.
     let manifest = storage
-        .inner
+        .inner()
         .get(&ManifestKey::of_digest(&built.record.manifest_digest))
         .await
         .unwrap()

@@ -464,8 +464,7 @@ mod tests {
     use super::*;
     use crate::builder::nix::SourceArg;
     use crate::storage::keys::{ClaimKey, StatusKey};
-    use crate::storage::{Check, Download, Listed, MemoryStorage, StorageError};
-    use bytes::Bytes;
+    use crate::storage::{Intercepted, MemoryStorage, Op, StorageError};
 
     #[derive(Debug, Default)]
     struct Recorded {
@@ -840,26 +839,13 @@ mod tests {
 
     /// Storage that fails the first `failures` writes of one key, as a
     /// store that times out or a writer killed mid-write would.
-    #[derive(Debug)]
-    struct FailingWrites {
-        inner: MemoryStorage,
-        key: String,
-        failures: std::sync::atomic::AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Storage for FailingWrites {
-        async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-            self.inner.get(key).await
-        }
-        async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-            self.inner.head(key).await
-        }
-        async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+    fn failing_writes(inner: Arc<MemoryStorage>, failing: String, failures: usize) -> Intercepted {
+        let failures = std::sync::atomic::AtomicUsize::new(failures);
+        Intercepted::new(inner, move |op, key| {
             use std::sync::atomic::Ordering::SeqCst;
-            let failing = key == self.key
-                && self
-                    .failures
+            let failing = op == Op::Put
+                && key == failing
+                && failures
                     .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
                     .is_ok();
             if failing {
@@ -868,40 +854,8 @@ mod tests {
                     source: std::io::Error::other("injected: the write timed out"),
                 });
             }
-            self.inner.put(key, data).await
-        }
-        async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
-            self.inner.put_if_absent(key, data).await
-        }
-        async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
-            self.inner.put_file(key, path).await
-        }
-        async fn replace_file(
-            &self,
-            key: &str,
-            path: &std::path::Path,
-            damaged: &crate::storage::ETag,
-        ) -> Result<(), StorageError> {
-            self.inner.replace_file(key, path, damaged).await
-        }
-        async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
-            self.inner.check(key, size, hex).await
-        }
-        async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
-            self.inner.download(key).await
-        }
-        fn local_staging_dir(&self) -> Option<std::path::PathBuf> {
-            None
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
-            self.inner.list(prefix).await
-        }
-        async fn delete(&self, key: &str) -> Result<(), StorageError> {
-            self.inner.delete(key).await
-        }
-        async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
-            self.inner.modified(key).await
-        }
+            Ok(())
+        })
     }
 
     /// A worker for attempt `attempt`: waits for its message, beats, then
@@ -934,11 +888,9 @@ mod tests {
     async fn a_claim_whose_status_was_never_written_is_adopted() {
         // The first status write fails right after the claim: that pull
         // gets the storage error, and attempt 1 is a claim without status.
-        let storage = Arc::new(FailingWrites {
-            inner: MemoryStorage::new(),
-            key: StatusKey::of(&request().image_key()).to_string(),
-            failures: 1.into(),
-        });
+        let memory = Arc::new(MemoryStorage::new());
+        let status = StatusKey::of(&request().image_key()).to_string();
+        let storage = Arc::new(failing_writes(memory.clone(), status, 1));
         let queue = Arc::new(Recorded::default());
         let dispatch = SqsDispatch::new(storage.clone(), queue.clone(), timings());
         let first = dispatch.build(request()).await.unwrap_err();
@@ -946,8 +898,7 @@ mod tests {
             matches!(first, DispatchError::Unavailable { .. }),
             "{first:?}"
         );
-        assert!(storage
-            .inner
+        assert!(memory
             .keys()
             .contains(&ClaimKey::of(&request().image_key(), 1).to_string()));
         assert!(queue.sent.lock().unwrap().is_empty());

@@ -7,12 +7,11 @@
 //! images.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::*;
@@ -27,7 +26,7 @@ use crate::oci::name::{Arch, ImageSpec};
 use crate::source::{PackageSource, Sources};
 use crate::storage::keys::{BlobKey, ImageRecordKey, ReferrersKey};
 use crate::storage::records::unix_now;
-use crate::storage::{Check, Download, ETag, FsStorage};
+use crate::storage::{Check, FsStorage, Intercepted, Op};
 
 const DAY: u64 = 86_400;
 
@@ -60,59 +59,24 @@ type Hook = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Filesystem storage that runs `hook` (a build, a pull) when the
 /// collection first looks at an object again before deleting it: after
-/// it listed and marked, before it swept anything.
-struct SweptAfter {
-    inner: Arc<FsStorage>,
-    hook: Mutex<Option<Hook>>,
-}
-
-#[async_trait]
-impl Storage for SweptAfter {
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
-        self.inner.get(key).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        self.inner.head(key).await
-    }
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
-        self.inner.put(key, data).await
-    }
-    async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
-        self.inner.put_if_absent(key, data).await
-    }
-    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
-        self.inner.put_file(key, path).await
-    }
-    async fn replace_file(
-        &self,
-        key: &str,
-        path: &Path,
-        damaged: &ETag,
-    ) -> Result<(), StorageError> {
-        self.inner.replace_file(key, path, damaged).await
-    }
-    async fn check(&self, key: &str, size: u64, hex: &str) -> Result<Check, StorageError> {
-        self.inner.check(key, size, hex).await
-    }
-    async fn download(&self, key: &str) -> Result<Option<Download>, StorageError> {
-        self.inner.download(key).await
-    }
-    fn local_staging_dir(&self) -> Option<PathBuf> {
-        self.inner.local_staging_dir()
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StorageError> {
-        self.inner.delete(key).await
-    }
-    async fn modified(&self, key: &str) -> Result<Option<u64>, StorageError> {
-        let hook = self.hook.lock().unwrap().take();
-        if let Some(hook) = hook {
-            hook.await;
-        }
-        self.inner.modified(key).await
-    }
+/// it listed and marked, before it swept anything. The hook is taken out
+/// of the second value when it runs.
+fn swept_after(inner: Arc<FsStorage>, hook: Hook) -> (Intercepted, Arc<Mutex<Option<Hook>>>) {
+    let pending = Arc::new(Mutex::new(Some(hook)));
+    let taken = pending.clone();
+    let storage = Intercepted::new_async(inner, move |op, _| {
+        let hook = match op {
+            Op::Modified => taken.lock().unwrap().take(),
+            _ => None,
+        };
+        Box::pin(async move {
+            if let Some(hook) = hook {
+                hook.await;
+            }
+            Ok(())
+        })
+    });
+    (storage, pending)
 }
 
 fn store() -> Arc<FakeStore> {
@@ -233,12 +197,9 @@ async fn a_build_reusing_a_doomed_config_and_manifest_keeps_them() {
             builder(fs).build(&request(&["hello"]), None).await.unwrap();
         }
     };
-    let storage = SweptAfter {
-        inner: fs.clone(),
-        hook: Mutex::new(Some(Box::pin(rebuilt))),
-    };
+    let (storage, hook) = swept_after(fs.clone(), Box::pin(rebuilt));
     let report = collect(&storage, &settings(), unix_now()).await.unwrap();
-    assert!(storage.hook.lock().unwrap().is_none(), "nothing was doomed");
+    assert!(hook.lock().unwrap().is_none(), "nothing was doomed");
     let config = BlobKey::of_digest(&{
         let bytes = fs
             .get(&ManifestKey::of_digest(&built.record.manifest_digest))
@@ -288,12 +249,9 @@ async fn an_index_composed_over_a_doomed_manifest_keeps_it() {
                 .unwrap();
         }
     };
-    let storage = SweptAfter {
-        inner: fs.clone(),
-        hook: Mutex::new(Some(Box::pin(composed))),
-    };
+    let (storage, hook) = swept_after(fs.clone(), Box::pin(composed));
     collect(&storage, &settings(), unix_now()).await.unwrap();
-    assert!(storage.hook.lock().unwrap().is_none(), "nothing was doomed");
+    assert!(hook.lock().unwrap().is_none(), "nothing was doomed");
     let again = pull(&images(fs.clone()), true)
         .await
         .expect("the index's record names a manifest that was collected");

@@ -31,6 +31,7 @@
 //! `manifests/sha256/<d>`, whose layers are `blobs/sha256/<d1>`, ...
 
 pub mod fs;
+pub mod intercepted;
 pub mod keys;
 pub mod memory;
 pub mod records;
@@ -46,6 +47,7 @@ use bytes::Bytes;
 use tokio::io::AsyncRead;
 
 pub use fs::FsStorage;
+pub use intercepted::{Intercepted, Op};
 pub use memory::MemoryStorage;
 pub use s3::S3Storage;
 
