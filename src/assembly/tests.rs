@@ -563,8 +563,14 @@ async fn a_failing_cache_is_retried_then_built_with_first_and_unavailable_with_o
     nothing_partial(&storage);
 
     // With `first`, the next source builds it.
+    built_with_first(world, &server).await;
+}
+
+/// With `first` over `server`, hello is built by the fake store (realised
+/// once), not assembled.
+async fn built_with_first(world: World, server: &Server) {
     let storage = Arc::new(MemoryStorage::new());
-    let store = cache_store(&world, &server, storage.clone(), &limits()).await;
+    let store = cache_store(&world, server, storage.clone(), &limits()).await;
     let fake = Arc::new(world.fake);
     let built = Builder::new(
         fake.clone(),
@@ -601,21 +607,7 @@ async fn a_nar_cut_off_mid_body_is_unavailable_with_only_and_built_with_first() 
     nothing_partial(&storage);
 
     // With `first`, the next source builds it.
-    let storage = Arc::new(MemoryStorage::new());
-    let store = cache_store(&world, &server, storage.clone(), &limits()).await;
-    let fake = Arc::new(world.fake);
-    let built = Builder::new(
-        fake.clone(),
-        storage,
-        Arc::new(Popularity::none()),
-        limits(),
-    )
-    .trying_first(store)
-    .build(&request(&["hello"]), None)
-    .await
-    .unwrap();
-    assert!(!built.stats.unwrap().assembled);
-    assert_eq!(fake.realised.load(std::sync::atomic::Ordering::SeqCst), 1);
+    built_with_first(world, &server).await;
 }
 
 #[tokio::test]
