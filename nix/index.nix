@@ -3,7 +3,8 @@
 # recurses into, with what a pull needs to assemble an image of it without
 # Nix. Called as
 #
-#   nix-instantiate --eval --strict --json index.nix --argstr request '<json>'
+#   nix-instantiate --eval --strict --json index.nix --argstr request '<json>' \
+#     --arg common "$(cat common.nix)"
 #
 # with <json> = { "source": <as for resolve.nix>, "system": "x86_64-linux",
 # "maxDepth": 3, "names": null }: the result is then the top-level names,
@@ -23,72 +24,24 @@
 # not evaluate: only Nix can say what a build of it does), "none" (not a
 # package: anything else, or a value that throws).
 #
-# What counts as a package, its outputs, and its meta are decided exactly
-# as in resolve.nix (keep the two in step; the tests compare them on the
-# test package set). The names a request gives are ones this file listed;
+# What counts as a package, its outputs, and its meta are decided by
+# common.nix, as in resolve.nix (the tests compare the two on the test
+# package set). The names a request gives are ones this file listed;
 # a pull's package names never reach it: the registry looks them up in the
 # list. (The caller asks in batches of names, so that one attribute whose
 # evaluation fails in a way no tryEval catches, such as a read outside the
 # package set in restricted mode, loses only itself.)
-{ request }:
+{ request, common }:
 
 let
+  inherit (common) isDerivation try stringOr metaOf describeMeta outputsOf;
   req = builtins.fromJSON request;
   source = req.source;
   maxDepth = req.maxDepth or 3;
 
-  tree =
-    if source.type == "path" then /. + source.path
-    else if source.type == "git" then
-      builtins.fetchGit ({ url = source.url; rev = source.rev; }
-        // (if source.ref or null != null then { ref = source.ref; } else { allRefs = true; }))
-    else if source.type == "channel" then
-      builtins.fetchTarball "https://nixos.org/channels/${source.name}/nixexprs.tar.xz"
-    else if source.type == "commit" then
-      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${source.rev}.tar.gz"
-    else throw "unsupported package source type ${source.type}";
+  tree = common.treeOf source;
 
   pkgs = import tree { system = req.system; };
-
-  isDerivation = x: builtins.isAttrs x && (x.type or null) == "derivation";
-
-  try = x: let r = builtins.tryEval x; in if r.success then r.value else null;
-
-  stringOr = x: if builtins.isString x then x else null;
-
-  metaOf = drv:
-    let m = try (drv.meta or { }); in if builtins.isAttrs m then m else { };
-
-  spdxIds = license:
-    let
-      one = element:
-        let l = try element; in
-        if builtins.isAttrs l then stringOr (try (l.spdxId or null)) else null;
-      all = if builtins.isAttrs license then [ license ]
-        else if builtins.isList license then license
-        else [ ];
-    in
-      builtins.filter (id: id != null) (map one all);
-
-  firstString = x:
-    if builtins.isList x then
-      (if builtins.length x > 0 then stringOr (try (builtins.head x)) else null)
-    else stringOr x;
-
-  describeMeta = drv:
-    let
-      m = metaOf drv;
-      field = name: try (m.${name} or null);
-    in {
-      pname = stringOr (try (drv.pname or null));
-      version = stringOr (try (drv.version or null));
-      license = spdxIds (field "license");
-      homepage = firstString (field "homepage");
-      description = stringOr (field "description");
-    };
-
-  outputsOf = drv:
-    (metaOf drv).outputsToInstall or [ (drv.outputName or "out") ];
 
   # A derivation's outputs and store paths, or null if any of it throws
   # (resolve.nix would fail to describe it: only a build can say why).

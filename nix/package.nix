@@ -32,6 +32,7 @@ rustPlatform.buildRustPackage {
       ../src
       ../benches # declared in Cargo.toml, so cargo looks for it
       # Embedded in the binary (include_str!).
+      ../nix/common.nix
       ../nix/resolve.nix
       ../nix/index.nix
     ];

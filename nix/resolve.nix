@@ -3,7 +3,7 @@
 # Called by the registry as
 #
 #   nix-instantiate --eval --strict --json --read-write-mode \
-#     resolve.nix --argstr request '<json>'
+#     resolve.nix --argstr request '<json>' --arg common "$(cat common.nix)"
 #
 # where <json> is, for example,
 #
@@ -35,22 +35,14 @@
 # listed in "unknown". Evaluating `drvPath` with --read-write-mode writes the
 # derivations to the store, so the caller can realise exactly the listed
 # outputs.
-{ request }:
+{ request, common }:
 
 let
+  inherit (common) isDerivation try stringOr metaOf describeMeta outputsOf;
   req = builtins.fromJSON request;
   source = req.source;
 
-  tree =
-    if source.type == "path" then /. + source.path
-    else if source.type == "git" then
-      builtins.fetchGit ({ url = source.url; rev = source.rev; }
-        // (if source.ref or null != null then { ref = source.ref; } else { allRefs = true; }))
-    else if source.type == "channel" then
-      builtins.fetchTarball "https://nixos.org/channels/${source.name}/nixexprs.tar.xz"
-    else if source.type == "commit" then
-      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${source.rev}.tar.gz"
-    else throw "unsupported package source type ${source.type}";
+  tree = common.treeOf source;
 
   pkgs = import tree { system = req.system; };
 
@@ -60,8 +52,6 @@ let
 
   # "a.b.c" -> [ "a" "b" "c" ]
   splitDots = s: builtins.filter builtins.isString (builtins.split "[.]" s);
-
-  isDerivation = x: builtins.isAttrs x && (x.type or null) == "derivation";
 
   # One step down an attribute path: the exact name first, then the only
   # (or, if several, the alphabetically first) name equal to it ignoring
@@ -84,53 +74,6 @@ let
     in
       if found.success && isDerivation found.value then found.value else null;
 
-  # The value of `x`, or null if evaluating it throws. Everything below is
-  # printed with --strict, so a throw left in any field would fail the
-  # whole request: meta is informative, and a package with a broken one
-  # (nixpkgs marks removed or insecure packages with throws) still
-  # resolves. tryEval catches only `throw` and `assert`, so each value is
-  # also type-checked before it is looked into or returned.
-  try = x: let r = builtins.tryEval x; in if r.success then r.value else null;
-
-  stringOr = x: if builtins.isString x then x else null;
-
-  metaOf = drv:
-    let m = try (drv.meta or { }); in if builtins.isAttrs m then m else { };
-
-  # meta.license is one license or a list of them (attrsets as in
-  # nixpkgs' lib.licenses, or free-form strings, which are no SPDX ids).
-  spdxIds = license:
-    let
-      one = element:
-        let l = try element; in
-        if builtins.isAttrs l then stringOr (try (l.spdxId or null)) else null;
-      all = if builtins.isAttrs license then [ license ]
-        else if builtins.isList license then license
-        else [ ];
-    in
-      builtins.filter (id: id != null) (map one all);
-
-  # A string, or the first element of a list that is one (nixpkgs allows
-  # a list of homepages).
-  firstString = x:
-    if builtins.isList x then
-      (if builtins.length x > 0 then stringOr (try (builtins.head x)) else null)
-    else stringOr x;
-
-  describeMeta = drv:
-    let
-      m = metaOf drv;
-      field = name: try (m.${name} or null);
-    in {
-      pname = stringOr (try (drv.pname or null));
-      version = stringOr (try (drv.version or null));
-      license = spdxIds (field "license");
-      homepage = firstString (field "homepage");
-      description = stringOr (field "description");
-    };
-
-  outputsOf = drv:
-    (metaOf drv).outputsToInstall or [ (drv.outputName or "out") ];
 
   describe = r: rec {
     inherit (r) name;

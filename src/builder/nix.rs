@@ -39,6 +39,8 @@ pub const RESOLVE_NIX: &str = include_str!("../../nix/resolve.nix");
 /// The expression that lists a package set's attributes for the
 /// attribute index (see `crate::assembly::attrs`).
 pub const INDEX_NIX: &str = include_str!("../../nix/index.nix");
+/// What `resolve.nix` and `index.nix` share, passed to both as `common`.
+pub const COMMON_NIX: &str = include_str!("../../nix/common.nix");
 
 /// How much of Nix's error output is kept in an error message.
 const MAX_MESSAGE: usize = 2000;
@@ -231,6 +233,7 @@ impl Nix {
             ])
             .arg(json);
         restrict(&mut command, &request.source);
+        command.args(["--arg", "common", COMMON_NIX]);
         command.arg("-E").arg(RESOLVE_NIX);
         let stdout = self.run(CMD, command).await?;
         let resolved: Resolved = serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
@@ -373,6 +376,7 @@ impl Nix {
             .args(["--eval", "--strict", "--json", "--argstr", "request"])
             .arg(request.to_string());
         restrict(&mut command, source);
+        command.args(["--arg", "common", COMMON_NIX]);
         command.arg("-E").arg(INDEX_NIX);
         let stdout = self.run(CMD, command).await?;
         serde_json::from_slice(&stdout).map_err(|e| NixError::Output {
