@@ -70,38 +70,8 @@ CACHED=(hello bashInteractive coreutils moreutils nano curl jq big cacert iana-e
 # The package whose layer the throughput and memory rows measure.
 BIG=big
 
-# Local requests must never go through a proxy.
-export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}"
-export no_proxy="$NO_PROXY"
-
-# --- plumbing -----------------------------------------------------------------
-
-log() { echo "==> $*" >&2; }
-warn() { echo "cold_pull.sh: WARNING: $*" >&2; }
-die() {
-  echo "cold_pull.sh: ERROR: $*" >&2
-  exit 1
-}
-trap 'echo "cold_pull.sh: ERROR: command failed (line $LINENO): $BASH_COMMAND" >&2' ERR
-
-work=""
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${pids[@]}"; do
-    stop "$pid"
-  done
-  if [ -n "$work" ] && [ -z "${KEEP_WORK:-}" ]; then rm -rf "$work"; fi
-  if [ -n "$work" ] && [ -n "${KEEP_WORK:-}" ]; then echo "kept $work" >&2; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Starting, waiting for and stopping processes, by PID.
+# Plumbing (log, warn, die, cleanup on exit, KEEP_WORK=1), and starting,
+# waiting for and stopping processes, by PID.
 # shellcheck source=benches/processes.sh
 . "$repo/benches/processes.sh"
 

@@ -1,6 +1,37 @@
-# Sourced by the benchmark scripts: the processes a benchmark starts,
-# each stopped by its PID. The script defines `die`, `$work` (where each
-# process's output goes) and the array `pids` (what its cleanup stops).
+# Sourced by the benchmark scripts: their plumbing, and the processes a
+# benchmark starts, each stopped by its PID. The script sets `$work`
+# (where each process's output goes, removed on exit unless KEEP_WORK is
+# set); `pids` holds what the cleanup stops.
+
+# Local requests must never go through a proxy.
+export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}"
+export no_proxy="$NO_PROXY"
+
+script=${0##*/}
+log() { echo "==> $*" >&2; }
+warn() { echo "$script: WARNING: $*" >&2; }
+die() {
+  echo "$script: ERROR: $*" >&2
+  exit 1
+}
+trap 'echo "$script: ERROR: command failed (line $LINENO): $BASH_COMMAND" >&2' ERR
+
+work=""
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
+    stop "$pid"
+  done
+  if [ -n "$work" ] && [ -z "${KEEP_WORK:-}" ]; then rm -rf "$work"; fi
+  if [ -n "$work" ] && [ -n "${KEEP_WORK:-}" ]; then echo "kept $work" >&2; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # alive PID: whether the process runs (exists and is not a zombie).
 alive() {

@@ -42,37 +42,8 @@ NIXERY_BUCKET=nixery
 DIST_BUCKET=distribution
 MANIFEST_TYPES="application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json"
 
-# Local requests must never go through a proxy.
-export NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}"
-export no_proxy="$NO_PROXY"
-
-# --- plumbing ---------------------------------------------------------------
-
-log() { echo "==> $*" >&2; }
-warn() { echo "serve.sh: WARNING: $*" >&2; }
-die() {
-  echo "serve.sh: ERROR: $*" >&2
-  exit 1
-}
-trap 'echo "serve.sh: ERROR: command failed (line $LINENO): $BASH_COMMAND" >&2' ERR
-
-work=""
-pids=()
-cleanup() {
-  local pid
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${pids[@]}"; do
-    stop "$pid"
-  done
-  if [ -n "$work" ]; then rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Starting, waiting for and stopping processes, by PID.
+# Plumbing (log, warn, die, cleanup on exit), and starting, waiting for
+# and stopping processes, by PID.
 # shellcheck source=benches/processes.sh
 . "$repo/benches/processes.sh"
 
