@@ -34,23 +34,13 @@ use serde_json::{json, Value};
 
 /// An S3 client signing with `key`.
 async fn s3_as(moto: &Moto, key: &Key) -> aws_sdk_s3::Client {
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(common::template::REGION))
-        .credentials_provider(aws_sdk_s3::config::Credentials::new(
-            &key.id,
-            &key.secret,
-            None,
-            None,
-            "test",
-        ))
-        .endpoint_url(&moto.endpoint)
-        .load()
-        .await;
-    aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(true)
-            .build(),
+    common::s3::client(
+        &moto.endpoint,
+        common::template::REGION,
+        &key.id,
+        &key.secret,
     )
+    .await
 }
 
 /// Every key in the bucket.

@@ -172,19 +172,7 @@ impl S3Server {
 
     /// An SDK client for this server.
     pub async fn client(&self) -> aws_sdk_s3::Client {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(REGION))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                ACCESS_KEY, SECRET_KEY, None, None, "test",
-            ))
-            .endpoint_url(&self.endpoint)
-            .load()
-            .await;
-        aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&sdk)
-                .force_path_style(true)
-                .build(),
-        )
+        client(&self.endpoint, REGION, ACCESS_KEY, SECRET_KEY).await
     }
 
     /// Injects a fault: from now on, every PUT whose path contains
@@ -234,4 +222,22 @@ impl Drop for S3Server {
             let _ = thread.join();
         }
     }
+}
+
+/// An SDK client for the S3 server at `endpoint` (path-style), signing
+/// with the key `id` and `secret`.
+pub async fn client(endpoint: &str, region: &str, id: &str, secret: &str) -> aws_sdk_s3::Client {
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            id, secret, None, None, "test",
+        ))
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    )
 }
